@@ -1,0 +1,25 @@
+"""The errors the CLI turns into one clear line on stderr (full traceback only with ``--debug``)."""
+
+
+class FtengineError(Exception):
+    """Base of every error caused by the user's input or environment, not by a bug."""
+
+
+class ConfigError(FtengineError):
+    """The run config is invalid; the message lists every problem, one per line, with its key."""
+
+
+class PluginError(FtengineError):
+    """A plugin registration conflict, a broken plugin, or a name no plugin registered."""
+
+
+class DataError(FtengineError):
+    """A dataset that cannot be read or a row that cannot be converted (names file, row, field)."""
+
+
+class ModelError(FtengineError):
+    """A model that cannot be found or loaded."""
+
+
+class ExportError(FtengineError):
+    """An export that cannot be written (checked before anything is written)."""

@@ -1,0 +1,134 @@
+"""The kernel ops: their fixed set, their signatures, and the lookup that picks a backend per op.
+
+A kernel backend is any object with ``name``, ``priority``, ``available()`` and, as attributes,
+some of the functions below (autograd-aware, any leading batch dims). ``get_op(name)`` returns the
+function of the highest-priority available backend that implements it, falling back op by op to
+the ``reference`` backend, which implements them all in plain PyTorch.
+
+Signatures (every backend implements exactly these):
+
+``rms_norm(x, weight, eps, offset=0.0) -> y``
+    ``y = x / sqrt(mean(x**2, -1) + eps) * (offset + weight)``; statistics in fp32, output in
+    ``x.dtype``. ``offset=1.0`` gives Gemma's ``(1 + weight)``.
+``rope(q, k, cos, sin) -> (q_out, k_out)``
+    q ``(B, Hq, T, D)``, k ``(B, Hk, T, D)``, cos/sin ``(B, T, D)`` or ``(T, D)``; the
+    rotate-half convention of Hugging Face Llama.
+``swiglu(gate, up) -> silu(gate) * up``
+``geglu(gate, up, approximate="tanh") -> gelu(gate, approximate) * up``
+``linear_cross_entropy(hidden, lm_head_weight, labels, ignore_index=-100, softcap=None) -> loss``
+    hidden ``(N, H)``, weight ``(V, H)``, labels ``(N,)`` already shifted; mean over non-ignored
+    tokens; ``softcap`` applies ``softcap * tanh(logits / softcap)`` first (Gemma-2). Never
+    materializes the full ``(N, V)`` logits.
+``lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, quant_state=None) -> y``
+    ``y = x @ W.T + bias + scaling * (x @ A.T) @ B.T``; W ``(out, in)``, A ``(r, in)``, B ``(out, r)``.
+    With ``quant_state`` the weight is bitsandbytes-packed NF4 and is dequantized on the fly.
+``lora_mlp(x, gate, up, down, activation="swiglu") -> y``
+    each of gate/up/down a :class:`LoRAWeights`; ``activation`` one of ``swiglu``, ``geglu``,
+    ``geglu_tanh``: ``y = down(act(gate(x), up(x)))``.
+``lora_qkv(x, q, k, v) -> (q_out, k_out, v_out)``
+    each of q/k/v a :class:`LoRAWeights`; one read of x serves the three projections.
+``dequantize_nf4(packed, quant_state) -> W``
+    bitsandbytes' NF4 layout (double-quantized absmax included) to ``quant_state.dtype``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+from typing import Callable
+
+import torch
+
+OP_NAMES: tuple[str, ...] = (
+    "rms_norm",
+    "rope",
+    "swiglu",
+    "geglu",
+    "linear_cross_entropy",
+    "lora_linear",
+    "lora_mlp",
+    "lora_qkv",
+    "dequantize_nf4",
+)
+
+REFERENCE_BACKEND = "reference"
+
+
+@dataclass
+class LoRAWeights:
+    """One LoRA-adapted linear layer, as the fused ops take it.
+
+    Attributes:
+        weight: the frozen base weight ``(out, in)``, 16-bit, or packed NF4 with ``quant_state``.
+        lora_a: ``(r, in)``; ``None`` for a layer without an adapter.
+        lora_b: ``(out, r)``.
+        scaling: ``lora_alpha / r`` (or ``/ sqrt(r)`` for rsLoRA).
+        bias: optional ``(out,)``.
+        quant_state: bitsandbytes ``QuantState`` when ``weight`` is NF4-packed.
+    """
+
+    weight: torch.Tensor
+    lora_a: torch.Tensor | None = None
+    lora_b: torch.Tensor | None = None
+    scaling: float = 1.0
+    bias: torch.Tensor | None = None
+    quant_state: Any = None
+
+
+class KernelLookupError(LookupError):
+    """An op name outside :data:`OP_NAMES`, or no backend (not even the reference) provides it."""
+
+
+def _forced_backend() -> str | None:
+    """``FTENGINE_KERNELS=reference`` (or another backend name) pins every op to one backend."""
+    return os.environ.get("FTENGINE_KERNELS") or None
+
+
+def resolve_op(name: str, backends: list[Any]) -> tuple[str, Callable[..., Any]]:
+    """Pick the backend for one op.
+
+    Args:
+        name: one of :data:`OP_NAMES`.
+        backends: registered backend objects.
+
+    Returns:
+        ``(backend_name, function)``: the highest-priority available backend implementing the op,
+        else the reference backend's.
+
+    Raises:
+        KernelLookupError: unknown op, or nothing provides it.
+    """
+    if name not in OP_NAMES:
+        raise KernelLookupError(f"unknown kernel op {name!r}; the ops are: {', '.join(OP_NAMES)}")
+    forced = _forced_backend()
+    candidates = sorted(backends, key=lambda b: -int(getattr(b, "priority", 0)))
+    if forced:
+        candidates = [b for b in candidates if b.name in (forced, REFERENCE_BACKEND)]
+        candidates.sort(key=lambda b: b.name != forced)
+    for backend in candidates:
+        fn = getattr(backend, name, None)
+        if fn is not None and backend.available():
+            return backend.name, fn
+    raise KernelLookupError(f"no kernel backend provides op {name!r} (is the 'reference' backend installed?)")
+
+
+def get_op(name: str) -> Callable[..., Any]:
+    """The best available implementation of kernel op ``name`` among the registered backends."""
+    from ftengine.core.plugins import get_registry
+
+    return resolve_op(name, list(get_registry("kernels").values()))[1]
+
+
+def op_table() -> dict[str, str]:
+    """Which backend each op resolves to right now: ``{op: backend_name}``."""
+    from ftengine.core.plugins import get_registry
+
+    backends = list(get_registry("kernels").values())
+    table = {}
+    for op in OP_NAMES:
+        try:
+            table[op] = resolve_op(op, backends)[0]
+        except KernelLookupError:
+            table[op] = "missing"
+    return table

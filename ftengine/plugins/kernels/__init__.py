@@ -1,0 +1,1 @@
+"""Kernel backends: ``reference`` (plain PyTorch, runs everywhere) and ``triton`` (GPU)."""

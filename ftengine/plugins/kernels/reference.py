@@ -1,0 +1,202 @@
+"""The ``reference`` kernel backend: every op in plain PyTorch, autograd gives the backwards.
+
+It is what CPU users run, the fallback for any op a faster backend lacks, and the ground truth
+the Triton ops are tested and benchmarked against. Signatures: :mod:`ftengine.core.kernels`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ftengine.core.hookspecs import hookimpl
+from ftengine.core.kernels import LoRAWeights
+
+CE_CHUNK_TOKENS = 4096
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * (offset + weight.float())).to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if cos.dim() == 3:  # (B, T, D) -> broadcast over heads
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    q_out = q * cos + _rotate_half(q) * sin
+    k_out = k * cos + _rotate_half(k) * sin
+    return q_out.to(q.dtype), k_out.to(k.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    return F.gelu(gate, approximate=approximate) * up
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    """LM head + cross-entropy in token chunks: the (N, V) logits never exist at once.
+
+    For each chunk, logits z = h W^T (fp32), optional softcap c: s = c tanh(z / c).
+    loss_i = logsumexp(s_i) - s_i[y_i].  d loss_i / d s_i = softmax(s_i) - onehot(y_i);
+    through the softcap, ds/dz = 1 - tanh^2(z/c) = 1 - (s/c)^2.  Then dh = dz W, dW = dz^T h.
+    The gradients are computed in the forward (the loss is a scalar, so the backward only scales
+    them by the incoming gradient), which is what lets each chunk's logits be freed at once.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, softcap):
+        n_valid = (labels != ignore_index).sum().clamp(min=1)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.zeros_like(hidden) if hidden.requires_grad else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        for start in range(0, hidden.shape[0], CE_CHUNK_TOKENS):
+            h = hidden[start : start + CE_CHUNK_TOKENS]
+            y = labels[start : start + CE_CHUNK_TOKENS]
+            z = h.float() @ weight.float().t()  # (n, V)
+            s = softcap * torch.tanh(z / softcap) if softcap else z
+            valid = y != ignore_index
+            lse = torch.logsumexp(s, dim=-1)
+            target = s.gather(1, y.clamp(min=0).unsqueeze(1)).squeeze(1)
+            total += torch.where(valid, lse - target, 0.0).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            dz = torch.softmax(s, dim=-1)
+            dz.scatter_add_(1, y.clamp(min=0).unsqueeze(1), -torch.ones_like(target).unsqueeze(1))
+            dz *= valid.unsqueeze(1)
+            if softcap:
+                dz *= 1 - (s / softcap) ** 2
+            dz /= n_valid
+            if grad_h is not None:
+                grad_h[start : start + CE_CHUNK_TOKENS] = (dz @ weight.float()).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w += dz.t() @ h.float()
+        ctx.save_for_backward(grad_h if grad_h is not None else torch.empty(0),
+                              grad_w if grad_w is not None else torch.empty(0))
+        ctx.has = (grad_h is not None, grad_w is not None)
+        ctx.weight_dtype = weight.dtype
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        dh = grad_h * grad_out if ctx.has[0] else None
+        dw = (grad_w * grad_out).to(ctx.weight_dtype) if ctx.has[1] else None
+        return dh, dw, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    return _ChunkedLinearCE.apply(hidden, lm_head_weight, labels.reshape(-1), ignore_index, softcap)
+
+
+def _base_weight(layer: LoRAWeights, dtype: torch.dtype) -> torch.Tensor:
+    if layer.quant_state is not None:
+        return dequantize_nf4(layer.weight, layer.quant_state).to(dtype)
+    return layer.weight.to(dtype)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+    quant_state: Any = None,
+) -> torch.Tensor:
+    w = _base_weight(LoRAWeights(weight, quant_state=quant_state), x.dtype)
+    y = F.linear(x, w, bias)
+    if lora_a is not None and lora_b is not None:
+        y = y + scaling * F.linear(F.linear(x, lora_a.to(x.dtype)), lora_b.to(x.dtype))
+    return y
+
+
+def _apply(x: torch.Tensor, layer: LoRAWeights) -> torch.Tensor:
+    return lora_linear(x, layer.weight, layer.lora_a, layer.lora_b, layer.scaling, layer.bias, layer.quant_state)
+
+
+def lora_mlp(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, down: LoRAWeights, activation: str = "swiglu"):
+    g, u = _apply(x, gate), _apply(x, up)
+    if activation == "swiglu":
+        h = swiglu(g, u)
+    elif activation in ("geglu", "geglu_tanh"):
+        h = geglu(g, u, approximate="tanh" if activation == "geglu_tanh" else "none")
+    else:
+        raise ValueError(f"unknown MLP activation {activation!r}; expected swiglu, geglu or geglu_tanh")
+    return _apply(h, down)
+
+
+def lora_qkv(x: torch.Tensor, q: LoRAWeights, k: LoRAWeights, v: LoRAWeights):
+    return _apply(x, q), _apply(x, k), _apply(x, v)
+
+
+_NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+
+
+def _absmax(quant_state: Any) -> torch.Tensor:
+    """The per-block absmax, undoing bitsandbytes' double quantization when it was used."""
+    absmax = quant_state.absmax
+    if getattr(quant_state, "nested", False):
+        s2 = quant_state.state2
+        blocks = s2.code[absmax.long()].float()  # uint8 codes -> fp32 through the 256-entry code
+        n = blocks.numel()
+        scale = s2.absmax.float().repeat_interleave(s2.blocksize)[:n]
+        absmax = blocks * scale + float(quant_state.offset)
+    return absmax.float()
+
+
+def dequantize_nf4(packed: torch.Tensor, quant_state: Any) -> torch.Tensor:
+    """bitsandbytes NF4: two 4-bit codes per byte (high nibble first), one absmax per block."""
+    flat = packed.reshape(-1)
+    codes = torch.stack(((flat >> 4) & 0xF, flat & 0xF), dim=1).reshape(-1).long()
+    table = torch.tensor(_NF4_CODE, dtype=torch.float32, device=packed.device)
+    n = 1
+    for d in quant_state.shape:
+        n *= d
+    values = table[codes[:n]]
+    absmax = _absmax(quant_state).repeat_interleave(quant_state.blocksize)[:n]
+    return (values * absmax).to(quant_state.dtype).reshape(quant_state.shape)
+
+
+class ReferenceBackend:
+    name = "reference"
+    priority = 0
+    rms_norm = staticmethod(rms_norm)
+    rope = staticmethod(rope)
+    swiglu = staticmethod(swiglu)
+    geglu = staticmethod(geglu)
+    linear_cross_entropy = staticmethod(linear_cross_entropy)
+    lora_linear = staticmethod(lora_linear)
+    lora_mlp = staticmethod(lora_mlp)
+    lora_qkv = staticmethod(lora_qkv)
+    dequantize_nf4 = staticmethod(dequantize_nf4)
+
+    def available(self) -> bool:
+        return True
+
+
+@hookimpl
+def register_kernels(register):
+    register(ReferenceBackend())
