@@ -123,6 +123,14 @@ class ModelAdapter(Protocol):
     def gguf_tensor_name(self, hf_name: str) -> str | None:
         """llama.cpp's name for a Hugging Face tensor name (``None``: not exported)."""
 
+    def gguf_tensor(self, hf_name: str, tensor: Any, config: Any) -> Any:
+        """The tensor as llama.cpp expects it (e.g. Llama's q/k rows permuted to its rotary
+        layout, Gemma's norm weights stored as ``1 + w``); unchanged when nothing applies."""
+
+    def gguf_metadata(self, config: Any) -> dict[str, Any]:
+        """Architecture-specific GGUF keys without the ``{arch}.`` prefix (e.g.
+        ``{"attention.sliding_window": 4096}``); the exporter writes the common ones itself."""
+
 
 @runtime_checkable
 class KernelBackend(Protocol):
