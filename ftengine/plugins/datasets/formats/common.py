@@ -1,0 +1,112 @@
+"""Row checks shared by the formats: each failure is a :class:`RowError` naming the field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ftengine.core.types import Message
+from ftengine.core.types import RowError
+
+MESSAGE_ROLES = ("system", "user", "assistant", "tool")
+
+# Keys that mark a row as one of the structured formats; ``text`` rows must have none of them.
+STRUCTURED_KEYS = frozenset(
+    {"messages", "conversations", "instruction", "output", "prompt", "completion", "chosen", "rejected"}
+)
+
+
+def require_dict(row: Any) -> dict[str, Any]:
+    """Return ``row`` if it is a dict.
+
+    Raises:
+        RowError: the row is not a JSON object.
+    """
+    if not isinstance(row, dict):
+        raise RowError(f"a row must be an object with named fields, got {type(row).__name__}")
+    return row
+
+
+def require_field(row: dict[str, Any], key: str) -> Any:
+    """Return ``row[key]``.
+
+    Raises:
+        RowError: the field is missing or null.
+    """
+    if row.get(key) is None:
+        present = ", ".join(map(str, row)) or "none"
+        raise RowError(f"missing required field {key!r} (fields present: {present})", field=key)
+    return row[key]
+
+
+def require_string(row: dict[str, Any], key: str, allow_empty: bool = False) -> str:
+    """Return ``row[key]``, which must be a string (non-empty unless ``allow_empty``).
+
+    Raises:
+        RowError: the field is missing, not a string, or empty.
+    """
+    value = require_field(row, key)
+    if not isinstance(value, str):
+        raise RowError(f"field {key!r} must be a string, got {type(value).__name__}", field=key)
+    if not allow_empty and not value.strip():
+        raise RowError(f"field {key!r} is empty", field=key)
+    return value
+
+
+def optional_string(row: dict[str, Any], key: str) -> str:
+    """Return ``row[key]`` if present and not null, else ``""``.
+
+    Raises:
+        RowError: the field is present but not a string.
+    """
+    value = row.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RowError(f"field {key!r} must be a string, got {type(value).__name__}", field=key)
+    return value
+
+
+def check_conversation(messages: Any, field: str, require_assistant_last: bool = True) -> list[Message]:
+    """Validate an OpenAI-style message list and return a copy of it.
+
+    Each message is a dict with a known ``role`` and string ``content``. An assistant message that
+    carries ``tool_calls`` may have null content (kept as ``""``). Keys other than ``role`` and
+    ``content`` (``tool_calls``, ``name``, ``tool_call_id``, ...) are passed through.
+
+    Args:
+        messages: the value to check.
+        field: the row field it came from, for error messages (``messages``, ``chosen``, ...).
+        require_assistant_last: whether the last message must be the assistant's.
+
+    Returns:
+        A new list of new dicts.
+
+    Raises:
+        RowError: not a list, empty, a message not a dict, unknown role, non-string content, or
+            (with ``require_assistant_last``) a last message not from the assistant.
+    """
+    if not isinstance(messages, list):
+        raise RowError(f"field {field!r} must be a list of messages, got {type(messages).__name__}", field=field)
+    if not messages:
+        raise RowError(f"field {field!r} is an empty conversation", field=field)
+    out: list[Message] = []
+    for i, message in enumerate(messages):
+        where = f"{field}[{i}]"
+        if not isinstance(message, dict):
+            raise RowError(f"{where} must be an object with role and content, got {type(message).__name__}",
+                           field=where)
+        role = message.get("role")
+        if role not in MESSAGE_ROLES:
+            raise RowError(f"{where} has unknown role {role!r}; expected one of {', '.join(MESSAGE_ROLES)}",
+                           field=f"{where}.role")
+        content = message.get("content")
+        if content is None and role == "assistant" and message.get("tool_calls"):
+            content = ""
+        if not isinstance(content, str):
+            raise RowError(f"{where} content must be a string, got {type(content).__name__}",
+                           field=f"{where}.content")
+        out.append({**message, "role": role, "content": content})
+    if require_assistant_last and out[-1]["role"] != "assistant":
+        raise RowError(f"the last message of {field!r} must be the assistant's, got {out[-1]['role']!r}",
+                       field=f"{field}[{len(out) - 1}].role")
+    return out

@@ -1,0 +1,30 @@
+"""Small helpers shared by the Triton ops: interpreter detection and launch sizes."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+def interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1``, where each program instance costs ~1 ms on the CPU."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_persistent_programs(device: torch.device) -> int:
+    """Programs for a persistent grid: a few per multiprocessor on a GPU, a handful when interpreting."""
+    if device.type != "cuda":
+        return 4
+    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n`` (``n >= 1``)."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
