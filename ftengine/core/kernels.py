@@ -34,9 +34,9 @@ Signatures (every backend implements exactly these):
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from typing import Callable
 
 import torch
 

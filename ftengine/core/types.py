@@ -7,11 +7,11 @@ missing attribute at start-up rather than deep inside a run.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
 from typing import Any
-from typing import Callable
 from typing import Protocol
 from typing import runtime_checkable
 

@@ -1,6 +1,15 @@
-"""Dataset formats, one module per format; :data:`FORMATS` lists every one this plugin registers."""
+"""Dataset formats, one module per format; :data:`FORMATS` lists every one this plugin registers.
+
+Each format's ``detect`` claims only its own shape, so for the canonical rows of these formats at
+most one of them answers True (a ``preference`` row has a ``prompt`` too, but ``completion``
+leaves it alone; a ``messages`` row of ShareGPT ``from``/``value`` turns is ``sharegpt``'s).
+"""
 
 from ftengine.plugins.datasets.formats.alpaca import AlpacaFormat
+from ftengine.plugins.datasets.formats.completion import CompletionFormat
 from ftengine.plugins.datasets.formats.messages import MessagesFormat
+from ftengine.plugins.datasets.formats.preference import PreferenceFormat
+from ftengine.plugins.datasets.formats.sharegpt import ShareGPTFormat
+from ftengine.plugins.datasets.formats.text import TextFormat
 
-FORMATS = (MessagesFormat(), AlpacaFormat())
+FORMATS = (MessagesFormat(), AlpacaFormat(), ShareGPTFormat(), TextFormat(), CompletionFormat(), PreferenceFormat())

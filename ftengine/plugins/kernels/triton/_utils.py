@@ -28,3 +28,15 @@ def num_persistent_programs(device: torch.device) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two ``>= n`` (``n >= 1``)."""
     return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def can_overwrite(*tensors: torch.Tensor) -> bool:
+    """Whether a backward may write gradients into the storage of these saved forward inputs.
+
+    Only intermediates qualify (never leaves, which the caller owns), each with its own storage,
+    so that e.g. ``swiglu(x, x)`` is never overwritten twice. The caller bumps their version
+    counters after writing, so any other autograd use of them fails loudly rather than reading
+    gradients.
+    """
+    ptrs = {t.untyped_storage().data_ptr() for t in tensors}
+    return len(ptrs) == len(tensors) and all(not t.is_leaf and t.is_contiguous() for t in tensors)

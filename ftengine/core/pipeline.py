@@ -1,0 +1,460 @@
+"""The one place a run's flow lives: load -> patch -> adapt -> data -> train -> export.
+
+Each stage is a function taking what the previous returned; the CLI (``ftengine run``) and the
+Python API (``ftengine.load_model`` ...) both call them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from dataclasses import field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ftengine.core import plugins
+from ftengine.core.config import DataConfig
+from ftengine.core.config import ExportEntry
+from ftengine.core.config import LoRAConfig
+from ftengine.core.config import RunConfig
+from ftengine.core.config import TrainingConfig
+from ftengine.core.config import dump_config
+from ftengine.core.config import export_options
+from ftengine.core.data import DataReport
+from ftengine.core.data import convert_rows
+from ftengine.core.data import detect_format
+from ftengine.core.data import read_rows
+from ftengine.core.data import rename_columns
+from ftengine.core.data import resolve_files
+from ftengine.core.data import split_eval
+from ftengine.core.data import tokenize_sample
+from ftengine.core.errors import DataError
+from ftengine.core.errors import FtengineError
+from ftengine.core.errors import ModelError
+from ftengine.core.kernels import get_op
+from ftengine.core.progress import CheckpointMarkerCallback
+from ftengine.core.progress import InterruptCallback
+from ftengine.core.progress import ProgressCallback
+from ftengine.core.rundir import RunDir
+from ftengine.core.rundir import atomic_directory
+from ftengine.core.rundir import atomic_write_text
+from ftengine.core.templates import apply_chat_template
+from ftengine.core.types import TrainRequest
+
+log = logging.getLogger("ftengine")
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    adapter: Any  # the ModelAdapter serving the model type, or None (trains unpatched)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    first_loss: float | None
+    last_loss: float | None
+    wall_seconds: float
+    interrupted: bool
+    checkpoint: str | None
+    losses: list[tuple[int, float]] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def _is_local(name_or_path: str) -> bool:
+    return Path(name_or_path).expanduser().exists() or name_or_path.startswith((".", "/", "~")) \
+        or name_or_path.count("/") != 1
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_model_config(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None) -> Any:
+    """The model's Hugging Face config; a :class:`ModelError` for a missing path or unknown type."""
+    from transformers import AutoConfig
+
+    path = Path(name_or_path).expanduser()
+    if _is_local(name_or_path) and not path.exists():
+        raise ModelError(f"{name_or_path}: model path does not exist")
+    if path.is_dir() and not (path / "config.json").exists():
+        raise ModelError(f"{name_or_path}: not a Hugging Face model directory (no config.json)")
+    try:
+        return AutoConfig.from_pretrained(str(path) if path.exists() else name_or_path,
+                                          trust_remote_code=trust_remote_code, revision=revision)
+    except (ValueError, KeyError) as exc:
+        model_type = _model_type_of(path)
+        served = sorted(t for a in plugins.get_registry("models").values() for t in a.model_types)
+        if model_type:
+            raise ModelError(f"{name_or_path}: model type {model_type!r} is served by no ftengine plugin and unknown "
+                             f"to transformers; served types: {', '.join(served)}") from None
+        raise ModelError(f"{name_or_path}: cannot read the model config: {exc}") from None
+    except OSError as exc:
+        raise ModelError(f"{name_or_path}: cannot load the model config ({exc})") from None
+
+
+def _model_type_of(path: Path) -> str | None:
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def find_adapter(hf_config: Any, adapter_name: str | None = None) -> Any:
+    """The model adapter for a config (``model.adapter`` wins); ``None`` with a warning otherwise."""
+    if adapter_name:
+        return plugins.get("models", adapter_name)
+    adapter = plugins.adapter_for_model_type(hf_config.model_type)
+    if adapter is None:
+        log.warning("model type %r is served by no ftengine model plugin: training it with the unpatched "
+                    "Hugging Face modules", hf_config.model_type)
+    return adapter
+
+
+def quantization_config(load_in_4bit: bool, load_in_8bit: bool, quant: Any = None) -> Any:
+    if not (load_in_4bit or load_in_8bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=getattr(quant, "bnb_4bit_quant_type", "nf4"),
+        bnb_4bit_use_double_quant=getattr(quant, "bnb_4bit_use_double_quant", True),
+        bnb_4bit_compute_dtype=getattr(torch, getattr(quant, "bnb_4bit_compute_dtype", "bfloat16")),
+    )
+
+
+def load(config: RunConfig) -> LoadedModel:
+    """Stage 1: the model (16-bit, 4-bit NF4 or 8-bit) and its tokenizer."""
+    from transformers import AutoModelForCausalLM
+    from transformers import AutoTokenizer
+
+    m, q = config.model, config.quantization
+    hf_config = load_model_config(m.name_or_path, m.trust_remote_code, m.revision)
+    adapter = find_adapter(hf_config, m.adapter)
+    dtype = resolve_dtype(m.dtype)
+    source = str(Path(m.name_or_path).expanduser()) if _is_local(m.name_or_path) else m.name_or_path
+    kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=m.trust_remote_code, revision=m.revision,
+                                  attn_implementation="sdpa")
+    bnb = quantization_config(q.load_in_4bit, q.load_in_8bit, q)
+    if bnb is not None:
+        kwargs["quantization_config"] = bnb
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=m.trust_remote_code, revision=m.revision)
+    except OSError as exc:
+        raise ModelError(f"{m.name_or_path}: cannot load the model ({exc})") from None
+    # bitsandbytes repacks 4-bit weights for inference on an eval-mode forward; training needs
+    # train mode from the first forward on.
+    model.train()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    mode = "4-bit NF4" if q.load_in_4bit else "8-bit" if q.load_in_8bit else str(dtype).replace("torch.", "")
+    notes = [f"model {m.name_or_path} ({hf_config.model_type}, {mode}, "
+             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)"]
+    return LoadedModel(model, tokenizer, adapter, notes)
+
+
+# ----------------------------------------------------------------------------- patch
+
+
+def patch(loaded: LoadedModel) -> LoadedModel:
+    """Stage 2: the model adapter swaps module forwards for the kernel ops."""
+    if loaded.adapter is None:
+        loaded.notes.append(f"patched: nothing (no adapter serves {loaded.model.config.model_type!r})")
+        return loaded
+    lines = loaded.adapter.patch(loaded.model, get_op)
+    loaded.notes.append(f"patched by '{loaded.adapter.name}': " + ("; ".join(lines) if lines else "nothing"))
+    return loaded
+
+
+# ----------------------------------------------------------------------------- adapt
+
+
+def target_modules(lora: LoRAConfig, adapter: Any) -> Any:
+    if lora.target_modules == "all-linear" and adapter is not None:
+        return list(adapter.default_target_modules)
+    return lora.target_modules
+
+
+def enable_gradient_checkpointing(model: Any, mode: bool | str) -> str:
+    """Gradient checkpointing of the decoder layers: off, standard (non-reentrant), offload, auto."""
+    if mode is False:
+        return "off"
+    if mode in ("offload", "auto"):
+        from ftengine.core import checkpointing
+
+        return checkpointing.apply_gradient_checkpointing(model, mode)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    return "standard (non-reentrant)"
+
+
+def adapt(loaded: LoadedModel, lora: LoRAConfig, full_finetuning: bool = False,
+          gradient_checkpointing: bool | str = True, seed: int = 3407) -> LoadedModel:
+    """Stage 3: LoRA adapters attached with peft (or every weight trainable for full fine-tuning)."""
+    model = loaded.model
+    if full_finetuning:
+        for param in model.parameters():
+            param.requires_grad_(True)
+        loaded.notes.append("full fine-tuning: every weight trainable")
+    else:
+        from peft import LoraConfig
+        from peft import get_peft_model
+
+        torch.manual_seed(seed)
+        peft_config = LoraConfig(
+            r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+            target_modules=target_modules(lora, loaded.adapter), bias=lora.bias, use_rslora=lora.use_rslora,
+            use_dora=lora.use_dora, init_lora_weights=lora.init_lora_weights,
+            modules_to_save=lora.modules_to_save, task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, peft_config)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        targets = ", ".join(sorted(peft_config.target_modules))
+        loaded.notes.append(f"LoRA r={lora.r} alpha={lora.lora_alpha} on {targets} "
+                            f"({trainable / 1e6:.3f}M trainable parameters)")
+    loaded.notes.append(f"gradient checkpointing: {enable_gradient_checkpointing(model, gradient_checkpointing)}")
+    loaded.model = model
+    return loaded
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def choose_chat_template(tokenizer: Any, name: str | None, adapter: Any) -> str:
+    """The template a run uses: the configured one, else the tokenizer's own, else the adapter's."""
+    if name:
+        return name
+    if getattr(tokenizer, "chat_template", None):
+        return "tokenizer"
+    default = getattr(adapter, "default_chat_template", None)
+    if default and default in plugins.get_registry("chat_templates"):
+        return default
+    return "chatml"
+
+
+def prepare_dataset(path: str, tokenizer: Any, data: DataConfig, max_seq_length: int, sample_kinds: tuple[str, ...],
+                    report: DataReport) -> list[Any]:
+    """Rows -> samples -> (for language-model trainers) tokenized rows with masked labels."""
+    rows = [r for r in read_rows(path, split=data.split, subset=data.subset, on_bad_rows=data.on_bad_rows,
+                                 report=report)]
+    if data.max_rows:
+        rows = rows[: data.max_rows]
+    for row in rows:
+        row.value = rename_columns(row.value, data.columns)
+    report.rows += len(rows)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    formats = plugins.get_registry("formats")
+    name = data.format if data.format != "auto" else detect_format(rows, formats)
+    if data.format == "auto":
+        log.info("data format: detected %r", name)
+    report.format = name
+    samples = convert_rows(rows, formats[name], data.on_bad_rows, report)
+    wrong = sorted({s.kind for s in samples} - set(sample_kinds))
+    if wrong:
+        raise DataError(f"{path}: format {name!r} gives {', '.join(wrong)} samples, which this trainer does not "
+                        f"train on (it takes {', '.join(sample_kinds)})")
+    if "preference" in sample_kinds:
+        report.samples += len(samples)
+        return [s for s in samples]
+    out = []
+    for sample in samples:
+        row = tokenize_sample(sample, tokenizer, max_seq_length, data.train_on)
+        trained = sum(1 for label in row["labels"] if label != -100)
+        if trained == 0:
+            report.skip("a sample has no trained tokens left after truncation to max_seq_length")
+            continue
+        report.truncated += int(row.pop("truncated"))
+        report.tokens += len(row["input_ids"])
+        report.trained_tokens += trained
+        out.append(row)
+    report.samples += len(out)
+    return out
+
+
+def to_dataset(rows: list[Any]) -> Any:
+    import datasets
+
+    if rows and not isinstance(rows[0], dict):  # preference samples
+        rows = [{k: v for k, v in s.__dict__.items() if v is not None} for s in rows]
+    return datasets.Dataset.from_list(rows)
+
+
+def data(loaded: LoadedModel, config: RunConfig) -> tuple[Any, Any, DataReport]:
+    """Stage 4: train and eval datasets for the configured trainer."""
+    d = config.data
+    if not d.path:
+        raise DataError("data.path: required for a run (a .jsonl/.json/.parquet/.csv file, directory, glob or "
+                        "hub dataset id)")
+    template = choose_chat_template(loaded.tokenizer, d.chat_template, loaded.adapter)
+    apply_chat_template(loaded.tokenizer, template)
+    loaded.notes.append(f"chat template: {template}")
+    trainer = plugins.get("trainers", config.training.trainer)
+    report = DataReport()
+    train_rows = prepare_dataset(d.path, loaded.tokenizer, d, config.model.max_seq_length, trainer.sample_kinds,
+                                 report)
+    eval_rows: list[Any] = []
+    if d.eval_path:
+        eval_rows = prepare_dataset(d.eval_path, loaded.tokenizer, d, config.model.max_seq_length,
+                                    trainer.sample_kinds, DataReport())
+    elif d.eval_fraction > 0:
+        train_rows, eval_rows = split_eval(train_rows, d.eval_fraction, d.seed)
+    if not train_rows:
+        raise DataError(f"{d.path}: no usable training samples ({report.skipped} skipped)")
+    return to_dataset(train_rows), (to_dataset(eval_rows) if eval_rows else None), report
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, training: TrainingConfig,
+          run_dir: RunDir, resume_from: Path | None = None, ref_model: Any = None) -> TrainResult:
+    """Stage 5: the trainer plugin runs, with the core's progress, checkpoint and interrupt callbacks."""
+    trainer_plugin = plugins.get("trainers", training.trainer)
+    progress = ProgressCallback(run_dir.metrics_path)
+    interrupt = InterruptCallback()
+    request = TrainRequest(model=model, tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                           training=training, output_dir=run_dir.checkpoints, ref_model=ref_model,
+                           callbacks=[progress, CheckpointMarkerCallback(), interrupt])
+    trainer = trainer_plugin.create(request)
+    start = time.perf_counter()
+    interrupt.install()
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        interrupt.restore()
+    wall = time.perf_counter() - start
+    losses = [(m["step"], m["loss"]) for m in run_dir.read_metrics() if "loss" in m]
+    run_dir.plot_loss()
+    latest = run_dir.latest_checkpoint()
+    return TrainResult(
+        steps=trainer.state.global_step,
+        first_loss=losses[0][1] if losses else None,
+        last_loss=losses[-1][1] if losses else None,
+        wall_seconds=wall,
+        interrupted=interrupt.interrupted,
+        checkpoint=str(latest) if latest else None,
+        losses=losses,
+    )
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export(model: Any, tokenizer: Any, entries: list[ExportEntry], out_root: Path,
+           overwrite: bool = False) -> dict[str, tuple[Path, list[str]]]:
+    """Stage 6: each exporter writes into ``out_root/<name>`` (atomically)."""
+    results = {}
+    for entry in entries:
+        exporter = plugins.get("exporters", entry.format)
+        options = export_options(entry)
+        target = out_root / entry.format
+        with atomic_directory(target, overwrite=overwrite) as staging:
+            lines = exporter.export(model, tokenizer, staging, options)
+        results[entry.format] = (target, lines)
+    return results
+
+
+# ----------------------------------------------------------------------------- a whole run
+
+
+def preflight(config: RunConfig) -> None:
+    """Checks that need no run directory: the model path and type, the data files."""
+    load_model_config(config.model.name_or_path, config.model.trust_remote_code, config.model.revision)
+    if not config.data.path:
+        raise DataError("data.path: required for a run")
+    resolve_files(config.data.path)
+    if config.data.eval_path:
+        resolve_files(config.data.eval_path)
+
+
+def peak_memory() -> dict[str, float]:
+    import psutil
+
+    rss = psutil.Process(os.getpid()).memory_info().rss
+    try:
+        import resource
+
+        rss = max(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    except ImportError:
+        pass
+    out = {"cpu_rss_gib": rss / 2**30}
+    if torch.cuda.is_available():
+        out["gpu_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["gpu_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    return out
+
+
+@dataclass
+class RunResult:
+    run_dir: RunDir
+    train: TrainResult
+    data: DataReport
+    notes: list[str]
+    exports: dict[str, tuple[Path, list[str]]]
+    memory: dict[str, float]
+    model: Any = None
+    tokenizer: Any = None
+
+
+def new_run_dir(config: RunConfig, output_dir: str | None) -> RunDir:
+    name = config.output.name or Path(config.model.name_or_path.rstrip("/")).name or "run"
+    return RunDir.create(output_dir or config.output.dir, name)
+
+
+def run(config: RunConfig, run_dir: RunDir | None = None, output_dir: str | None = None,
+        resume: bool = False) -> RunResult:
+    """A whole run. With ``resume`` the run continues in ``run_dir`` from its latest checkpoint."""
+    preflight(config)
+    resume_from = None
+    if resume:
+        assert run_dir is not None
+        resume_from = run_dir.latest_checkpoint()
+        if resume_from is None:
+            raise FtengineError(f"{run_dir.path}: no complete checkpoint to resume from")
+        run_dir.truncate_metrics(int(resume_from.name.split("-")[1]))
+    else:
+        run_dir = run_dir or new_run_dir(config, output_dir)
+        atomic_write_text(run_dir.config_path, dump_config(config))
+    run_dir.set_status("running", started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    try:
+        loaded = adapt(patch(load(config)), config.lora, config.model.full_finetuning,
+                       config.training.gradient_checkpointing, config.training.seed)
+        train_ds, eval_ds, report = data(loaded, config)
+        atomic_write_text(run_dir.path / "data_report.json", json.dumps(report.to_dict(), indent=2) + "\n")
+        result = train(loaded.model, loaded.tokenizer, train_ds, eval_ds, config.training, run_dir, resume_from)
+        exports = {}
+        if not result.interrupted:
+            loaded.model.eval()
+            exports = export(loaded.model, loaded.tokenizer, config.export, run_dir.exports)
+    except BaseException as exc:
+        run_dir.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    memory = peak_memory()
+    summary = {"steps": result.steps, "first_loss": result.first_loss, "last_loss": result.last_loss,
+               "wall_seconds": round(result.wall_seconds, 2), "memory": memory, "notes": loaded.notes,
+               "data": report.to_dict(), "exports": {k: str(v[0]) for k, v in exports.items()}}
+    run_dir.set_status("interrupted" if result.interrupted else "completed", summary=summary,
+                       checkpoint=result.checkpoint)
+    return RunResult(run_dir, result, report, loaded.notes, exports, memory, loaded.model, loaded.tokenizer)

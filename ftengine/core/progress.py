@@ -1,0 +1,119 @@
+"""Training callbacks the core adds to every trainer: progress bar and metrics, checkpoint
+completion markers, and a clean stop on Ctrl-C / SIGTERM (a checkpoint is saved first)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from ftengine.core.rundir import CHECKPOINT_MARKER
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class ProgressCallback(TrainerCallback):
+    """A progress line (step, loss, tokens/s, ETA) and one ``metrics.jsonl`` record per log."""
+
+    def __init__(self, metrics_path: Path, stream: Any = None):
+        self.metrics_path = metrics_path
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.losses: list[tuple[int, float]] = []
+        self._start = self._last_time = 0.0
+        self._last_tokens = 0
+        self._start_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start = self._last_time = time.perf_counter()
+        self._last_tokens = state.num_input_tokens_seen
+        self._start_step = state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        now = time.perf_counter()
+        tokens = state.num_input_tokens_seen
+        tokens_per_second = (tokens - self._last_tokens) / max(now - self._last_time, 1e-9)
+        self._last_time, self._last_tokens = now, tokens
+        record = {
+            "step": state.global_step,
+            "loss": float(logs["loss"]),
+            "learning_rate": float(logs.get("learning_rate", 0.0)),
+            "tokens_per_second": round(tokens_per_second, 1),
+            "grad_norm": float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None,
+            "epoch": round(float(state.epoch or 0.0), 4),
+            "tokens_seen": int(tokens),
+            "elapsed_seconds": round(now - self._start, 3),
+        }
+        self.losses.append((record["step"], record["loss"]))
+        with self.metrics_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        done = state.global_step - self._start_step
+        remaining = max(state.max_steps - state.global_step, 0)
+        eta = (now - self._start) / max(done, 1) * remaining
+        line = (f"step {state.global_step}/{state.max_steps} | loss {record['loss']:.4f} | "
+                f"{tokens_per_second:,.0f} tok/s | ETA {_clock(eta)}")
+        if self.tty:
+            width = 24
+            filled = int(width * state.global_step / max(state.max_steps, 1))
+            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {line}   ")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class CheckpointMarkerCallback(TrainerCallback):
+    """Marks a checkpoint complete once the trainer has written all of its files."""
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if checkpoint.is_dir():
+            (checkpoint / CHECKPOINT_MARKER).write_text(f"{state.global_step}\n")
+
+
+class InterruptCallback(TrainerCallback):
+    """On SIGINT or SIGTERM: finish the current step, save a checkpoint and stop. A second
+    signal restores the default handlers, so pressing Ctrl-C twice quits at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.interrupted = False
+        self.signal_name = ""
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        self.interrupted = True
+        self.signal_name = signal.Signals(signum).name
+        self.restore()
+        sys.stderr.write(f"\n{self.signal_name}: saving a checkpoint after this step, then stopping "
+                         f"(send it again to quit at once)\n")
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.interrupted:
+            control.should_save = True
+            control.should_training_stop = True
+        return control

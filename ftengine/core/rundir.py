@@ -1,0 +1,138 @@
+"""The run directory: resolved config, status, metrics, loss curve, checkpoints and exports.
+
+``run.json`` carries the status (``running``, ``interrupted``, ``failed``, ``completed``): a run
+directory that does not say ``completed`` never looks finished. Exports are written into a
+temporary sibling and renamed into place when complete; checkpoints count only once they carry
+the ``COMPLETE`` marker written after every file of the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+CHECKPOINT_MARKER = "COMPLETE"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``final``; rename it to ``final`` on success and
+    delete it on failure, so ``final`` only ever exists complete."""
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} already exists (pass --overwrite to replace it)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.partial-"))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+
+
+class RunDir:
+    """One run's directory."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, parent: str | Path, name: str) -> RunDir:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = Path(parent) / f"{name}-{stamp}"
+        suffix = 1
+        while path.exists():
+            suffix += 1
+            path = Path(parent) / f"{name}-{stamp}-{suffix}"
+        path.mkdir(parents=True)
+        return cls(path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def exports(self) -> Path:
+        return self.path / "exports"
+
+    def status(self) -> dict[str, Any]:
+        path = self.path / "run.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def set_status(self, status: str, **fields: Any) -> None:
+        state = self.status()
+        state.update(fields, status=status, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        atomic_write_text(self.path / "run.json", json.dumps(state, indent=2, default=str) + "\n")
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest checkpoint whose files were all written."""
+        if not self.checkpoints.is_dir():
+            return None
+        complete = []
+        for child in self.checkpoints.iterdir():
+            match = _CHECKPOINT.match(child.name)
+            if match and (child / CHECKPOINT_MARKER).exists():
+                complete.append((int(match.group(1)), child))
+        return max(complete)[1] if complete else None
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, last_step: int) -> None:
+        """Drop logged steps after ``last_step`` (a resumed run logs them again)."""
+        kept = [m for m in self.read_metrics() if m.get("step", 0) <= last_step]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
+
+    def plot_loss(self) -> Path | None:
+        """Write ``loss.png`` from ``metrics.jsonl``."""
+        metrics = [m for m in self.read_metrics() if "loss" in m]
+        if not metrics:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], marker="." if len(metrics) < 60 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.set_title(self.path.name)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        out = self.path / "loss.png"
+        tmp = self.path / ".loss.png.partial"
+        fig.savefig(tmp, format="png")
+        plt.close(fig)
+        os.replace(tmp, out)
+        return out

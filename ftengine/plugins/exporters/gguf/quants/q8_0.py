@@ -1,0 +1,23 @@
+"""Q8_0: blocks of 32 weights, one fp16 scale and 32 int8 values (34 bytes).
+
+``d = max|x| / 127``, ``q = round(x / d)`` with halves away from zero, as ggml's reference
+quantizer does, so the bytes equal ``gguf.quants.quantize``'s.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ftengine.plugins.exporters.gguf.quants.common import fp16_bytes
+from ftengine.plugins.exporters.gguf.quants.common import round_half_away
+
+BLOCK_SIZE = 32
+TYPE_SIZE = 34
+
+
+def quantize_blocks(x: torch.Tensor) -> torch.Tensor:
+    """``(n, 32)`` float32 -> ``(n, 34)`` uint8 Q8_0 blocks."""
+    d = x.abs().amax(dim=-1, keepdim=True) / 127  # (n, 1)
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    q = round_half_away(x * inv).to(torch.int8).view(torch.uint8)  # (n, 32)
+    return torch.cat([fp16_bytes(d), q], dim=-1)

@@ -1,0 +1,162 @@
+"""LM head fused with cross-entropy, in token chunks: the ``(N, V)`` logits never exist at once.
+
+Per chunk of ``n`` tokens: ``z = h W^T`` (cuBLAS, in the hidden dtype with fp32 accumulation),
+then one Triton program per row computes, in fp32, with an optional softcap ``s = c tanh(z / c)``:
+
+    lse  = log sum_v exp(s_v)                 (online max / sum over blocks of the vocabulary)
+    loss = lse - s_y                          (0 where y == ignore_index)
+    dL/ds_v = (exp(s_v - lse) - [v == y]) / n_valid
+    ds/dz   = 1 - tanh(z / c)**2 = 1 - (s / c)**2
+
+and writes ``dL/dz`` over the chunk's logits in place. Then ``dh = dz W`` (written into its slice
+of the hidden gradient) and, when the weight is trained, ``dW += dz^T h``. All of this happens
+in the forward: the loss is a scalar, so the backward only scales the stored gradients by the
+incoming one. Peak extra memory: one chunk of logits plus the gradients themselves.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ftengine.plugins.kernels.triton._utils import interpreting
+from ftengine.plugins.kernels.triton._utils import next_power_of_2
+
+# Logit bytes per chunk: ~256 MiB keeps a 152k vocabulary at ~880 tokens per matmul, large enough for cuBLAS.
+CHUNK_BYTES = 256 * 1024 * 1024
+
+
+@triton.jit
+def _softcapped(z, softcap, SOFTCAP: tl.constexpr):
+    if SOFTCAP:
+        # c tanh(z / c), tanh(x) = 1 - 2 / (exp(2x) + 1) with the argument clamped (fp32 saturates at |x| > 20)
+        x = tl.minimum(tl.maximum(z / softcap, -20.0), 20.0)
+        z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
+    return z
+
+
+@triton.jit
+def _ce_chunk_kernel(
+    logits_ptr, labels_ptr, loss_ptr, inv_n_valid_ptr, n_vocab, stride_row, ignore_index, softcap,
+    BLOCK_V: tl.constexpr, SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    valid = (label != ignore_index) & (label >= 0) & (label < n_vocab)
+    cols = tl.arange(0, BLOCK_V)
+
+    m = -float("inf")
+    acc = 0.0
+    for start in range(0, n_vocab, BLOCK_V):
+        idx = start + cols
+        vmask = idx < n_vocab
+        z = tl.load(row_ptr + idx, mask=vmask, other=0.0).to(tl.float32)
+        s = tl.where(vmask, _softcapped(z, softcap, SOFTCAP), -float("inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(acc)
+
+    safe_label = tl.where(valid, label, 0)
+    target = _softcapped(tl.load(row_ptr + safe_label).to(tl.float32), softcap, SOFTCAP)
+    tl.store(loss_ptr + row, tl.where(valid, lse - target, 0.0))
+
+    if WRITE_GRAD:
+        scale = tl.where(valid, tl.load(inv_n_valid_ptr), 0.0)
+        for start in range(0, n_vocab, BLOCK_V):
+            idx = start + cols
+            vmask = idx < n_vocab
+            z = tl.load(row_ptr + idx, mask=vmask, other=0.0).to(tl.float32)
+            s = _softcapped(z, softcap, SOFTCAP)
+            g = tl.exp(s - lse) - tl.where(idx == safe_label, 1.0, 0.0)
+            g = g * scale
+            if SOFTCAP:
+                r = s / softcap
+                g = g * (1.0 - r * r)
+            tl.store(row_ptr + idx, g.to(logits_ptr.dtype.element_ty), mask=vmask)
+
+
+def _chunk_tokens(n_tokens: int, n_vocab: int, elem_bytes: int) -> int:
+    rows = max(1, CHUNK_BYTES // max(1, n_vocab * elem_bytes))
+    return min(n_tokens, rows)
+
+
+def _fused_forward(hidden, weight, labels, ignore_index, softcap, need_dh, need_dw):
+    """Loss (fp32 scalar) and, as asked, ``dL/dhidden`` and ``dL/dW`` for a unit upstream gradient."""
+    n_tokens = hidden.shape[0]
+    n_vocab = weight.shape[0]
+    dtype = hidden.dtype
+    w = weight.to(dtype)
+    valid = labels != ignore_index
+    n_valid = valid.sum()
+    inv_n_valid = 1.0 / n_valid.clamp(min=1).to(torch.float32)  # (1,) on the device: no host sync
+    losses = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
+    dh = torch.empty_like(hidden) if need_dh else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32 if weight.dtype == torch.float32 else dtype,
+                     device=weight.device) if need_dw else None
+    write_grad = need_dh or need_dw
+    block_v = min(next_power_of_2(n_vocab), 1024 if interpreting() else 4096)
+    chunk = _chunk_tokens(n_tokens, n_vocab, hidden.element_size())
+    for start in range(0, n_tokens, chunk):
+        stop = min(start + chunk, n_tokens)
+        h = hidden[start:stop]
+        logits = h @ w.t()  # (n, V) in the hidden dtype, fp32 accumulation
+        _ce_chunk_kernel[(stop - start,)](
+            logits, labels[start:stop], losses[start:stop], inv_n_valid, n_vocab, logits.stride(0),
+            ignore_index, float(softcap) if softcap else 1.0,
+            BLOCK_V=block_v, SOFTCAP=bool(softcap), WRITE_GRAD=write_grad, num_warps=8,
+        )
+        if need_dh:
+            torch.mm(logits, w, out=dh[start:stop])  # (n, H)
+        if need_dw:
+            dw.addmm_(logits.t().to(dw.dtype), h.to(dw.dtype))  # (V, H)
+        del logits
+    loss = losses.sum() * inv_n_valid
+    return loss, dh, dw
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, softcap):
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss, dh, dw = _fused_forward(hidden, weight, labels, ignore_index, softcap, need_dh, need_dw)
+        ctx.save_for_backward(*(t for t in (dh, dw) if t is not None))
+        ctx.has = (need_dh, need_dw)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = list(ctx.saved_tensors)
+        dh = saved.pop(0) * grad_out if ctx.has[0] else None
+        dw = (saved.pop(0) * grad_out).to(ctx.weight_dtype) if ctx.has[1] else None
+        return dh, dw, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Mean cross-entropy of ``hidden @ lm_head_weight.T`` against ``labels``, chunked over tokens.
+
+    Args:
+        hidden: ``(..., H)`` final hidden states.
+        lm_head_weight: ``(V, H)``.
+        labels: ``(...)`` target ids, already shifted; ``ignore_index`` marks tokens without a loss.
+        ignore_index: label value to skip.
+        softcap: if set, logits become ``softcap * tanh(logits / softcap)`` first (Gemma-2).
+
+    Returns:
+        The fp32 scalar loss, averaged over the non-ignored tokens.
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1)
+    if labels.shape[0] != hidden.shape[0]:
+        raise ValueError(f"linear_cross_entropy: {hidden.shape[0]} hidden rows but {labels.shape[0]} labels")
+    return _LinearCrossEntropy.apply(hidden.contiguous(), lm_head_weight, labels.contiguous(), int(ignore_index),
+                                     softcap)

@@ -1,0 +1,21 @@
+"""Architecture plugins: one :class:`ftengine.core.types.ModelAdapter` per family, one file each.
+
+Each family file is data (the Hugging Face classes to patch, LoRA targets, chat template, GGUF
+layout) over the shared mechanism in ``_patching`` (forwards on the kernel ops) and ``_gguf``
+(llama.cpp names, layouts and metadata).
+"""
+
+from __future__ import annotations
+
+from ftengine.core.hookspecs import hookimpl
+from ftengine.plugins.models import llama
+from ftengine.plugins.models import qwen2
+
+ADAPTERS = (llama.ADAPTER, qwen2.ADAPTER)
+
+
+@hookimpl
+def register_models(register):
+    """Register the first-party architecture adapters."""
+    for adapter in ADAPTERS:
+        register(adapter)

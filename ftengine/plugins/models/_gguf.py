@@ -1,0 +1,141 @@
+"""GGUF helpers shared by the architecture adapters: tensor names, tensor layout, metadata.
+
+Names come from gguf-py's own ``TensorNameMap`` (the table llama.cpp's converter uses), so a
+family only states its llama.cpp architecture and which Hugging Face tensors it drops. Layouts
+follow ``convert_hf_to_gguf.py``: Llama-style q/k rows are regrouped from Hugging Face's
+rotate-half order to llama.cpp's interleaved rotary order, and Gemma norms are stored as
+``1 + w``.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any
+
+import gguf
+import torch
+
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+_BLOCK0 = "blk.0."
+
+
+@functools.cache
+def _name_map(arch: str) -> gguf.TensorNameMap:
+    """The one-block name map of a llama.cpp architecture; other blocks are mapped through block 0."""
+    for key, value in gguf.MODEL_ARCH_NAMES.items():
+        if value == arch:
+            return gguf.get_tensor_name_map(key, 1)
+    raise ValueError(f"gguf does not know the llama.cpp architecture {arch!r}")
+
+
+def tensor_name(
+    arch: str, hf_name: str, skip: tuple[str, ...] = (), renames: tuple[tuple[str, str], ...] = ()
+) -> str | None:
+    """llama.cpp's name for a Hugging Face state-dict name.
+
+    Args:
+        arch: llama.cpp architecture (``llama``, ``qwen2``, ``gemma2``, ...).
+        hf_name: e.g. ``model.layers.3.self_attn.q_proj.weight``.
+        skip: regular expressions of names that are not exported (searched, not anchored).
+        renames: ``(prefix, replacement)`` pairs applied first (e.g. a multimodal wrapper's
+            ``model.language_model.`` -> ``model.``); the first matching prefix wins.
+
+    Returns:
+        e.g. ``blk.3.attn_q.weight``; ``None`` for skipped names and rotary ``inv_freq`` buffers.
+
+    Raises:
+        KeyError: a name neither skipped nor known to llama.cpp's map for ``arch``.
+    """
+    if hf_name.endswith("rotary_emb.inv_freq") or any(re.search(p, hf_name) for p in skip):
+        return None
+    name = hf_name
+    for prefix, replacement in renames:
+        if name.startswith(prefix):
+            name = replacement + name[len(prefix):]
+            break
+    match = _LAYER.search(name)
+    block = None
+    if match:
+        block = match.group(1)
+        name = name[: match.start()] + ".layers.0." + name[match.end():]
+    mapped = _name_map(arch).get_name(name, try_suffixes=(".weight", ".bias"))
+    if mapped is None:
+        raise KeyError(f"no GGUF name for tensor {hf_name!r} in llama.cpp architecture {arch!r}")
+    if block is not None and mapped.startswith(_BLOCK0):
+        mapped = f"blk.{block}." + mapped[len(_BLOCK0):]
+    return mapped
+
+
+def permute_rotary_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Regroup q/k projection rows from rotate-half order to llama.cpp's interleaved pairs.
+
+    Within each head, Hugging Face keeps the two rotated halves as rows ``[0, D/2)`` and
+    ``[D/2, D)``; llama.cpp rotates adjacent pairs ``(2i, 2i+1)``. Row ``h*D + 2i + j`` of the
+    result is row ``h*D + j*D/2 + i`` of the input (works for a bias vector too).
+
+    Args:
+        weight: ``(n_head * D, ...)``.
+        n_head: heads of this projection (key/value heads for ``k_proj``).
+    """
+    rows = weight.shape[0]
+    return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def rope_metadata(config: Any) -> dict[str, Any]:
+    """``rope.*`` keys from a Hugging Face config: base frequency, dimensions and scaling.
+
+    ``linear`` and ``yarn`` scaling become ``rope.scaling.*`` keys. Llama 3's frequency-dependent
+    scaling has no key: llama.cpp reads it from the ``rope_freqs.weight`` tensor
+    (:func:`llama3_rope_factors`).
+    """
+    params = _rope_parameters(config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    meta: dict[str, Any] = {"rope.dimension_count": int(head_dim)}
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    if theta is not None:
+        meta["rope.freq_base"] = float(theta)
+    kind = params.get("rope_type", params.get("type"))
+    if kind == "linear":
+        meta["rope.scaling.type"] = "linear"
+        meta["rope.scaling.factor"] = float(params["factor"])
+    elif kind == "yarn":
+        meta["rope.scaling.type"] = "yarn"
+        meta["rope.scaling.factor"] = float(params["factor"])
+        original = params.get("original_max_position_embeddings")
+        if original is not None:
+            meta["rope.scaling.original_context_length"] = int(original)
+    return meta
+
+
+def _rope_parameters(config: Any) -> dict[str, Any]:
+    """The rope settings whichever attribute this transformers version keeps them in."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(params, dict) and "full_attention" in params:  # per-layer-type (Gemma 3)
+        params = params["full_attention"]
+    return dict(params) if isinstance(params, dict) else {}
+
+
+def llama3_rope_factors(config: Any) -> torch.Tensor | None:
+    """The per-frequency divisors of Llama 3.1's rope scaling (``rope_freqs.weight``), else ``None``.
+
+    With wavelength ``w = 2*pi / f`` of each rotary frequency ``f``: wavelengths shorter than
+    ``L/high_freq_factor`` keep ``f`` (divisor 1), longer than ``L/low_freq_factor`` are divided by
+    ``factor``, and in between the divisor blends ``1/((1-s)/factor + s)`` with
+    ``s = (L/w - low) / (high - low)``; ``L`` is the original context length.
+    """
+    params = _rope_parameters(config)
+    if params.get("rope_type", params.get("type")) != "llama3":
+        return None
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    base = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    factor = float(params["factor"])
+    low = float(params.get("low_freq_factor", 1.0))
+    high = float(params.get("high_freq_factor", 4.0))
+    old_context = float(params["original_max_position_embeddings"])
+    freqs = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    wavelen = 2 * torch.pi / freqs
+    smooth = (old_context / wavelen - low) / (high - low)
+    blended = 1.0 / ((1 - smooth) / factor + smooth)
+    divisor = torch.where(wavelen < old_context / high, torch.ones_like(freqs), blended)
+    return torch.where(wavelen > old_context / low, torch.full_like(freqs, factor), divisor)

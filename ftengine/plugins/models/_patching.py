@@ -1,0 +1,401 @@
+"""The one mechanism behind every architecture adapter: per-instance forwards built on the kernel ops.
+
+An adapter names the Hugging Face classes of its norms, attention blocks, MLPs and causal-LM
+heads; :func:`patch_model` gives each matching module instance a forward written here from the
+math, calling the ops that ``get_op`` resolves. Nothing is copied from the modeling files and no
+class is changed: ``module.forward`` is set on the instance (and :func:`unpatch_model` removes it).
+
+Patching runs before peft attaches LoRA, so the forwards look at the projection modules at call
+time (:func:`route`): a plain frozen ``nn.Linear``, a bitsandbytes ``Linear4bit`` or a peft LoRA
+layer with one active plain adapter becomes a :class:`LoRAWeights` for the fused ops; anything
+else (DoRA, dropout, merged or mixed adapters, 8-bit bases, trainable base weights) is called as
+the module it is, so peft's own path runs. :func:`routing_report` says which way each one goes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import types
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ftengine.core.kernels import LoRAWeights
+
+GetOp = Callable[[str], Callable[..., Any]]
+
+ACTIVATIONS: dict[str, str] = {
+    "silu": "swiglu",
+    "swish": "swiglu",
+    "gelu_pytorch_tanh": "geglu_tanh",
+    "gelu_new": "geglu_tanh",
+    "gelu": "geglu",
+}
+"""Hugging Face ``hidden_act`` -> the ``lora_mlp`` activation that computes the same gate."""
+
+LOSS_ONLY_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index")
+
+_PATCHED = "_ftengine_patched"
+
+
+@dataclass(frozen=True)
+class PatchTable:
+    """What to patch in one family, by Hugging Face class name.
+
+    Attributes:
+        norms: RMSNorm classes.
+        norm_offset: ``0.0`` (``w * x_hat``) or ``1.0`` (Gemma: ``(1 + w) * x_hat``).
+        attentions: attention classes whose q/k/v/o projections and rotary step are replaced.
+        attention_kwargs: ``(keyword, attribute)`` pairs passed from the attention module to the
+            attention function, e.g. ``("sliding_window", "sliding_window")``.
+        mlps: gated MLP classes (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``).
+        causal_lms: classes whose forward gets the fused LM-head loss.
+        final_softcap: config attribute of the final logit softcap (Gemma 2/3), or ``None``.
+        decoder: the attribute of a causal-LM class holding the decoder (``model``).
+    """
+
+    norms: tuple[str, ...]
+    attentions: tuple[str, ...]
+    mlps: tuple[str, ...]
+    causal_lms: tuple[str, ...]
+    norm_offset: float = 0.0
+    attention_kwargs: tuple[tuple[str, str], ...] = ()
+    final_softcap: str | None = None
+    decoder: str = "model"
+
+
+# --------------------------------------------------------------------------- routing of projections
+
+
+def _peft_lora_layer() -> type | None:
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return None
+    return LoraLayer
+
+
+def _is_4bit(module: nn.Module) -> bool:
+    quantized = getattr(module.weight, "quant_state", None) is not None
+    return type(module).__name__ in ("Linear4bit", "LinearNF4") and quantized
+
+
+def _base_weights(base: nn.Module) -> tuple[LoRAWeights | None, str]:
+    """The frozen base of a projection as :class:`LoRAWeights` (no adapter), or why not."""
+    if _is_4bit(base):
+        state = base.weight.quant_state
+        if getattr(state, "quant_type", "nf4") != "nf4":
+            return None, f"4-bit {state.quant_type} base"
+        return LoRAWeights(weight=base.weight, bias=base.bias, quant_state=state), "nf4"
+    if type(base) is not nn.Linear:
+        return None, f"{type(base).__name__} base"
+    if base.weight.requires_grad:
+        return None, "trainable base weight"
+    return LoRAWeights(weight=base.weight, bias=base.bias), "linear"
+
+
+def route(module: nn.Module) -> tuple[LoRAWeights | None, str]:
+    """How one projection runs: ``(weights, kind)`` for the fused ops, or ``(None, reason)``.
+
+    Args:
+        module: a projection as it is now (``nn.Linear``, bitsandbytes ``Linear4bit`` or a peft
+            LoRA layer wrapping one).
+
+    Returns:
+        ``(LoRAWeights, "lora" | "linear" | "nf4" | "lora+nf4")`` when a fused op can compute it,
+        else ``(None, reason)`` and the caller calls the module.
+    """
+    lora_layer = _peft_lora_layer()
+    if lora_layer is None or not isinstance(module, lora_layer):
+        return _base_weights(module)
+    if module.merged:
+        return None, "merged adapter"
+    base, kind = _base_weights(module.get_base_layer())
+    if base is None:
+        return None, kind
+    if module.disable_adapters:
+        return base, kind
+    active = [name for name in module.active_adapters if name in module.lora_A]
+    if not active:
+        return base, kind
+    if len(active) > 1:
+        return None, "several active adapters"
+    name = active[0]
+    if name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(name, False):
+        return None, "DoRA or another LoRA variant"
+    dropout = module.lora_dropout[name]
+    if not isinstance(dropout, nn.Identity) and dropout.training and dropout.p > 0:
+        return None, "LoRA dropout"
+    a, b = module.lora_A[name], module.lora_B[name]
+    if not isinstance(a, nn.Linear) or not isinstance(b, nn.Linear) or b.bias is not None:
+        return None, "LoRA bias or non-linear adapter"
+    base.lora_a, base.lora_b, base.scaling = a.weight, b.weight, float(module.scaling[name])
+    return base, "lora+nf4" if kind == "nf4" else "lora"
+
+
+_FALLBACK_WARNED: set[str] = set()
+
+
+def _note_fallback(what: str, reason: str) -> None:
+    key = f"{what}: {reason}"
+    if key not in _FALLBACK_WARNED:
+        _FALLBACK_WARNED.add(key)
+        warnings.warn(f"ftengine: {what} runs unfused ({reason}); peft's own path computes it", stacklevel=3)
+
+
+def _project(get_op: GetOp, modules: list[nn.Module], x: torch.Tensor, what: str) -> list[torch.Tensor] | None:
+    """``[w(x) for w in modules]`` through the fused ops when every module routes, else ``None``."""
+    routes = [route(m) for m in modules]
+    missing = [reason for weights, reason in routes if weights is None]
+    if missing:
+        _note_fallback(what, missing[0])
+        return None
+    weights = [w for w, _ in routes]
+    if len(weights) == 3:
+        return list(get_op("lora_qkv")(x, *weights))
+    w = weights[0]
+    return [get_op("lora_linear")(x, w.weight, w.lora_a, w.lora_b, w.scaling, w.bias, w.quant_state)]
+
+
+# --------------------------------------------------------------------------- the forwards
+
+
+def _norm_forward(get_op: GetOp, offset: float) -> Callable[..., torch.Tensor]:
+    def forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        eps = getattr(self, "variance_epsilon", None)
+        eps = self.eps if eps is None else eps
+        return get_op("rms_norm")(hidden_states, self.weight, eps, offset)
+
+    return forward
+
+
+def _mlp_forward(get_op: GetOp, activation: str) -> Callable[..., torch.Tensor]:
+    gate_op = "swiglu" if activation == "swiglu" else "geglu"
+    approximate = "tanh" if activation == "geglu_tanh" else "none"
+
+    def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        routes = [route(m) for m in (self.gate_proj, self.up_proj, self.down_proj)]
+        if all(w is not None for w, _ in routes):
+            return get_op("lora_mlp")(x, *(w for w, _ in routes), activation=activation)
+        _note_fallback("MLP", next(reason for w, reason in routes if w is None))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        hidden = get_op("swiglu")(gate, up) if gate_op == "swiglu" else get_op("geglu")(gate, up, approximate)
+        return self.down_proj(hidden)
+
+    return forward
+
+
+def _attention_forward(get_op: GetOp, attention_kwargs: tuple[tuple[str, str], ...]) -> Callable[..., Any]:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def forward(
+        self: nn.Module,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_shape = hidden_states.shape[:-1]  # (B, T)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        qkv = _project(get_op, list(projections), hidden_states, "attention q/k/v")
+        if qkv is None:
+            qkv = [p(hidden_states) for p in projections]
+        # (B, T, heads * D) -> (B, heads, T, D)
+        q, k, v = (t.view(*batch_shape, -1, self.head_dim).transpose(1, 2) for t in qkv)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = position_embeddings
+        q, k = get_op("rope")(q, k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        attend = _attention_function(self, ALL_ATTENTION_FUNCTIONS)
+        extra = {key: getattr(self, attr) for key, attr in attention_kwargs if hasattr(self, attr)}
+        out, weights = attend(
+            self,
+            q,
+            k,
+            v,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **extra,
+            **kwargs,
+        )
+        out = out.reshape(*batch_shape, -1).contiguous()  # (B, T, heads * D)
+        projected = _project(get_op, [self.o_proj], out, "attention o_proj")
+        return (projected[0] if projected is not None else self.o_proj(out)), weights
+
+    return forward
+
+
+def _attention_function(module: nn.Module, registry: Any) -> Callable[..., Any]:
+    """The configured attention implementation; "eager" is the module's own family's eager function."""
+    implementation = module.config._attn_implementation
+    if implementation in (None, "eager"):
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return registry[implementation]
+
+
+def _causal_lm_forward(get_op: GetOp, original: Callable[..., Any], softcap_attr: str | None, decoder: str):
+    signature = inspect.signature(original)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(self, *args, **kwargs)
+        labels = bound.arguments.get("labels")
+        if labels is None or not self.training or route_lm_head(self) is None:
+            return original(self, *args, **kwargs)
+        inputs = {k: v for k, v in bound.arguments.items() if k not in ("self", "labels", "logits_to_keep")}
+        extra = inputs.pop(next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), ""), {})
+        loss_kwargs = {k: extra.pop(k) for k in LOSS_ONLY_KWARGS if k in extra}
+        outputs = getattr(self, decoder)(**inputs, **extra)
+        hidden = outputs.last_hidden_state  # (B, T, H)
+        softcap = getattr(self.config, softcap_attr, None) if softcap_attr else None
+        loss = causal_lm_loss(get_op, hidden, self.lm_head.weight, labels, softcap, **loss_kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=None,
+            past_key_values=getattr(outputs, "past_key_values", None),
+            hidden_states=getattr(outputs, "hidden_states", None),
+            attentions=getattr(outputs, "attentions", None),
+        )
+
+    return forward
+
+
+def route_lm_head(model: nn.Module) -> torch.Tensor | None:
+    """The LM head's weight when the fused loss can use it (a plain ``nn.Linear`` without bias)."""
+    head = getattr(model, "lm_head", None)
+    if type(head) is not nn.Linear or head.bias is not None:
+        return None
+    return head.weight
+
+
+def causal_lm_loss(
+    get_op: GetOp,
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    softcap: float | None = None,
+    num_items_in_batch: Any = None,
+    shift_labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Next-token cross-entropy of ``hidden @ head_weight.T`` without building the logits.
+
+    Position ``t`` predicts ``labels[t + 1]``: the labels are shifted left and padded with
+    ``ignore_index`` (or ``shift_labels`` is used as given). The mean is over non-ignored tokens,
+    or, with ``num_items_in_batch`` (the trainer's count across accumulated micro-batches), the
+    sum divided by it, as Hugging Face's causal-LM loss does.
+    """
+    if shift_labels is None:
+        shift_labels = nn.functional.pad(labels[..., 1:], (0, 1), value=ignore_index)  # (B, T)
+    shift_labels = shift_labels.reshape(-1).to(hidden.device)
+    flat = hidden.reshape(-1, hidden.shape[-1])  # (B*T, H)
+    loss = get_op("linear_cross_entropy")(flat, head_weight, shift_labels, ignore_index, softcap)
+    if num_items_in_batch is not None:
+        n_valid = (shift_labels != ignore_index).sum()
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss * n_valid / num_items_in_batch
+    return loss
+
+
+# --------------------------------------------------------------------------- patch / unpatch
+
+
+def _set_forward(module: nn.Module, function: Callable[..., Any]) -> None:
+    module.forward = types.MethodType(function, module)
+    setattr(module, _PATCHED, True)
+
+
+def patch_model(model: nn.Module, get_op: GetOp, table: PatchTable) -> list[str]:
+    """Give every module matching ``table`` a forward on the kernel ops.
+
+    Args:
+        model: a Hugging Face model (before or after peft wraps it).
+        get_op: the core's op lookup.
+        table: the family's classes.
+
+    Returns:
+        one line per kind of thing patched, e.g. ``"rms_norm x9 -> triton"``.
+    """
+    from ftengine.core.kernels import op_table
+
+    backends = op_table()
+    counts: Counter[str] = Counter()
+    skipped: list[str] = []
+    for module in list(model.modules()):
+        cls = type(module).__name__
+        if getattr(module, _PATCHED, False):
+            continue
+        if cls in table.norms:
+            _set_forward(module, _norm_forward(get_op, table.norm_offset))
+            counts["rms_norm"] += 1
+        elif cls in table.attentions:
+            _set_forward(module, _attention_forward(get_op, table.attention_kwargs))
+            counts["attention"] += 1
+        elif cls in table.mlps:
+            activation = ACTIVATIONS.get(getattr(module.config, "hidden_activation", None) or module.config.hidden_act)
+            if activation is None:
+                skipped.append(f"MLP {cls}: activation {module.config.hidden_act!r} has no fused op (left as is)")
+                continue
+            _set_forward(module, _mlp_forward(get_op, activation))
+            counts[f"mlp:{activation}"] += 1
+        elif cls in table.causal_lms:
+            _set_forward(module, _causal_lm_forward(get_op, type(module).forward, table.final_softcap, table.decoder))
+            counts["loss"] += 1
+    lines = []
+    if counts["rms_norm"]:
+        lines.append(f"rms_norm x{counts['rms_norm']} -> {backends['rms_norm']}")
+    if counts["attention"]:
+        n = counts["attention"]
+        lines.append(f"attention q/k/v x{n} -> lora_qkv ({backends['lora_qkv']}), "
+                     f"rope -> {backends['rope']}, o_proj -> lora_linear ({backends['lora_linear']})")
+    for key, n in sorted(counts.items()):
+        if key.startswith("mlp:"):
+            lines.append(f"mlp x{n} -> lora_mlp {key[4:]} ({backends['lora_mlp']})")
+    if counts["loss"]:
+        softcap = " with final logit softcap" if table.final_softcap else ""
+        lines.append(f"causal-LM loss -> linear_cross_entropy{softcap} ({backends['linear_cross_entropy']}), "
+                     "no logits when training with labels")
+    return lines + skipped
+
+
+def unpatch_model(model: nn.Module) -> int:
+    """Restore the class forwards on every module :func:`patch_model` changed; returns how many."""
+    restored = 0
+    for module in model.modules():
+        if getattr(module, _PATCHED, False):
+            del module.forward
+            delattr(module, _PATCHED)
+            restored += 1
+    return restored
+
+
+def routing_report(model: nn.Module) -> list[str]:
+    """How the projections of a patched model run now (call after LoRA is attached).
+
+    Returns:
+        one line per route, e.g. ``"fused lora x196"`` or ``"peft path (LoRA dropout) x196"``.
+    """
+    counts: Counter[str] = Counter()
+    seen = set()
+    for module in model.modules():
+        if not getattr(module, _PATCHED, False) or not hasattr(module, "forward"):
+            continue
+        for child_name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+            child = getattr(module, child_name, None)
+            if child is None or id(child) in seen:
+                continue
+            seen.add(id(child))
+            weights, kind = route(child)
+            counts[f"fused {kind}" if weights is not None else f"peft path ({kind})"] += 1
+    return [f"{key} x{n}" for key, n in sorted(counts.items())]

@@ -1,0 +1,56 @@
+"""The Hugging Face training arguments every trainer plugin shares, from the run config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def precision_flags(model: Any) -> dict[str, bool]:
+    """Mixed-precision flags matching the model's compute dtype (none on the CPU)."""
+    if not torch.cuda.is_available():
+        return {"use_cpu": True, "bf16": False, "fp16": False}
+    dtype = getattr(model, "dtype", torch.float32)
+    quant = getattr(getattr(model, "config", None), "quantization_config", None)
+    compute = getattr(quant, "bnb_4bit_compute_dtype", None) if quant is not None else None
+    dtype = compute if isinstance(compute, torch.dtype) else dtype
+    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
+
+
+def common_arguments(training: Any, output_dir: str, model: Any) -> dict[str, Any]:
+    """Keyword arguments for a ``transformers.TrainingArguments`` subclass (trl's SFTConfig, ...).
+
+    Gradient checkpointing is applied by the pipeline's adapt stage, so the trainer's own switch
+    stays off; progress and metrics come from the core's callbacks, so the trainer's bar and
+    reporting integrations are off.
+    """
+    return dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=training.per_device_train_batch_size,
+        per_device_eval_batch_size=training.per_device_train_batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        learning_rate=training.learning_rate,
+        max_steps=training.max_steps,
+        num_train_epochs=training.num_train_epochs,
+        lr_scheduler_type=training.lr_scheduler_type,
+        warmup_steps=training.warmup_steps,
+        weight_decay=training.weight_decay,
+        optim=training.optim,
+        max_grad_norm=training.max_grad_norm,
+        seed=training.seed,
+        data_seed=training.seed,
+        logging_steps=training.logging_steps,
+        save_strategy="steps",
+        save_steps=training.save_steps,
+        save_total_limit=training.save_total_limit,
+        eval_strategy="steps" if training.eval_steps else "no",
+        eval_steps=training.eval_steps,
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        gradient_checkpointing=False,
+        **precision_flags(model),
+    )
