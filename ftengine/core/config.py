@@ -231,6 +231,16 @@ def validate_config(raw: Any, source: str = "config") -> RunConfig:
     return config
 
 
+def validate_section(section: type[Section], values: dict[str, Any], name: str) -> Any:
+    """Validate the keyword arguments of a Python API call against one config section."""
+    try:
+        return section.model_validate(values)
+    except ValidationError as exc:
+        errors = [dict(e, loc=(name, *e["loc"])) for e in exc.errors()]
+        lines = _format_errors(errors, fields=list(section.model_fields))
+        raise ConfigError(f"{name}: " + "; ".join(lines)) from None
+
+
 def check_plugin_names(raw: dict[str, Any]) -> list[str]:
     """Every plugin-provided name in a raw config that no plugin registered, and every invalid
     exporter option. Works on the raw mapping so these are reported together with schema errors."""

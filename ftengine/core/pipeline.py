@@ -338,6 +338,9 @@ def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, tra
                            training=training, output_dir=run_dir.checkpoints, ref_model=ref_model,
                            callbacks=[progress, CheckpointMarkerCallback(), interrupt])
     trainer = trainer_plugin.create(request)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # the core's ProgressCallback reports instead
     start = time.perf_counter()
     interrupt.install()
     try:
@@ -362,18 +365,19 @@ def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, tra
 # ----------------------------------------------------------------------------- export
 
 
+def export_one(model: Any, tokenizer: Any, entry: ExportEntry, target: Path, overwrite: bool = False) -> list[str]:
+    """One exporter writes ``target`` atomically: into a temporary sibling renamed when complete."""
+    exporter = plugins.get("exporters", entry.format)
+    options = export_options(entry)
+    with atomic_directory(target, overwrite=overwrite) as staging:
+        return exporter.export(model, tokenizer, staging, options)
+
+
 def export(model: Any, tokenizer: Any, entries: list[ExportEntry], out_root: Path,
            overwrite: bool = False) -> dict[str, tuple[Path, list[str]]]:
-    """Stage 6: each exporter writes into ``out_root/<name>`` (atomically)."""
-    results = {}
-    for entry in entries:
-        exporter = plugins.get("exporters", entry.format)
-        options = export_options(entry)
-        target = out_root / entry.format
-        with atomic_directory(target, overwrite=overwrite) as staging:
-            lines = exporter.export(model, tokenizer, staging, options)
-        results[entry.format] = (target, lines)
-    return results
+    """Stage 6: each exporter writes into ``out_root/<name>``."""
+    return {e.format: (out_root / e.format, export_one(model, tokenizer, e, out_root / e.format, overwrite))
+            for e in entries}
 
 
 # ----------------------------------------------------------------------------- a whole run

@@ -77,7 +77,13 @@ class ProgressCallback(TrainerCallback):
 
 
 class CheckpointMarkerCallback(TrainerCallback):
-    """Marks a checkpoint complete once the trainer has written all of its files."""
+    """Saves the final step too, and marks a checkpoint complete once the trainer has written all of
+    its files (a checkpoint without the marker is never resumed from or exported)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            control.should_save = True
+        return control
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"

@@ -1,6 +1,7 @@
 """Export formats: ``lora`` (peft adapter), ``merged`` (16-bit safetensors), ``gguf`` (llama.cpp/Ollama)."""
 
 from ftengine.core.hookspecs import hookimpl
+from ftengine.plugins.exporters.gguf.exporter import GGUFExporter
 from ftengine.plugins.exporters.lora import LoRAExporter
 from ftengine.plugins.exporters.merged import MergedExporter
 
@@ -9,3 +10,4 @@ from ftengine.plugins.exporters.merged import MergedExporter
 def register_exporters(register):
     register(LoRAExporter())
     register(MergedExporter())
+    register(GGUFExporter())

@@ -8,10 +8,14 @@ layout) over the shared mechanism in ``_patching`` (forwards on the kernel ops) 
 from __future__ import annotations
 
 from ftengine.core.hookspecs import hookimpl
+from ftengine.plugins.models import gemma
+from ftengine.plugins.models import gemma2
+from ftengine.plugins.models import gemma3
 from ftengine.plugins.models import llama
+from ftengine.plugins.models import mistral
 from ftengine.plugins.models import qwen2
 
-ADAPTERS = (llama.ADAPTER, qwen2.ADAPTER)
+ADAPTERS = (llama.ADAPTER, qwen2.ADAPTER, mistral.ADAPTER, gemma.ADAPTER, gemma2.ADAPTER, gemma3.ADAPTER)
 
 
 @hookimpl

@@ -14,6 +14,7 @@ the module it is, so peft's own path runs. :func:`routing_report` says which way
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import types
@@ -40,6 +41,8 @@ ACTIVATIONS: dict[str, str] = {
 """Hugging Face ``hidden_act`` -> the ``lora_mlp`` activation that computes the same gate."""
 
 LOSS_ONLY_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index")
+
+USED_OPS = ("rms_norm", "rope", "swiglu", "geglu", "linear_cross_entropy", "lora_linear", "lora_mlp", "lora_qkv")
 
 _PATCHED = "_ftengine_patched"
 
@@ -244,21 +247,29 @@ def _attention_function(module: nn.Module, registry: Any) -> Callable[..., Any]:
 
 
 def _causal_lm_forward(get_op: GetOp, original: Callable[..., Any], softcap_attr: str | None, decoder: str):
-    signature = inspect.signature(original)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
+    signature = inspect.signature(original)
+    var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+    not_for_body = {"self", "labels", "logits_to_keep", var_keyword}
+
+    @functools.wraps(original)
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(self, *args, **kwargs)
         labels = bound.arguments.get("labels")
-        if labels is None or not self.training or route_lm_head(self) is None:
+        head_weight = route_lm_head(self)
+        if labels is None or not self.training or head_weight is None:
             return original(self, *args, **kwargs)
-        inputs = {k: v for k, v in bound.arguments.items() if k not in ("self", "labels", "logits_to_keep")}
-        extra = inputs.pop(next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), ""), {})
+        inputs = {k: v for k, v in bound.arguments.items() if k not in not_for_body}
+        extra = dict(bound.arguments.get(var_keyword, {})) if var_keyword else {}
         loss_kwargs = {k: extra.pop(k) for k in LOSS_ONLY_KWARGS if k in extra}
-        outputs = getattr(self, decoder)(**inputs, **extra)
+        body = getattr(self, decoder)
+        if "labels" in inspect.signature(body.forward).parameters:  # multimodal bodies mask with the labels
+            inputs["labels"] = labels
+        outputs = body(**inputs, **extra)
         hidden = outputs.last_hidden_state  # (B, T, H)
-        softcap = getattr(self.config, softcap_attr, None) if softcap_attr else None
-        loss = causal_lm_loss(get_op, hidden, self.lm_head.weight, labels, softcap, **loss_kwargs)
+        softcap = getattr(self.config.get_text_config(), softcap_attr, None) if softcap_attr else None
+        loss = causal_lm_loss(get_op, hidden, head_weight, labels, softcap, **loss_kwargs)
         return CausalLMOutputWithPast(
             loss=loss,
             logits=None,
@@ -311,6 +322,11 @@ def causal_lm_loss(
 # --------------------------------------------------------------------------- patch / unpatch
 
 
+def _is_patched(module: nn.Module) -> bool:
+    """Set on the instance itself: wrappers such as peft's forward attribute lookups to the model they wrap."""
+    return module.__dict__.get(_PATCHED, False)
+
+
 def _set_forward(module: nn.Module, function: Callable[..., Any]) -> None:
     module.forward = types.MethodType(function, module)
     setattr(module, _PATCHED, True)
@@ -321,7 +337,7 @@ def patch_model(model: nn.Module, get_op: GetOp, table: PatchTable) -> list[str]
 
     Args:
         model: a Hugging Face model (before or after peft wraps it).
-        get_op: the core's op lookup.
+        get_op: the core's op lookup; every op is resolved here, once.
         table: the family's classes.
 
     Returns:
@@ -330,11 +346,13 @@ def patch_model(model: nn.Module, get_op: GetOp, table: PatchTable) -> list[str]
     from ftengine.core.kernels import op_table
 
     backends = op_table()
+    resolved = {name: get_op(name) for name in USED_OPS}  # once, not on every forward
+    get_op = resolved.__getitem__
     counts: Counter[str] = Counter()
     skipped: list[str] = []
     for module in list(model.modules()):
         cls = type(module).__name__
-        if getattr(module, _PATCHED, False):
+        if _is_patched(module):
             continue
         if cls in table.norms:
             _set_forward(module, _norm_forward(get_op, table.norm_offset))
@@ -373,7 +391,7 @@ def unpatch_model(model: nn.Module) -> int:
     """Restore the class forwards on every module :func:`patch_model` changed; returns how many."""
     restored = 0
     for module in model.modules():
-        if getattr(module, _PATCHED, False):
+        if _is_patched(module):
             del module.forward
             delattr(module, _PATCHED)
             restored += 1
@@ -389,7 +407,7 @@ def routing_report(model: nn.Module) -> list[str]:
     counts: Counter[str] = Counter()
     seen = set()
     for module in model.modules():
-        if not getattr(module, _PATCHED, False) or not hasattr(module, "forward"):
+        if not _is_patched(module):
             continue
         for child_name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
             child = getattr(module, child_name, None)

@@ -71,7 +71,9 @@ def check_conversation(messages: Any, field: str, require_assistant_last: bool =
 
     Each message is a dict with a known ``role`` and string ``content``. An assistant message that
     carries ``tool_calls`` may have null content (kept as ``""``). Keys other than ``role`` and
-    ``content`` (``tool_calls``, ``name``, ``tool_call_id``, ...) are passed through.
+    ``content`` (``tool_calls``, ``name``, ``tool_call_id``, ...) are passed through, except null
+    ones (the ``None`` fields Arrow adds when rows of one column have different keys), which
+    templates that test ``'tool_calls' in message`` would misread.
 
     Args:
         messages: the value to check.
@@ -105,7 +107,8 @@ def check_conversation(messages: Any, field: str, require_assistant_last: bool =
         if not isinstance(content, str):
             raise RowError(f"{where} content must be a string, got {type(content).__name__}",
                            field=f"{where}.content")
-        out.append({**message, "role": role, "content": content})
+        extra = {k: v for k, v in message.items() if v is not None and k not in ("role", "content")}
+        out.append({"role": role, "content": content, **extra})
     if require_assistant_last and out[-1]["role"] != "assistant":
         raise RowError(f"the last message of {field!r} must be the assistant's, got {out[-1]['role']!r}",
                        field=f"{field}[{len(out) - 1}].role")

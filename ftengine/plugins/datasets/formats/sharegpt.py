@@ -26,15 +26,22 @@ def _is_sharegpt_turns(turns: Any) -> bool:
     return isinstance(turns, list) and bool(turns) and isinstance(turns[0], dict) and "from" in turns[0]
 
 
-def sharegpt_messages(row: dict[str, Any]) -> list[Message]:
+def sharegpt_messages(row: dict[str, Any], require_assistant_last: bool = True) -> list[Message]:
     """The row's turns as OpenAI messages (``from``/``value`` or ``role``/``content`` turns).
 
-    The turns are read from ``conversations``, or from ``messages`` when that holds
-    ``from``/``value`` turns; roles are mapped through :data:`ROLE_ALIASES`.
+    The turns are read from ``conversations``, or from ``messages`` when the row has no
+    ``conversations``; roles are mapped through :data:`ROLE_ALIASES`.
+
+    Args:
+        row: one dataset row.
+        require_assistant_last: whether the last turn must be the assistant's.
+
+    Returns:
+        New ``{"role", "content"}`` dicts.
 
     Raises:
         RowError: no turns, a turn that is not an object, an unknown role, non-string text, or
-            a last turn that is not the assistant's.
+            (with ``require_assistant_last``) a last turn that is not the assistant's.
     """
     row = require_dict(row)
     key = "messages" if "conversations" not in row and "messages" in row else "conversations"
@@ -60,7 +67,7 @@ def sharegpt_messages(row: dict[str, Any]) -> list[Message]:
             raise RowError(f"{where} {text_key} must be a string, got {type(text).__name__}",
                            field=f"{where}.{text_key}")
         messages.append({"role": mapped, "content": text})
-    return check_conversation(messages, key)
+    return check_conversation(messages, key, require_assistant_last=require_assistant_last)
 
 
 class ShareGPTFormat:

@@ -1,5 +1,8 @@
-"""ChatML (``<|im_start|>role ... <|im_end|>``), as in OpenHermes / Dolphin tokenizer configs and vLLM's
-``examples/template_chatml.jinja``."""
+"""ChatML (``chatml``): ``<|im_start|>role\\n...<|im_end|>\\n`` for every message.
+
+Renders what the plain ChatML template renders (``Snowflake/snowflake-arctic-instruct``'s, for one):
+no bos, every turn closed with ``<|im_end|>``.
+"""
 
 from ftengine.core.types import ChatTemplate
 

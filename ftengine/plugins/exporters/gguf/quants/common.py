@@ -7,7 +7,7 @@ Work happens in float32 on the tensor's device, so a CUDA tensor is quantized on
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -38,7 +38,9 @@ GROUP_MAX_EPS = 1e-15
 TYPE_SIZES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 
 
-def _fit_affine(x: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _fit_affine(
+    x: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted affine scale search for sub-blocks.
 
     Args:

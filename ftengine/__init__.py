@@ -1,0 +1,186 @@
+"""ftengine: fine-tune open LLMs faster and in less memory.
+
+The Python API: thin functions over the same pipeline stages ``ftengine run`` uses::
+
+    model, tokenizer = ftengine.load_model("Qwen/Qwen2.5-0.5B-Instruct", max_seq_length=2048)
+    model = ftengine.add_lora(model, r=16, lora_alpha=16)
+    tokenizer = ftengine.get_chat_template(tokenizer, "qwen2.5")
+    dataset = ftengine.load_dataset("data.jsonl", tokenizer=tokenizer)
+    result = ftengine.train(model, tokenizer, dataset, max_steps=60, learning_rate=2e-4)
+    ftengine.export(model, tokenizer, "out/", format="merged")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ftengine.core.hookspecs import hookimpl
+
+__version__ = "0.1.0"
+__all__ = ["hookimpl", "load_model", "add_lora", "get_chat_template", "load_dataset", "train", "export"]
+
+
+def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | None = None, load_in_4bit: bool = False,
+               load_in_8bit: bool = False, full_finetuning: bool = False, trust_remote_code: bool = False
+               ) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer (16-bit, 4-bit NF4 or 8-bit) and patch it with the kernel ops.
+
+    Args:
+        name_or_path: local Hugging Face directory or hub id.
+        max_seq_length: remembered on the model as the default for :func:`load_dataset`.
+        dtype: ``"bfloat16"``, ``"float16"``, ``"float32"`` or ``None`` for the device's best.
+        load_in_4bit: QLoRA base (NF4, double quantization, bf16 compute).
+        load_in_8bit: LLM.int8 base.
+        full_finetuning: make every weight trainable (no LoRA).
+        trust_remote_code: allow hub model code.
+
+    Returns:
+        ``(model, tokenizer)``.
+    """
+    from ftengine.core import pipeline
+    from ftengine.core.config import ModelConfig
+    from ftengine.core.config import QuantizationConfig
+    from ftengine.core.config import RunConfig
+    from ftengine.core.config import check_combinations
+    from ftengine.core.config import validate_section
+    from ftengine.core.errors import ConfigError
+
+    model_config = validate_section(ModelConfig, dict(
+        name_or_path=name_or_path, max_seq_length=max_seq_length, dtype=dtype or "auto",
+        full_finetuning=full_finetuning, trust_remote_code=trust_remote_code), "load_model")
+    quant = validate_section(QuantizationConfig, dict(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit),
+                             "load_model")
+    config = RunConfig(model=model_config, quantization=quant, export=[])
+    problems = check_combinations(config)
+    if problems:
+        raise ConfigError("load_model: " + "; ".join(problems))
+    loaded = pipeline.patch(pipeline.load(config))
+    if full_finetuning:
+        loaded = pipeline.adapt(loaded, config.lora, full_finetuning=True, gradient_checkpointing=False)
+    loaded.model.max_seq_length = max_seq_length
+    return loaded.model, loaded.tokenizer
+
+
+def add_lora(model: Any, r: int = 16, lora_alpha: float = 16, lora_dropout: float = 0.0,
+             target_modules: str | list[str] = "all-linear", use_gradient_checkpointing: bool | str = True,
+             random_state: int = 3407, **lora_kwargs: Any) -> Any:
+    """Attach LoRA adapters (peft) and set gradient checkpointing.
+
+    Args:
+        r, lora_alpha, lora_dropout, target_modules: as in peft's ``LoraConfig``; ``"all-linear"``
+            means the architecture's projections.
+        use_gradient_checkpointing: ``False``, ``True``, ``"offload"`` or ``"auto"``.
+        random_state: seed of the adapter initialisation.
+        **lora_kwargs: ``bias``, ``use_rslora``, ``use_dora``, ``init_lora_weights``, ``modules_to_save``.
+    """
+    from ftengine.core import pipeline
+    from ftengine.core.config import LoRAConfig
+    from ftengine.core.config import TrainingConfig
+    from ftengine.core.config import validate_section
+
+    lora = validate_section(LoRAConfig, dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                             target_modules=target_modules, **lora_kwargs), "add_lora")
+    validate_section(TrainingConfig, {"gradient_checkpointing": use_gradient_checkpointing}, "add_lora")
+    adapter = pipeline.find_adapter(model.config)
+    loaded = pipeline.adapt(pipeline.LoadedModel(model, None, adapter), lora, False, use_gradient_checkpointing,
+                            random_state)
+    loaded.model.max_seq_length = getattr(model, "max_seq_length", 2048)
+    return loaded.model
+
+
+def get_chat_template(tokenizer: Any, chat_template: str = "chatml") -> Any:
+    """Put a registered chat template (``chatml``, ``qwen2.5``, ``llama-3.1``, ... or ``tokenizer``)
+    on the tokenizer, with the BOS/EOS/pad tokens it needs."""
+    from ftengine.core.templates import apply_chat_template
+
+    return apply_chat_template(tokenizer, chat_template)
+
+
+def load_dataset(path: str, tokenizer: Any, format: str = "auto", max_seq_length: int = 2048,
+                 trainer: str = "sft", **data_kwargs: Any) -> Any:
+    """Read, convert and tokenize a dataset with labels masked to the trained tokens.
+
+    Args:
+        path: a .jsonl/.json/.parquet/.csv file, a directory or glob of them, or a hub dataset id.
+        tokenizer: the tokenizer (with its chat template, see :func:`get_chat_template`).
+        format: a registered format name or ``"auto"``.
+        max_seq_length: truncation length.
+        trainer: the trainer the data is for (``sft`` tokenizes; ``dpo`` keeps preference triples).
+        **data_kwargs: other ``data:`` config keys (``columns``, ``train_on``, ``on_bad_rows``, ...).
+
+    Returns:
+        A ``datasets.Dataset``; its ``ftengine_report`` attribute holds the :class:`DataReport`.
+    """
+    from ftengine.core import pipeline
+    from ftengine.core import plugins
+    from ftengine.core.config import DataConfig
+    from ftengine.core.config import validate_section
+    from ftengine.core.data import DataReport
+
+    data = validate_section(DataConfig, dict(path=path, format=format, **data_kwargs), "load_dataset")
+    if data.format != "auto":
+        plugins.get("formats", data.format)
+    if getattr(tokenizer, "chat_template", None) is None:
+        get_chat_template(tokenizer, data.chat_template or "chatml")
+    elif data.chat_template:
+        get_chat_template(tokenizer, data.chat_template)
+    report = DataReport()
+    kinds = plugins.get("trainers", trainer).sample_kinds
+    rows = pipeline.prepare_dataset(path, tokenizer, data, max_seq_length, kinds, report)
+    dataset = pipeline.to_dataset(rows)
+    dataset.ftengine_report = report
+    return dataset
+
+
+def train(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft", eval_dataset: Any = None,
+          output_dir: str | None = None, resume: bool = False, **training_kwargs: Any) -> Any:
+    """Train with a registered trainer; checkpoints, ``metrics.jsonl`` and ``loss.png`` go to a run directory.
+
+    Args:
+        trainer: ``sft``, ``dpo``, ...
+        output_dir: the run directory (default: a new ``runs/api-<timestamp>``).
+        resume: continue from the latest checkpoint in ``output_dir``.
+        **training_kwargs: ``training:`` config keys (``max_steps``, ``learning_rate``, ...).
+
+    Returns:
+        A :class:`ftengine.core.pipeline.TrainResult`.
+    """
+    from ftengine.core import pipeline
+    from ftengine.core.config import TrainingConfig
+    from ftengine.core.config import validate_section
+    from ftengine.core.errors import FtengineError
+    from ftengine.core.rundir import RunDir
+
+    training = validate_section(TrainingConfig, dict(trainer=trainer, **training_kwargs), "train")
+    if output_dir is None:
+        run_dir = RunDir.create("runs", "api")
+    else:
+        run_dir = RunDir(Path(output_dir))
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+    resume_from = run_dir.latest_checkpoint() if resume else None
+    if resume and resume_from is None:
+        raise FtengineError(f"{run_dir.path}: no complete checkpoint to resume from")
+    if resume_from is not None:
+        run_dir.truncate_metrics(int(resume_from.name.split("-")[1]))
+    return pipeline.train(model, tokenizer, dataset, eval_dataset, training, run_dir, resume_from)
+
+
+def export(model: Any, tokenizer: Any, output_dir: str, format: str = "lora", overwrite: bool = False,
+           **options: Any) -> Path:
+    """Export with a registered exporter (``lora``, ``merged``, ``gguf``, ...) into ``output_dir``,
+    written atomically. ``options`` are the exporter's (e.g. ``quantization="q4_k_m"``)."""
+    from ftengine.core.config import ExportEntry
+    from ftengine.core.config import validate_config
+    from ftengine.core.pipeline import export_one
+
+    validate_config({"model": {"name_or_path": "-"}, "export": [{"format": format, **options}]},
+                    source="export")
+    target = Path(output_dir)
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        export_one(model, tokenizer, ExportEntry(format=format, **options), target, overwrite)
+    finally:
+        model.train(was_training)
+    return target

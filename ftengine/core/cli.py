@@ -1,0 +1,218 @@
+"""The ``ftengine`` command line. Heavy imports live inside the commands so ``--help`` is instant."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ftengine.core.errors import FtengineError
+
+CORE_COMMANDS = ("run", "init", "plugins", "export", "config-schema")
+EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
+
+
+class FtengineGroup(click.Group):
+    """Adds plugin-registered commands lazily; they cannot shadow a core command."""
+
+    def _plugin_commands(self) -> dict[str, click.Command]:
+        from ftengine.core.plugins import get_registry
+
+        return {name: cmd for name, cmd in get_registry("commands").items() if name not in self.commands}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*self.commands, *self._plugin_commands()])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return self.commands.get(name) or self._plugin_commands().get(name)
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for ftengine's own progress and summary."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    import datasets
+
+    datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
+def setup_logging(debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("ftengine: %(message)s"))
+    logger = logging.getLogger("ftengine")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    logger.propagate = False
+
+
+def fail(exc: BaseException, debug: bool) -> None:
+    if debug:
+        raise exc
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(EXIT_ERROR)
+
+
+@click.group(cls=FtengineGroup)
+@click.version_option(package_name="ftengine")
+def main() -> None:
+    """ftengine: fine-tune open LLMs with LoRA, QLoRA or in full; SFT and DPO; fast kernels; exports for
+    transformers, vLLM, llama.cpp and Ollama."""
+
+
+def _gib(value: float) -> str:
+    return f"{value:.2f} GiB"
+
+
+def print_summary(result: Any) -> None:
+    t, d = result.train, result.data
+    rows = [("run directory", str(result.run_dir.path)), ("steps", str(t.steps))]
+    if t.first_loss is not None:
+        rows.append(("loss", f"{t.first_loss:.4f} -> {t.last_loss:.4f} (first -> last logged)"))
+    rows.append(("wall time", f"{t.wall_seconds:.1f} s training"))
+    mem = result.memory
+    memory = f"CPU RSS {_gib(mem['cpu_rss_gib'])}"
+    if "gpu_allocated_gib" in mem:
+        memory += f", GPU {_gib(mem['gpu_allocated_gib'])} allocated / {_gib(mem['gpu_reserved_gib'])} reserved"
+    rows.append(("peak memory", memory))
+    trained = d.trained_tokens / max(d.tokens, 1)
+    rows.append(("data", f"{d.samples} samples from {d.rows} rows ({d.format}); {d.skipped} skipped, "
+                          f"{d.truncated} truncated; {trained:.0%} of tokens trained"))
+    for reason in d.skip_reasons[:3]:
+        rows.append(("  skipped", reason))
+    rows += [("setup", note) for note in result.notes]
+    outputs = ["config.yaml", "metrics.jsonl", "loss.png", "checkpoints/"]
+    rows.append(("outputs", ", ".join(outputs)))
+    for name, (path, lines) in result.exports.items():
+        rows.append((f"export {name}", f"{path}: " + "; ".join(lines)))
+    width = max(len(k) for k, _ in rows)
+    click.echo("\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows))
+
+
+@main.command()
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--output-dir", type=click.Path(file_okay=False), help="Parent directory of the run directory.")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue RUN_DIR from its latest "
+                                                                              "checkpoint.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+def run(config: str | None, output_dir: str | None, resume_dir: str | None, debug: bool) -> None:
+    """Train as CONFIG says (a YAML run config), or the built-in demo when no CONFIG is given."""
+    setup_logging(debug)
+    quiet_libraries()
+    from ftengine.core import pipeline
+    from ftengine.core.config import load_config
+    from ftengine.core.rundir import RunDir
+
+    demo = config is None and resume_dir is None
+    try:
+        if resume_dir:
+            run_dir = RunDir(Path(resume_dir))
+            if not run_dir.config_path.exists():
+                raise FtengineError(f"{resume_dir}: not a run directory (no config.yaml)")
+            cfg = load_config(run_dir.config_path)
+            click.echo(f"resuming {run_dir.path}", err=True)
+            result = pipeline.run(cfg, run_dir=run_dir, resume=True)
+        else:
+            if demo:
+                from ftengine.demo import demo_config
+
+                click.echo("ftengine demo: LoRA on a tiny Qwen2-architecture model (random initial weights), "
+                           "on the CPU", err=True)
+                cfg = demo_config()
+            else:
+                cfg = load_config(config)
+            result = pipeline.run(cfg, output_dir=output_dir)
+    except (FtengineError, FileExistsError) as exc:
+        fail(exc, debug)
+        return
+    print_summary(result)
+    if result.train.interrupted:
+        click.echo(f"interrupted at step {result.train.steps}; checkpoint: {result.train.checkpoint}\n"
+                   f"resume with: ftengine run --resume {result.run_dir.path}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    if demo and "merged" in result.exports:
+        from ftengine.demo import PROMPT
+        from ftengine.demo import ask
+
+        answer = ask(result.exports["merged"][0])
+        click.echo(f"\nthe merged model, reloaded with transformers:\n  Q: {PROMPT}\n  A: {answer}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def init(path: str, force: bool) -> None:
+    """Write a commented starter config to PATH."""
+    target = Path(path)
+    if target.exists() and not force:
+        fail(FtengineError(f"{target} already exists (pass --force to overwrite it)"), False)
+    from ftengine.core.rundir import atomic_write_text
+
+    atomic_write_text(target, (Path(__file__).parent / "starter.yaml").read_text())
+    click.echo(f"wrote {target}: fill in model.name_or_path and data.path, then: ftengine run {target}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins(as_json: bool) -> None:
+    """List the installed plugins, what each registered, and the broken ones with their error."""
+    from ftengine.core.kernels import op_table
+    from ftengine.core.plugins import registries
+
+    infos = list(registries().plugins.values())
+    if as_json:
+        click.echo(json.dumps([{**i.__dict__, "ok": i.ok} for i in infos], indent=2))
+        return
+    for info in infos:
+        status = "ok" if info.ok else "BROKEN"
+        click.echo(f"{info.name}  ({info.distribution} {info.version})  [{status}]")
+        for kind, names in sorted(info.registered.items()):
+            click.echo(f"    {kind}: {', '.join(names)}")
+        if info.error:
+            click.echo(f"    error: {info.error}")
+    click.echo("kernel ops: " + ", ".join(f"{op} -> {backend}" for op, backend in op_table().items()))
+
+
+@main.command("config-schema")
+def config_schema_cmd() -> None:
+    """Print the run config's JSON schema (every key, its type, default and description)."""
+    from ftengine.core.config import config_schema
+
+    click.echo(json.dumps(config_schema(), indent=2))
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "formats", multiple=True, required=True, help="Exporter name (lora, merged, gguf...); "
+                                                                      "repeat for several.")
+@click.option("--quant", "quantization", help="GGUF quantization (q8_0, q4_k_m, ...).")
+@click.option("--output", type=click.Path(file_okay=False), help="Output directory (default: SOURCE/exports).")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+def export(source: str, formats: tuple[str, ...], quantization: str | None, output: str | None, overwrite: bool,
+           debug: bool) -> None:
+    """Export a finished run directory or one of its checkpoints."""
+    setup_logging(debug)
+    quiet_libraries()
+    from ftengine.core.export_source import load_for_export
+    from ftengine.core.pipeline import export as export_stage
+
+    try:
+        model, tokenizer, entries, default_out = load_for_export(Path(source), formats, quantization)
+        results = export_stage(model, tokenizer, entries, Path(output) if output else default_out, overwrite)
+    except (FtengineError, FileExistsError) as exc:
+        fail(exc, debug)
+        return
+    for name, (path, lines) in results.items():
+        click.echo(f"{name}: {path}: " + "; ".join(lines))

@@ -1,0 +1,58 @@
+"""Loading a finished run or one of its checkpoints back for ``ftengine export``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ftengine.core import pipeline
+from ftengine.core.config import ExportEntry
+from ftengine.core.config import load_config
+from ftengine.core.errors import FtengineError
+from ftengine.core.rundir import CHECKPOINT_MARKER
+from ftengine.core.rundir import RunDir
+
+
+def locate(source: Path) -> tuple[RunDir, Path, Path]:
+    """``(run_dir, checkpoint, default_output)`` for a run directory or a checkpoint directory."""
+    if (source / "config.yaml").exists():
+        run_dir = RunDir(source)
+        checkpoint = run_dir.latest_checkpoint()
+        if checkpoint is None:
+            raise FtengineError(f"{source}: the run has no complete checkpoint to export")
+        return run_dir, checkpoint, run_dir.exports
+    if source.name.startswith("checkpoint-") and (source.parent.parent / "config.yaml").exists():
+        if not (source / CHECKPOINT_MARKER).exists():
+            raise FtengineError(f"{source}: an incomplete checkpoint (its writing was interrupted)")
+        run_dir = RunDir(source.parent.parent)
+        return run_dir, source, run_dir.path / f"exports-{source.name}"
+    raise FtengineError(f"{source}: neither a run directory (with config.yaml) nor one of its checkpoints")
+
+
+def load_for_export(source: Path, formats: tuple[str, ...], quantization: str | None
+                    ) -> tuple[Any, Any, list[ExportEntry], Path]:
+    """The trained model and tokenizer of ``source``, the export entries, and the default output."""
+    from transformers import AutoTokenizer
+
+    run_dir, checkpoint, default_out = locate(source)
+    config = load_config(run_dir.config_path)
+    entries = []
+    for name in formats:
+        options = {"quantization": quantization} if quantization and name == "gguf" else {}
+        entries.append(ExportEntry(format=name, **options))
+    from ftengine.core.config import validate_config
+
+    validate_config({**config.model_dump(mode="json"), "export": [e.model_dump() for e in entries]},
+                    source="export options")
+    if config.model.full_finetuning:
+        config.model.name_or_path = str(checkpoint)
+        loaded = pipeline.load(config)
+        model = loaded.model
+    else:
+        from peft import PeftModel
+
+        loaded = pipeline.load(config)
+        model = PeftModel.from_pretrained(loaded.model, str(checkpoint))
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    model.eval()
+    return model, tokenizer, entries, default_out

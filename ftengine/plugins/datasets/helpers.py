@@ -1,0 +1,118 @@
+"""Data helpers that work on a list of row dicts or on a ``datasets.Dataset``.
+
+* :func:`standardize_sharegpt` rewrites ShareGPT rows (``conversations`` of ``from``/``value``
+  turns) as OpenAI ``messages`` rows;
+* :func:`conversation_extension` stitches rows into longer multi-turn conversations.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+from typing import TypeVar
+
+from ftengine.core.types import Message
+from ftengine.core.types import RowError
+from ftengine.plugins.datasets.formats.alpaca import AlpacaFormat
+from ftengine.plugins.datasets.formats.messages import MessagesFormat
+from ftengine.plugins.datasets.formats.sharegpt import ShareGPTFormat
+from ftengine.plugins.datasets.formats.sharegpt import sharegpt_messages
+
+Data = TypeVar("Data")
+
+_CONVERSATION_FORMATS = (MessagesFormat(), ShareGPTFormat(), AlpacaFormat())
+
+
+def _as_rows(data: Any) -> tuple[list[dict[str, Any]], bool]:
+    """The rows of ``data`` and whether it was a ``datasets.Dataset``."""
+    if isinstance(data, list):
+        return data, False
+    from datasets import Dataset
+
+    if isinstance(data, Dataset):
+        return data.to_list(), True
+    raise TypeError(f"expected a list of row dicts or a datasets.Dataset, got {type(data).__name__}")
+
+
+def _row_error(index: int, error: RowError) -> RowError:
+    return RowError(f"row {index}: {error}", field=error.field)
+
+
+def standardize_sharegpt(data: Data) -> Data:
+    """Rewrite ShareGPT rows as ``messages`` rows (``human`` -> ``user``, ``gpt`` -> ``assistant``, ...).
+
+    Each row's ``conversations`` (or ``from``/``value`` ``messages``) becomes a ``messages`` list of
+    ``{"role", "content"}`` dicts; the row's other fields are kept. The last turn need not be the
+    assistant's.
+
+    Args:
+        data: a list of row dicts or a ``datasets.Dataset``.
+
+    Returns:
+        The same kind of object as ``data``, with a ``messages`` field and no ``conversations``.
+
+    Raises:
+        RowError: a row that is not a ShareGPT conversation; the message starts with ``row <i>:``.
+        TypeError: ``data`` is neither a list nor a ``datasets.Dataset``.
+    """
+    rows, is_dataset = _as_rows(data)
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            messages = sharegpt_messages(row, require_assistant_last=False)
+        except RowError as error:
+            raise _row_error(i, error) from error
+        out.append({**{k: v for k, v in row.items() if k != "conversations"}, "messages": messages})
+    return _from_rows(out) if is_dataset else out
+
+
+def _conversation(index: int, row: Any) -> list[Message]:
+    for fmt in _CONVERSATION_FORMATS:
+        if fmt.detect(row):
+            try:
+                return fmt.convert(row).messages
+            except RowError as error:
+                raise _row_error(index, error) from error
+    raise RowError(f"row {index}: not a conversation (expected messages, sharegpt or alpaca fields)")
+
+
+def conversation_extension(data: Data, n: int, seed: int = 3407) -> Data:
+    """Stitch ``n`` rows at a time into one multi-turn conversation.
+
+    Row ``i`` of the result is row ``i``'s conversation followed by the conversations of ``n - 1``
+    other rows drawn at random (without replacement, never row ``i`` itself). Only row ``i``'s
+    system message is kept. The rows may be ``messages``, ShareGPT or Alpaca rows. The same
+    ``seed`` always gives the same result.
+
+    Args:
+        data: a list of row dicts or a ``datasets.Dataset``.
+        n: how many rows make one conversation (1 keeps each row as it is).
+        seed: seed of the random draw.
+
+    Returns:
+        The same kind of object as ``data``, one ``{"messages": [...]}`` row per input row.
+
+    Raises:
+        ValueError: ``n`` is below 1 or above the number of rows.
+        RowError: a row that is not a conversation; the message starts with ``row <i>:``.
+        TypeError: ``data`` is neither a list nor a ``datasets.Dataset``.
+    """
+    rows, is_dataset = _as_rows(data)
+    if n < 1 or n > max(len(rows), 1):
+        raise ValueError(f"n must be between 1 and the number of rows ({len(rows)}), got {n}")
+    conversations = [_conversation(i, row) for i, row in enumerate(rows)]
+    rng = random.Random(seed)
+    out = []
+    for i, conversation in enumerate(conversations):
+        others = [j if j < i else j + 1 for j in rng.sample(range(len(rows) - 1), n - 1)]
+        messages = list(conversation)
+        for j in others:
+            messages += [m for m in conversations[j] if m["role"] != "system"]
+        out.append({"messages": messages})
+    return _from_rows(out) if is_dataset else out
+
+
+def _from_rows(rows: list[dict[str, Any]]) -> Any:
+    from datasets import Dataset
+
+    return Dataset.from_list(rows)

@@ -1,0 +1,1 @@
+"""GGUF export for llama.cpp and Ollama: quantizers, tokenizer conversion, the writer and the Modelfile."""

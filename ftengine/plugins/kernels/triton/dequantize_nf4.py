@@ -1,0 +1,107 @@
+"""bitsandbytes NF4 dequantization in Triton, bit-identical to ``bitsandbytes.functional.dequantize_4bit``.
+
+Layout: two 4-bit codes per byte, the high nibble first; element ``i`` is
+``NF4[code_i] * absmax[i // blocksize]``. With double quantization the absmax itself is stored
+as uint8 codes into a 256-entry table with its own fp32 absmax per ``blocksize2`` blocks, plus an
+offset: ``absmax[b] = code2[q_b] * absmax2[b // blocksize2] + offset``. Products and the sum are
+rounded separately in fp32, as bitsandbytes does (fused multiply-add is switched off for the
+launch), and the fp32 value is rounded once to the output dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+# The 16 NF4 levels (normal quantiles scaled to [-1, 1]), as bitsandbytes defines them.
+NF4_LEVELS = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+BLOCK_BYTES = 1024
+_tables: dict[torch.device, torch.Tensor] = {}
+
+
+@triton.jit
+def _dequantize_nf4_kernel(
+    packed_ptr, out_ptr, levels_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, n_elements,
+    blocksize, blocksize2, BLOCK_BYTES: tl.constexpr, NESTED: tl.constexpr, BF16_BITS: tl.constexpr,
+):
+    start = tl.program_id(0).to(tl.int64) * BLOCK_BYTES
+    byte_idx = start + tl.arange(0, BLOCK_BYTES)
+    n_bytes = (n_elements + 1) // 2
+    bmask = byte_idx < n_bytes
+    byte = tl.load(packed_ptr + byte_idx, mask=bmask, other=0).to(tl.int32)
+    block = (2 * byte_idx) // blocksize  # both nibbles of a byte share one block (blocksize is even)
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=bmask, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + q, mask=bmask, other=0.0) * tl.load(absmax2_ptr + block // blocksize2, mask=bmask,
+                                                                       other=0.0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=bmask, other=0.0).to(tl.float32)
+    hi = tl.load(levels_ptr + (byte >> 4), mask=bmask, other=0.0) * scale
+    lo = tl.load(levels_ptr + (byte & 15), mask=bmask, other=0.0) * scale
+    vals = tl.reshape(tl.join(hi, lo), (2 * BLOCK_BYTES,))  # (hi0, lo0, hi1, lo1, ...)
+    out_idx = 2 * start + tl.arange(0, 2 * BLOCK_BYTES)
+    if BF16_BITS:
+        # fp32 -> bf16 round-to-nearest-even on the bits (the CPU interpreter's own cast truncates);
+        # the values are finite, and out_ptr is the output viewed as int16
+        bits = vals.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        tl.store(out_ptr + out_idx, bits.to(tl.int16), mask=out_idx < n_elements)
+    else:
+        tl.store(out_ptr + out_idx, vals.to(out_ptr.dtype.element_ty), mask=out_idx < n_elements)
+
+
+def _levels(device: torch.device) -> torch.Tensor:
+    table = _tables.get(device)
+    if table is None:
+        table = _tables[device] = torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
+    return table
+
+
+def dequantize_nf4(packed: torch.Tensor, quant_state: Any) -> torch.Tensor:
+    """Unpack a bitsandbytes NF4 tensor.
+
+    Args:
+        packed: the uint8 storage (any shape, ``ceil(n / 2)`` bytes), as ``Params4bit`` holds it.
+        quant_state: its bitsandbytes ``QuantState`` (``absmax``, ``blocksize``, ``shape``, ``dtype``,
+            and ``state2``/``offset`` when the absmax is double-quantized).
+
+    Returns:
+        The weight, ``quant_state.shape`` in ``quant_state.dtype``.
+
+    Raises:
+        ValueError: a quantization type other than NF4.
+    """
+    quant_type = getattr(quant_state, "quant_type", "nf4")
+    if quant_type != "nf4":
+        raise ValueError(f"dequantize_nf4 handles quant_type 'nf4', got {quant_type!r}")
+    shape = tuple(quant_state.shape)
+    out = torch.empty(shape, dtype=quant_state.dtype, device=packed.device)
+    n = out.numel()
+    if n == 0:
+        return out
+    nested = bool(getattr(quant_state, "nested", False))
+    absmax = quant_state.absmax
+    if nested:
+        s2 = quant_state.state2
+        code2, absmax2, blocksize2 = s2.code, s2.absmax, int(s2.blocksize)
+        offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=packed.device)
+    else:
+        code2 = absmax2 = offset = absmax
+        blocksize2 = 1
+    bf16 = out.dtype == torch.bfloat16
+    grid = (triton.cdiv((n + 1) // 2, BLOCK_BYTES),)
+    _dequantize_nf4_kernel[grid](
+        packed, out.view(torch.int16) if bf16 else out, _levels(packed.device), absmax, code2, absmax2, offset, n,
+        int(quant_state.blocksize), blocksize2, BLOCK_BYTES=BLOCK_BYTES, NESTED=nested, BF16_BITS=bf16,
+        num_warps=4, enable_fp_fusion=False,
+    )
+    return out

@@ -1,0 +1,152 @@
+"""LoRA linear layer fused with its frozen base weight (16-bit, or NF4 dequantized on the fly).
+
+    y  = x W^T + b + s (x A^T) B^T                  W (out, in), A (r, in), B (out, r)
+
+With ``xa = x A^T`` (N, r) and upstream ``dy`` (N, out):
+
+    dx = dy W + s (dy B) A
+    dB = s dy^T xa
+    dA = s (dy B)^T x
+    db = sum_rows dy
+
+``W + s B A`` is never formed. The forward saves ``x`` (only if A is trained) and the r-wide
+``xa`` (only if B is trained); the base weight is a parameter (NF4 stays packed and is
+dequantized again in the backward). GEMMs are cuBLAS; the NF4 unpacking is the Triton kernel of
+:mod:`.dequantize_nf4`. Helpers here are shared with the fused MLP and QKV ops.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ftengine.plugins.kernels.triton.dequantize_nf4 import dequantize_nf4
+
+
+def base_weight(weight: torch.Tensor, quant_state: Any, dtype: torch.dtype) -> torch.Tensor:
+    """The frozen ``(out, in)`` base weight in ``dtype``, unpacked from NF4 when ``quant_state`` is set."""
+    if quant_state is not None:
+        weight = dequantize_nf4(weight, quant_state)
+    return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+def check_frozen(*weights: torch.Tensor) -> None:
+    """The fused LoRA ops give base weights no gradient: refuse a trainable one rather than drop it."""
+    for w in weights:
+        if w.requires_grad and torch.is_grad_enabled():
+            raise ValueError("fused LoRA ops keep the base weight frozen; it requires grad (use lora_a / lora_b)")
+
+
+def forward_projection(
+    x2: torch.Tensor, weight: torch.Tensor, quant_state: Any, bias: torch.Tensor | None,
+    lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scaling: float,
+    xa: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``y = x W^T + b + s (x A^T) B^T`` for ``x2`` (N, in); returns ``(y, xa)``.
+
+    ``xa`` may be passed in precomputed (the QKV op computes the three at once).
+    """
+    w = base_weight(weight, quant_state, x2.dtype)
+    if bias is not None:
+        y = torch.addmm(bias.to(x2.dtype), x2, w.t())  # (N, out)
+    else:
+        y = x2 @ w.t()
+    del w
+    if lora_a is None or lora_b is None:
+        return y, None
+    if xa is None:
+        xa = x2 @ lora_a.to(x2.dtype).t()  # (N, r)
+    y.addmm_(xa, lora_b.to(x2.dtype).t(), alpha=scaling)
+    return y, xa
+
+
+def adapter_grads(
+    dy: torch.Tensor, x2: torch.Tensor | None, xa: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
+    scaling: float, need_da: bool, need_db: bool, need_dya: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(dA, dB, s dy B)`` for one adapter; ``s dy B`` (N, r) feeds ``dx`` through ``A``."""
+    dtype = dy.dtype
+    db = (dy.t() @ xa).mul_(scaling).to(lora_b.dtype) if need_db else None  # (out, r)
+    dya = None
+    if need_da or need_dya:
+        dya = (dy @ lora_b.to(dtype)).mul_(scaling)  # (N, r)
+    da = (dya.t() @ x2).to(lora_a.dtype) if need_da else None  # (r, in)
+    return da, db, dya
+
+
+def add_input_grad(
+    dx: torch.Tensor | None, dy: torch.Tensor, weight: torch.Tensor, quant_state: Any,
+    lora_a: torch.Tensor | None, dya: torch.Tensor | None,
+) -> torch.Tensor:
+    """``dx += dy W + dya A`` (``dya`` already carries the scaling); allocates ``dx`` when None."""
+    w = base_weight(weight, quant_state, dy.dtype)
+    if dx is None:
+        dx = dy @ w  # (N, in)
+    else:
+        dx.addmm_(dy, w)
+    del w
+    if dya is not None and lora_a is not None:
+        dx.addmm_(dya, lora_a.to(dy.dtype))
+    return dx
+
+
+def bias_grad(dy: torch.Tensor, bias: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
+    return dy.sum(0).to(bias.dtype) if needed and bias is not None else None
+
+
+class _LoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, bias, scaling, quant_state):
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        has_adapter = lora_a is not None and lora_b is not None
+        y, xa = forward_projection(x2, weight, quant_state, bias, lora_a, lora_b, scaling)
+        need_da = has_adapter and ctx.needs_input_grad[2]
+        need_db = has_adapter and ctx.needs_input_grad[3]
+        ctx.save_for_backward(x2 if need_da else None, xa if need_db else None, weight, lora_a, lora_b, bias)
+        ctx.scaling, ctx.quant_state, ctx.has_adapter = scaling, quant_state, has_adapter
+        ctx.in_shape = x.shape
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, xa, weight, lora_a, lora_b, bias = ctx.saved_tensors
+        need_dx, _, need_da, need_db, need_dbias = ctx.needs_input_grad[:5]
+        dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
+        da = db = dya = None
+        if ctx.has_adapter:
+            da, db, dya = adapter_grads(dy2, x2, xa, lora_a, lora_b, ctx.scaling, need_da, need_db, need_dx)
+        dx = None
+        if need_dx:
+            dx = add_input_grad(None, dy2, weight, ctx.quant_state, lora_a, dya).reshape(ctx.in_shape)
+        return dx, None, da, db, bias_grad(dy2, bias, need_dbias), None, None
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+    quant_state: Any = None,
+) -> torch.Tensor:
+    """A frozen linear layer plus its LoRA update, ``x W^T + b + s (x A^T) B^T``.
+
+    Args:
+        x: ``(..., in)`` input.
+        weight: frozen ``(out, in)`` base weight, or bitsandbytes-packed NF4 with ``quant_state``.
+        lora_a: ``(r, in)`` or None (no adapter).
+        lora_b: ``(out, r)`` or None.
+        scaling: the LoRA scale ``s``.
+        bias: optional ``(out,)``.
+        quant_state: bitsandbytes ``QuantState`` when ``weight`` is NF4.
+
+    Returns:
+        ``(..., out)`` in ``x.dtype``.
+
+    Raises:
+        ValueError: the base weight requires grad.
+    """
+    check_frozen(weight)
+    return _LoRALinear.apply(x, weight, lora_a, lora_b, bias, float(scaling), quant_state)

@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from ftengine.plugins.kernels import reference
+from ftengine.plugins.kernels.triton.lora_linear import lora_linear
+from tests.kernels.helpers import DTYPES
+from tests.kernels.helpers import check
+from tests.kernels.helpers import poisoned_allocations
+from tests.kernels.helpers import randn
+from tests.kernels.lora_cases import clone_layer
+from tests.kernels.lora_cases import make_layer
+from tests.kernels.lora_cases import trainable
+
+
+def _call(impl, x, layer):
+    return impl(x, layer.weight, layer.lora_a, layer.lora_b, layer.scaling, layer.bias, layer.quant_state)
+
+
+def _compare(shape, d_out, rank, dtype, nf4=False, bias=False, x_grad=True, adapter_dtype=None, seed=0):
+    if nf4:
+        pytest.importorskip("bitsandbytes")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    layer = make_layer(shape[-1], d_out, rank, dtype, gen, nf4=nf4, bias=bias, adapter_dtype=adapter_dtype)
+    x = randn(shape, gen, dtype)
+    dy = randn((*shape[:-1], d_out), gen, dtype)
+
+    def run(impl, dt, poison):
+        lay = clone_layer(layer, None if dt == dtype else dt)
+        xi = x.to(dt).requires_grad_(x_grad)
+        with poisoned_allocations() if poison else torch.enable_grad():
+            y = _call(impl, xi, lay)
+            y.backward(dy.to(y.dtype))
+        return y, xi.grad, [t.grad for _, t in trainable(lay)]
+
+    y, dx, grads = run(lora_linear, dtype, True)
+    y_r, dx_r, grads_r = run(reference.lora_linear, dtype, False)
+    y_t, dx_t, grads_t = run(reference.lora_linear, torch.float32, False)
+    check(y, y_r, y_t, dtype, "y")
+    if x_grad:
+        check(dx, dx_r, dx_t, dtype, "dx")
+    else:
+        assert dx is None
+    for (name, _), g, g_r, g_t in zip(trainable(layer), grads, grads_r, grads_t):
+        check(g, g_r, g_t.to(g_r.dtype), dtype, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_lora_linear_matches_reference(dtype, bias):
+    _compare((2, 7, 48), 40, 5, dtype, bias=bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_lora_linear_nf4_base(dtype):
+    _compare((19, 64), 96, 3, dtype, nf4=True)
+
+
+def test_lora_linear_frozen_input_and_fp32_adapters():
+    _compare((11, 48), 33, 4, torch.bfloat16, x_grad=False, adapter_dtype=torch.float32)
+
+
+def test_lora_linear_without_adapter():
+    _compare((5, 3, 24), 17, None, torch.float32, bias=True)
+
+
+def test_lora_linear_rejects_trainable_base():
+    w = torch.randn(4, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="frozen"):
+        lora_linear(torch.randn(2, 3), w, None, None, 1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nf4", [False, True])
+def test_lora_linear_real_shapes(nf4):
+    _compare((8192, 4096), 14336, 16, torch.bfloat16, nf4=nf4)

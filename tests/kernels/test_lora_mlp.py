@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from ftengine.plugins.kernels import reference
+from ftengine.plugins.kernels.triton.lora_mlp import lora_mlp
+from tests.kernels.helpers import DTYPES
+from tests.kernels.helpers import check
+from tests.kernels.helpers import poisoned_allocations
+from tests.kernels.helpers import randn
+from tests.kernels.lora_cases import clone_layer
+from tests.kernels.lora_cases import make_layer
+from tests.kernels.lora_cases import trainable
+
+
+def _compare(shape, inter, ranks, dtype, activation="swiglu", nf4=False, bias=False, x_grad=True, seed=0):
+    if nf4:
+        pytest.importorskip("bitsandbytes")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = shape[-1]
+    layers = [
+        make_layer(hidden, inter, ranks[0], dtype, gen, nf4=nf4, bias=bias),
+        make_layer(hidden, inter, ranks[1], dtype, gen, nf4=nf4, bias=bias),
+        make_layer(inter, hidden, ranks[2], dtype, gen, nf4=nf4, bias=bias),
+    ]
+    x = randn(shape, gen, dtype)
+    dy = randn(shape, gen, dtype)
+
+    def run(impl, dt, poison):
+        lays = [clone_layer(layer, None if dt == dtype else dt) for layer in layers]
+        xi = x.to(dt).requires_grad_(x_grad)
+        with poisoned_allocations() if poison else torch.enable_grad():
+            y = impl(xi, *lays, activation=activation)
+            y.backward(dy.to(y.dtype))
+        return y, xi.grad, [t.grad for lay in lays for _, t in trainable(lay)]
+
+    y, dx, grads = run(lora_mlp, dtype, True)
+    y_r, dx_r, grads_r = run(reference.lora_mlp, dtype, False)
+    y_t, dx_t, grads_t = run(reference.lora_mlp, torch.float32, False)
+    check(y, y_r, y_t, dtype, "y")
+    if x_grad:
+        check(dx, dx_r, dx_t, dtype, "dx")
+    else:
+        assert dx is None
+    names = [f"{i}.{n}" for i, lay in enumerate(layers) for n, _ in trainable(lay)]
+    assert len(grads) == len(names)
+    for name, g, g_r, g_t in zip(names, grads, grads_r, grads_t):
+        check(g, g_r, g_t.to(g_r.dtype), dtype, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "geglu_tanh"])
+def test_lora_mlp_matches_reference(dtype, activation):
+    _compare((3, 5, 40), 72, (4, 4, 4), dtype, activation)
+
+
+def test_lora_mlp_bias_partial_adapters_frozen_input():
+    _compare((13, 24), 56, (3, None, 5), torch.float32, bias=True, x_grad=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_lora_mlp_nf4_base(dtype):
+    _compare((9, 64), 128, (4, 4, 4), dtype, nf4=True)
+
+
+def test_lora_mlp_backward_runs_once():
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    layers = [make_layer(8, 16, 2, torch.float32, gen), make_layer(8, 16, 2, torch.float32, gen),
+              make_layer(16, 8, 2, torch.float32, gen)]
+    y = lora_mlp(randn((3, 8), gen, torch.float32).requires_grad_(True), *layers)
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):
+        y.sum().backward()
+
+
+def test_lora_mlp_rejects_unknown_activation():
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    layer = make_layer(4, 4, None, torch.float32, gen)
+    with pytest.raises(ValueError, match="activation"):
+        lora_mlp(torch.randn(2, 4), layer, layer, layer, activation="relu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sizes", [(4096, 14336), (3584, 18944)])
+@pytest.mark.parametrize("nf4", [False, True])
+def test_lora_mlp_real_shapes(sizes, nf4):
+    _compare((8192, sizes[0]), sizes[1], (16, 16, 16), torch.bfloat16, nf4=nf4)
