@@ -27,3 +27,35 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo_base(tmp_path_factory):
+    """The demo's tiny Qwen2 base model directory (built once, in a temporary cache)."""
+    os.environ["FTENGINE_CACHE"] = str(tmp_path_factory.mktemp("ftengine-cache"))
+    from ftengine.demo import base_model_dir
+
+    return base_model_dir()
+
+
+def tiny_run_config(base, data, tmp_path, **training):
+    """A few-step LoRA run on the demo model: the shape most pipeline tests need."""
+    from ftengine.core.config import validate_config
+
+    return validate_config({
+        "model": {"name_or_path": str(base), "max_seq_length": 64, "dtype": "float32"},
+        "lora": {"r": 8, "lora_alpha": 16},
+        "data": {"path": str(data), "format": "messages", "chat_template": "chatml"},
+        "training": {"max_steps": 4, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+                     "learning_rate": 1e-3, "logging_steps": 1, "save_steps": 100, "gradient_checkpointing": False,
+                     "seed": 7, **training},
+        "export": [],
+        "output": {"dir": str(tmp_path / "runs"), "name": "tiny"},
+    })
+
+
+@pytest.fixture
+def tiny_config(demo_base, tmp_path):
+    from ftengine.demo import ASSETS
+
+    return lambda **training: tiny_run_config(demo_base, ASSETS / "data.jsonl", tmp_path, **training)

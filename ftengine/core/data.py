@@ -177,8 +177,13 @@ def convert_rows(rows: list[Row], fmt: Any, on_bad_rows: str, report: DataReport
 # ----------------------------------------------------------------------------- tokenization
 
 
+RENDER_DATE = "26 Jul 2024"
+"""The date templates that print one (Llama 3.x) render, so training data does not change by the day."""
+
+
 def render(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         date_string=RENDER_DATE)
 
 
 def conversation_spans(tokenizer: Any, messages: list[dict[str, Any]], train_on: str) -> tuple[str, list[tuple]]:
@@ -193,6 +198,11 @@ def conversation_spans(tokenizer: Any, messages: list[dict[str, Any]], train_on:
     for i in turns:
         before = render(tokenizer, messages[:i], add_generation_prompt=True)
         through = render(tokenizer, messages[: i + 1])
+        eos = getattr(tokenizer, "eos_token", None) or ""
+        if eos and not text.startswith(through) and through.endswith(eos) and text.startswith(through[: -len(eos)]):
+            # Templates such as Phi-3's close any render without a generation prompt with an EOS
+            # that the whole conversation has only at its end.
+            through = through[: -len(eos)]
         if through.startswith(before) and text.startswith(through):
             spans.append((len(before), len(through)))
             continue
@@ -204,7 +214,6 @@ def conversation_spans(tokenizer: Any, messages: list[dict[str, Any]], train_on:
             raise DataError(f"cannot locate assistant turn {i} in the rendered conversation; the chat template "
                             f"renders it differently from its content")
         end = start + len(content)
-        eos = getattr(tokenizer, "eos_token", None)
         if eos and text.startswith(eos, end):
             end += len(eos)
         spans.append((start, end))

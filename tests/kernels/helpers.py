@@ -85,5 +85,5 @@ def run_fwd_bwd(fn, inputs: list[torch.Tensor], grad_out, poison: bool = False):
         out = fn(*inputs)
         outs = out if isinstance(out, tuple) else (out,)
         gos = grad_out if isinstance(grad_out, tuple) else (grad_out,)
-        torch.autograd.backward(outs, [g.to(o.dtype) for g, o in zip(gos, outs)])
+        torch.autograd.backward(outs, [g.to(o.dtype) for g, o in zip(gos, outs, strict=False)])
     return outs, [t.grad for t in inputs]

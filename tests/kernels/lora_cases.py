@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ftengine.core.kernels import LoRAWeights
-from tests.kernels.helpers import DEVICE
+
+from .helpers import DEVICE
 
 
 def make_layer(

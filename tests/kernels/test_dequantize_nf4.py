@@ -5,8 +5,9 @@ import torch
 
 from ftengine.plugins.kernels import reference
 from ftengine.plugins.kernels.triton.dequantize_nf4 import dequantize_nf4
-from tests.kernels.helpers import DEVICE
-from tests.kernels.helpers import poisoned_allocations
+
+from .helpers import DEVICE
+from .helpers import poisoned_allocations
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 

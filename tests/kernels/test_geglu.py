@@ -5,8 +5,9 @@ import torch
 
 from ftengine.plugins.kernels import reference
 from ftengine.plugins.kernels.triton.geglu import geglu
-from tests.kernels.helpers import DTYPES
-from tests.kernels.test_swiglu import compare_gated
+
+from .helpers import DTYPES
+from .test_swiglu import compare_gated
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

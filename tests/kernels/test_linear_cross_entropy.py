@@ -5,12 +5,13 @@ import torch.nn.functional as F
 from ftengine.plugins.kernels import reference
 from ftengine.plugins.kernels.triton import linear_cross_entropy as lce_module
 from ftengine.plugins.kernels.triton.linear_cross_entropy import linear_cross_entropy
-from tests.kernels.helpers import DEVICE
-from tests.kernels.helpers import DTYPES
-from tests.kernels.helpers import check
-from tests.kernels.helpers import leaf
-from tests.kernels.helpers import randn
-from tests.kernels.helpers import run_fwd_bwd
+
+from .helpers import DEVICE
+from .helpers import DTYPES
+from .helpers import check
+from .helpers import leaf
+from .helpers import randn
+from .helpers import run_fwd_bwd
 
 
 def _plain_torch(hidden, weight, labels, ignore_index=-100, softcap=None):

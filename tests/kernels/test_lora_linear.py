@@ -3,13 +3,14 @@ import torch
 
 from ftengine.plugins.kernels import reference
 from ftengine.plugins.kernels.triton.lora_linear import lora_linear
-from tests.kernels.helpers import DTYPES
-from tests.kernels.helpers import check
-from tests.kernels.helpers import poisoned_allocations
-from tests.kernels.helpers import randn
-from tests.kernels.lora_cases import clone_layer
-from tests.kernels.lora_cases import make_layer
-from tests.kernels.lora_cases import trainable
+
+from .helpers import DTYPES
+from .helpers import check
+from .helpers import poisoned_allocations
+from .helpers import randn
+from .lora_cases import clone_layer
+from .lora_cases import make_layer
+from .lora_cases import trainable
 
 
 def _call(impl, x, layer):
@@ -40,7 +41,7 @@ def _compare(shape, d_out, rank, dtype, nf4=False, bias=False, x_grad=True, adap
         check(dx, dx_r, dx_t, dtype, "dx")
     else:
         assert dx is None
-    for (name, _), g, g_r, g_t in zip(trainable(layer), grads, grads_r, grads_t):
+    for (name, _), g, g_r, g_t in zip(trainable(layer), grads, grads_r, grads_t, strict=False):
         check(g, g_r, g_t.to(g_r.dtype), dtype, name)
 
 

@@ -3,13 +3,14 @@ import torch
 
 from ftengine.plugins.kernels import reference
 from ftengine.plugins.kernels.triton.lora_mlp import lora_mlp
-from tests.kernels.helpers import DTYPES
-from tests.kernels.helpers import check
-from tests.kernels.helpers import poisoned_allocations
-from tests.kernels.helpers import randn
-from tests.kernels.lora_cases import clone_layer
-from tests.kernels.lora_cases import make_layer
-from tests.kernels.lora_cases import trainable
+
+from .helpers import DTYPES
+from .helpers import check
+from .helpers import poisoned_allocations
+from .helpers import randn
+from .lora_cases import clone_layer
+from .lora_cases import make_layer
+from .lora_cases import trainable
 
 
 def _compare(shape, inter, ranks, dtype, activation="swiglu", nf4=False, bias=False, x_grad=True, seed=0):
@@ -43,7 +44,7 @@ def _compare(shape, inter, ranks, dtype, activation="swiglu", nf4=False, bias=Fa
         assert dx is None
     names = [f"{i}.{n}" for i, lay in enumerate(layers) for n, _ in trainable(lay)]
     assert len(grads) == len(names)
-    for name, g, g_r, g_t in zip(names, grads, grads_r, grads_t):
+    for name, g, g_r, g_t in zip(names, grads, grads_r, grads_t, strict=False):
         check(g, g_r, g_t.to(g_r.dtype), dtype, name)
 
 

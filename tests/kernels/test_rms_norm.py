@@ -3,11 +3,12 @@ import torch
 
 from ftengine.plugins.kernels import reference
 from ftengine.plugins.kernels.triton.rms_norm import rms_norm
-from tests.kernels.helpers import DTYPES
-from tests.kernels.helpers import check
-from tests.kernels.helpers import leaf
-from tests.kernels.helpers import randn
-from tests.kernels.helpers import run_fwd_bwd
+
+from .helpers import DTYPES
+from .helpers import check
+from .helpers import leaf
+from .helpers import randn
+from .helpers import run_fwd_bwd
 
 
 def _compare(shape, dtype, offset, weight_grad=True, seed=0):

@@ -3,12 +3,13 @@ import torch
 
 from ftengine.plugins.kernels import reference
 from ftengine.plugins.kernels.triton.swiglu import swiglu
-from tests.kernels.helpers import DEVICE
-from tests.kernels.helpers import DTYPES
-from tests.kernels.helpers import check
-from tests.kernels.helpers import leaf
-from tests.kernels.helpers import randn
-from tests.kernels.helpers import run_fwd_bwd
+
+from .helpers import DEVICE
+from .helpers import DTYPES
+from .helpers import check
+from .helpers import leaf
+from .helpers import randn
+from .helpers import run_fwd_bwd
 
 
 def compare_gated(op, ref_op, shape, dtype, intermediates, seed=0):

@@ -1,7 +1,8 @@
 """Dataset formats (alpaca, sharegpt, messages, text, completion, preference) and chat templates.
 
-One plugin, registered through the ``ftengine`` entry point ``datasets``; the data helpers
-(:func:`standardize_sharegpt`, :func:`conversation_extension`) live in :mod:`.helpers`.
+One plugin, registered through the ``ftengine`` entry point ``datasets``. The data helpers
+:func:`standardize_sharegpt` and :func:`conversation_extension` (from :mod:`.helpers`) are
+importable from here too.
 """
 
 from __future__ import annotations
@@ -10,7 +11,11 @@ from collections.abc import Callable
 
 from ftengine.core.hookspecs import hookimpl
 from ftengine.plugins.datasets.formats import FORMATS
+from ftengine.plugins.datasets.helpers import conversation_extension
+from ftengine.plugins.datasets.helpers import standardize_sharegpt
 from ftengine.plugins.datasets.templates import TEMPLATES
+
+__all__ = ["conversation_extension", "register_chat_templates", "register_formats", "standardize_sharegpt"]
 
 
 @hookimpl

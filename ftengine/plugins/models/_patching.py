@@ -95,6 +95,8 @@ def _base_weights(base: nn.Module) -> tuple[LoRAWeights | None, str]:
         state = base.weight.quant_state
         if getattr(state, "quant_type", "nf4") != "nf4":
             return None, f"4-bit {state.quant_type} base"
+        if getattr(state, "packing_format_for_cpu", False):  # bitsandbytes' CPU inference layout
+            return None, "4-bit weight repacked for CPU inference"
         return LoRAWeights(weight=base.weight, bias=base.bias, quant_state=state), "nf4"
     if type(base) is not nn.Linear:
         return None, f"{type(base).__name__} base"

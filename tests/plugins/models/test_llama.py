@@ -125,5 +125,6 @@ def test_gguf_llama31_rope_factors_reproduce_hf_frequencies():
 def test_gguf_metadata():
     meta = adapter("llama").gguf_metadata(config(rope_scaling={"rope_type": "linear", "factor": 2.0}))
     assert meta == {"rope.dimension_count": 8, "rope.freq_base": 500000.0, "rope.scaling.type": "linear",
-                    "rope.scaling.factor": 2.0, "vocab_size": VOCAB}
+                    "rope.scaling.factor": 2.0, "vocab_size": VOCAB,
+                    "attention.key_length": 8, "attention.value_length": 8}
     assert _gguf.rope_metadata(config(head_dim=16))["rope.dimension_count"] == 16

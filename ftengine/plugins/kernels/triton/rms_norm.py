@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ftengine.plugins.kernels.triton._utils import num_persistent_programs
 from ftengine.plugins.kernels.triton._utils import next_power_of_2
+from ftengine.plugins.kernels.triton._utils import num_persistent_programs
 
 
 @triton.jit

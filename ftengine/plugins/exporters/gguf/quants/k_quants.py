@@ -16,7 +16,8 @@ sub-blocks at once instead of one sub-block at a time):
   ``w = rms(sub-block) + |x|``. Starting from the min-max grid, a sweep over slightly stretched and
   shrunk grids assigns levels ``l`` and solves the weighted least-squares ``(s, m)`` for each,
   keeping the fit with the smallest weighted error (the offset is kept non-positive, as the
-  format stores ``-m`` unsigned).
+  format stores ``-m`` unsigned). As in llama.cpp, each new grid is laid from the best offset found
+  so far, so the sweep walks the offset as well as the scale.
 * Q6_K: a symmetric fit ``x ~ s * l`` per sub-block of 16 with ``l`` in -32..31, weighted by
   ``x**2``, sweeping nineteen grids around the one that maps the largest magnitude to -32 and
   keeping the weighted least-squares scale that explains most of the signal.
@@ -53,37 +54,39 @@ def _fit_affine(
         ``(scale, neg_min)``, each ``(n,)``: ``x ~ scale * l - neg_min`` with ``neg_min >= 0``.
     """
     w = torch.sqrt((x * x).mean(dim=-1, keepdim=True)) + x.abs()  # (n, 32)
-    lo = x.amin(dim=-1, keepdim=True).clamp(max=0)  # (n, 1)
-    span = x.amax(dim=-1, keepdim=True) - lo
-    flat = span == 0
-    span = torch.where(flat, torch.ones_like(span), span)
+    hi = x.amax(dim=-1, keepdim=True)  # (n, 1)
+    lo = x.amin(dim=-1, keepdim=True).clamp(max=0)
+    flat = hi == lo
     sum_w = w.sum(dim=-1, keepdim=True)
     wx = w * x
     sum_x = wx.sum(dim=-1, keepdim=True)
     sum_x2 = (wx * x).sum(dim=-1, keepdim=True)
-    shifted = x - lo  # (n, 32), >= 0
+    ones = torch.ones_like(lo)
 
     def weighted_error(scale, offset, sum_l, sum_l2, sum_xl):
         # sum w * (scale * l + offset - x)^2, expanded so the levels are read only once.
         return (scale * scale * sum_l2 + 2 * scale * offset * sum_l - 2 * scale * sum_xl
                 + offset * offset * sum_w - 2 * offset * sum_x + sum_x2)
 
-    def level_sums(inv_scale):
-        levels = torch.round(inv_scale * shifted).clamp_(0, nmax)
+    def level_sums(levels_in_range, offset):
+        span = hi - offset
+        span = torch.where(span > 0, span, ones)
+        levels = torch.round(levels_in_range / span * (x - offset)).clamp_(0, nmax)
         wl = w * levels
         return wl.sum(dim=-1, keepdim=True), (wl * levels).sum(dim=-1, keepdim=True), (wl * x).sum(dim=-1, keepdim=True)
 
-    best_scale = span / nmax
+    best_scale = torch.where(flat, ones, hi - lo) / nmax
     best_min = lo
-    best_err = weighted_error(best_scale, best_min, *level_sums(nmax / span))
+    best_err = weighted_error(best_scale, best_min, *level_sums(float(nmax), lo))
     for i in range(nstep + 1):
-        sum_l, sum_l2, sum_xl = level_sums((rmin + rdelta * i + nmax) / span)
+        # Each grid spans from the best offset found so far to the sub-block's max.
+        sum_l, sum_l2, sum_xl = level_sums(rmin + rdelta * i + nmax, best_min)
         det = sum_w * sum_l2 - sum_l * sum_l
-        safe_det = torch.where(det > 0, det, torch.ones_like(det))
+        safe_det = torch.where(det > 0, det, ones)
         scale = (sum_w * sum_xl - sum_x * sum_l) / safe_det
         offset = (sum_l2 * sum_x - sum_l * sum_xl) / safe_det
         positive = offset > 0  # the format needs offset <= 0: refit the scale through the origin
-        scale = torch.where(positive, sum_xl / torch.where(sum_l2 > 0, sum_l2, torch.ones_like(sum_l2)), scale)
+        scale = torch.where(positive, sum_xl / torch.where(sum_l2 > 0, sum_l2, ones), scale)
         offset = torch.where(positive, torch.zeros_like(offset), offset)
         err = weighted_error(scale, offset, sum_l, sum_l2, sum_xl)
         better = (det > 0) & (err < best_err)

@@ -1,0 +1,139 @@
+"""The CLI: bad input gives one clear line on stderr and leaves nothing that looks finished."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from ftengine.core.cli import main
+
+
+def invoke(*args, **kwargs):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False, **kwargs)
+
+
+class Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def cli(*args):
+    """The command in-process (fast); ``test_console_script`` runs the real executable once."""
+    result = CliRunner().invoke(main, list(args))
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        import traceback
+
+        stderr += "".join(traceback.format_exception(result.exception))
+    return Result(result.exit_code, result.stdout, stderr)
+
+
+def test_console_script(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "ftengine", "run", str(tmp_path / "nope.yaml")],
+                            capture_output=True, text=True, timeout=300)
+    assert_one_line_error(result, "config file not found")
+
+
+def write_config(tmp_path, model, data, **extra):
+    import yaml
+
+    raw = {"model": {"name_or_path": str(model)}, "data": {"path": str(data)},
+           "output": {"dir": str(tmp_path / "runs")}, **extra}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr
+
+
+def test_missing_config_file(tmp_path):
+    assert_one_line_error(cli("run", str(tmp_path / "nope.yaml")), "config file not found")
+
+
+def test_unreadable_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: {name_or_path: [x\n")
+    assert_one_line_error(cli("run", str(path)), "not valid YAML")
+
+
+def test_missing_model_path(tmp_path, demo_base):
+    from ftengine.demo import ASSETS
+
+    path = write_config(tmp_path, tmp_path / "no-model", ASSETS / "data.jsonl")
+    assert_one_line_error(cli("run", str(path)), "model path does not exist")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_dataset(tmp_path, demo_base):
+    path = write_config(tmp_path, demo_base, tmp_path / "missing.jsonl")
+    assert_one_line_error(cli("run", str(path)), "missing.jsonl: dataset file not found")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_model_type_no_plugin_serves(tmp_path):
+    from ftengine.demo import ASSETS
+
+    model = tmp_path / "weird-model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "weirdformer", "hidden_size": 8}))
+    path = write_config(tmp_path, model, ASSETS / "data.jsonl")
+    assert_one_line_error(cli("run", str(path)), "model type 'weirdformer' is served by no ftengine plugin",
+                          "qwen2")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_debug_shows_traceback(tmp_path):
+    result = cli("run", str(tmp_path / "nope.yaml"), "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_invalid_config_lists_problems(tmp_path, demo_base):
+    from ftengine.demo import ASSETS
+
+    path = write_config(tmp_path, demo_base, ASSETS / "data.jsonl", training={"lerning_rate": 1})
+    result = cli("run", str(path))
+    assert result.returncode == 1
+    assert "training.lerning_rate: unknown key; did you mean training.learning_rate?" in result.stderr
+
+
+def test_init_writes_a_config_that_validates(tmp_path, demo_base):
+    import yaml
+
+    from ftengine.core.config import validate_config
+    from ftengine.demo import ASSETS
+
+    target = tmp_path / "config.yaml"
+    assert invoke("init", str(target)).exit_code == 0
+    text = target.read_text()
+    assert text.startswith("# ftengine run config") and "ftengine run config.yaml" in text
+    filled = text.replace("FILL_IN_MODEL", str(demo_base)).replace("FILL_IN_DATA", str(ASSETS / "data.jsonl"))
+    validate_config(yaml.safe_load(filled))
+    again = invoke("init", str(target))
+    assert again.exit_code == 1 and "already exists" in again.output
+
+
+def test_plugins_lists_first_party_and_kernel_ops():
+    result = invoke("plugins")
+    assert result.exit_code == 0
+    assert "datasets  (ftengine 0.1.0)  [ok]" in result.output
+    assert "exporters: lora, merged" in result.output
+    assert "kernel ops: rms_norm -> " in result.output
+
+
+def test_config_schema():
+    result = invoke("config-schema")
+    assert json.loads(result.output)["title"] == "RunConfig"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["export", "--help"]])
+def test_help(args):
+    assert invoke(*args).exit_code == 0

@@ -1,0 +1,20 @@
+import importlib
+
+from ftengine.core.kernels import OP_NAMES
+from ftengine.core.kernels import resolve_op
+from ftengine.plugins.kernels.reference import ReferenceBackend
+from ftengine.plugins.kernels.triton import TritonBackend
+
+
+def test_triton_backend_provides_every_op_from_its_own_module():
+    backend = TritonBackend()
+    for op in OP_NAMES:
+        fn = getattr(backend, op)
+        assert fn is getattr(importlib.import_module(f"ftengine.plugins.kernels.triton.{op}"), op)
+
+
+def test_triton_backend_wins_over_reference_when_available():
+    backend = TritonBackend()
+    assert backend.available()  # CUDA, or the interpreter that tests/conftest.py turns on
+    for op in OP_NAMES:
+        assert resolve_op(op, [ReferenceBackend(), backend])[0] == "triton"

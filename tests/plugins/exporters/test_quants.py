@@ -1,0 +1,184 @@
+"""Our GGUF quantizers: bytes decodable by gguf-py, errors at or below the reference algorithms'.
+
+llama.cpp's own K-quant quantizer is compared in ``test_gguf_llamacpp.py`` (it needs llama-cpp-python).
+"""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
+from gguf import quants as gguf_quants
+
+from ftengine.core.errors import ExportError
+from ftengine.plugins.exporters.gguf import mixes
+from ftengine.plugins.exporters.gguf.quants import quantize
+
+
+def _matrix(kind: str, rows: int = 128, cols: int = 1024, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "normal":
+        return torch.randn(rows, cols, generator=generator)
+    if kind == "student_t":  # heavy tails: a few outliers per block dominate its range
+        torch.manual_seed(seed)
+        return torch.distributions.StudentT(3.0).sample((rows, cols))
+    if kind == "weights":  # bf16 weights of a real model's scale, with per-row magnitude differences
+        scale = torch.rand(rows, 1, generator=generator) * 0.05 + 0.005
+        return (torch.randn(rows, cols, generator=generator) * scale).to(torch.bfloat16)
+    raise ValueError(kind)
+
+
+def _roundtrip(x: torch.Tensor, qtype: T) -> torch.Tensor:
+    data = quantize(x, qtype)
+    assert data.dtype == np.uint8
+    assert data.shape == (x.shape[0], x.shape[1] // GGML_QUANT_SIZES[qtype][0] * GGML_QUANT_SIZES[qtype][1])
+    return torch.from_numpy(gguf_quants.dequantize(data, qtype)).reshape(x.shape)
+
+
+def _relative_error(x: torch.Tensor, y: torch.Tensor) -> float:
+    x = x.float()
+    return float(((y - x) ** 2).sum() / (x**2).sum())
+
+
+def _naive_affine(x: torch.Tensor, nmax: int, sub: int) -> torch.Tensor:
+    """Min-max affine quantization per sub-block with exact float scales: no search."""
+    blocks = x.float().reshape(-1, sub)
+    lo = blocks.amin(-1, keepdim=True).clamp(max=0)
+    step = ((blocks.amax(-1, keepdim=True) - lo) / nmax).clamp(min=1e-30)
+    return (torch.round((blocks - lo) / step).clamp(0, nmax) * step + lo).reshape(x.shape)
+
+
+def _naive_symmetric(x: torch.Tensor, nmax: int, sub: int) -> torch.Tensor:
+    """Largest magnitude -> -nmax per sub-block with exact float scales: no search."""
+    blocks = x.float().reshape(-1, sub)
+    peak = torch.gather(blocks, -1, blocks.abs().argmax(-1, keepdim=True))
+    step = torch.where(peak == 0, torch.ones_like(peak), peak / -nmax)
+    return (torch.round(blocks / step).clamp(-nmax, nmax - 1) * step).reshape(x.shape)
+
+
+NAIVE = {
+    T.Q4_K: lambda x: _naive_affine(x, 15, 32),
+    T.Q5_K: lambda x: _naive_affine(x, 31, 32),
+    T.Q6_K: lambda x: _naive_symmetric(x, 32, 16),
+}
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0])
+@pytest.mark.parametrize("kind", ["normal", "student_t", "weights"])
+def test_legacy_types_match_ggml_reference_bytes(qtype, kind):
+    x = _matrix(kind, rows=64, cols=512)
+    x[3] = 0  # an all-zero row: scale 0, no division by zero
+    ours = quantize(x, qtype)
+    reference = gguf_quants.quantize(x.float().numpy(), qtype)
+    np.testing.assert_array_equal(ours, reference)
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K, T.Q6_K])
+@pytest.mark.parametrize("kind", ["normal", "student_t", "weights"])
+def test_k_quants_beat_naive_min_max(qtype, kind):
+    x = _matrix(kind)
+    ours = _relative_error(x, _roundtrip(x, qtype))
+    naive = _relative_error(x, NAIVE[qtype](x))
+    # the naive quantizer keeps float scales; ours stores 6-/8-bit scales yet must still do better
+    assert ours < naive, (qtype.name, kind, ours, naive)
+
+
+@pytest.mark.parametrize(
+    ("qtype", "expected"),
+    [(T.Q4_K, 5.2e-3), (T.Q5_K, 1.33e-3), (T.Q6_K, 3.2e-4), (T.Q8_0, 3.0e-5), (T.Q4_0, 7.5e-3)],
+)
+def test_gaussian_error_is_that_of_the_bit_width(qtype, expected):
+    """Relative squared error on N(0, 1): about 4**-bits times a constant; pinned within 10%."""
+    x = _matrix("normal", rows=256, cols=1024, seed=1)
+    assert _relative_error(x, _roundtrip(x, qtype)) == pytest.approx(expected, rel=0.1)
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K, T.Q6_K])
+def test_k_quants_degenerate_blocks(qtype):
+    x = torch.randn(6, 512)
+    x[0] = 0  # all zero
+    x[1] = 0.25  # constant positive
+    x[2] = -3.0  # constant negative
+    x[3, :256] = 1e-20  # below every scale's resolution
+    x[4, 7] = 1e4  # one huge outlier
+    y = _roundtrip(x, qtype)
+    assert torch.isfinite(y).all()
+    assert (y[0] == 0).all()
+    torch.testing.assert_close(y[1], x[1], atol=2e-3, rtol=0)
+    torch.testing.assert_close(y[2], x[2], atol=2e-2, rtol=0)
+    assert y[4, 7] == pytest.approx(1e4, rel=1e-2)
+    torch.testing.assert_close(y[5], x[5], atol=0.3, rtol=0)
+
+
+def test_every_sub_block_position_round_trips():
+    """A ramp makes each value distinct: a packing mistake (nibble, high bit, scale index) is off by many steps.
+
+    Each value must come back within one quantization step of its row (the format's offsets are
+    non-positive, so an all-positive sub-block spans from 0 to its max).
+    """
+    row_max = torch.tensor([[1.0], [2.0], [0.5], [3.0]])
+    x = torch.linspace(-1, 1, 256 * 4).reshape(4, 256) * row_max
+    for qtype, levels in [(T.Q4_K, 15), (T.Q5_K, 31), (T.Q6_K, 32)]:
+        error = (_roundtrip(x, qtype) - x).abs()
+        assert (error <= row_max / levels).all(), (qtype.name, float((error / row_max).max() * levels))
+
+
+def test_float_types_and_shapes():
+    x = torch.randn(3, 5, 64)
+    for qtype, dtype in [(T.F32, np.float32), (T.F16, np.float16)]:
+        data = quantize(x, qtype)
+        assert data.shape == (3, 5, 64 * np.dtype(dtype).itemsize)
+        np.testing.assert_array_equal(data.view(dtype), x.numpy().astype(dtype))
+    bf16 = quantize(x, T.BF16).view(np.uint16).astype(np.uint32) << 16
+    np.testing.assert_array_equal(bf16.view(np.float32), x.to(torch.bfloat16).float().numpy())
+    assert quantize(x, T.Q8_0).shape == (3, 5, 68)
+
+
+def test_row_not_a_multiple_of_the_block_is_refused():
+    with pytest.raises(ValueError, match="multiple of the block size 256"):
+        quantize(torch.randn(2, 320), T.Q4_K)
+
+
+LLAMA_8B_Q4_K_M_MORE_BITS = [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31]
+"""Layers of a 32-layer model whose attn_v / ffn_down llama-quantize Q4_K_M writes as Q6_K."""
+
+
+def test_q4_k_m_mix_follows_llama_quantize():
+    def kind(name, shape=(4096, 4096), tied=False):
+        return mixes.tensor_type(name, shape, "q4_k_m", 32, tied)
+
+    assert [i for i in range(32) if kind(f"blk.{i}.attn_v.weight") == T.Q6_K] == LLAMA_8B_Q4_K_M_MORE_BITS
+    assert [i for i in range(32) if kind(f"blk.{i}.ffn_down.weight", (4096, 14336)) == T.Q6_K] == (
+        LLAMA_8B_Q4_K_M_MORE_BITS
+    )
+    assert {kind(f"blk.{i}.attn_q.weight") for i in range(32)} == {T.Q4_K}
+    assert kind("output.weight", (128256, 4096)) == T.Q6_K
+    assert kind("token_embd.weight", (128256, 4096)) == T.Q4_K
+    assert kind("token_embd.weight", (128256, 4096), tied=True) == T.Q6_K
+    assert kind("blk.0.attn_norm.weight", (4096,)) == T.F32
+    assert kind("rope_freqs.weight", (64,)) == T.F32
+    assert kind("blk.0.attn_q.bias", (4096,)) == T.F32
+
+
+def test_mix_fallbacks_for_rows_that_do_not_fit():
+    assert mixes.tensor_type("blk.5.attn_q.weight", (64, 320), "q4_k_m", 32, False) == T.Q5_0
+    assert mixes.tensor_type("blk.5.attn_q.weight", (64, 320), "q5_k_m", 32, False) == T.Q5_1
+    assert mixes.tensor_type("blk.0.attn_v.weight", (64, 320), "q4_k_m", 32, False) == T.Q8_0  # Q6_K -> Q8_0
+    assert mixes.tensor_type("output.weight", (99, 64), "q6_k", 2, False) == T.Q8_0
+    assert mixes.tensor_type("blk.0.attn_q.weight", (64, 100), "q4_k_m", 2, False) == T.F16
+    assert mixes.tensor_type("blk.0.attn_q.weight", (64, 100), "q8_0", 2, False) == T.F16
+    assert mixes.tensor_type("blk.0.attn_q.weight", (64, 64), "bf16", 2, False) == T.BF16
+
+
+def test_q5_k_m_and_q6_k_mixes():
+    assert mixes.tensor_type("blk.4.attn_v.weight", (256, 256), "q5_k_m", 32, False) == T.Q5_K
+    assert mixes.tensor_type("blk.6.attn_v.weight", (256, 256), "q5_k_m", 32, False) == T.Q6_K
+    assert mixes.tensor_type("blk.4.ffn_up.weight", (256, 256), "q6_k", 32, False) == T.Q6_K
+    assert mixes.tensor_type("output.weight", (256, 256), "q4_0", 32, False) == T.Q6_K
+
+
+def test_unknown_quantization_names_the_choices():
+    with pytest.raises(ExportError, match="q4_k_m") as info:
+        mixes.check_quantization("q3_k_s")
+    assert "q3_k_s" in str(info.value)
+    assert mixes.check_quantization("Q4_K_M") == "q4_k_m"
