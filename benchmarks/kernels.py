@@ -15,6 +15,7 @@ import argparse
 import datetime
 import functools
 import importlib
+import importlib.metadata
 import subprocess
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
+from triton.testing import do_bench_cudagraph
 
 from ftengine.core.kernels import LoRAWeights
 from ftengine.plugins.kernels import reference
@@ -57,8 +59,17 @@ def copy_bandwidth() -> float:
     return 2 * GIB / (ms * 1e-3)
 
 
-def measure(step: Callable[[], object], rep: int = 100) -> tuple[float, float]:
-    """(median ms, peak GiB allocated above what existed before) of one forward+backward ``step``."""
+def graph_ms(step: Callable[[], object], rep: int) -> float | None:
+    """Median ms of CUDA-graph replays of ``step`` (no launch or Python overhead), None if it cannot be captured."""
+    try:
+        return do_bench_cudagraph(step, rep=rep, return_mode="median")
+    except Exception:  # noqa: BLE001 - some baselines sync with the host or allocate in ways a graph cannot hold
+        torch.cuda.synchronize()
+        return None
+
+
+def measure(step: Callable[[], object], rep: int = 100, graph: bool = True) -> tuple[float, float, float | None]:
+    """(median ms, peak GiB allocated above what existed before, median ms as a CUDA graph) of ``step``."""
     step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -67,7 +78,7 @@ def measure(step: Callable[[], object], rep: int = 100) -> tuple[float, float]:
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / GIB
     ms = do_bench(step, warmup=25, rep=rep, return_mode="median")
-    return ms, peak
+    return ms, peak, graph_ms(step, rep) if graph else None
 
 
 def fwd_bwd(fn: Callable, inputs: list[torch.Tensor], grads_out, wrt: list[torch.Tensor] | None = None) -> Callable:
@@ -84,14 +95,14 @@ def fwd_bwd(fn: Callable, inputs: list[torch.Tensor], grads_out, wrt: list[torch
 
 
 def record(op: str, shape: str, provider: str, make_step: Callable[[], Callable], bytes_moved: int = 0,
-           bw: float = 0.0, rep: int = 100, saved: Callable[[], float] | None = None) -> None:
+           bw: float = 0.0, rep: int = 100, saved: Callable[[], float] | None = None, graph: bool = True) -> None:
     row = {"op": op, "shape": shape, "provider": provider}
     try:
         step = make_step()
-        ms, peak = measure(step, rep)
-        row.update(ms=ms, peak=peak)
+        ms, peak, g_ms = measure(step, rep, graph)
+        row.update(ms=ms, peak=peak, graph=g_ms)
         if bytes_moved and bw:
-            row["bw"] = 100.0 * bytes_moved / (ms * 1e-3) / bw
+            row["bw"] = 100.0 * bytes_moved / (min(ms, g_ms or ms) * 1e-3) / bw
         if saved is not None:
             row["saved"] = saved()
     except Exception as err:  # noqa: BLE001 - a failed baseline is reported in its row, the run goes on
@@ -103,10 +114,12 @@ def record(op: str, shape: str, provider: str, make_step: Callable[[], Callable]
 
 def format_row(r: dict) -> str:
     if "error" in r:
-        return f"| {r['op']} | {r['shape']} | {r['provider']} | - | - | - | - | {r['error']} |"
+        return f"| {r['op']} | {r['shape']} | {r['provider']} | - | - | - | - | - | {r['error']} |"
     bw = f"{r['bw']:.0f}%" if "bw" in r else ""
     saved = f"{r['saved']:.3f}" if "saved" in r else ""
-    return f"| {r['op']} | {r['shape']} | {r['provider']} | {r['ms']:.3f} | {r['peak']:.3f} | {saved} | {bw} | |"
+    g_ms = f"{r['graph']:.3f}" if r.get("graph") else "-"
+    return (f"| {r['op']} | {r['shape']} | {r['provider']} | {r['ms']:.3f} | {g_ms} | {r['peak']:.3f} | {saved} | {bw} "
+            f"| {r.get('note', '')} |")
 
 
 def compiled(fn: Callable) -> Callable:
@@ -229,7 +242,7 @@ def _lce_case(name: str, hidden: int, vocab: int) -> None:
         loss_mod = liger_flce.LigerFusedLinearCrossEntropyLoss()
         providers["liger"] = lambda: fwd_bwd(lambda a: loss_mod(w, a, labels), [h], one)
     for provider, make in providers.items():
-        record("linear_cross_entropy", shape, provider, make, rep=400)
+        record("linear_cross_entropy", shape, provider, make, rep=400, graph=False)
 
 
 def bench_dequantize_nf4(bw: float) -> None:
@@ -253,7 +266,8 @@ def _nf4_case(bw: float, rows: int, cols: int) -> None:
         "reference compiled": lambda: (lambda: ref_c(packed, state)),
     }
     for provider, make in providers.items():
-        record("dequantize_nf4 (fwd)", shape, provider, make, moved, bw)
+        # the reference reads the absmax offset on the host: no graph capture
+        record("dequantize_nf4 (fwd)", shape, provider, make, moved, bw, graph=not provider.startswith("reference"))
 
 
 class _MLP(nn.Module):
@@ -345,7 +359,8 @@ def _lora_case(kind: str, nf4: bool) -> None:
     layers = [_lora_weights(getattr(model, t)) for t in targets]
     params = [p for p in model.parameters() if p.requires_grad]
     x = randn(n, hidden, grad=True)
-    shape = f"{n} tok, llama-3.1-8b, r={r}, {'nf4' if nf4 else 'bf16'} base"
+    adapter_dtype = str(layers[0].lora_a.dtype).removeprefix("torch.")
+    shape = f"{n} tok, llama-3.1-8b, r={r}, {'nf4' if nf4 else 'bf16'} base, {adapter_dtype} adapters"
     if kind == "mlp":
         dys = randn(n, hidden)
 
@@ -365,7 +380,77 @@ def _lora_case(kind: str, nf4: bool) -> None:
 
     for provider, fn in (("triton", ours), ("peft", model), ("reference", ref)):
         record(f"lora_{kind}", shape, provider, functools.partial(fwd_bwd, fn, [x], dys, [x, *params]),
-               saved=_saved_after_forward(fn, x))
+               saved=_saved_after_forward(fn, x), graph=False)
+
+
+def tune(bw: float) -> list[str]:
+    """Launch-parameter sweeps of the Triton ops (CUDA-graph medians), printed as lines of text."""
+    from ftengine.plugins.kernels.triton import dequantize_nf4 as nf4_mod
+    from ftengine.plugins.kernels.triton import linear_cross_entropy as lce_mod
+    from ftengine.plugins.kernels.triton import rms_norm as rms_mod
+    from ftengine.plugins.kernels.triton import rope as rope_mod
+
+    lines = []
+
+    def emit(text: str) -> None:
+        lines.append(text)
+        print(text, flush=True)
+
+    x, w, dy = randn(8192, 4096, grad=True), randn(4096, grad=True), randn(8192, 4096)
+    emit(f"rms_norm fwd only: {graph_ms(lambda: TRITON.rms_norm(x.detach(), w.detach(), 1e-6), 100):.4f} ms")
+    for per_sm in (1, 2, 4, 8, 16):
+        rms_mod.PROGRAMS_PER_SM = per_sm
+        step = fwd_bwd(lambda a, b: TRITON.rms_norm(a, b, 1e-6), [x, w], dy)
+        emit(f"rms_norm fwd+bwd, backward programs/SM {per_sm}: {graph_ms(step, 100):.4f} ms")
+    rms_mod.PROGRAMS_PER_SM = 4
+
+    ql, kl = randn(4, 2048, 32, 128, grad=True), randn(4, 2048, 8, 128, grad=True)
+    dq, dk = randn(4, 32, 2048, 128), randn(4, 8, 2048, 128)
+    ang = torch.rand(1, 2048, 64, device=DEV) * 100
+    cos, sin = torch.cat((ang, ang), -1).cos().to(DT), torch.cat((ang, ang), -1).sin().to(DT)
+    for warps in (1, 2, 4, 8, 16):
+        rope_mod.NUM_WARPS = warps
+        fwd = graph_ms(lambda: TRITON.rope(ql.detach().transpose(1, 2), kl.detach().transpose(1, 2), cos, sin), 100)
+        step = fwd_bwd(lambda a, c: TRITON.rope(a.transpose(1, 2), c.transpose(1, 2), cos, sin), [ql, kl], (dq, dk))
+        emit(f"rope warps {warps}: fwd {fwd:.4f} ms, fwd+bwd {graph_ms(step, 100):.4f} ms")
+    rope_mod.NUM_WARPS = 0
+
+    import bitsandbytes.functional as bnbf
+
+    packed, state = bnbf.quantize_4bit(randn(14336, 4096, scale=0.02), quant_type="nf4", compress_statistics=True)
+    for per_prog in (256, 512, 1024, 2048, 4096):
+        for warps in (2, 4, 8):
+            nf4_mod.BYTES_PER_PROGRAM, nf4_mod.NUM_WARPS = per_prog, warps
+            ms = graph_ms(lambda: TRITON.dequantize_nf4(packed, state), 100)
+            emit(f"dequantize_nf4 bytes/program {per_prog} warps {warps}: {ms:.4f} ms")
+    nf4_mod.BYTES_PER_PROGRAM, nf4_mod.NUM_WARPS = 1024, 4
+
+    hidden, vocab = 3584, 152064
+    h = randn(8192, hidden, grad=True)
+    wl = randn(vocab, hidden, scale=0.02)
+    labels = torch.randint(0, vocab, (8192,), device=DEV)
+    one = torch.tensor(1.0, device=DEV)
+    for rows in (512, 768, 1024, 1152, 1280, 1536, 2048):
+        hs = h.detach()[:rows]
+        logits = hs @ wl.t()
+        t1 = do_bench(lambda: hs @ wl.t(), rep=100, return_mode="median")  # noqa: B023
+        t2 = do_bench(lambda: logits @ wl, rep=100, return_mode="median")  # noqa: B023
+        flop = 2 * rows * hidden * vocab
+        emit(f"lm-head GEMMs at {rows} rows: logits {flop / t1 / 1e9:.0f} TFLOP/s, dh {flop / t2 / 1e9:.0f} TFLOP/s")
+    for mib in (128, 192, 256, 320, 384, 448):
+        lce_mod.CHUNK_BYTES = mib * 1024 * 1024
+        step = fwd_bwd(lambda a: TRITON.linear_cross_entropy(a, wl, labels), [h], one)
+        ms, peak, _ = measure(step, 300, graph=False)
+        emit(f"linear_cross_entropy qwen chunk {mib} MiB: {ms:.3f} ms, peak {peak:.3f} GiB")
+    lce_mod.CHUNK_BYTES = 256 * 1024 * 1024
+    return lines
+
+
+def version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
 
 
 def device_line() -> str:
@@ -381,23 +466,23 @@ def main() -> None:
     parser.add_argument("--out", default="kernels.md", help="markdown file to write")
     parser.add_argument("--ops", default="rms_norm,swiglu,geglu,rope,linear_cross_entropy,dequantize_nf4,lora_mlp,"
                         "lora_qkv", help="comma-separated ops to run")
+    parser.add_argument("--tune", action="store_true", help="run the launch-parameter sweeps first")
     args = parser.parse_args()
     torch.manual_seed(0)
     ops = args.ops.split(",")
-    liger = optional("liger_kernel")
     header = [
         f"device: {device_line()}",
         f"torch {torch.__version__}, triton {triton.__version__}, "
-        f"liger-kernel {getattr(liger, '__version__', 'absent') if liger else 'absent'}, "
-        f"bitsandbytes {getattr(bnb, '__version__', 'absent')}, peft {getattr(peft, '__version__', 'absent')}",
+        f"liger-kernel {version('liger-kernel')}, bitsandbytes {version('bitsandbytes')}, peft {version('peft')}",
         f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; bf16; "
         "fwd+bwd median of triton.testing.do_bench",
     ]
     bw = copy_bandwidth()
     header.append(f"device-to-device copy: {bw / 1e12:.2f} TB/s (read + write)")
     print("\n".join(header), flush=True)
-    table_head = ["| op | shape | provider | ms (median) | peak GiB | saved GiB | % copy BW | note |",
-                  "|---|---|---|---|---|---|---|---|"]
+    table_head = ["| op | shape | provider | ms (median) | ms (CUDA graph) | peak GiB | saved GiB | % copy BW | note |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+    tuned = tune(bw) if args.tune else []
     print("\n".join(table_head), flush=True)
     start = time.time()
     runners = {
@@ -413,7 +498,7 @@ def main() -> None:
     for op in ops:
         runners[op]()
         with open(args.out, "w") as f:
-            f.write("\n".join(["- " + h for h in header] + ["", *table_head, *map(format_row, ROWS), ""]))
+            f.write("\n".join(["- " + h for h in header] + ["", *table_head, *map(format_row, ROWS), "", *tuned, ""]))
     print(f"\n{len(ROWS)} rows in {time.time() - start:.0f} s; written to {args.out}", flush=True)
 
 

@@ -9,6 +9,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="ftengine-hf-home-"))
 os.environ.setdefault("FTENGINE_LOAD_PLUGINS", "ftengine,ftengine-example-plugin")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Interpreted Triton kernels are for the kernel tests, which call them directly; whole-model runs
+# use the reference ops unless a test selects a backend itself.
+os.environ.setdefault("FTENGINE_KERNELS", "reference")
 
 import torch  # noqa: E402
 

@@ -118,8 +118,16 @@ class InterruptCallback(TrainerCallback):
             signal.signal(sig, handler)
         self._previous.clear()
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def _stop_if_interrupted(self, control):
         if self.interrupted:
             control.should_save = True
             control.should_training_stop = True
         return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        return self._stop_if_interrupted(control)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # The trainer decides whether to save right after logging a step: a signal that arrived
+        # during that step's logging still stops at that step.
+        return self._stop_if_interrupted(control)

@@ -66,3 +66,10 @@ def test_dequantize_nf4_real_shapes(shape):
     expected = _expected(packed, state)
     assert torch.equal(dequantize_nf4(packed, state), expected)
     assert torch.equal(reference.dequantize_nf4(packed, state), expected)
+
+
+def test_dequantize_nf4_odd_element_count():
+    packed, state = _quantize((5, 7), torch.bfloat16, True, 64, seed=3)  # 35 values: the last byte is half used
+    expected = bnb_functional.dequantize_4bit(packed, state)  # odd rows take bitsandbytes' generic path on the CPU
+    with poisoned_allocations():
+        assert torch.equal(dequantize_nf4(packed, state), expected)

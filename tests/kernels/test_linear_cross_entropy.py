@@ -54,7 +54,7 @@ def _compare(n_tokens, hidden_size, vocab, dtype, softcap, weight_grad, gen_seed
 @pytest.mark.parametrize("weight_grad", [True, False])
 def test_linear_cross_entropy_matches_reference(dtype, softcap, weight_grad, monkeypatch):
     vocab = 300
-    # several chunks, the last one short: 16 rows of logits per chunk for 37 tokens
+    # several chunks: 37 tokens in chunks of at most 16 rows of logits (13, 13, 11)
     monkeypatch.setattr(lce_module, "CHUNK_BYTES", 16 * vocab * torch.tensor([], dtype=dtype).element_size())
     _compare(37, 48, vocab, dtype, softcap, weight_grad)
 

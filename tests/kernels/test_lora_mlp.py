@@ -13,7 +13,8 @@ from .lora_cases import make_layer
 from .lora_cases import trainable
 
 
-def _compare(shape, inter, ranks, dtype, activation="swiglu", nf4=False, bias=False, x_grad=True, seed=0):
+def _compare(shape, inter, ranks, dtype, activation="swiglu", nf4=False, bias=False, x_grad=True, seed=0,
+             frozen=()):
     if nf4:
         pytest.importorskip("bitsandbytes")
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -23,6 +24,8 @@ def _compare(shape, inter, ranks, dtype, activation="swiglu", nf4=False, bias=Fa
         make_layer(hidden, inter, ranks[1], dtype, gen, nf4=nf4, bias=bias),
         make_layer(inter, hidden, ranks[2], dtype, gen, nf4=nf4, bias=bias),
     ]
+    for i, name in frozen:  # e.g. (0, "lora_a"): that tensor gets no gradient
+        getattr(layers[i], name).requires_grad_(False)
     x = randn(shape, gen, dtype)
     dy = randn(shape, gen, dtype)
 
@@ -56,6 +59,10 @@ def test_lora_mlp_matches_reference(dtype, activation):
 
 def test_lora_mlp_bias_partial_adapters_frozen_input():
     _compare((13, 24), 56, (3, None, 5), torch.float32, bias=True, x_grad=False)
+
+
+def test_lora_mlp_partly_frozen_adapters():
+    _compare((7, 24), 40, (3, 3, 3), torch.float32, frozen=((0, "lora_a"), (1, "lora_b"), (2, "lora_b")))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -134,6 +134,25 @@ def test_float_types_and_shapes():
     assert quantize(x, T.Q8_0).shape == (3, 5, 68)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_K, T.Q5_K, T.Q6_K])
+def test_cuda_quantizers_agree_with_the_cpu(qtype):
+    x = _matrix("weights", rows=512, cols=4096)
+    on_gpu = quantize(x.cuda(), qtype, torch.device("cuda"))
+    on_cpu = quantize(x, qtype, torch.device("cpu"))
+    type_size = GGML_QUANT_SIZES[qtype][1]
+    same = (on_gpu.reshape(-1, type_size) == on_cpu.reshape(-1, type_size)).all(axis=-1).mean()
+    if qtype in (T.Q8_0, T.Q4_0):
+        assert same == 1.0
+    else:  # float reductions may break a near-tie differently: a few blocks at most, the same error
+        assert same > 0.98
+
+        def error(data):
+            return _relative_error(x, torch.from_numpy(gguf_quants.dequantize(data, qtype)).reshape(x.shape))
+
+        assert error(on_gpu) == pytest.approx(error(on_cpu), rel=1e-3)
+
+
 def test_row_not_a_multiple_of_the_block_is_refused():
     with pytest.raises(ValueError, match="multiple of the block size 256"):
         quantize(torch.randn(2, 320), T.Q4_K)

@@ -19,6 +19,8 @@ from ftengine.core.plugins import get_registry
 from ftengine.plugins.models._patching import USED_OPS
 
 BACKENDS = ("reference", "triton")
+GPU_SIZES = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                 vocab_size=1024, max_position_embeddings=512)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BATCH, SEQ = 2, 12
 LORA_R, LORA_ALPHA = 4, 8
@@ -49,8 +51,8 @@ def tiny_pair(model_cls: type, config: Any, family: str, dtype: torch.dtype = to
     reference = model_cls(config).to(DEVICE, dtype)
     patched = copy.deepcopy(reference)
     lines = adapter(family).patch(patched, get_op)
-    lora = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, init_lora_weights=False,
-                      target_modules=list(adapter(family).default_target_modules), **lora_kwargs)
+    lora_kwargs.setdefault("target_modules", list(adapter(family).default_target_modules))
+    lora = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, init_lora_weights=False, **lora_kwargs)
     reference = get_peft_model(reference, lora)
     patched = get_peft_model(patched, copy.deepcopy(lora))
     patched.load_state_dict(reference.state_dict())
@@ -145,3 +147,43 @@ def assert_packed_equivalent(reference: Any, patched: Any, vocab: int, tol: floa
         err = rel_err(patched(input_ids=ids, position_ids=positions).logits,
                       reference(input_ids=ids, position_ids=positions).logits)
     assert err <= tol, f"packed eval logits: relative error {err:.2e}"
+
+
+def assert_bf16_as_close_as_hf(model_cls: type, config: Any, family: str, seq: int = 256) -> None:
+    """On the GPU at bf16: the patched model's loss, LoRA gradients and eval logits are as close to the fp32
+    truth (the unpatched model in fp32) as the unpatched bf16 model is (within 2x plus a floor)."""
+    from peft import LoraConfig
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    base = model_cls(config).to(DEVICE, torch.float32)
+    models = {"truth": base, "hf": copy.deepcopy(base).to(torch.bfloat16)}
+    models["ours"] = copy.deepcopy(models["hf"])
+    adapter(family).patch(models["ours"], get_op)
+    lora = LoraConfig(r=16, lora_alpha=16, init_lora_weights=False,
+                      target_modules=list(adapter(family).default_target_modules))
+    models = {k: get_peft_model(m, copy.deepcopy(lora)) for k, m in models.items()}
+    for key in ("hf", "ours"):
+        models[key].load_state_dict(models["truth"].state_dict())
+    assert_fully_fused(family, models["ours"])
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, config.vocab_size, (2, seq), generator=g).to(DEVICE)
+    labels = ids.clone()
+    labels[:, : seq // 4] = -100
+    results = {}
+    for key, model in models.items():
+        model.train()
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        model.eval()
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits.float()
+        results[key] = (loss.detach().float(), lora_grads(model), logits)
+    truth = results["truth"]
+    for key_name, index in (("loss", 0), ("eval logits", 2)):
+        e_hf, e_ours = rel_err(results["hf"][index], truth[index]), rel_err(results["ours"][index], truth[index])
+        assert e_ours <= 2 * e_hf + 1e-3, f"{key_name}: ours {e_ours:.2e} vs Hugging Face bf16 {e_hf:.2e}"
+    for name, g_truth in truth[1].items():
+        e_hf = rel_err(results["hf"][1][name].float(), g_truth)
+        e_ours = rel_err(results["ours"][1][name].float(), g_truth)
+        assert e_ours <= 2 * e_hf + 1e-2, f"gradient of {name}: ours {e_ours:.2e} vs Hugging Face bf16 {e_hf:.2e}"

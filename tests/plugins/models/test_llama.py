@@ -10,7 +10,9 @@ from transformers import LlamaForCausalLM
 from ftengine.plugins.models import _gguf
 
 from .helpers import BACKENDS
+from .helpers import GPU_SIZES
 from .helpers import adapter
+from .helpers import assert_bf16_as_close_as_hf
 from .helpers import assert_equivalent
 from .helpers import assert_fully_fused
 from .helpers import assert_num_items_in_batch
@@ -40,6 +42,11 @@ def test_patched_matches_hf(backend, monkeypatch):
     assert any(line.startswith("rms_norm x5 ->") for line in lines), lines
     assert_fully_fused("llama", patched)
     assert_equivalent(reference, patched, VOCAB, tol=1e-5 if backend == "reference" else 1e-4)
+
+
+def test_loss_count_and_packing_match_hf():
+    """The grad-accumulation loss (``num_items_in_batch``) and packed rows (position ids restart)."""
+    reference, patched, _ = tiny_pair(LlamaForCausalLM, config(), "llama")
     assert_num_items_in_batch(reference, patched, VOCAB)
     assert_packed_equivalent(reference, patched, VOCAB)
 
@@ -128,3 +135,8 @@ def test_gguf_metadata():
                     "rope.scaling.factor": 2.0, "vocab_size": VOCAB,
                     "attention.key_length": 8, "attention.value_length": 8}
     assert _gguf.rope_metadata(config(head_dim=16))["rope.dimension_count"] == 16
+
+
+@pytest.mark.gpu
+def test_bf16_on_gpu_as_close_to_fp32_as_hf():
+    assert_bf16_as_close_as_hf(LlamaForCausalLM, config(**GPU_SIZES), "llama")

@@ -12,7 +12,9 @@ from transformers import Qwen2ForCausalLM
 from ftengine.core.kernels import get_op
 
 from .helpers import BACKENDS
+from .helpers import GPU_SIZES
 from .helpers import adapter
+from .helpers import assert_bf16_as_close_as_hf
 from .helpers import assert_equivalent
 from .helpers import assert_fully_fused
 from .helpers import assert_num_items_in_batch
@@ -39,6 +41,12 @@ def test_patched_matches_hf(backend, monkeypatch):
     assert patched.base_model.model.model.layers[0].self_attn.q_proj.base_layer.bias is not None
     assert_fully_fused("qwen2", patched)
     assert_equivalent(reference, patched, VOCAB, tol=1e-5 if backend == "reference" else 1e-4)
+
+
+def test_loss_count_and_packing_match_hf():
+    """The grad-accumulation loss (``num_items_in_batch``) and packed rows (position ids restart)."""
+    reference, patched, _ = tiny_pair(Qwen2ForCausalLM, config(), "qwen2")
+    assert patched.base_model.model.model.layers[0].self_attn.q_proj.base_layer.bias is not None
     assert_num_items_in_batch(reference, patched, VOCAB)
     assert_packed_equivalent(reference, patched, VOCAB)
 
@@ -91,3 +99,8 @@ def test_qlora_nf4_matches_peft(tmp_path):
     patched.load_state_dict(reference.state_dict(), strict=False)
     assert_fully_fused("qwen2", patched, kind="lora+nf4")
     assert_equivalent(reference, patched, VOCAB, tol=1e-5, eval_tol=1e-2)
+
+
+@pytest.mark.gpu
+def test_bf16_on_gpu_as_close_to_fp32_as_hf():
+    assert_bf16_as_close_as_hf(Qwen2ForCausalLM, config(**GPU_SIZES), "qwen2")

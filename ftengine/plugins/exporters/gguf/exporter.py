@@ -94,7 +94,8 @@ class GGUFExporter:
         if not stops and getattr(tokenizer, "eos_token", None):
             stops = [tokenizer.eos_token]
         text, note = modelfile(gguf_name, template.name if template else None, stops, options.system,
-                               options.parameters)
+                               options.parameters, getattr(tokenizer, "bos_token", None),
+                               getattr(tokenizer, "eos_token", None))
         (out_dir / "Modelfile").write_text(text, encoding="utf-8")
         lines.append(f"Modelfile: ollama create <name> -f {out_dir / 'Modelfile'}")
         if note:

@@ -5,7 +5,9 @@ has its Ollama counterpart here, keyed by the template's registered name. They u
 ``.Messages`` form: the system prompt comes as ``.System``, turns as ``.Messages`` (system turns
 in that list are skipped, ``.System`` already holds them), and the prompt ends with the opening of
 the assistant's turn. Ollama adds the bos token itself (GGUF ``tokenizer.ggml.add_bos_token``), so
-no template writes it.
+no template writes it at the start. Where a template's Jinja writes the tokenizer's ``eos_token`` /
+``bos_token`` between turns, the Go template has ``</s>`` / ``<s>``, and :func:`modelfile` puts the
+model's own tokens in their place.
 """
 
 from __future__ import annotations
@@ -171,6 +173,8 @@ def modelfile(
     stop_tokens: list[str],
     system: str | None = None,
     parameters: dict[str, Any] | None = None,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
 ) -> tuple[str, str | None]:
     """The text of a Modelfile.
 
@@ -180,6 +184,7 @@ def modelfile(
         stop_tokens: strings that end a reply (one ``PARAMETER stop`` each).
         system: an optional default system prompt.
         parameters: extra or overriding ``PARAMETER`` values.
+        bos_token / eos_token: the tokenizer's, written where the template has ``<s>`` / ``</s>``.
 
     Returns:
         ``(text, note)``: ``note`` explains a missing ``TEMPLATE`` (an unknown template: Ollama then
@@ -190,6 +195,7 @@ def modelfile(
     note = None
     template = GO_TEMPLATES.get(template_name or "")
     if template is not None:
+        template = template.replace("</s>", eos_token or "</s>").replace("<s>", bos_token or "<s>")
         lines += [f"TEMPLATE {_quote(template)}", ""]
     else:
         shown = repr(template_name) if template_name else "the tokenizer's own template"

@@ -108,7 +108,7 @@ def _byte_level_pre(spec: dict[str, Any], notes: list[str]) -> str:
     return "default"
 
 
-def _token_table(tokenizer: Any, spec: dict[str, Any], vocab_size: int) -> tuple[list[str], dict[int, Any]]:
+def _token_table(tokenizer: Any, vocab_size: int) -> tuple[list[str], dict[int, Any]]:
     """Tokens by id, padded to ``vocab_size``, and the added tokens by id."""
     ids = dict(tokenizer.get_vocab())
     added = dict(getattr(tokenizer, "added_tokens_decoder", {}) or {})
@@ -194,7 +194,7 @@ def build_vocab(tokenizer: Any, vocab_size: int) -> GGUFVocab:
     model = spec.get("model", {})
     kind = model.get("type")
     notes: list[str] = []
-    tokens, added = _token_table(tokenizer, spec, vocab_size)
+    tokens, added = _token_table(tokenizer, vocab_size)
     ids = set(tokenizer.get_vocab().values())
     special_ids = _special_ids(tokenizer)
     add_bos, add_eos = _adds_specials(tokenizer, special_ids)

@@ -1,10 +1,11 @@
 """Write a model as one GGUF file: metadata, vocabulary, then the tensors one at a time.
 
 Tensors stream from :func:`ftengine.plugins.exporters.merge.iter_merged_tensors` (LoRA merged,
-Hugging Face names), are renamed and reshaped by the architecture's adapter, quantized, and
-spilled to a scratch file beside the output, because GGUF puts every tensor's name, shape and
-offset before the data. When all are done, the header and the data are written to
-``<name>.partial`` and renamed into place, so a file under the final name is always complete.
+Hugging Face names), are renamed and reshaped by the architecture's adapter and quantized. GGUF
+puts every tensor's name, shape and offset before the data, so the quantized tensors wait until
+all are done: in memory when the file is small next to the free memory, else in a scratch file
+beside the output. Then the header and the data are written to ``<name>.partial`` and renamed
+into place, so a file under the final name is always complete.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import click
 import numpy as np
+import psutil
 import torch
 from gguf import GGMLQuantizationType
 from gguf import GGUFValueType
@@ -45,8 +47,38 @@ class _Spilled:
     name: str
     shape: tuple[int, ...]  # of the uint8 byte array
     qtype: GGMLQuantizationType
-    offset: int
     nbytes: int
+
+
+class _Scratch:
+    """Quantized tensors waiting for the header: a list in memory, or a file at ``path``."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.arrays: list[np.ndarray] = []
+        self.file = open(path, "wb") if path is not None else None
+
+    def add(self, data: np.ndarray) -> None:
+        if self.file is None:
+            self.arrays.append(data)
+        else:
+            data.tofile(self.file)
+
+    def read(self, items: list[_Spilled]):
+        """The arrays back, in the order they were added."""
+        if self.file is None:
+            yield from self.arrays
+            return
+        self.file.close()
+        with open(self.path, "rb") as source:
+            for item in items:
+                yield np.fromfile(source, dtype=np.uint8, count=item.nbytes)
+
+    def discard(self) -> None:
+        self.arrays.clear()
+        if self.file is not None:
+            self.file.close()
+            self.path.unlink(missing_ok=True)
 
 
 def resolve_adapter(config: Any) -> Any:
@@ -86,8 +118,11 @@ def common_metadata(config: Any) -> dict[str, Any]:
 
 
 def estimate_bytes(model: Any, quantization: str) -> int:
-    """Rough size of the GGUF file: parameter count times the choice's bits per weight, plus 5%."""
-    count = sum(p.numel() for p in model.parameters())
+    """Rough size of the GGUF file: parameter count times the choice's bits per weight, plus 5%.
+
+    bitsandbytes 4-bit weights are stored two to a byte: they count twice.
+    """
+    count = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())
     return int(count * BITS_PER_WEIGHT[quantization] / 8 * 1.05) + (1 << 20)
 
 
@@ -96,8 +131,8 @@ def check_disk_space(directory: Path, needed: int) -> None:
     free = shutil.disk_usage(directory).free
     if free < needed:
         raise ExportError(
-            f"not enough disk space in {directory}: the GGUF export needs about {needed / 2**30:.1f} GiB "
-            f"(the file and a scratch copy of its tensors), {free / 2**30:.1f} GiB are free"
+            f"not enough disk space in {directory}: the GGUF export needs about {needed / 2**30:.1f} GiB, "
+            f"{free / 2**30:.1f} GiB are free"
         )
 
 
@@ -117,16 +152,16 @@ def _add_value(writer: GGUFWriter, key: str, value: Any) -> None:
 
 
 def _tensors(model: Any, adapter: Any, config: Any):
-    """``(gguf_name, hf_name, tensor)`` in llama.cpp's layout, then the adapter's extra tensors."""
+    """``(gguf_name, tensor)`` in llama.cpp's layout, then the adapter's extra tensors (``rope_freqs``)."""
     tied = bool(getattr(getattr(config, "text_config", None) or config, "tie_word_embeddings", False))
     for hf_name, tensor in iter_merged_tensors(model, torch.float32):
         name = adapter.gguf_tensor_name(hf_name)
         if name is None or (tied and name == "output.weight"):
             continue
-        yield name, hf_name, adapter.gguf_tensor(hf_name, tensor, config)
+        yield name, adapter.gguf_tensor(hf_name, tensor, config)
     extra = getattr(adapter, "gguf_extra_tensors", None)
     for name, tensor in (extra(config) if extra else {}).items():
-        yield name, name, tensor
+        yield name, tensor
 
 
 def write_gguf(model: Any, tokenizer: Any, path: Path, quantization: str, name: str | None = None) -> list[str]:
@@ -153,26 +188,24 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quantization: str, name: 
     vocab = build_vocab(tokenizer, int(text.vocab_size))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    check_disk_space(path.parent, 2 * estimate_bytes(model, quantization))
+    estimate = estimate_bytes(model, quantization)
+    in_memory = estimate < psutil.virtual_memory().available // 4
+    check_disk_space(path.parent, estimate if in_memory else 2 * estimate)  # a scratch file needs the room twice
 
     arch = adapter.gguf_architecture
     n_layers = int(text.num_hidden_layers)
     tied = bool(getattr(text, "tie_word_embeddings", False))
     partial = path.with_name(path.name + ".partial")
-    scratch = path.with_name(path.name + ".tensors")
+    scratch = _Scratch(None if in_memory else path.with_name(path.name + ".tensors"))
     spilled: list[_Spilled] = []
     counts: dict[str, int] = {}
     try:
-        offset = 0
-        with open(scratch, "wb") as out, click.progressbar(
-            length=len(model.state_dict()), label=f"GGUF {quantization}", file=sys.stderr
-        ) as bar:
-            for gguf_name, _, tensor in _tensors(model, adapter, config):
+        with click.progressbar(length=len(model.state_dict()), label=f"GGUF {quantization}", file=sys.stderr) as bar:
+            for gguf_name, tensor in _tensors(model, adapter, config):
                 qtype = mixes.tensor_type(gguf_name, tuple(tensor.shape), quantization, n_layers, tied)
                 data = np.ascontiguousarray(quants.quantize(tensor, qtype))
-                data.tofile(out)
-                spilled.append(_Spilled(gguf_name, data.shape, qtype, offset, data.nbytes))
-                offset += data.nbytes
+                scratch.add(data)
+                spilled.append(_Spilled(gguf_name, data.shape, qtype, data.nbytes))
                 counts[qtype.name] = counts.get(qtype.name, 0) + 1
                 bar.update(1)
 
@@ -191,14 +224,12 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quantization: str, name: 
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        with open(scratch, "rb") as source:
-            for item in spilled:
-                source.seek(item.offset)
-                writer.write_tensor_data(np.fromfile(source, dtype=np.uint8, count=item.nbytes))
+        for data in scratch.read(spilled):
+            writer.write_tensor_data(data)
         writer.close()
         os.replace(partial, path)
     finally:
-        scratch.unlink(missing_ok=True)
+        scratch.discard()
         partial.unlink(missing_ok=True)
 
     types = ", ".join(f"{n} x{c}" for n, c in sorted(counts.items()))

@@ -18,11 +18,11 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def num_persistent_programs(device: torch.device) -> int:
-    """Programs for a persistent grid: a few per multiprocessor on a GPU, a handful when interpreting."""
+def num_persistent_programs(device: torch.device, per_sm: int = 4) -> int:
+    """Programs for a persistent grid: ``per_sm`` per multiprocessor on a GPU, a handful when interpreting."""
     if device.type != "cuda":
         return 4
-    return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def next_power_of_2(n: int) -> int:

@@ -23,40 +23,46 @@ NF4_LEVELS = (
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )
-BLOCK_BYTES = 1024
+# H100 sweep, 14336x4096: 1024 bytes with 2 warps 0.059 ms; 4 warps 0.063; 2048 bytes with 4 warps 0.060
+BYTES_PER_PROGRAM = 1024
+NUM_WARPS = 2
 _tables: dict[torch.device, torch.Tensor] = {}
 
 
 @triton.jit
 def _dequantize_nf4_kernel(
-    packed_ptr, out_ptr, levels_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, n_elements,
-    blocksize, blocksize2, BLOCK_BYTES: tl.constexpr, NESTED: tl.constexpr, BF16_BITS: tl.constexpr,
+    packed_ptr, out_ptr, levels_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, n_elements, blocksize2,
+    BLOCKSIZE: tl.constexpr, BLOCKS_PER_PROG: tl.constexpr, NESTED: tl.constexpr, BF16_BITS: tl.constexpr,
 ):
-    start = tl.program_id(0).to(tl.int64) * BLOCK_BYTES
-    byte_idx = start + tl.arange(0, BLOCK_BYTES)
+    # a tile of BLOCKS_PER_PROG quantization blocks x BLOCKSIZE // 2 bytes: one absmax per tile row
+    half: tl.constexpr = BLOCKSIZE // 2
+    block = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROG + tl.arange(0, BLOCKS_PER_PROG)  # (NB,)
     n_bytes = (n_elements + 1) // 2
-    bmask = byte_idx < n_bytes
-    byte = tl.load(packed_ptr + byte_idx, mask=bmask, other=0).to(tl.int32)
-    block = (2 * byte_idx) // blocksize  # both nibbles of a byte share one block (blocksize is even)
+    n_blocks = tl.cdiv(n_elements, BLOCKSIZE)
+    block_mask = block < n_blocks
     if NESTED:
-        q = tl.load(absmax_ptr + block, mask=bmask, other=0).to(tl.int32)
-        scale = tl.load(code2_ptr + q, mask=bmask, other=0.0) * tl.load(absmax2_ptr + block // blocksize2, mask=bmask,
-                                                                       other=0.0)
+        q = tl.load(absmax_ptr + block, mask=block_mask, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + q, mask=block_mask, other=0.0) * tl.load(absmax2_ptr + block // blocksize2,
+                                                                             mask=block_mask, other=0.0)
         scale = scale + tl.load(offset_ptr)
     else:
-        scale = tl.load(absmax_ptr + block, mask=bmask, other=0.0).to(tl.float32)
-    hi = tl.load(levels_ptr + (byte >> 4), mask=bmask, other=0.0) * scale
-    lo = tl.load(levels_ptr + (byte & 15), mask=bmask, other=0.0) * scale
-    vals = tl.reshape(tl.join(hi, lo), (2 * BLOCK_BYTES,))  # (hi0, lo0, hi1, lo1, ...)
-    out_idx = 2 * start + tl.arange(0, 2 * BLOCK_BYTES)
+        scale = tl.load(absmax_ptr + block, mask=block_mask, other=0.0).to(tl.float32)
+    byte_idx = block[:, None] * half + tl.arange(0, half)[None, :]  # (NB, half)
+    bmask = byte_idx < n_bytes
+    byte = tl.load(packed_ptr + byte_idx, mask=bmask, other=0).to(tl.int32)
+    hi = tl.load(levels_ptr + (byte >> 4)) * scale[:, None]
+    lo = tl.load(levels_ptr + (byte & 15)) * scale[:, None]
+    vals = tl.reshape(tl.join(hi, lo), (BLOCKS_PER_PROG, BLOCKSIZE))  # (hi0, lo0, hi1, lo1, ...) per block
+    out_idx = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    out_mask = out_idx < n_elements
     if BF16_BITS:
         # fp32 -> bf16 round-to-nearest-even on the bits (the CPU interpreter's own cast truncates);
         # the values are finite, and out_ptr is the output viewed as int16
         bits = vals.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        tl.store(out_ptr + out_idx, bits.to(tl.int16), mask=out_idx < n_elements)
+        tl.store(out_ptr + out_idx, bits.to(tl.int16), mask=out_mask)
     else:
-        tl.store(out_ptr + out_idx, vals.to(out_ptr.dtype.element_ty), mask=out_idx < n_elements)
+        tl.store(out_ptr + out_idx, vals.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 def _levels(device: torch.device) -> torch.Tensor:
@@ -78,7 +84,7 @@ def dequantize_nf4(packed: torch.Tensor, quant_state: Any) -> torch.Tensor:
         The weight, ``quant_state.shape`` in ``quant_state.dtype``.
 
     Raises:
-        ValueError: a quantization type other than NF4.
+        ValueError: a quantization type other than NF4, or a blocksize that is not a power of two.
     """
     quant_type = getattr(quant_state, "quant_type", "nf4")
     if quant_type != "nf4":
@@ -98,10 +104,14 @@ def dequantize_nf4(packed: torch.Tensor, quant_state: Any) -> torch.Tensor:
         code2 = absmax2 = offset = absmax
         blocksize2 = 1
     bf16 = out.dtype == torch.bfloat16
-    grid = (triton.cdiv((n + 1) // 2, BLOCK_BYTES),)
+    blocksize = int(quant_state.blocksize)
+    if blocksize < 2 or blocksize & (blocksize - 1):
+        raise ValueError(f"dequantize_nf4 needs a power-of-two blocksize, got {blocksize}")
+    blocks_per_prog = max(1, BYTES_PER_PROGRAM // (blocksize // 2))
+    grid = (triton.cdiv(triton.cdiv(n, blocksize), blocks_per_prog),)
     _dequantize_nf4_kernel[grid](
         packed, out.view(torch.int16) if bf16 else out, _levels(packed.device), absmax, code2, absmax2, offset, n,
-        int(quant_state.blocksize), blocksize2, BLOCK_BYTES=BLOCK_BYTES, NESTED=nested, BF16_BITS=bf16,
-        num_warps=4, enable_fp_fusion=False,
+        blocksize2, BLOCKSIZE=blocksize, BLOCKS_PER_PROG=blocks_per_prog, NESTED=nested, BF16_BITS=bf16,
+        num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
     return out

@@ -2,9 +2,10 @@
 
     g = lora(x; gate)   u = lora(x; up)   h = act(g, u)   y = lora(h; down)
 
-act is SwiGLU or GeGLU (:mod:`.swiglu`, :mod:`.geglu`). Saved for the backward: ``x``, ``g``,
-``u`` and the r-wide ``x A_g^T``, ``x A_u^T``, ``h A_d^T``; ``h`` (N, I) is not saved but
-recomputed. Backward, with the LoRA-linear rules of :mod:`.lora_linear` for each projection:
+act is SwiGLU or GeGLU (:mod:`.swiglu`, :mod:`.geglu`). Saved for the backward: ``g``, ``u``,
+and only where a trained adapter needs them ``x`` and the r-wide ``x A_g^T``, ``x A_u^T``,
+``h A_d^T``; ``h`` (N, I) is not saved but recomputed. Backward, with the LoRA-linear rules of
+:mod:`.lora_linear` for each projection:
 
     dh      = dy W_d + s_d (dy B_d) A_d
     dg, du  = act'(g, u) dh                    (one Triton pass that also rebuilds h)
@@ -64,7 +65,13 @@ class _LoRAMLP(torch.autograd.Function):
         h = _act_forward(g, u, activation)  # (N, I), not saved
         y, ha_d = forward_projection(h, pd[0], qd, pd[3], pd[1], pd[2], sd)  # (N, H), (N, r)
         del h
-        ctx.save_for_backward(x2, g, u, xa_g, xa_u, ha_d, *params)
+        needs = ctx.needs_input_grad  # per layer (weight, lora_a, lora_b, bias): gate 4..7, up 8..11, down 12..15
+        ctx.save_for_backward(
+            x2 if needs[5] or needs[9] else None,  # only dA_g / dA_u read x
+            g, u,
+            xa_g if needs[6] else None, xa_u if needs[10] else None, ha_d if needs[14] else None,  # for dB
+            *params,
+        )
         ctx.activation, ctx.scalings, ctx.quant_states = activation, scalings, quant_states
         ctx.in_shape = x.shape
         ctx.consumed = False

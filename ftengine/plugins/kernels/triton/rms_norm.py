@@ -24,6 +24,9 @@ import triton.language as tl
 from ftengine.plugins.kernels.triton._utils import next_power_of_2
 from ftengine.plugins.kernels.triton._utils import num_persistent_programs
 
+# programs per multiprocessor in the backward's persistent grid
+PROGRAMS_PER_SM = 2  # H100 sweep, 8192x4096 bf16 fwd+bwd: 1 -> 0.153 ms, 2 -> 0.130, 4 -> 0.141, 8 -> 0.142
+
 
 @triton.jit
 def _rms_norm_fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, eps, offset, BLOCK: tl.constexpr):
@@ -95,7 +98,7 @@ class _RMSNorm(torch.autograd.Function):
         dy2 = dy.reshape(-1, n_cols).contiguous()  # (N, H)
         dx = torch.empty_like(x2)
         compute_dw = ctx.needs_input_grad[1]
-        n_progs = max(1, min(n_rows, num_persistent_programs(x2.device)))
+        n_progs = max(1, min(n_rows, num_persistent_programs(x2.device, PROGRAMS_PER_SM)))
         dw_partial = torch.empty((n_progs, n_cols) if compute_dw else (1,), dtype=torch.float32, device=x2.device)
         block, num_warps = _launch_config(n_cols)
         if n_rows:

@@ -24,6 +24,9 @@ import triton.language as tl
 
 from ftengine.plugins.kernels.triton._utils import next_power_of_2
 
+# warps per program; 0 picks by the number of q elements per position
+NUM_WARPS = 0
+
 
 @triton.jit
 def _rotate_heads(
@@ -80,7 +83,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         return qo, ko
     half = dim // 2
     block_d = next_power_of_2(half)
-    num_warps = 4 if n_q * dim <= 4096 else 8
+    num_warps = NUM_WARPS or (4 if n_q * dim <= 4096 else 8)
     _rope_kernel[(batch * seq,)](
         q, k, qo, ko, cos, sin, seq, n_q, n_k, half,
         *q.stride(), *k.stride(), *qo.stride(), *ko.stride(), *cos.stride(), *sin.stride(),

@@ -38,22 +38,14 @@ def block_size(qtype: GGMLQuantizationType) -> int:
     return GGML_QUANT_SIZES[qtype][0]
 
 
-def nbytes(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
-    """Bytes a tensor of ``shape`` (torch order, last dim = row) takes as ``qtype``."""
-    block, type_size = GGML_QUANT_SIZES[qtype]
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count // block * type_size
-
-
-def quantize(tensor: torch.Tensor, qtype: GGMLQuantizationType) -> np.ndarray:
+def quantize(tensor: torch.Tensor, qtype: GGMLQuantizationType, device: torch.device | None = None) -> np.ndarray:
     """A tensor's GGUF bytes as ``qtype``.
 
     Args:
         tensor: weights, any float dtype, any device; quantized types need at least 1 dimension and a
             last dimension that is a multiple of the type's block size.
         qtype: one of :data:`SUPPORTED`.
+        device: where our quantizers compute (default: the GPU when there is one, else the CPU).
 
     Returns:
         uint8 array ``(*tensor.shape[:-1], row_bytes)``, as ``GGUFWriter.add_tensor_info`` with
@@ -71,5 +63,5 @@ def quantize(tensor: torch.Tensor, qtype: GGMLQuantizationType) -> np.ndarray:
     if qtype in _FROM_GGUF:
         data = gguf_quants.quantize(rows2d.to(device="cpu", dtype=torch.float32).numpy(), qtype)
     else:
-        data = by_row_chunks(rows2d, block_size(qtype), _BLOCK_QUANTIZERS[qtype])
+        data = by_row_chunks(rows2d, block_size(qtype), _BLOCK_QUANTIZERS[qtype], device)
     return data.reshape(*shape[:-1], data.shape[-1])

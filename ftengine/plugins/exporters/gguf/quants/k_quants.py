@@ -71,9 +71,10 @@ def _fit_affine(
     def level_sums(levels_in_range, offset):
         span = hi - offset
         span = torch.where(span > 0, span, ones)
-        levels = torch.round(levels_in_range / span * (x - offset)).clamp_(0, nmax)
+        levels = torch.round_((x - offset).mul_(levels_in_range / span)).clamp_(0, nmax)
         wl = w * levels
-        return wl.sum(dim=-1, keepdim=True), (wl * levels).sum(dim=-1, keepdim=True), (wl * x).sum(dim=-1, keepdim=True)
+        return (wl.sum(dim=-1, keepdim=True), torch.linalg.vecdot(wl, levels).unsqueeze(-1),
+                torch.linalg.vecdot(wl, x).unsqueeze(-1))
 
     best_scale = torch.where(flat, ones, hi - lo) / nmax
     best_min = lo
@@ -172,9 +173,9 @@ def _fit_symmetric(x: torch.Tensor, nmax: int) -> torch.Tensor:
     peak = torch.where(zero, torch.ones_like(peak), peak)
 
     def sums(inv_scale):
-        levels = torch.round(inv_scale * x).clamp_(-nmax, nmax - 1)
+        levels = torch.round_(inv_scale * x).clamp_(-nmax, nmax - 1)
         wl = w * levels
-        return (wl * x).sum(dim=-1, keepdim=True), (wl * levels).sum(dim=-1, keepdim=True)
+        return torch.linalg.vecdot(wl, x).unsqueeze(-1), torch.linalg.vecdot(wl, levels).unsqueeze(-1)
 
     sum_lx, sum_l2 = sums(-nmax / peak)
     scale = torch.where(sum_l2 > 0, sum_lx / torch.where(sum_l2 > 0, sum_l2, torch.ones_like(sum_l2)), 0 * sum_l2)
