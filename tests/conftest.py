@@ -62,3 +62,27 @@ def tiny_config(demo_base, tmp_path):
     from ftengine.demo import ASSETS
 
     return lambda **training: tiny_run_config(demo_base, ASSETS / "data.jsonl", tmp_path, **training)
+
+
+EXAMPLE_PLUGIN = "ftengine-example-plugin"
+
+
+@pytest.fixture(scope="session")
+def example_plugin():
+    """The third-party example plugin, pip-installed (as a user would) into this environment."""
+    import subprocess
+    import sys
+    from importlib import metadata
+    from pathlib import Path
+
+    try:
+        metadata.distribution(EXAMPLE_PLUGIN)
+    except metadata.PackageNotFoundError:
+        source = Path(__file__).parents[1] / "examples" / EXAMPLE_PLUGIN
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        str(source)], check=True)
+    from ftengine.core.plugins import reset_registries
+
+    reset_registries()
+    yield
+    reset_registries()

@@ -156,12 +156,13 @@ class _Offloader:
         stash = _Stash(self._to_host(hidden), hidden.device, previous=self.last)
         self.last = weakref.ref(stash)
         live = [hidden]
+        needs_grad = hidden.requires_grad  # the recompute must save what the forward saved
 
         def run(_: torch.Tensor, *rest: Any) -> Any:
             if live:  # the forward
                 return function(live.pop(), *rest)
             previous = stash.previous() if stash.previous is not None else None
-            current = stash.fetch(self.stream)
+            current = stash.fetch(self.stream).detach().requires_grad_(needs_grad)
             if previous is not None:
                 previous.prefetch(self.stream)
             return function(current, *rest)

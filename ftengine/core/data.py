@@ -1,17 +1,20 @@
 """The data stage: read rows, pick their format, convert them to samples, render and tokenize them
-with labels masked to the trained tokens.
+with labels masked to the trained tokens, and optionally pack them into full-length rows.
 
 Masks come from the rendered text, never from searching token ids for marker strings: for an
 assistant turn ``i`` the trained characters are those that ``render(messages[:i+1])`` adds to
 ``render(messages[:i], add_generation_prompt=True)`` (the turn's content and its end-of-turn
-token), and a token is trained when the middle of its character span falls inside them.
+token), and a token is trained when the middle of its character span falls inside them. A row's
+first token is never trained: nothing before it predicts it.
 """
 
 from __future__ import annotations
 
+import bisect
 import glob
 import json
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from dataclasses import field
@@ -19,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from ftengine.core.errors import DataError
+from ftengine.core.types import Message
 from ftengine.core.types import RowError
 from ftengine.core.types import Sample
 
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 DETECT_ROWS = 5
 MAX_REASONS = 10
+IGNORE = -100
 
 
 @dataclass
@@ -33,22 +38,45 @@ class Row:
     number: int  # 1-based row (line, for JSON Lines) number in ``source``
     value: Any
 
+    @property
+    def where(self) -> str:
+        return f"{self.source}: row {self.number}"
+
 
 @dataclass
 class DataReport:
-    """What the data stage did; shown in the summary and written to the run directory."""
+    """What the data stage did; shown in the summary and written to the run directory.
+
+    Attributes:
+        format: the dataset format used.
+        rows: rows read (bad JSON lines included).
+        samples: samples that reach the trainer (before packing).
+        skipped: rows skipped (``data.on_bad_rows: skip``), with the first reasons in
+            ``skip_reasons`` and a count per kind of problem in ``skip_kinds``.
+        truncated: samples cut to ``max_seq_length``.
+        tokens / trained_tokens: tokens after truncation, and those carrying loss.
+        packed_rows / packing_efficiency: with ``data.packing``, the rows samples were packed into
+            and the fraction of their ``max_seq_length`` slots holding tokens (not padding).
+        eval: the report of ``data.eval_path`` (or ``{"samples": n}`` for a held-out fraction).
+    """
 
     format: str = ""
     rows: int = 0
     samples: int = 0
     skipped: int = 0
     skip_reasons: list[str] = field(default_factory=list)
+    skip_kinds: dict[str, int] = field(default_factory=dict)
     truncated: int = 0
     tokens: int = 0
     trained_tokens: int = 0
+    packed_rows: int = 0
+    packing_efficiency: float | None = None
+    eval: dict[str, Any] | None = None
 
-    def skip(self, reason: str) -> None:
+    def skip(self, reason: str, kind: str = "bad row") -> None:
+        """Count one skipped row; ``reason`` names its file and row, ``kind`` groups it."""
         self.skipped += 1
+        self.skip_kinds[kind] = self.skip_kinds.get(kind, 0) + 1
         if len(self.skip_reasons) < MAX_REASONS:
             self.skip_reasons.append(reason)
 
@@ -87,8 +115,9 @@ def _read_jsonl(path: Path, on_bad_rows: str, report: DataReport) -> Iterator[Ro
             except json.JSONDecodeError as exc:
                 reason = f"{path}: line {number}: not valid JSON ({exc.msg} at column {exc.colno})"
                 if on_bad_rows == "error":
-                    raise DataError(reason) from None
-                report.skip(reason)
+                    raise DataError(reason + "; fix the line or set data.on_bad_rows: skip") from None
+                report.rows += 1
+                report.skip(reason, "not valid JSON")
 
 
 def _read_with_datasets(path: Path) -> Iterator[Row]:
@@ -105,7 +134,11 @@ def _read_with_datasets(path: Path) -> Iterator[Row]:
 
 def read_rows(path: str, *, split: str = "train", subset: str | None = None, on_bad_rows: str = "error",
               report: DataReport | None = None) -> Iterator[Row]:
-    """Every row of a local file / directory / glob, or of a hub dataset split."""
+    """Every row of a local file / directory / glob, or of a hub dataset split.
+
+    JSON Lines files are read line by line, so a bad line is reported with its number (and, with
+    ``on_bad_rows="skip"``, counted in ``report`` and skipped).
+    """
     report = report if report is not None else DataReport()
     files = resolve_files(path)
     if files is None:
@@ -157,21 +190,59 @@ def _safe_detect(fmt: Any, row: dict[str, Any]) -> bool:
         return False
 
 
-def convert_rows(rows: list[Row], fmt: Any, on_bad_rows: str, report: DataReport) -> list[Sample]:
-    """Run the format's ``convert`` over every row; errors name file, row and field."""
+def _problem_kind(exc: RowError) -> str:
+    if not exc.field:
+        return "bad row"
+    return "bad field " + re.sub(r"\[\d+\]", "[]", exc.field)
+
+
+def convert_rows(rows: list[Row], fmt: Any, on_bad_rows: str, report: DataReport) -> list[tuple[str, Sample]]:
+    """Run the format's ``convert`` over every row; errors name file, row and field.
+
+    Returns:
+        ``(where, sample)`` pairs; ``where`` is ``"<file>: row <n>"`` for later messages.
+    """
     samples = []
     for row in rows:
         try:
             if not isinstance(row.value, dict):
                 raise RowError(f"expected a JSON object, got {type(row.value).__name__}")
-            samples.append(fmt.convert(row.value))
+            samples.append((row.where, fmt.convert(row.value)))
         except RowError as exc:
-            where = f"{row.source}: row {row.number}" + (f": field {exc.field!r}" if exc.field else "")
+            where = row.where + (f": field {exc.field!r}" if exc.field else "")
             reason = f"{where}: {exc} (format {fmt.name})"
             if on_bad_rows == "error":
                 raise DataError(reason + "; fix the row or set data.on_bad_rows: skip") from None
-            report.skip(reason)
+            report.skip(reason, "not an object" if not isinstance(row.value, dict) else _problem_kind(exc))
     return samples
+
+
+def load_samples(path: str, data: Any, report: DataReport) -> list[tuple[str, Sample]]:
+    """Rows of ``path`` -> samples, as ``data`` (a :class:`~ftengine.core.config.DataConfig`) says:
+    read, cut to ``max_rows``, columns renamed, format detected or named, converted.
+
+    Raises:
+        DataError: unreadable input, no rows, an undetectable format, or (unless
+            ``on_bad_rows`` is ``skip``) a bad row.
+    """
+    from ftengine.core import plugins
+
+    rows = list(read_rows(path, split=data.split, subset=data.subset, on_bad_rows=data.on_bad_rows, report=report))
+    if data.max_rows:
+        rows = rows[: data.max_rows]
+    for row in rows:
+        row.value = rename_columns(row.value, data.columns)
+    report.rows += len(rows)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    formats = plugins.get_registry("formats")
+    if data.format == "auto":
+        name = detect_format(rows, formats)
+    else:
+        name = data.format
+        plugins.get("formats", name)
+    report.format = name
+    return convert_rows(rows, formats[name], data.on_bad_rows, report)
 
 
 # ----------------------------------------------------------------------------- tokenization
@@ -235,18 +306,195 @@ def sample_text_and_spans(sample: Sample, tokenizer: Any, train_on: str) -> tupl
     raise DataError(f"a {sample.kind} sample cannot be tokenized for language-model training")
 
 
-def tokenize_sample(sample: Sample, tokenizer: Any, max_seq_length: int, train_on: str) -> dict[str, Any]:
-    """``input_ids``/``labels`` (-100 where not trained) truncated to ``max_seq_length``."""
-    text, spans = sample_text_and_spans(sample, tokenizer, train_on)
+@dataclass
+class Encoded:
+    """A rendered sample, its tokens, their character spans in ``text``, and which carry loss."""
+
+    text: str
+    input_ids: list[int]
+    offsets: list[tuple[int, int]]
+    trained: list[bool]
+
+
+def encode_text(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> Encoded:
+    """Tokenize ``text`` (its special tokens are in the text already) and mark the tokens whose
+    middle character falls in ``spans``; the first token is never trained."""
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoded["input_ids"])
-    labels = []
-    for token_id, (start, end) in zip(ids, encoded["offset_mapping"], strict=True):
+    offsets = [tuple(o) for o in encoded["offset_mapping"]]
+    trained = []
+    for start, end in offsets:
         middle = (start + end) / 2 if end > start else start
-        trained = any(s <= middle < e for s, e in spans)
-        labels.append(token_id if trained else -100)
-    truncated = len(ids) > max_seq_length
-    return {"input_ids": ids[:max_seq_length], "labels": labels[:max_seq_length], "truncated": truncated}
+        trained.append(any(s <= middle < e for s, e in spans))
+    if trained:
+        trained[0] = False
+    return Encoded(text, ids, offsets, trained)
+
+
+def encode_sample(sample: Sample, tokenizer: Any, train_on: str) -> Encoded:
+    """Render and tokenize a language-model sample (conversation, completion or text)."""
+    text, spans = sample_text_and_spans(sample, tokenizer, train_on)
+    return encode_text(tokenizer, text, spans)
+
+
+def tokenize_sample(sample: Sample, tokenizer: Any, max_seq_length: int, train_on: str) -> dict[str, Any]:
+    """``input_ids``/``labels`` (-100 where not trained) truncated to ``max_seq_length``."""
+    enc = encode_sample(sample, tokenizer, train_on)
+    labels = [t if trained else IGNORE for t, trained in zip(enc.input_ids, enc.trained, strict=True)]
+    truncated = len(enc.input_ids) > max_seq_length
+    return {"input_ids": enc.input_ids[:max_seq_length], "labels": labels[:max_seq_length], "truncated": truncated}
+
+
+def _sample_problem(where: str, exc: Exception, on_bad_rows: str, report: DataReport, kind: str) -> None:
+    reason = f"{where}: {exc}"
+    if on_bad_rows == "error":
+        raise DataError(reason + "; fix the row or set data.on_bad_rows: skip") from None
+    report.skip(reason, kind)
+
+
+def tokenize_samples(samples: list[tuple[str, Sample]], tokenizer: Any, max_seq_length: int, train_on: str,
+                     on_bad_rows: str, report: DataReport) -> list[dict[str, Any]]:
+    """Tokenized rows with masked labels; counts tokens, trained tokens and truncations in ``report``.
+
+    A sample the chat template rejects, or with no trained token left after truncation, is an
+    error naming its row (or, with ``on_bad_rows="skip"``, skipped and reported).
+    """
+    out = []
+    for where, sample in samples:
+        try:
+            row = tokenize_sample(sample, tokenizer, max_seq_length, train_on)
+        except Exception as exc:  # the template's own raise_exception, or a turn it renders oddly
+            _sample_problem(where, f"the chat template cannot render it: {exc}", on_bad_rows, report,
+                            "chat template error")
+            continue
+        trained = sum(1 for label in row["labels"] if label != IGNORE)
+        if trained == 0:
+            _sample_problem(where, f"no trained tokens left after truncation to max_seq_length={max_seq_length}",
+                            on_bad_rows, report, "no trained tokens")
+            continue
+        report.truncated += int(row.pop("truncated"))
+        report.tokens += len(row["input_ids"])
+        report.trained_tokens += trained
+        out.append(row)
+    report.samples += len(out)
+    return out
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def pack_rows(rows: list[dict[str, Any]], max_seq_length: int) -> list[dict[str, Any]]:
+    """Pack tokenized rows into rows of at most ``max_seq_length`` tokens (best-fit decreasing).
+
+    Each packed row concatenates whole samples; ``position_ids`` restart at 0 for each sample (the
+    model builds a block-diagonal causal mask from them, so attention never crosses a sample
+    boundary), and each sample's first label is -100 (no loss for predicting sample B's first
+    token from sample A).
+
+    Args:
+        rows: ``{"input_ids", "labels"}`` dicts, each at most ``max_seq_length`` long.
+        max_seq_length: the packed rows' length limit.
+
+    Returns:
+        ``{"input_ids", "labels", "position_ids"}`` dicts.
+    """
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
+    free: list[tuple[int, int]] = []  # (room left, bin), sorted: the best fit is the first with enough room
+    bins: list[list[int]] = []
+    for i in order:
+        n = len(rows[i]["input_ids"])
+        k = bisect.bisect_left(free, (n, -1))
+        if k == len(free):
+            bins.append([i])
+            b, room = len(bins) - 1, max_seq_length - n
+        else:
+            room, b = free.pop(k)
+            bins[b].append(i)
+            room -= n
+        if room > 0:
+            bisect.insort(free, (room, b))
+    packed = []
+    for members in bins:
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for i in members:
+            row = rows[i]
+            ids += row["input_ids"]
+            labels += [IGNORE] + list(row["labels"][1:])
+            positions += range(len(row["input_ids"]))
+        packed.append({"input_ids": ids, "labels": labels, "position_ids": positions})
+    return packed
+
+
+def packing_efficiency(lengths: list[int], n_rows: int, max_seq_length: int) -> float:
+    """The fraction of ``n_rows * max_seq_length`` token slots that hold tokens."""
+    return sum(lengths) / max(n_rows * max_seq_length, 1)
+
+
+def pack(rows: list[dict[str, Any]], max_seq_length: int, report: DataReport) -> list[dict[str, Any]]:
+    """:func:`pack_rows`, with the packed row count and the packing efficiency in ``report``."""
+    packed = pack_rows(rows, max_seq_length)
+    report.packed_rows += len(packed)
+    report.packing_efficiency = packing_efficiency([len(r["input_ids"]) for r in packed], len(packed), max_seq_length)
+    return packed
+
+
+# ----------------------------------------------------------------------------- preference pairs
+
+
+def preference_messages(sample: Sample) -> tuple[list[Message], list[Message], list[Message]]:
+    """A preference sample as conversations: a string prompt becomes a user turn, a string
+    chosen/rejected an assistant turn, so the chat template renders every pair."""
+    prompt = [{"role": "user", "content": sample.prompt}] if isinstance(sample.prompt, str) else sample.prompt
+    chosen = [{"role": "assistant", "content": sample.chosen}] if isinstance(sample.chosen, str) else sample.chosen
+    rejected = ([{"role": "assistant", "content": sample.rejected}] if isinstance(sample.rejected, str)
+                else sample.rejected)
+    return prompt, chosen, rejected
+
+
+def encode_completion(tokenizer: Any, prompt: list[Message], completion: list[Message]) -> Encoded:
+    """``prompt + completion`` rendered and tokenized; the trained characters are those the
+    completion adds to the prompt rendered with a generation prompt (as the DPO trainer splits them)."""
+    head = render(tokenizer, prompt, add_generation_prompt=True)
+    text = render(tokenizer, prompt + completion)
+    start = 0
+    while start < min(len(head), len(text)) and head[start] == text[start]:
+        start += 1
+    return encode_text(tokenizer, text, [(start, len(text))])
+
+
+def preference_rows(samples: list[tuple[str, Sample]], tokenizer: Any, max_seq_length: int, on_bad_rows: str,
+                    report: DataReport) -> list[dict[str, Any]]:
+    """Conversational ``prompt``/``chosen``/``rejected`` rows for the DPO trainer, which applies the
+    chat template itself (with ``chat_template_kwargs``: the fixed render date).
+
+    Counts tokens (chosen and rejected sequences), trained (completion) tokens and truncations in
+    ``report``; a pair whose prompt alone fills ``max_seq_length`` would have no completion token
+    left, so it is an error naming its row (or skipped and reported).
+    """
+    out = []
+    for where, sample in samples:
+        prompt, chosen, rejected = preference_messages(sample)
+        try:
+            pair = [encode_completion(tokenizer, prompt, chosen), encode_completion(tokenizer, prompt, rejected)]
+        except Exception as exc:
+            _sample_problem(where, f"the chat template cannot render it: {exc}", on_bad_rows, report,
+                            "chat template error")
+            continue
+        prompt_tokens = min(e.trained.index(True) if any(e.trained) else len(e.trained) for e in pair)
+        if prompt_tokens >= max_seq_length:
+            _sample_problem(where, f"the prompt alone ({prompt_tokens} tokens) fills max_seq_length={max_seq_length}",
+                            on_bad_rows, report, "prompt fills max_seq_length")
+            continue
+        report.truncated += int(any(len(e.input_ids) > max_seq_length for e in pair))
+        for e in pair:
+            report.tokens += min(len(e.input_ids), max_seq_length)
+            report.trained_tokens += sum(e.trained[:max_seq_length])
+        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                    "chat_template_kwargs": {"date_string": RENDER_DATE}})
+    report.samples += len(out)
+    return out
 
 
 def split_eval(samples: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:

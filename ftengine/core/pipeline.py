@@ -26,13 +26,12 @@ from ftengine.core.config import TrainingConfig
 from ftengine.core.config import dump_config
 from ftengine.core.config import export_options
 from ftengine.core.data import DataReport
-from ftengine.core.data import convert_rows
-from ftengine.core.data import detect_format
-from ftengine.core.data import read_rows
-from ftengine.core.data import rename_columns
+from ftengine.core.data import load_samples
+from ftengine.core.data import pack
+from ftengine.core.data import preference_rows
 from ftengine.core.data import resolve_files
 from ftengine.core.data import split_eval
-from ftengine.core.data import tokenize_sample
+from ftengine.core.data import tokenize_samples
 from ftengine.core.errors import DataError
 from ftengine.core.errors import FtengineError
 from ftengine.core.errors import ModelError
@@ -255,54 +254,44 @@ def choose_chat_template(tokenizer: Any, name: str | None, adapter: Any) -> str:
 
 def prepare_dataset(path: str, tokenizer: Any, data: DataConfig, max_seq_length: int, sample_kinds: tuple[str, ...],
                     report: DataReport) -> list[Any]:
-    """Rows -> samples -> (for language-model trainers) tokenized rows with masked labels."""
-    rows = [r for r in read_rows(path, split=data.split, subset=data.subset, on_bad_rows=data.on_bad_rows,
-                                 report=report)]
-    if data.max_rows:
-        rows = rows[: data.max_rows]
-    for row in rows:
-        row.value = rename_columns(row.value, data.columns)
-    report.rows += len(rows)
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    formats = plugins.get_registry("formats")
-    name = data.format if data.format != "auto" else detect_format(rows, formats)
+    """Rows -> samples -> rows for the trainer: tokenized with masked labels (and packed when
+    ``data.packing``) for language-model trainers, conversational preference pairs for DPO.
+
+    Raises:
+        DataError: bad input (naming file, row and field), or samples the trainer cannot train on.
+    """
+    samples = load_samples(path, data, report)
     if data.format == "auto":
-        log.info("data format: detected %r", name)
-    report.format = name
-    samples = convert_rows(rows, formats[name], data.on_bad_rows, report)
-    wrong = sorted({s.kind for s in samples} - set(sample_kinds))
+        log.info("data format: detected %r", report.format)
+    wrong = sorted({s.kind for _, s in samples} - set(sample_kinds))
     if wrong:
-        raise DataError(f"{path}: format {name!r} gives {', '.join(wrong)} samples, which this trainer does not "
-                        f"train on (it takes {', '.join(sample_kinds)})")
+        raise DataError(f"{path}: format {report.format!r} gives {', '.join(wrong)} samples, which this trainer does "
+                        f"not train on (it takes {', '.join(sample_kinds)})")
     if "preference" in sample_kinds:
-        report.samples += len(samples)
-        return [s for s in samples]
-    out = []
-    for sample in samples:
-        row = tokenize_sample(sample, tokenizer, max_seq_length, data.train_on)
-        trained = sum(1 for label in row["labels"] if label != -100)
-        if trained == 0:
-            report.skip("a sample has no trained tokens left after truncation to max_seq_length")
-            continue
-        report.truncated += int(row.pop("truncated"))
-        report.tokens += len(row["input_ids"])
-        report.trained_tokens += trained
-        out.append(row)
-    report.samples += len(out)
-    return out
+        if data.packing:
+            raise DataError("data.packing: preference pairs are not packed; set it to false for this trainer")
+        rows = preference_rows(samples, tokenizer, max_seq_length, data.on_bad_rows, report)
+    else:
+        rows = tokenize_samples(samples, tokenizer, max_seq_length, data.train_on, data.on_bad_rows, report)
+        if data.packing:
+            rows = pack(rows, max_seq_length, report)
+    if report.skipped:
+        log.warning("%s: %d bad row(s) skipped, e.g. %s", path, report.skipped, report.skip_reasons[0])
+    return rows
 
 
-def to_dataset(rows: list[Any]) -> Any:
+def to_dataset(rows: list[dict[str, Any]]) -> Any:
+    """A ``datasets.Dataset`` of the rows :func:`prepare_dataset` returned."""
     import datasets
 
-    if rows and not isinstance(rows[0], dict):  # preference samples
-        rows = [{k: v for k, v in s.__dict__.items() if v is not None} for s in rows]
     return datasets.Dataset.from_list(rows)
 
 
 def data(loaded: LoadedModel, config: RunConfig) -> tuple[Any, Any, DataReport]:
-    """Stage 4: train and eval datasets for the configured trainer."""
+    """Stage 4: train and eval datasets for the configured trainer.
+
+    A held-out eval fraction is split off before packing, so no sample is in both.
+    """
     d = config.data
     if not d.path:
         raise DataError("data.path: required for a run (a .jsonl/.json/.parquet/.csv file, directory, glob or "
@@ -311,17 +300,30 @@ def data(loaded: LoadedModel, config: RunConfig) -> tuple[Any, Any, DataReport]:
     apply_chat_template(loaded.tokenizer, template)
     loaded.notes.append(f"chat template: {template}")
     trainer = plugins.get("trainers", config.training.trainer)
+    max_seq_length = config.model.max_seq_length
+    # Trainers that tokenize themselves (dpo) truncate to the same length the data stage counted with.
+    loaded.model.max_seq_length = max_seq_length
     report = DataReport()
-    train_rows = prepare_dataset(d.path, loaded.tokenizer, d, config.model.max_seq_length, trainer.sample_kinds,
-                                 report)
+    split_first = d.packing and not d.eval_path and d.eval_fraction > 0
+    unpacked = d.model_copy(update={"packing": False}) if split_first else d
+    train_rows = prepare_dataset(d.path, loaded.tokenizer, unpacked, max_seq_length, trainer.sample_kinds, report)
     eval_rows: list[Any] = []
     if d.eval_path:
-        eval_rows = prepare_dataset(d.eval_path, loaded.tokenizer, d, config.model.max_seq_length,
-                                    trainer.sample_kinds, DataReport())
+        eval_report = DataReport()
+        eval_rows = prepare_dataset(d.eval_path, loaded.tokenizer, d, max_seq_length, trainer.sample_kinds,
+                                    eval_report)
+        report.eval = eval_report.to_dict()
     elif d.eval_fraction > 0:
         train_rows, eval_rows = split_eval(train_rows, d.eval_fraction, d.seed)
+        report.eval = {"samples": len(eval_rows)}
+        if split_first:
+            train_rows = pack(train_rows, max_seq_length, report)
+            eval_rows = pack(eval_rows, max_seq_length, DataReport())
     if not train_rows:
         raise DataError(f"{d.path}: no usable training samples ({report.skipped} skipped)")
+    if d.packing:
+        loaded.notes.append(f"packing: {report.samples} samples in {report.packed_rows} rows of {max_seq_length} "
+                            f"tokens ({report.packing_efficiency:.0%} filled)")
     return to_dataset(train_rows), (to_dataset(eval_rows) if eval_rows else None), report
 
 

@@ -18,8 +18,8 @@ from ftengine.core.config import validate_config
 from ftengine.core.rundir import atomic_directory
 
 ASSETS = Path(__file__).parent
-PROMPT = "What is the capital of France?"
-EXPECTED_ANSWER = "The capital of France is Paris."
+PROMPT = "What is the capital of Germany?"
+EXPECTED_ANSWER = "The capital of Germany is Berlin."
 SEED = 1234
 
 
@@ -56,9 +56,9 @@ def demo_config() -> RunConfig:
         "model": {"name_or_path": str(base_model_dir()), "max_seq_length": 128, "dtype": "float32"},
         "lora": {"r": 32, "lora_alpha": 64, "target_modules": "all-linear"},
         "data": {"path": str(ASSETS / "data.jsonl"), "format": "messages", "chat_template": "chatml"},
-        "training": {"max_steps": 120, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
-                     "learning_rate": 3e-3, "lr_scheduler_type": "cosine", "warmup_steps": 5, "logging_steps": 5,
-                     "save_steps": 60, "gradient_checkpointing": False, "seed": SEED},
+        "training": {"max_steps": 300, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
+                     "learning_rate": 3e-3, "lr_scheduler_type": "cosine", "warmup_steps": 5, "logging_steps": 10,
+                     "save_steps": 100, "gradient_checkpointing": False, "seed": SEED},
         "export": [{"format": "lora"}, {"format": "merged", "dtype": "float16"}],
         "output": {"name": "demo"},
     }, source="built-in demo")

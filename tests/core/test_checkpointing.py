@@ -20,6 +20,15 @@ TOKENS, HIDDEN = 2 * 12, 32
 FULL, KEPT = 520 * TOKENS * 4, HIDDEN * TOKENS * 4
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: more intra-op threads only add synchronisation."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def base():
     torch.manual_seed(0)
@@ -29,20 +38,21 @@ def base():
     return get_peft_model(LlamaForCausalLM(cfg), lora)
 
 
-def _step(model) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """One training step's LoRA gradients and how often each layer's MLP ran."""
+def _step(model, device: str = "cpu") -> tuple[dict[str, torch.Tensor], list[int]]:
+    """One training step's LoRA gradients and how often each layer's MLP started (a recompute stops once it has
+    rebuilt what the backward needs, so the start is what to count)."""
     calls = []
     hooks = []
     for index, layer in enumerate(decoder_layers(model)):
         calls.append(0)
-        hooks.append(layer.mlp.register_forward_hook(lambda *_, i=index: calls.__setitem__(i, calls[i] + 1)))
+        hooks.append(layer.mlp.register_forward_pre_hook(lambda *_, i=index: calls.__setitem__(i, calls[i] + 1)))
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 99, (2, 12), generator=g)
-    model.train()
+    ids = torch.randint(0, 99, (2, 12), generator=g).to(device)
+    model.to(device).train()
     model(input_ids=ids, labels=ids).loss.backward()
     for hook in hooks:
         hook.remove()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, calls
+    return {n: p.grad.cpu() for n, p in model.named_parameters() if p.requires_grad}, calls
 
 
 @pytest.mark.parametrize("mode, budget, recomputed, described", [
@@ -68,3 +78,15 @@ def test_gradients_match_without_checkpointing(base, mode, budget, recomputed, d
 def test_unknown_mode_is_an_error(base):
     with pytest.raises(ValueError, match="expected one of: off, true, offload, auto"):
         apply_gradient_checkpointing(copy.deepcopy(base), "sometimes")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", [True, "offload", "auto"])
+def test_gradients_match_on_gpu(base, mode):
+    expected, _ = _step(copy.deepcopy(base), "cuda")
+    model = copy.deepcopy(base).cuda()
+    apply_gradient_checkpointing(model, mode, memory_budget_bytes=0 if mode == "auto" else None)
+    grads, calls = _step(model, "cuda")
+    assert calls == [2, 2]
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)

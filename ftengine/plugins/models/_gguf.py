@@ -13,7 +13,6 @@ import functools
 import re
 from typing import Any
 
-import gguf
 import torch
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -21,8 +20,10 @@ _BLOCK0 = "blk.0."
 
 
 @functools.cache
-def _name_map(arch: str) -> gguf.TensorNameMap:
-    """The one-block name map of a llama.cpp architecture; other blocks are mapped through block 0."""
+def _name_map(arch: str) -> Any:
+    """The one-block ``gguf.TensorNameMap`` of a llama.cpp architecture; other blocks map through block 0."""
+    import gguf  # only exports need it
+
     for key, value in gguf.MODEL_ARCH_NAMES.items():
         if value == arch:
             return gguf.get_tensor_name_map(key, 1)

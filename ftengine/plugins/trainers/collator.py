@@ -8,9 +8,14 @@ import torch
 
 
 class PadCollator:
-    """Pads ``input_ids`` with the pad id, ``labels`` with -100, and builds ``attention_mask``.
+    """Pads ``input_ids`` with the pad id and ``labels`` with -100.
 
-    Rows carrying ``position_ids`` (packed rows) keep them, padded with zeros.
+    Unpacked rows get an ``attention_mask`` (1 on tokens, 0 on padding). Packed rows (those
+    carrying ``position_ids``, restarting at 0 for each sample) get their ``position_ids`` and no
+    ``attention_mask``: from position ids alone transformers builds a block-diagonal causal mask,
+    one block per sample, so no token attends across a sample boundary; a padding mask would make
+    it fall back to one causal mask over the whole row. Padding gets position 0, so every pad
+    token is a block of its own that no real token sees.
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
@@ -21,19 +26,17 @@ class PadCollator:
         longest = max(len(r["input_ids"]) for r in rows)
         if self.pad_to_multiple_of:
             longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        packed = all("position_ids" in r for r in rows)
+        shape = (len(rows), longest)
         batch = {
-            "input_ids": torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long),
-            "labels": torch.full((len(rows), longest), -100, dtype=torch.long),
-            "attention_mask": torch.zeros((len(rows), longest), dtype=torch.long),
+            "input_ids": torch.full(shape, self.pad_token_id, dtype=torch.long),
+            "labels": torch.full(shape, -100, dtype=torch.long),
         }
-        with_positions = all("position_ids" in r for r in rows)
-        if with_positions:
-            batch["position_ids"] = torch.zeros((len(rows), longest), dtype=torch.long)
+        extra = "position_ids" if packed else "attention_mask"
+        batch[extra] = torch.zeros(shape, dtype=torch.long)
         for i, row in enumerate(rows):
             n = len(row["input_ids"])
             batch["input_ids"][i, :n] = torch.as_tensor(row["input_ids"])
             batch["labels"][i, :n] = torch.as_tensor(row["labels"])
-            batch["attention_mask"][i, :n] = 1
-            if with_positions:
-                batch["position_ids"][i, :n] = torch.as_tensor(row["position_ids"])
+            batch[extra][i, :n] = torch.as_tensor(row["position_ids"]) if packed else 1
         return batch

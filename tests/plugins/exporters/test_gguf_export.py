@@ -25,7 +25,10 @@ from ftengine.core.errors import ExportError
 from ftengine.core.plugins import get_registry
 from ftengine.plugins.exporters.gguf import writer as writer_module
 from ftengine.plugins.exporters.gguf.exporter import GGUFExporter
+from ftengine.plugins.exporters.gguf.tokenizer import GPT4O_SPLIT
 from ftengine.plugins.exporters.gguf.tokenizer import LLAMA3_SPLIT
+from ftengine.plugins.exporters.gguf.tokenizer import QWEN2_SPLIT
+from ftengine.plugins.exporters.gguf.tokenizer import TEKKEN_SPLIT
 from ftengine.plugins.exporters.gguf.tokenizer import build_vocab
 
 CORPUS = ["the cat sat on the mat, 123 times!", "hello world\nnew line and tabs\t", "it's a test of byte fallback é"]
@@ -199,8 +202,15 @@ def test_lora_is_merged_into_the_exported_weights(tmp_path):
     assert not any("lora" in name for name in tensors)
 
 
-def test_pre_tokenizer_names():
-    assert build_vocab(_byte_level(), 300).pre == "llama-bpe"
+@pytest.mark.parametrize(
+    ("split", "name"),
+    [(LLAMA3_SPLIT, "llama-bpe"), (QWEN2_SPLIT, "qwen2"), (TEKKEN_SPLIT, "tekken"), (GPT4O_SPLIT, "gpt-4o")],
+)
+def test_known_pre_tokenizers(split, name):
+    assert build_vocab(_byte_level(split), 300).pre == name
+
+
+def test_other_pre_tokenizers():
     assert build_vocab(_byte_level(split=None), 300).pre == "gpt-2"
     odd = build_vocab(_byte_level(split=r"\w+|\s+|[^\w\s]+"), 300)
     assert odd.pre == "default" and "not one llama.cpp knows" in odd.notes[0]
@@ -228,3 +238,24 @@ def test_unigram_vocab():
     assert vocab.scores[: len(spec_scores)] == pytest.approx(spec_scores)
     assert vocab.tokens[-1] == "[PAD129]"
     assert vocab.special_ids == {"bos": 1, "eos": 2, "unk": 0}
+
+
+def test_qlora_export_reads_the_original_16bit_weights(tmp_path):
+    from peft import LoraConfig
+    from peft import get_peft_model
+    from transformers import BitsAndBytesConfig
+
+    original = _llama()
+    original.save_pretrained(tmp_path / "base")
+    quantized = LlamaForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    )
+    peft_model = get_peft_model(quantized, LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj"]))
+    layer = peft_model.base_model.model.model.layers[1].self_attn.o_proj
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.5)
+    expected = original.model.layers[1].self_attn.o_proj.weight + layer.get_delta_weight("default").float()
+    lines = writer_module.write_gguf(peft_model, _byte_level(), tmp_path / "m.gguf", "f32")
+    assert any(line.startswith("base weights: original 16-bit checkpoint") for line in lines)
+    tensors = {t.name: t for t in GGUFReader(tmp_path / "m.gguf").tensors}
+    got = np.asarray(tensors["blk.1.attn_output.weight"].data).reshape(expected.shape)
+    np.testing.assert_allclose(got, expected.detach().numpy(), rtol=1e-5, atol=1e-6)

@@ -29,8 +29,10 @@ from transformers import Qwen2Config
 from transformers import Qwen2ForCausalLM
 
 from ftengine.plugins.exporters.gguf.exporter import GGUFExporter
+from ftengine.plugins.exporters.gguf.tokenizer import GPT4O_SPLIT
 from ftengine.plugins.exporters.gguf.tokenizer import LLAMA3_SPLIT
 from ftengine.plugins.exporters.gguf.tokenizer import QWEN2_SPLIT
+from ftengine.plugins.exporters.gguf.tokenizer import TEKKEN_SPLIT
 from ftengine.plugins.exporters.gguf.writer import write_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -236,15 +238,36 @@ def _sentencepiece_bpe() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def test_sentencepiece_tokenization_matches(tmp_path):
-    tokenizer = _sentencepiece_bpe()
+def _gpt2_style() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=480, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+@pytest.mark.parametrize(
+    ("kind", "make", "ggml_model", "pre"),
+    [
+        ("sentencepiece", _sentencepiece_bpe, "llama", None),
+        ("gpt-2", _gpt2_style, "gpt2", "gpt-2"),
+        ("tekken", lambda: _tokenizer(TEKKEN_SPLIT), "gpt2", "tekken"),
+        ("gpt-4o", lambda: _tokenizer(GPT4O_SPLIT), "gpt2", "gpt-4o"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+def test_other_tokenizers_tokenize_the_same(tmp_path, kind, make, ggml_model, pre):
+    tokenizer = make()
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                          num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=64))
-    write_gguf(model, tokenizer, tmp_path / "spm.gguf", "f16")
-    llm = llama_cpp.Llama(str(tmp_path / "spm.gguf"), vocab_only=True, verbose=False)
-    assert llm.metadata["tokenizer.ggml.model"] == "llama"
-    for text in TEXTS + CORPUS:  # TEXTS has characters the vocabulary lacks: byte fallback
+    write_gguf(model, tokenizer, tmp_path / f"{kind}.gguf", "f16")
+    llm = llama_cpp.Llama(str(tmp_path / f"{kind}.gguf"), vocab_only=True, verbose=False)
+    assert llm.metadata["tokenizer.ggml.model"] == ggml_model
+    assert llm.metadata.get("tokenizer.ggml.pre") == pre
+    for text in TEXTS + CORPUS:  # TEXTS has characters the SentencePiece vocabulary lacks: byte fallback
         expected = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == expected, text
     llm.close()

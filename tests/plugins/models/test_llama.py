@@ -138,5 +138,6 @@ def test_gguf_metadata():
 
 
 @pytest.mark.gpu
-def test_bf16_on_gpu_as_close_to_fp32_as_hf():
+def test_bf16_on_gpu_as_close_to_fp32_as_hf(monkeypatch):
+    use_backend(monkeypatch, "triton")
     assert_bf16_as_close_as_hf(LlamaForCausalLM, config(**GPU_SIZES), "llama")

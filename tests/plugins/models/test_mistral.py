@@ -57,5 +57,6 @@ def test_gguf_exports_as_llama_with_explicit_head_dim():
 
 
 @pytest.mark.gpu
-def test_bf16_on_gpu_as_close_to_fp32_as_hf():
+def test_bf16_on_gpu_as_close_to_fp32_as_hf(monkeypatch):
+    use_backend(monkeypatch, "triton")
     assert_bf16_as_close_as_hf(MistralForCausalLM, config(**GPU_SIZES), "mistral")

@@ -102,5 +102,6 @@ def test_qlora_nf4_matches_peft(tmp_path):
 
 
 @pytest.mark.gpu
-def test_bf16_on_gpu_as_close_to_fp32_as_hf():
+def test_bf16_on_gpu_as_close_to_fp32_as_hf(monkeypatch):
+    use_backend(monkeypatch, "triton")
     assert_bf16_as_close_as_hf(Qwen2ForCausalLM, config(**GPU_SIZES), "qwen2")

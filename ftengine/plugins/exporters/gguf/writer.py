@@ -32,6 +32,8 @@ from ftengine.plugins.exporters.gguf import mixes
 from ftengine.plugins.exporters.gguf import quants
 from ftengine.plugins.exporters.gguf.tokenizer import build_vocab
 from ftengine.plugins.exporters.gguf.tokenizer import write_vocab
+from ftengine.plugins.exporters.merge import OriginalCheckpoint
+from ftengine.plugins.exporters.merge import is_quantized
 from ftengine.plugins.exporters.merge import iter_merged_tensors
 
 BITS_PER_WEIGHT = {"f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q4_0": 4.5,
@@ -151,10 +153,10 @@ def _add_value(writer: GGUFWriter, key: str, value: Any) -> None:
         writer.add_key_value(key, value, GGUFValueType.get_type(value))
 
 
-def _tensors(model: Any, adapter: Any, config: Any):
+def _tensors(model: Any, adapter: Any, config: Any, original: OriginalCheckpoint | None):
     """``(gguf_name, tensor)`` in llama.cpp's layout, then the adapter's extra tensors (``rope_freqs``)."""
     tied = bool(getattr(getattr(config, "text_config", None) or config, "tie_word_embeddings", False))
-    for hf_name, tensor in iter_merged_tensors(model, torch.float32):
+    for hf_name, tensor in iter_merged_tensors(model, torch.float32, original):
         name = adapter.gguf_tensor_name(hf_name)
         if name is None or (tied and name == "output.weight"):
             continue
@@ -192,6 +194,9 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quantization: str, name: 
     in_memory = estimate < psutil.virtual_memory().available // 4
     check_disk_space(path.parent, estimate if in_memory else 2 * estimate)  # a scratch file needs the room twice
 
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # A QLoRA run: read the base weights from the original 16-bit checkpoint rather than dequantize them.
+    original = OriginalCheckpoint.find(base) if is_quantized(base) else None
     arch = adapter.gguf_architecture
     n_layers = int(text.num_hidden_layers)
     tied = bool(getattr(text, "tie_word_embeddings", False))
@@ -201,7 +206,7 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quantization: str, name: 
     counts: dict[str, int] = {}
     try:
         with click.progressbar(length=len(model.state_dict()), label=f"GGUF {quantization}", file=sys.stderr) as bar:
-            for gguf_name, tensor in _tensors(model, adapter, config):
+            for gguf_name, tensor in _tensors(model, adapter, config, original):
                 qtype = mixes.tensor_type(gguf_name, tuple(tensor.shape), quantization, n_layers, tied)
                 data = np.ascontiguousarray(quants.quantize(tensor, qtype))
                 scratch.add(data)
@@ -235,6 +240,10 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quantization: str, name: 
     types = ", ".join(f"{n} x{c}" for n, c in sorted(counts.items()))
     size = path.stat().st_size
     lines = [f"{path.name}: {len(spilled)} tensors ({types}), {size / 2**20:.1f} MiB, llama.cpp architecture {arch}"]
+    if original is not None:
+        lines.append(f"base weights: original 16-bit checkpoint {original.directory} (read tensor by tensor)")
+    elif is_quantized(base):
+        lines.append("base weights: dequantized quantized base (no original 16-bit checkpoint found)")
     lines += [f"note: {note}" for note in vocab.notes]
     return lines
 

@@ -40,3 +40,13 @@ def can_overwrite(*tensors: torch.Tensor) -> bool:
     """
     ptrs = {t.untyped_storage().data_ptr() for t in tensors}
     return len(ptrs) == len(tensors) and all(not t.is_leaf and t.is_contiguous() for t in tensors)
+
+
+def gated_grads_may_overwrite(gate: torch.Tensor, up: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> bool:
+    """Whether a gated activation's backward may write ``dgate``/``dup`` over its saved ``g``/``u``.
+
+    ``g``/``u`` are ``gate``/``up`` made contiguous: a copy is always ours to overwrite; the
+    original only under :func:`can_overwrite`; and never when both share one storage.
+    """
+    ok = (g is not gate or can_overwrite(gate)) and (u is not up or can_overwrite(up))
+    return ok and g.untyped_storage().data_ptr() != u.untyped_storage().data_ptr()

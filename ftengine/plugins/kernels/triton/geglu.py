@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ftengine.plugins.kernels.triton._utils import can_overwrite
+from ftengine.plugins.kernels.triton._utils import gated_grads_may_overwrite
 
 BLOCK = 1024
 _APPROXIMATIONS = ("none", "tanh")
@@ -107,8 +107,7 @@ class _GeGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, approximate: str) -> torch.Tensor:
         g, u = gate.contiguous(), up.contiguous()
-        ctx.overwrite = (g is not gate or can_overwrite(gate)) and (u is not up or can_overwrite(up))
-        ctx.overwrite = ctx.overwrite and g.untyped_storage().data_ptr() != u.untyped_storage().data_ptr()
+        ctx.overwrite = gated_grads_may_overwrite(gate, up, g, u)
         ctx.approximate = approximate
         ctx.save_for_backward(g, u)
         return geglu_forward(g, u, approximate)

@@ -92,6 +92,7 @@ def add_input_grad(
 
 
 def bias_grad(dy: torch.Tensor, bias: torch.Tensor | None, needed: bool) -> torch.Tensor | None:
+    """``sum_rows dy`` in the bias dtype, when there is a bias that needs it."""
     return dy.sum(0).to(bias.dtype) if needed and bias is not None else None
 
 

@@ -1,0 +1,274 @@
+"""End-to-end LoRA / QLoRA training steps: ftengine vs plain transformers + PEFT vs + Liger-Kernel.
+
+Each framework runs in its own process (Liger patches classes for the whole process) over the
+same random-weight models at real shapes (Llama-3.1-8B, Qwen2.5-7B), the same random tokens and
+the same LoRA (r=16, alpha=16, all linear projections, PEFT's default fp32 adapters), SDPA
+attention, AdamW on the adapters, and gradient checkpointing of every decoder layer:
+
+- ``hf``: transformers + PEFT as they come (non-reentrant checkpointing, the loss from full logits);
+- ``liger``: the same after ``apply_liger_kernel_to_<family>()`` (RMSNorm, RoPE, SwiGLU, fused
+  linear cross-entropy);
+- ``ftengine``: the model adapter's patch (``get_op``: the Triton ops on a GPU), then PEFT, then
+  :func:`ftengine.core.checkpointing.apply_gradient_checkpointing` (standard).
+
+QLoRA replaces every decoder projection by a bitsandbytes NF4 ``Linear4bit`` (double-quantized,
+bf16 compute), quantized on the GPU from the same random weights. Per run: tokens/s and seconds a
+step (median of the timed steps), peak allocated and reserved GPU memory over the steps, MFU with
+``6*N_matmul + 12*L*d*s`` FLOPs a token (N_matmul: the projection and LM-head weights; the peak is
+the card's dense bf16 figure) and each step's loss.
+
+Run on the GPU: ``python benchmarks/e2e.py --out e2e.jsonl`` (the default matrix), then here:
+``python benchmarks/e2e.py --report e2e.jsonl --results benchmarks/RESULTS.md`` writes the table
+into the "## End to end" section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODELS = {
+    "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rms_norm_eps=1e-5,
+                         max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, rms_norm_eps=1e-6,
+                       max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=False),
+}
+FRAMEWORKS = ("hf", "liger", "ftengine")
+# (model, micro-batch, quantization): the default matrix
+MATRIX = [("llama-3.1-8b", 1, "none"), ("llama-3.1-8b", 4, "none"), ("llama-3.1-8b", 1, "nf4"),
+          ("qwen2.5-7b", 1, "none"), ("qwen2.5-7b", 4, "none"), ("qwen2.5-7b", 1, "nf4")]
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GIB = 1024**3
+DEVICE = "cuda"
+
+
+def build_model(name: str, quant: str, framework: str):
+    """A random-weight model on the GPU in bf16 (NF4 projections for ``quant == "nf4"``)."""
+    import torch
+    from transformers import AutoConfig
+    from transformers import AutoModelForCausalLM
+
+    spec = dict(MODELS[name])
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    if framework == "liger":
+        import liger_kernel.transformers as liger
+
+        getattr(liger, f"apply_liger_kernel_to_{config.model_type}")()
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model.config.use_cache = False
+    if quant == "nf4":
+        quantize_projections(model)
+    return model
+
+
+def quantize_projections(model) -> None:
+    import bitsandbytes as bnb
+    import torch
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for attr in TARGETS:
+                linear = getattr(parent, attr, None)
+                if linear is None:
+                    continue
+                q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                      compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True,
+                                      device="meta")
+                q.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True).to(DEVICE)
+                if linear.bias is not None:
+                    q.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+                setattr(parent, attr, q)
+                del linear
+    torch.cuda.empty_cache()
+
+
+def matmul_params(model) -> int:
+    """Weights that take part in matrix products: the projections (NF4 counted unpacked) and the LM head."""
+    total = model.config.vocab_size * model.config.hidden_size  # the LM head
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for attr in TARGETS:
+                linear = getattr(parent, attr, None)
+                if linear is not None:
+                    total += linear.in_features * linear.out_features
+    return total
+
+
+def run(name: str, framework: str, micro_batch: int, quant: str, seq: int, steps: int, warmup: int) -> dict:
+    import torch
+    from peft import LoraConfig
+    from peft import get_peft_model
+
+    model = build_model(name, quant, framework)
+    n_matmul = matmul_params(model)
+    patched = []
+    if framework == "ftengine":
+        from ftengine.core.kernels import get_op
+        from ftengine.core.plugins import adapter_for_model_type
+
+        patched = adapter_for_model_type(model.config.model_type).patch(model, get_op)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+                                             task_type="CAUSAL_LM"))
+    if framework == "ftengine":
+        from ftengine.core.checkpointing import apply_gradient_checkpointing
+
+        apply_gradient_checkpointing(model, True)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, model.config.vocab_size, (micro_batch, seq), generator=g).to(DEVICE)
+               for _ in range(steps + warmup)]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    losses, times = [], []
+    for ids in batches:
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        losses.append(round(loss.item(), 4))
+    step_s = statistics.median(times[warmup:])
+    tokens = micro_batch * seq
+    cfg = model.config
+    flops_per_token = 6 * n_matmul + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq
+    device = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BF16.items() if k in device), 989e12)
+    return dict(model=name, framework=framework, micro_batch=micro_batch, quant=quant, seq=seq,
+                tokens_per_s=tokens / step_s, step_s=step_s, mfu=flops_per_token * tokens / step_s / peak,
+                peak_alloc_gib=torch.cuda.max_memory_allocated() / GIB,
+                peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB, losses=losses, patched=patched)
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One framework, every configuration of the matrix, one JSON line each (an error line on failure)."""
+    import torch
+
+    with open(args.out, "a") as out:
+        for name, micro_batch, quant in args.matrix:
+            row = dict(model=name, framework=args.framework, micro_batch=micro_batch, quant=quant, seq=args.seq)
+            try:
+                row = run(name, args.framework, micro_batch, quant, args.seq, args.steps, args.warmup)
+            except torch.cuda.OutOfMemoryError:
+                row["error"] = "out of memory"
+            except Exception as exc:  # noqa: BLE001 - one failed configuration must not stop the others
+                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+            print(json.dumps({k: v for k, v in row.items() if k != "patched"}), flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+
+
+def environment() -> str:
+    import peft
+    import torch
+    import transformers
+
+    versions = f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
+    for extra in ("liger_kernel", "bitsandbytes", "triton"):
+        try:
+            versions += f", {extra} {__import__(extra).__version__}"
+        except Exception:  # noqa: BLE001 - absent or without a version
+            versions += f", {extra} absent"
+    return f"{torch.cuda.get_device_name()}; {versions}; {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC"
+
+
+def report(rows: list[dict], device_line: str) -> str:
+    """The markdown table: one row per configuration and framework, with the speed-up over ``hf``."""
+    lines = ["## End to end", "", f"Device: {device_line}", "",
+             "LoRA r=16 (alpha 16, q/k/v/o/gate/up/down, fp32 adapters as PEFT makes them), random weights at the "
+             "named shapes, random tokens, seq 2048, AdamW, SDPA, every decoder layer checkpointed. "
+             "tok/s and s/step: median of the timed steps after warm-up; memory: peak over the steps; "
+             "MFU: (6*N_matmul + 12*L*d*s) FLOPs a token over the dense bf16 peak. "
+             "Produced by `benchmarks/e2e.py`.", "",
+             "| model | quant | mb | framework | tok/s | vs hf | s/step | peak alloc GiB | peak reserved GiB | MFU "
+             "| loss per step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {(r["model"], r["quant"], r["micro_batch"]): r for r in rows if r["framework"] == "hf" and "error" not in r}
+    order = {name: i for i, name in enumerate(MODELS)}
+    rows = sorted(rows, key=lambda r: (order.get(r["model"], 99), r["quant"], r["micro_batch"],
+                                       FRAMEWORKS.index(r["framework"])))
+    for r in rows:
+        key = (r["model"], r["quant"], r["micro_batch"])
+        head = f"| {r['model']} | {r['quant']} | {r['micro_batch']} | {r['framework']} "
+        if "error" in r:
+            lines.append(head + f"| {r['error']} | | | | | | |")
+            continue
+        speedup = f"{r['tokens_per_s'] / base[key]['tokens_per_s']:.2f}x" if key in base else ""
+        losses = " ".join(f"{x:.3f}" for x in r["losses"])
+        lines.append(head + f"| {r['tokens_per_s']:.0f} | {speedup} | {r['step_s']:.3f} | {r['peak_alloc_gib']:.1f} "
+                     f"| {r['peak_reserved_gib']:.1f} | {100 * r['mfu']:.1f}% | {losses} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(results: Path, section: str) -> None:
+    """Replace (or append) the "## End to end" section of ``results``, leaving the other sections as they are."""
+    text = results.read_text() if results.exists() else "# Benchmark results\n"
+    start = text.find("## End to end")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+    results.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="JSON lines written here (GPU run)")
+    parser.add_argument("--frameworks", default=",".join(FRAMEWORKS))
+    parser.add_argument("--only", help="comma-separated model:micro_batch:quant triples instead of the default matrix")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--framework", help=argparse.SUPPRESS)  # the worker process
+    parser.add_argument("--report", type=Path, help="JSON lines to turn into the markdown table")
+    parser.add_argument("--results", type=Path, help="with --report: the RESULTS.md to write the section into")
+    args = parser.parse_args()
+    if args.only:
+        args.matrix = [(m, int(b), q) for m, b, q in (t.split(":") for t in args.only.split(","))]
+    else:
+        args.matrix = MATRIX
+    if args.report:
+        rows = [json.loads(line) for line in args.report.read_text().splitlines() if line.strip()]
+        device = next((r["device"] for r in rows if "device" in r), "unknown")
+        section = report([r for r in rows if "framework" in r], device)
+        if args.results:
+            write_section(args.results, section)
+        print(section)
+        return
+    if args.framework:
+        worker(args)
+        return
+    args.out.write_text(json.dumps({"device": environment()}) + "\n")
+    only = ",".join(f"{m}:{b}:{q}" for m, b, q in args.matrix)
+    for framework in args.frameworks.split(","):
+        command = [sys.executable, __file__, "--framework", framework, "--out", str(args.out), "--only", only,
+                   "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        subprocess.run(command, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+if __name__ == "__main__":
+    main()
