@@ -9,7 +9,8 @@ attention, AdamW on the adapters, and gradient checkpointing of every decoder la
 - ``liger``: the same after ``apply_liger_kernel_to_<family>()`` (RMSNorm, RoPE, SwiGLU, fused
   linear cross-entropy);
 - ``ftengine``: the model adapter's patch (``get_op``: the Triton ops on a GPU), then PEFT, then
-  :func:`ftengine.core.checkpointing.apply_gradient_checkpointing` (standard).
+  :func:`ftengine.core.checkpointing.apply_gradient_checkpointing` (standard; ``ftengine-offload``
+  and ``ftengine-auto``: those modes).
 
 QLoRA replaces every decoder projection by a bitsandbytes NF4 ``Linear4bit`` (double-quantized,
 bf16 compute), quantized on the GPU from the same random weights. Per run: tokens/s and seconds a
@@ -45,7 +46,8 @@ MODELS = {
                        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, rms_norm_eps=1e-6,
                        max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=False),
 }
-FRAMEWORKS = ("hf", "liger", "ftengine")
+FRAMEWORKS = ("hf", "liger", "ftengine", "ftengine-offload", "ftengine-auto")
+# ftengine-offload / ftengine-auto: ftengine with those gradient checkpointing modes instead of the standard one
 # (model, micro-batch, quantization): the default matrix
 MATRIX = [("llama-3.1-8b", 1, "none"), ("llama-3.1-8b", 4, "none"), ("llama-3.1-8b", 1, "nf4"),
           ("qwen2.5-7b", 1, "none"), ("qwen2.5-7b", 4, "none"), ("qwen2.5-7b", 1, "nf4")]
@@ -117,18 +119,18 @@ def run(name: str, framework: str, micro_batch: int, quant: str, seq: int, steps
 
     model = build_model(name, quant, framework)
     n_matmul = matmul_params(model)
-    patched = []
-    if framework == "ftengine":
+    patched, checkpointing = [], "standard (non-reentrant), transformers' own"
+    if framework.startswith("ftengine"):
         from ftengine.core.kernels import get_op
         from ftengine.core.plugins import adapter_for_model_type
 
         patched = adapter_for_model_type(model.config.model_type).patch(model, get_op)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
                                              task_type="CAUSAL_LM"))
-    if framework == "ftengine":
+    if framework.startswith("ftengine"):
         from ftengine.core.checkpointing import apply_gradient_checkpointing
 
-        apply_gradient_checkpointing(model, True)
+        checkpointing = apply_gradient_checkpointing(model, framework.partition("-")[2] or True)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -158,7 +160,9 @@ def run(name: str, framework: str, micro_batch: int, quant: str, seq: int, steps
     return dict(model=name, framework=framework, micro_batch=micro_batch, quant=quant, seq=seq,
                 tokens_per_s=tokens / step_s, step_s=step_s, mfu=flops_per_token * tokens / step_s / peak,
                 peak_alloc_gib=torch.cuda.max_memory_allocated() / GIB,
-                peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB, losses=losses, patched=patched)
+                peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB, losses=losses, patched=patched,
+                checkpointing=checkpointing, checkpointed_layers=sum(
+                    bool(getattr(m, "gradient_checkpointing", False)) for m in model.base_model.model.model.layers))
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -212,7 +216,10 @@ def report(rows: list[dict], device_line: str) -> str:
                                        FRAMEWORKS.index(r["framework"])))
     for r in rows:
         key = (r["model"], r["quant"], r["micro_batch"])
-        head = f"| {r['model']} | {r['quant']} | {r['micro_batch']} | {r['framework']} "
+        framework = r["framework"]
+        if framework == "ftengine-auto" and "checkpointed_layers" in r:
+            framework += f" ({r['checkpointed_layers']} layers checkpointed)"
+        head = f"| {r['model']} | {r['quant']} | {r['micro_batch']} | {framework} "
         if "error" in r:
             lines.append(head + f"| {r['error']} | | | | | | |")
             continue

@@ -1,5 +1,6 @@
 """Regenerates the built-in demo's assets in ftengine/demo/: the instruction dataset, the
-byte-level BPE tokenizer trained on it, and the tiny Qwen2 config.
+byte-level BPE tokenizer trained on it, the preference (DPO) dataset over the same facts, and the
+tiny Qwen2 config.
 
     python scripts/make_demo_assets.py
 """
@@ -75,6 +76,59 @@ def rows() -> list[dict]:
     return out
 
 
+def _wrong(rng: random.Random, right: str, choices: list[str]) -> str:
+    return rng.choice([c for c in choices if c != right])
+
+
+def _naive_plural(word: str) -> str:
+    return word + ("es" if word.endswith(("s", "x", "ch", "sh")) else "s")
+
+
+def preference_rows() -> list[dict]:
+    """The demo's facts as preference pairs: chosen = the right answer, rejected = a wrong one in
+    the same words. Every fourth pair is written as message lists (with a system prompt every
+    eighth), the others as strings, so both shapes of the preference format appear."""
+    rng = random.Random(11)
+    cities, colors, sounds = list(CAPITALS.values()), sorted(set(COLORS.values())), list(SOUNDS.values())
+    opposites = list(OPPOSITES.values())
+    triples = []
+    for country, city in CAPITALS.items():
+        triples.append((f"What is the capital of {country}?", f"The capital of {country} is {city}.",
+                        f"The capital of {country} is {_wrong(rng, city, cities)}."))
+    for word, opposite in OPPOSITES.items():
+        triples.append((f"What is the opposite of {word}?", f"The opposite of {word} is {opposite}.",
+                        f"The opposite of {word} is {_wrong(rng, opposite, opposites)}."))
+    for thing, color in COLORS.items():
+        subject = thing[0].upper() + thing[1:]
+        triples.append((f"What color is {thing}?", f"{subject} is {color}.",
+                        f"{subject} is {_wrong(rng, color, colors)}."))
+    for animal, sound in SOUNDS.items():
+        subject = animal[0].upper() + animal[1:]
+        triples.append((f"What sound does {animal} make?", f"{subject} says {sound}.",
+                        f"{subject} says {_wrong(rng, sound, sounds)}."))
+    for word, plural in PLURALS.items():
+        wrong = _naive_plural(word) if _naive_plural(word) != plural else word
+        triples.append((f"What is the plural of {word}?", f"The plural of {word} is {plural}.",
+                        f"The plural of {word} is {wrong}."))
+    out = []
+    for i, (question, chosen, rejected) in enumerate(triples):
+        if i % 4:
+            out.append({"prompt": question, "chosen": chosen, "rejected": rejected})
+            continue
+        prompt = [{"role": "user", "content": question}]
+        if i % 8 == 0:
+            prompt.insert(0, {"role": "system", "content": SYSTEMS[0]})
+        out.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}]})
+    return out
+
+
+def write_jsonl(path: Path, data: list[dict]) -> None:
+    with path.open("w") as handle:
+        for row in data:
+            handle.write(json.dumps(row) + "\n")
+
+
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
     "'\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -105,12 +159,12 @@ def tokenizer(texts: list[str]) -> None:
 def main() -> None:
     DEMO.mkdir(parents=True, exist_ok=True)
     data = rows()
-    with (DEMO / "data.jsonl").open("w") as handle:
-        for row in data:
-            handle.write(json.dumps(row) + "\n")
+    write_jsonl(DEMO / "data.jsonl", data)
+    pairs = preference_rows()
+    write_jsonl(DEMO / "preference.jsonl", pairs)
     texts = [m["content"] for row in data for m in row["messages"]] + ["system user assistant"]
     tokenizer(texts * 4)
-    print(f"{len(data)} rows written to {DEMO}")
+    print(f"{len(data)} rows and {len(pairs)} preference pairs written to {DEMO}")
 
 
 if __name__ == "__main__":

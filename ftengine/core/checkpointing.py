@@ -12,11 +12,12 @@ not, with or without peft around it.
   layer ``i`` recomputes, layer ``i-1``'s input is already on its way). On a CPU host the input
   simply stays where it is.
 - ``"auto"``: checkpoint only as many layers as the activation memory needs. At the first training
-  forward of each new batch shape it estimates a layer's activations from the config (per token,
-  in the model's dtype: ``6*hidden + 2*kv_dim + 3*intermediate`` values, plus a quarter for the
-  small tensors) and checkpoints the fewest leading layers that fit the budget: the given bytes,
-  else the GPU's free memory (free on the device plus PyTorch's cached free blocks) minus a margin
-  of 10% of the card and 1 GiB, else, on a CPU host, the available host memory.
+  forward of each new batch size (a pre-hook on the decoder body) it estimates a layer's
+  activations from the config (per token, in the model's dtype: ``6*hidden + 2*kv_dim +
+  3*intermediate`` values, plus a quarter for the small tensors) and checkpoints the fewest
+  leading layers that fit the budget: the given bytes, else the GPU's free memory (free on the
+  device plus PyTorch's cached free blocks) minus a margin of 10% of the card and 1 GiB, else, on
+  a CPU host, the available host memory.
 """
 
 from __future__ import annotations
@@ -88,9 +89,19 @@ def apply_gradient_checkpointing(model: torch.nn.Module, mode: str | bool,
         return f"offload: {len(layers)} layers, inputs kept in {where}, prefetched a layer ahead"
     planner = _AutoPlanner(model, layers, memory_budget_bytes)
     _set(layers, standard, 0)
-    layers[0].register_forward_pre_hook(planner.before_first_layer, with_kwargs=True)
+    # on the module that runs the layers: some transformers versions read a layer's flag before its own hooks
+    _owner(model, layers[0]).register_forward_pre_hook(planner.before_decoder, with_kwargs=True)
     budget = "given" if memory_budget_bytes is not None else "measured at the first step"
     return f"auto: as many of {len(layers)} layers as needed, budget {budget}"
+
+
+def _owner(model: torch.nn.Module, layer: torch.nn.Module) -> torch.nn.Module:
+    """The module whose layer list holds ``layer`` (the decoder body, e.g. ``LlamaModel``)."""
+    for module in model.modules():
+        for child in module.children():
+            if isinstance(child, torch.nn.ModuleList) and any(item is layer for item in child):
+                return module
+    raise ValueError(f"no module of {type(model).__name__} holds its decoder layers in a ModuleList")
 
 
 def _set(layers: list[torch.nn.Module], function: Any, count: int) -> None:
@@ -183,13 +194,15 @@ class _AutoPlanner:
         self.plans: dict[int, int] = {}
         self.last_plan: int | None = None
 
-    def before_first_layer(self, layer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if not layer.training:
+    def before_decoder(self, decoder: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if not decoder.training:
             return
-        hidden = args[0] if args else kwargs["hidden_states"]
-        tokens = hidden.numel() // hidden.shape[-1]
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        tokens = ids.numel() if ids is not None else embeds.numel() // embeds.shape[-1]
         if tokens not in self.plans:
-            self.plans[tokens] = self.plan(tokens, hidden.element_size(), hidden.device)
+            weight = decoder.get_input_embeddings().weight  # the activations' dtype and device
+            self.plans[tokens] = self.plan(tokens, weight.element_size(), weight.device)
         count = self.plans[tokens]
         if count != self.last_plan:
             for index, each in enumerate(self.layers):

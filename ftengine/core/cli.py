@@ -14,7 +14,7 @@ import click
 
 from ftengine.core.errors import FtengineError
 
-CORE_COMMANDS = ("run", "init", "plugins", "export", "config-schema")
+CORE_COMMANDS = ("run", "init", "plugins", "export", "config-schema", "data")
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
 
 
@@ -105,8 +105,11 @@ def print_summary(result: Any) -> None:
 @click.option("--output-dir", type=click.Path(file_okay=False), help="Parent directory of the run directory.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue RUN_DIR from its latest "
                                                                               "checkpoint.")
+@click.option("--demo", "demo_kind", type=click.Choice(["sft", "dpo"]), default=None,
+              help="Run the built-in demo: sft (the default without CONFIG) or dpo.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
-def run(config: str | None, output_dir: str | None, resume_dir: str | None, debug: bool) -> None:
+def run(config: str | None, output_dir: str | None, resume_dir: str | None, demo_kind: str | None,
+        debug: bool) -> None:
     """Train as CONFIG says (a YAML run config), or the built-in demo when no CONFIG is given."""
     setup_logging(debug)
     quiet_libraries()
@@ -114,6 +117,8 @@ def run(config: str | None, output_dir: str | None, resume_dir: str | None, debu
     from ftengine.core.config import load_config
     from ftengine.core.rundir import RunDir
 
+    if demo_kind and (config or resume_dir):
+        fail(FtengineError("--demo runs the built-in demo: give it without CONFIG or --resume"), debug)
     demo = config is None and resume_dir is None
     try:
         if resume_dir:
@@ -127,9 +132,11 @@ def run(config: str | None, output_dir: str | None, resume_dir: str | None, debu
             if demo:
                 from ftengine.demo import demo_config
 
-                click.echo("ftengine demo: LoRA on a tiny Qwen2-architecture model (random initial weights), "
+                kind = demo_kind or "sft"
+                what = "DPO with LoRA" if kind == "dpo" else "LoRA"
+                click.echo(f"ftengine demo: {what} on a tiny Qwen2-architecture model (random initial weights), "
                            "on the CPU", err=True)
-                cfg = demo_config()
+                cfg = demo_config(kind)
             else:
                 cfg = load_config(config)
             result = pipeline.run(cfg, output_dir=output_dir)
@@ -216,3 +223,39 @@ def export(source: str, formats: tuple[str, ...], quantization: str | None, outp
         return
     for name, (path, lines) in results.items():
         click.echo(f"{name}: {path}: " + "; ".join(lines))
+
+
+@main.group()
+def data() -> None:
+    """Inspect a run's data before training."""
+
+
+@data.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("-n", "count", type=click.IntRange(min=0), default=3, show_default=True,
+              help="How many samples to print.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+def preview(config: str, count: int, debug: bool) -> None:
+    """Print the first samples of CONFIG's data as the trainer sees them (trained tokens highlighted: in
+    colour on a terminal, in [[brackets]] otherwise), then statistics over the whole dataset. Loads the
+    tokenizer only, never the model's weights."""
+    setup_logging(debug)
+    quiet_libraries()
+    from ftengine.core import preview as previewing
+    from ftengine.core.config import load_config
+
+    try:
+        cfg = load_config(config)
+        if not cfg.data.path:
+            raise FtengineError(f"{config}: data.path is not set")
+        tokenizer, template = previewing.load_tokenizer(cfg)
+        result = previewing.build_preview(cfg, tokenizer, count)
+    except FtengineError as exc:
+        fail(exc, debug)
+        return
+    result.template = template
+    color = click.get_text_stream("stdout").isatty()
+    for i, shown in enumerate(result.shown, start=1):
+        click.echo(previewing.format_sample(i, shown, cfg.model.max_seq_length, color), color=color)
+        click.echo()
+    click.echo("\n".join(previewing.format_statistics(result, cfg.data.path)))

@@ -383,8 +383,29 @@ def tokenize_samples(samples: list[tuple[str, Sample]], tokenizer: Any, max_seq_
 # ----------------------------------------------------------------------------- packing
 
 
+def pack_bins(lengths: list[int], max_seq_length: int) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into bins of at most ``max_seq_length`` total (best-fit decreasing:
+    longest first, each into the fullest bin it still fits)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    free: list[tuple[int, int]] = []  # (room left, bin), sorted: the best fit is the first with enough room
+    bins: list[list[int]] = []
+    for i in order:
+        n = lengths[i]
+        k = bisect.bisect_left(free, (n, -1))
+        if k == len(free):
+            bins.append([i])
+            b, room = len(bins) - 1, max_seq_length - n
+        else:
+            room, b = free.pop(k)
+            bins[b].append(i)
+            room -= n
+        if room > 0:
+            bisect.insort(free, (room, b))
+    return bins
+
+
 def pack_rows(rows: list[dict[str, Any]], max_seq_length: int) -> list[dict[str, Any]]:
-    """Pack tokenized rows into rows of at most ``max_seq_length`` tokens (best-fit decreasing).
+    """Pack tokenized rows into rows of at most ``max_seq_length`` tokens (:func:`pack_bins`).
 
     Each packed row concatenates whole samples; ``position_ids`` restart at 0 for each sample (the
     model builds a block-diagonal causal mask from them, so attention never crosses a sample
@@ -398,23 +419,8 @@ def pack_rows(rows: list[dict[str, Any]], max_seq_length: int) -> list[dict[str,
     Returns:
         ``{"input_ids", "labels", "position_ids"}`` dicts.
     """
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
-    free: list[tuple[int, int]] = []  # (room left, bin), sorted: the best fit is the first with enough room
-    bins: list[list[int]] = []
-    for i in order:
-        n = len(rows[i]["input_ids"])
-        k = bisect.bisect_left(free, (n, -1))
-        if k == len(free):
-            bins.append([i])
-            b, room = len(bins) - 1, max_seq_length - n
-        else:
-            room, b = free.pop(k)
-            bins[b].append(i)
-            room -= n
-        if room > 0:
-            bisect.insort(free, (room, b))
     packed = []
-    for members in bins:
+    for members in pack_bins([len(r["input_ids"]) for r in rows], max_seq_length):
         ids: list[int] = []
         labels: list[int] = []
         positions: list[int] = []

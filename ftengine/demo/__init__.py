@@ -1,9 +1,11 @@
 """The built-in demo: a tiny Qwen2-architecture model (random initial weights from a config shipped
-here), a byte-level BPE tokenizer and a small instruction dataset written for this project.
+here), a byte-level BPE tokenizer, and a small instruction dataset and a preference dataset over
+the same facts, written for this project.
 
 ``ftengine run`` with no config trains it on the CPU in about a minute through the same pipeline
 as a real run, exports the adapter and the merged model, and asks the reloaded merged model one
-of the training questions.
+of the training questions. ``ftengine run --demo dpo`` runs DPO on the preference pairs instead
+(chosen: the right answer, rejected: a wrong one) and exports the adapter.
 """
 
 from __future__ import annotations
@@ -50,8 +52,20 @@ def base_model_dir() -> Path:
     return target
 
 
-def demo_config() -> RunConfig:
-    """The demo's run config (what ``ftengine run`` alone runs)."""
+DEMO_KINDS = ("sft", "dpo")
+
+
+def demo_config(kind: str = "sft") -> RunConfig:
+    """The demo's run config: ``sft`` is what ``ftengine run`` alone runs, ``dpo`` what
+    ``ftengine run --demo dpo`` runs.
+
+    Raises:
+        ValueError: ``kind`` is not one of :data:`DEMO_KINDS`.
+    """
+    if kind == "dpo":
+        return dpo_demo_config()
+    if kind != "sft":
+        raise ValueError(f"unknown demo {kind!r}; choose one of {', '.join(DEMO_KINDS)}")
     return validate_config({
         "model": {"name_or_path": str(base_model_dir()), "max_seq_length": 128, "dtype": "float32"},
         "lora": {"r": 32, "lora_alpha": 64, "target_modules": "all-linear"},
@@ -62,6 +76,21 @@ def demo_config() -> RunConfig:
         "export": [{"format": "lora"}, {"format": "merged", "dtype": "float16"}],
         "output": {"name": "demo"},
     }, source="built-in demo")
+
+
+def dpo_demo_config() -> RunConfig:
+    """DPO with LoRA on the demo's preference pairs; the reference is the model with its adapter off."""
+    return validate_config({
+        "model": {"name_or_path": str(base_model_dir()), "max_seq_length": 128, "dtype": "float32"},
+        "lora": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
+        "data": {"path": str(ASSETS / "preference.jsonl"), "format": "preference", "chat_template": "chatml"},
+        "training": {"trainer": "dpo", "beta": 0.1, "loss_type": "sigmoid", "max_steps": 40,
+                     "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
+                     "lr_scheduler_type": "constant", "logging_steps": 5, "save_steps": 40,
+                     "gradient_checkpointing": False, "seed": SEED},
+        "export": [{"format": "lora"}],
+        "output": {"name": "demo-dpo"},
+    }, source="built-in DPO demo")
 
 
 def ask(model_dir: Path, question: str = PROMPT, max_new_tokens: int = 24) -> str:

@@ -1,0 +1,198 @@
+"""``ftengine data preview``: what the trainer will see, without loading the model's weights.
+
+Only the tokenizer and the chat template are loaded (and the model's config, to pick the default
+template of its architecture). The first samples are printed rendered, their trained tokens
+highlighted; then statistics over the whole dataset: what became of the rows, token lengths,
+truncation, the trained fraction and the packing efficiency.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from dataclasses import field
+from pathlib import Path
+from typing import Any
+
+from ftengine.core import plugins
+from ftengine.core.config import RunConfig
+from ftengine.core.data import DataReport
+from ftengine.core.data import Encoded
+from ftengine.core.data import encode_completion
+from ftengine.core.data import encode_sample
+from ftengine.core.data import load_samples
+from ftengine.core.data import pack_bins
+from ftengine.core.data import packing_efficiency
+from ftengine.core.data import preference_messages
+from ftengine.core.errors import ModelError
+from ftengine.core.types import Sample
+
+ANSI_TRAINED, ANSI_RESET = "\x1b[1;32m", "\x1b[0m"
+BRACKETS = ("[[", "]]")
+
+
+@dataclass
+class Shown:
+    """One sample as the trainer sees it: where it came from and its encoded sequence(s)."""
+
+    where: str
+    sequences: list[tuple[str, Encoded]]  # (label, encoded): one for SFT, chosen and rejected for DPO
+
+
+@dataclass
+class Preview:
+    """The shown samples and the statistics over the whole dataset."""
+
+    shown: list[Shown]
+    report: DataReport
+    lengths: list[int] = field(default_factory=list)  # token length of each sequence before truncation
+    template: str = ""
+    trainer: str = ""
+    max_seq_length: int = 0
+    packing: bool = False
+
+
+def load_tokenizer(config: RunConfig) -> tuple[Any, str]:
+    """The model's tokenizer with the run's chat template on it, and the template's name; reads
+    the model's config, never its weights."""
+    from transformers import AutoTokenizer
+
+    from ftengine.core.pipeline import choose_chat_template
+    from ftengine.core.pipeline import find_adapter
+    from ftengine.core.pipeline import load_model_config
+    from ftengine.core.templates import apply_chat_template
+
+    m = config.model
+    hf_config = load_model_config(m.name_or_path, m.trust_remote_code, m.revision)
+    adapter = find_adapter(hf_config, m.adapter)
+    local = Path(m.name_or_path).expanduser()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else m.name_or_path,
+                                                  trust_remote_code=m.trust_remote_code, revision=m.revision)
+    except OSError as exc:
+        raise ModelError(f"{m.name_or_path}: cannot load the tokenizer ({exc})") from None
+    template = choose_chat_template(tokenizer, config.data.chat_template, adapter)
+    apply_chat_template(tokenizer, template)
+    return tokenizer, template
+
+
+def _encode(sample: Sample, tokenizer: Any, train_on: str) -> list[tuple[str, Encoded]]:
+    if sample.kind == "preference":
+        prompt, chosen, rejected = preference_messages(sample)
+        return [("chosen", encode_completion(tokenizer, prompt, chosen)),
+                ("rejected", encode_completion(tokenizer, prompt, rejected))]
+    return [("", encode_sample(sample, tokenizer, train_on))]
+
+
+def build_preview(config: RunConfig, tokenizer: Any, n: int = 3) -> Preview:
+    """Encode every sample of ``config.data.path`` as the run would; keep the first ``n``.
+
+    Bad rows never stop a preview: they are counted and reported as ``data.on_bad_rows: skip``
+    would (a run with ``error`` stops at the first of them).
+    """
+    d, max_len = config.data, config.model.max_seq_length
+    trainer = plugins.get("trainers", config.training.trainer)
+    report = DataReport()
+    samples = load_samples(d.path, d.model_copy(update={"on_bad_rows": "skip"}), report)
+    preview = Preview([], report, trainer=trainer.name, max_seq_length=max_len,
+                      packing=d.packing and "preference" not in trainer.sample_kinds)
+    for where, sample in samples:
+        if sample.kind not in trainer.sample_kinds:
+            report.skip(f"{where}: a {sample.kind} sample, which the {trainer.name} trainer does not train on",
+                        f"{sample.kind} sample")
+            continue
+        try:
+            sequences = _encode(sample, tokenizer, d.train_on)
+        except Exception as exc:
+            report.skip(f"{where}: the chat template cannot render it: {exc}", "chat template error")
+            continue
+        trained = [sum(e.trained[:max_len]) for _, e in sequences]
+        if not all(trained):
+            report.skip(f"{where}: no trained tokens left after truncation to max_seq_length={max_len}",
+                        "no trained tokens")
+            continue
+        report.samples += 1
+        report.truncated += int(any(len(e.input_ids) > max_len for _, e in sequences))
+        for (_, e), t in zip(sequences, trained, strict=True):
+            preview.lengths.append(len(e.input_ids))
+            report.tokens += min(len(e.input_ids), max_len)
+            report.trained_tokens += t
+        if len(preview.shown) < n:
+            preview.shown.append(Shown(where, sequences))
+    if preview.packing:
+        cut = [min(n_tokens, max_len) for n_tokens in preview.lengths]
+        bins = pack_bins(cut, max_len)
+        report.packed_rows = len(bins)
+        report.packing_efficiency = packing_efficiency(cut, len(bins), max_len)
+    return preview
+
+
+def highlight(enc: Encoded, max_seq_length: int, color: bool) -> str:
+    """The rendered text up to the truncation point, trained tokens marked: ANSI green when
+    ``color``, else ``[[...]]``. Characters between tokens take the state of the token before."""
+    kept = min(len(enc.input_ids), max_seq_length)
+    end = enc.offsets[kept - 1][1] if kept else 0
+    state: list[bool | None] = [None] * end
+    for (start, stop), trained in zip(enc.offsets[:kept], enc.trained[:kept], strict=True):
+        state[start:stop] = [trained] * (stop - start)
+    for c in range(end):  # gaps: characters no token's span covers
+        if state[c] is None:
+            state[c] = bool(c and state[c - 1])
+    opening, closing = (ANSI_TRAINED, ANSI_RESET) if color else BRACKETS
+    out, inside = [], False
+    for c in range(end):
+        if state[c] != inside:
+            out.append(opening if state[c] else closing)
+            inside = state[c]
+        out.append(enc.text[c])
+    if inside:
+        out.append(closing)
+    text = "".join(out)
+    if kept < len(enc.input_ids):
+        text += f"\n... truncated: {len(enc.input_ids) - kept} more tokens beyond max_seq_length={max_seq_length}"
+    return text
+
+
+def _percentile(values: list[int], p: float) -> int:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p * len(ordered)) - 1)]
+
+
+def format_sample(index: int, shown: Shown, max_seq_length: int, color: bool) -> str:
+    lines = []
+    for label, enc in shown.sequences:
+        trained = sum(enc.trained[:max_seq_length])
+        title = f"sample {index} ({shown.where})" + (f" {label}" if label else "")
+        lines.append(f"--- {title}: {len(enc.input_ids)} tokens, {trained} trained ---")
+        lines.append(highlight(enc, max_seq_length, color))
+    return "\n".join(lines)
+
+
+def format_statistics(preview: Preview, path: str) -> list[str]:
+    """The statistics block: one ``name  value`` line each."""
+    r = preview.report
+    rows = [("rows", f"{r.rows} read: {r.samples} used, {r.skipped} skipped")]
+    for kind, count in sorted(r.skip_kinds.items(), key=lambda kv: -kv[1]):
+        rows.append(("  skipped", f"{count} x {kind}"))
+    for reason in r.skip_reasons[:5]:
+        rows.append(("  e.g.", reason))
+    if preview.lengths:
+        what = "sequence lengths (chosen and rejected)" if preview.trainer == "dpo" else "token lengths"
+        mean = sum(preview.lengths) / len(preview.lengths)
+        rows.append((what, f"mean {mean:.1f}, p50 {_percentile(preview.lengths, 0.5)}, "
+                           f"p95 {_percentile(preview.lengths, 0.95)}, max {max(preview.lengths)} "
+                           f"(max_seq_length {preview.max_seq_length})"))
+    rows.append(("truncated", f"{r.truncated / max(r.samples, 1):.1%} of samples ({r.truncated})"))
+    rows.append(("trained tokens", f"{r.trained_tokens / max(r.tokens, 1):.1%} of {r.tokens} tokens"))
+    if preview.trainer == "dpo":
+        rows.append(("packing", "not used by the dpo trainer"))
+    elif r.packing_efficiency is not None:
+        rows.append(("packing", f"{r.packed_rows} rows of {preview.max_seq_length} tokens, "
+                                f"{r.packing_efficiency:.1%} of token slots filled"))
+    else:
+        unpacked = r.tokens / max(r.samples * preview.max_seq_length, 1)
+        rows.append(("packing", f"off (data.packing: false); samples fill {unpacked:.1%} of max_seq_length"))
+    width = max(len(k) for k, _ in rows)
+    head = (f"statistics of {path} (format {r.format or '?'}, chat template {preview.template}, trainer "
+            f"{preview.trainer})")
+    return [head] + [f"  {k.ljust(width)}  {v}" for k, v in rows]
