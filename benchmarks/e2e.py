@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib.metadata
 import json
 import os
 import statistics
@@ -193,8 +194,8 @@ def environment() -> str:
     versions = f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
     for extra in ("liger_kernel", "bitsandbytes", "triton"):
         try:
-            versions += f", {extra} {__import__(extra).__version__}"
-        except Exception:  # noqa: BLE001 - absent or without a version
+            versions += f", {extra} {importlib.metadata.version(extra)}"
+        except importlib.metadata.PackageNotFoundError:
             versions += f", {extra} absent"
     return f"{torch.cuda.get_device_name()}; {versions}; {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC"
 
@@ -212,7 +213,7 @@ def report(rows: list[dict], device_line: str) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {(r["model"], r["quant"], r["micro_batch"]): r for r in rows if r["framework"] == "hf" and "error" not in r}
     order = {name: i for i, name in enumerate(MODELS)}
-    rows = sorted(rows, key=lambda r: (order.get(r["model"], 99), r["quant"], r["micro_batch"],
+    rows = sorted(rows, key=lambda r: (order.get(r["model"], 99), r["quant"] != "none", r["micro_batch"],
                                        FRAMEWORKS.index(r["framework"])))
     for r in rows:
         key = (r["model"], r["quant"], r["micro_batch"])
@@ -253,6 +254,7 @@ def main() -> None:
     parser.add_argument("--framework", help=argparse.SUPPRESS)  # the worker process
     parser.add_argument("--report", type=Path, help="JSON lines to turn into the markdown table")
     parser.add_argument("--results", type=Path, help="with --report: the RESULTS.md to write the section into")
+    parser.add_argument("--note", default="", help="with --report: a paragraph added under the table")
     args = parser.parse_args()
     if args.only:
         args.matrix = [(m, int(b), q) for m, b, q in (t.split(":") for t in args.only.split(","))]
@@ -262,6 +264,8 @@ def main() -> None:
         rows = [json.loads(line) for line in args.report.read_text().splitlines() if line.strip()]
         device = next((r["device"] for r in rows if "device" in r), "unknown")
         section = report([r for r in rows if "framework" in r], device)
+        if args.note:
+            section += "\n" + args.note + "\n"
         if args.results:
             write_section(args.results, section)
         print(section)

@@ -38,7 +38,7 @@ KINDS: dict[str, str] = {
 
 REQUIRED_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "models": ("name", "model_types", "default_target_modules", "default_chat_template", "gguf_architecture",
-               "patch", "gguf_tensor_name", "gguf_tensor", "gguf_metadata"),
+               "patch", "gguf_tensor_name", "gguf_tensor", "gguf_metadata", "gguf_extra_tensors"),
     "kernels": ("name", "priority", "available"),
     "formats": ("name", "description", "detect", "convert"),
     "chat_templates": ("name", "jinja", "bos_token", "eos_token", "pad_token", "stop_tokens"),

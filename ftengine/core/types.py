@@ -131,6 +131,10 @@ class ModelAdapter(Protocol):
         """Architecture-specific GGUF keys without the ``{arch}.`` prefix (e.g.
         ``{"attention.sliding_window": 4096}``); the exporter writes the common ones itself."""
 
+    def gguf_extra_tensors(self, config: Any) -> dict[str, Any]:
+        """Tensors llama.cpp needs that have no Hugging Face counterpart (e.g. Llama 3.1's
+        ``rope_freqs.weight``), by GGUF name; ``{}`` when none."""
+
 
 @runtime_checkable
 class KernelBackend(Protocol):

@@ -1,8 +1,8 @@
 import pytest
+from ftengine_example_plugin import QAFormat
 
 from ftengine.core.plugins import get_registry
 from ftengine.core.types import RowError
-from ftengine_example_plugin import QAFormat
 
 
 def test_is_installed():

@@ -41,14 +41,14 @@ def use_backend(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
     monkeypatch.setenv("FTENGINE_KERNELS", backend)
 
 
-def tiny_pair(model_cls: type, config: Any, family: str, dtype: torch.dtype = torch.float32,
-              seed: int = 0, **lora_kwargs: Any) -> tuple[Any, Any, list[str]]:
+def tiny_pair(model_cls: type, config: Any, family: str, seed: int = 0,
+              **lora_kwargs: Any) -> tuple[Any, Any, list[str]]:
     """``(unpatched, patched, patch_lines)``: one random model, twice, each with the same LoRA."""
     from peft import LoraConfig
     from peft import get_peft_model
 
     torch.manual_seed(seed)
-    reference = model_cls(config).to(DEVICE, dtype)
+    reference = model_cls(config).to(DEVICE, torch.float32)
     patched = copy.deepcopy(reference)
     lines = adapter(family).patch(patched, get_op)
     lora_kwargs.setdefault("target_modules", list(adapter(family).default_target_modules))
@@ -59,13 +59,12 @@ def tiny_pair(model_cls: type, config: Any, family: str, dtype: torch.dtype = to
     return reference, patched, lines
 
 
-def batch(vocab: int, seed: int = 1, padded: bool = True) -> dict[str, torch.Tensor]:
+def batch(vocab: int, seed: int = 1) -> dict[str, torch.Tensor]:
     """Token ids, an attention mask with a right-padded second row, and labels masked on the prompt and pads."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (BATCH, SEQ), generator=g)
     mask = torch.ones(BATCH, SEQ, dtype=torch.long)
-    if padded:
-        mask[1, -4:] = 0
+    mask[1, -4:] = 0
     labels = ids.clone()
     labels[:, :3] = -100
     labels[mask == 0] = -100

@@ -161,9 +161,7 @@ def _tensors(model: Any, adapter: Any, config: Any, original: OriginalCheckpoint
         if name is None or (tied and name == "output.weight"):
             continue
         yield name, adapter.gguf_tensor(hf_name, tensor, config)
-    extra = getattr(adapter, "gguf_extra_tensors", None)
-    for name, tensor in (extra(config) if extra else {}).items():
-        yield name, tensor
+    yield from adapter.gguf_extra_tensors(config).items()
 
 
 def write_gguf(model: Any, tokenizer: Any, path: Path, quantization: str, name: str | None = None) -> list[str]:
