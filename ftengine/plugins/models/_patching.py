@@ -325,13 +325,13 @@ def causal_lm_loss(
 
 
 def _is_patched(module: nn.Module) -> bool:
-    """Set on the instance itself: wrappers such as peft's forward attribute lookups to the model they wrap."""
-    return module.__dict__.get(_PATCHED, False)
+    """Read on the instance itself: wrappers such as peft's forward attribute lookups to the model they wrap."""
+    return _PATCHED in module.__dict__
 
 
 def _set_forward(module: nn.Module, function: Callable[..., Any]) -> None:
     module.forward = types.MethodType(function, module)
-    setattr(module, _PATCHED, True)
+    module.__dict__[_PATCHED] = module.forward  # ours, to tell it from a later wrapper (trl's fused LM head)
 
 
 def patch_model(model: nn.Module, get_op: GetOp, table: PatchTable) -> list[str]:
@@ -390,12 +390,16 @@ def patch_model(model: nn.Module, get_op: GetOp, table: PatchTable) -> list[str]
 
 
 def unpatch_model(model: nn.Module) -> int:
-    """Restore the class forwards on every module :func:`patch_model` changed; returns how many."""
+    """Restore the class forwards on every module :func:`patch_model` changed; returns how many.
+
+    A module whose forward something else has wrapped since (trl's fused LM head, say) keeps that
+    wrapper, and with it ours underneath: removing ours would cut the wrapper's chain.
+    """
     restored = 0
     for module in model.modules():
-        if _is_patched(module):
+        if _is_patched(module) and module.__dict__.get("forward") is module.__dict__[_PATCHED]:
             del module.forward
-            delattr(module, _PATCHED)
+            del module.__dict__[_PATCHED]
             restored += 1
     return restored
 
