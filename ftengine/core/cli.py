@@ -110,7 +110,8 @@ def print_summary(result: Any) -> None:
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
 def run(config: str | None, output_dir: str | None, resume_dir: str | None, demo_kind: str | None,
         debug: bool) -> None:
-    """Train as CONFIG says (a YAML run config), or the built-in demo when no CONFIG is given."""
+    """Train as CONFIG says (a YAML run config), or the built-in demo when no CONFIG is given (--demo dpo: the
+    DPO demo)."""
     setup_logging(debug)
     quiet_libraries()
     from ftengine.core import pipeline
@@ -237,8 +238,8 @@ def data() -> None:
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
 def preview(config: str, count: int, debug: bool) -> None:
     """Print the first samples of CONFIG's data as the trainer sees them (trained tokens highlighted: in
-    colour on a terminal, in [[brackets]] otherwise), then statistics over the whole dataset. Loads the
-    tokenizer only, never the model's weights."""
+    colour on a terminal unless NO_COLOR is set, in [[brackets]] otherwise), then statistics over the whole
+    dataset. Loads the tokenizer only, never the model's weights."""
     setup_logging(debug)
     quiet_libraries()
     from ftengine.core import preview as previewing
@@ -249,12 +250,11 @@ def preview(config: str, count: int, debug: bool) -> None:
         if not cfg.data.path:
             raise FtengineError(f"{config}: data.path is not set")
         tokenizer, template = previewing.load_tokenizer(cfg)
-        result = previewing.build_preview(cfg, tokenizer, count)
+        result = previewing.build_preview(cfg, tokenizer, count, template)
     except FtengineError as exc:
         fail(exc, debug)
         return
-    result.template = template
-    color = click.get_text_stream("stdout").isatty()
+    color = click.get_text_stream("stdout").isatty() and not os.environ.get("NO_COLOR")
     for i, shown in enumerate(result.shown, start=1):
         click.echo(previewing.format_sample(i, shown, cfg.model.max_seq_length, color), color=color)
         click.echo()

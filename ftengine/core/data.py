@@ -345,8 +345,8 @@ def tokenize_sample(sample: Sample, tokenizer: Any, max_seq_length: int, train_o
     return {"input_ids": enc.input_ids[:max_seq_length], "labels": labels[:max_seq_length], "truncated": truncated}
 
 
-def _sample_problem(where: str, exc: Exception, on_bad_rows: str, report: DataReport, kind: str) -> None:
-    reason = f"{where}: {exc}"
+def _sample_problem(where: str, problem: str, on_bad_rows: str, report: DataReport, kind: str) -> None:
+    reason = f"{where}: {problem}"
     if on_bad_rows == "error":
         raise DataError(reason + "; fix the row or set data.on_bad_rows: skip") from None
     report.skip(reason, kind)

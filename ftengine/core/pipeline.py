@@ -196,16 +196,22 @@ def target_modules(lora: LoRAConfig, adapter: Any) -> Any:
 
 def enable_gradient_checkpointing(model: Any, mode: bool | str) -> str:
     """Gradient checkpointing of the decoder layers: off, standard (non-reentrant), offload, auto."""
-    if mode is False:
-        return "off"
-    if mode in ("offload", "auto"):
-        from ftengine.core import checkpointing
+    from ftengine.core import checkpointing
 
+    try:
         return checkpointing.apply_gradient_checkpointing(model, mode)
+    except ValueError:
+        if mode is not True:
+            raise
+    # A model whose decoder layers are not transformers' GradientCheckpointingLayer.
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
-    return "standard (non-reentrant)"
+    return "standard (non-reentrant, transformers')"
+
+
+MULTIMODAL_PARTS = r".*(vision_tower|vision_model|multi_modal_projector|audio_tower).*"
+"""Modules of multimodal checkpoints (Gemma 3) that ``all-linear`` LoRA targets must not reach."""
 
 
 def adapt(loaded: LoadedModel, lora: LoRAConfig, full_finetuning: bool = False,
@@ -226,6 +232,7 @@ def adapt(loaded: LoadedModel, lora: LoRAConfig, full_finetuning: bool = False,
             target_modules=target_modules(lora, loaded.adapter), bias=lora.bias, use_rslora=lora.use_rslora,
             use_dora=lora.use_dora, init_lora_weights=lora.init_lora_weights,
             modules_to_save=lora.modules_to_save, task_type="CAUSAL_LM",
+            exclude_modules=MULTIMODAL_PARTS if lora.target_modules == "all-linear" else None,
         )
         model = get_peft_model(model, peft_config)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -233,6 +240,9 @@ def adapt(loaded: LoadedModel, lora: LoRAConfig, full_finetuning: bool = False,
         loaded.notes.append(f"LoRA r={lora.r} alpha={lora.lora_alpha} on {targets} "
                             f"({trainable / 1e6:.3f}M trainable parameters)")
     loaded.notes.append(f"gradient checkpointing: {enable_gradient_checkpointing(model, gradient_checkpointing)}")
+    routes = getattr(loaded.adapter, "routes", None)
+    if routes is not None:
+        loaded.notes.append("projections: " + "; ".join(routes(model)))
     loaded.model = model
     return loaded
 
@@ -322,8 +332,8 @@ def data(loaded: LoadedModel, config: RunConfig) -> tuple[Any, Any, DataReport]:
     if not train_rows:
         raise DataError(f"{d.path}: no usable training samples ({report.skipped} skipped)")
     if d.packing:
-        loaded.notes.append(f"packing: {report.samples} samples in {report.packed_rows} rows of {max_seq_length} "
-                            f"tokens ({report.packing_efficiency:.0%} filled)")
+        loaded.notes.append(f"packing: {report.packed_rows} rows of {max_seq_length} tokens "
+                            f"({report.packing_efficiency:.0%} of token slots filled)")
     return to_dataset(train_rows), (to_dataset(eval_rows) if eval_rows else None), report
 
 

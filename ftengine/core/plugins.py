@@ -68,6 +68,7 @@ class PluginInfo:
 class Entry:
     obj: Any
     plugin: str
+    replaced: Entry | None = None  # what an override replaced; back in place if the plugin goes
 
 
 class Registries:
@@ -117,7 +118,9 @@ class Registries:
         self.plugins.pop(name, None)
         for registry in self.entries.values():
             for key in [k for k, e in registry.items() if e.plugin == name]:
-                del registry[key]
+                replaced = registry.pop(key).replaced
+                if replaced is not None:
+                    registry[key] = replaced
 
     def collect(self) -> None:
         self._collect(only=None)
@@ -149,7 +152,7 @@ class Registries:
                     f"{kind[:-1]} name {name!r} is registered by both {taken.plugin!r} and {plugin!r}; "
                     f"the later one must pass override=True to replace it"
                 )
-            self.entries[kind][name] = Entry(obj, plugin)
+            self.entries[kind][name] = Entry(obj, plugin, replaced=taken)
             self.plugins[plugin].registered.setdefault(kind, []).append(name)
 
         return register

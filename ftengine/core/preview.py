@@ -48,6 +48,7 @@ class Preview:
     lengths: list[int] = field(default_factory=list)  # token length of each sequence before truncation
     template: str = ""
     trainer: str = ""
+    converted: int = 0  # rows the format turned into samples
     max_seq_length: int = 0
     packing: bool = False
 
@@ -84,8 +85,9 @@ def _encode(sample: Sample, tokenizer: Any, train_on: str) -> list[tuple[str, En
     return [("", encode_sample(sample, tokenizer, train_on))]
 
 
-def build_preview(config: RunConfig, tokenizer: Any, n: int = 3) -> Preview:
+def build_preview(config: RunConfig, tokenizer: Any, n: int = 3, template: str = "") -> Preview:
     """Encode every sample of ``config.data.path`` as the run would; keep the first ``n``.
+    ``template`` names the chat template on ``tokenizer`` (for the statistics' heading).
 
     Bad rows never stop a preview: they are counted and reported as ``data.on_bad_rows: skip``
     would (a run with ``error`` stops at the first of them).
@@ -94,8 +96,8 @@ def build_preview(config: RunConfig, tokenizer: Any, n: int = 3) -> Preview:
     trainer = plugins.get("trainers", config.training.trainer)
     report = DataReport()
     samples = load_samples(d.path, d.model_copy(update={"on_bad_rows": "skip"}), report)
-    preview = Preview([], report, trainer=trainer.name, max_seq_length=max_len,
-                      packing=d.packing and "preference" not in trainer.sample_kinds)
+    preview = Preview([], report, template=template, trainer=trainer.name, converted=len(samples),
+                      max_seq_length=max_len, packing=d.packing and "preference" not in trainer.sample_kinds)
     for where, sample in samples:
         if sample.kind not in trainer.sample_kinds:
             report.skip(f"{where}: a {sample.kind} sample, which the {trainer.name} trainer does not train on",
@@ -171,7 +173,8 @@ def format_sample(index: int, shown: Shown, max_seq_length: int, color: bool) ->
 def format_statistics(preview: Preview, path: str) -> list[str]:
     """The statistics block: one ``name  value`` line each."""
     r = preview.report
-    rows = [("rows", f"{r.rows} read: {r.samples} used, {r.skipped} skipped")]
+    rows = [("rows", f"{r.rows} read: {preview.converted} converted ({r.format or '?'}), {r.samples} used, "
+                     f"{r.skipped} skipped")]
     for kind, count in sorted(r.skip_kinds.items(), key=lambda kv: -kv[1]):
         rows.append(("  skipped", f"{count} x {kind}"))
     for reason in r.skip_reasons[:5]:

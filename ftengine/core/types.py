@@ -135,6 +135,11 @@ class ModelAdapter(Protocol):
         """Tensors llama.cpp needs that have no Hugging Face counterpart (e.g. Llama 3.1's
         ``rope_freqs.weight``), by GGUF name; ``{}`` when none."""
 
+    # Optional (the core uses them when present):
+    #   routes(model) -> list[str]: after LoRA is attached, how each projection runs (fused op or
+    #       peft's path, with the reason); shown in the run summary.
+    #   unpatch(model) -> int: undo patch(); the number of modules restored.
+
 
 @runtime_checkable
 class KernelBackend(Protocol):

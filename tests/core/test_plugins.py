@@ -60,10 +60,15 @@ def test_duplicate_name_names_both_plugins(registries):
     assert plugins.get_registry("chat_templates")["chatml"].jinja != "{{ 'x' }}"
 
 
-def test_override_replaces(registries):
-    info = registries(TemplatePlugin(override=True), "override-plugin")
-    assert info.ok
-    assert plugins.get_registry("chat_templates")["chatml"].jinja == "{{ 'x' }}"
+def test_override_replaces_until_the_plugin_goes():
+    regs = plugins.registries()
+    original = plugins.get_registry("chat_templates")["chatml"]
+    try:
+        assert regs.add_plugin(TemplatePlugin(override=True), name="override-plugin").ok
+        assert plugins.get_registry("chat_templates")["chatml"].jinja == "{{ 'x' }}"
+    finally:
+        regs.remove_plugin("override-plugin")
+    assert plugins.get_registry("chat_templates")["chatml"] is original
 
 
 class BrokenPlugin:

@@ -66,7 +66,7 @@ def test_preview_prints_marked_samples_and_statistics(tokenizer_only, tmp_path):
     cut = [min(n, 40) for n in lengths]
     trained = sum(sum(e.trained[:40]) for e in encoded)
     bins = pack_bins(cut, 40)
-    assert "rows            14 read: 12 used, 2 skipped" in out
+    assert "rows            14 read: 12 converted (messages), 12 used, 2 skipped" in out
     assert "1 x not valid JSON" in out and "1 x bad field messages" in out
     assert f"{data}: line 14: not valid JSON" in out and f"{data}: row 13: field 'messages'" in out
     assert (f"token lengths   mean {sum(lengths) / 12:.1f}, p50 {percentile(lengths, 0.5)}, "
@@ -86,7 +86,8 @@ def test_preview_never_loads_weights(tokenizer_only, tmp_path, monkeypatch):
     config, _ = write(tmp_path, tokenizer_only, ROWS[:3])
     result = CliRunner().invoke(main, ["data", "preview", str(config), "-n", "0"])
     assert result.exit_code == 0, result.output
-    assert "--- sample" not in result.stdout and "rows            3 read: 3 used, 0 skipped" in result.stdout
+    assert "--- sample" not in result.stdout
+    assert "rows            3 read: 3 converted (messages), 3 used, 0 skipped" in result.stdout
     assert "off (data.packing: false)" in result.stdout
 
 
@@ -116,7 +117,7 @@ def test_preview_of_preference_pairs(tokenizer_only, tmp_path):
     assert "<|im_start|>user\nWhat is the capital of Germany?<|im_end|>\n<|im_start|>assistant\n[[" in out
     assert "[[The capital of Germany is Berlin.<|im_end|>\n]]" in out
     assert "[[The capital of Germany is Canberra.<|im_end|>\n]]" in out
-    assert "rows                                    4 read: 4 used, 0 skipped" in out
+    assert "rows                                    4 read: 4 converted (preference), 4 used, 0 skipped" in out
     assert "packing                                 not used by the dpo trainer" in out
 
 

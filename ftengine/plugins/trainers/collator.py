@@ -15,7 +15,9 @@ class PadCollator:
     ``attention_mask``: from position ids alone transformers builds a block-diagonal causal mask,
     one block per sample, so no token attends across a sample boundary; a padding mask would make
     it fall back to one causal mask over the whole row. Padding gets position 0, so every pad
-    token is a block of its own that no real token sees.
+    token is a block of its own that no real token sees. The model must run with
+    ``use_cache=False`` (trl's trainers pass it): with a cache transformers does not look for
+    packed sequences.
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):

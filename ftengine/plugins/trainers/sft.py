@@ -1,5 +1,6 @@
 """The ``sft`` trainer: supervised fine-tuning on trl's SFTTrainer, over rows the core's data
-stage already tokenized with labels masked to the trained tokens (assistant turns by default)."""
+stage already tokenized with labels masked to the trained tokens (assistant turns by default),
+and packed when ``data.packing`` is on (:class:`PadCollator` batches both kinds)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A patched model under trl's SFTTrainer: the same per-step losses as the unpatched model.
+"""A patched model under trl's SFTTrainer: the same per-step losses and trained adapters as the unpatched model.
 
 trl (1.16) wraps the model's forward with its own fused LM head (``fused_lm_head=True``: per-token
 log-probabilities, entropy and accuracy without logits), which runs the patched decoder body; the
@@ -68,3 +68,7 @@ def test_sft_losses_match_unpatched(tmp_path, monkeypatch):
     assert len(losses_ref) == 3
     assert losses_ref[-1] < losses_ref[0]
     torch.testing.assert_close(torch.tensor(losses_pat), torch.tensor(losses_ref), rtol=1e-4, atol=0)
+    trained = dict(patched.named_parameters())
+    for name, param in reference.named_parameters():
+        if param.requires_grad:  # the adapters after three AdamW steps
+            torch.testing.assert_close(trained[name], param, rtol=1e-4, atol=1e-6, msg=name)

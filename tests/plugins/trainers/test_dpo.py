@@ -11,6 +11,9 @@ import torch
 
 import ftengine
 from ftengine.core import pipeline
+from ftengine.core.data import DataReport
+from ftengine.core.data import encode_completion
+from ftengine.core.data import preference_rows
 from ftengine.core.errors import DataError
 from ftengine.demo import ASSETS
 from ftengine.demo import demo_config
@@ -82,6 +85,13 @@ def test_dpo_through_the_python_api(demo_base, tmp_path, trainers):
                             output_dir=str(tmp_path / "run"))
     assert result.steps == 2 and result.first_loss == pytest.approx(0.6931, abs=1e-3)  # log(2): policy == reference
     assert trainers[0].args.beta == 0.1 and trainers[0].args.max_length == 64
+    # trl splits each pair where the data stage (and the preview) put the trained tokens.
+    for i in range(8):
+        row = trainers[0].train_dataset[i]
+        for side in ("chosen", "rejected"):
+            enc = encode_completion(tokenizer, dataset[i]["prompt"], dataset[i][side])
+            assert row[f"{side}_ids"] == [t for t, trained in zip(enc.input_ids, enc.trained, strict=True) if trained]
+            assert row["prompt_ids"] == enc.input_ids[: enc.trained.index(True)]
     assert any(not torch.equal(before[k], v) for k, v in lora_b(model).items())
 
 
@@ -95,6 +105,23 @@ def test_dpo_full_fine_tuning_trains_against_a_frozen_copy(demo_base, tmp_path, 
     reference = trainers[0].ref_model
     assert reference is not model and not any(p.requires_grad for p in reference.parameters())
     assert torch.equal(reference.lm_head.weight, before) and not torch.equal(model.lm_head.weight, before)
+
+
+def test_a_prompt_that_fills_max_seq_length_is_never_dropped_silently(demo_base):
+    from transformers import AutoTokenizer
+
+    from ftengine.core.types import Sample
+
+    tokenizer = AutoTokenizer.from_pretrained(str(demo_base))
+    long = Sample(prompt="What is the capital of France? " * 8, chosen="Paris.", rejected="Rome.")
+    pairs = [("p.jsonl: row 1", Sample(prompt="Hi?", chosen="Hello.", rejected="No.")), ("p.jsonl: row 2", long)]
+    with pytest.raises(DataError, match=r"p.jsonl: row 2: the prompt alone \(\d+ tokens\) fills max_seq_length=32"):
+        preference_rows(pairs, tokenizer, 32, "error", DataReport())
+    report = DataReport()
+    rows = preference_rows(pairs, tokenizer, 32, "skip", report)
+    assert len(rows) == 1 and report.skipped == 1 and report.skip_kinds == {"prompt fills max_seq_length": 1}
+    assert rows[0]["prompt"] == [{"role": "user", "content": "Hi?"}]
+    assert rows[0]["chosen"] == [{"role": "assistant", "content": "Hello."}]
 
 
 def test_frozen_copy_leaves_the_model_alone():
