@@ -57,6 +57,12 @@ def tiny_run_config(base, data, tmp_path, **training):
     })
 
 
+@pytest.fixture(scope="session")
+def make_tiny_run_config():
+    """:func:`tiny_run_config` for fixtures wider than one test."""
+    return tiny_run_config
+
+
 @pytest.fixture
 def tiny_config(demo_base, tmp_path):
     from ftengine.demo import ASSETS

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from dataclasses import field
@@ -214,6 +215,10 @@ MULTIMODAL_PARTS = r".*(vision_tower|vision_model|multi_modal_projector|audio_to
 """Modules of multimodal checkpoints (Gemma 3) that ``all-linear`` LoRA targets must not reach."""
 
 
+def _is_multimodal(model: Any) -> bool:
+    return any(re.fullmatch(MULTIMODAL_PARTS, name) for name, _ in model.named_modules())
+
+
 def adapt(loaded: LoadedModel, lora: LoRAConfig, full_finetuning: bool = False,
           gradient_checkpointing: bool | str = True, seed: int = 3407) -> LoadedModel:
     """Stage 3: LoRA adapters attached with peft (or every weight trainable for full fine-tuning)."""
@@ -232,7 +237,7 @@ def adapt(loaded: LoadedModel, lora: LoRAConfig, full_finetuning: bool = False,
             target_modules=target_modules(lora, loaded.adapter), bias=lora.bias, use_rslora=lora.use_rslora,
             use_dora=lora.use_dora, init_lora_weights=lora.init_lora_weights,
             modules_to_save=lora.modules_to_save, task_type="CAUSAL_LM",
-            exclude_modules=MULTIMODAL_PARTS if lora.target_modules == "all-linear" else None,
+            exclude_modules=MULTIMODAL_PARTS if lora.target_modules == "all-linear" and _is_multimodal(model) else None,
         )
         model = get_peft_model(model, peft_config)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
