@@ -106,7 +106,8 @@ def load_dataset(path: str, tokenizer: Any, format: str = "auto", max_seq_length
         tokenizer: the tokenizer (with its chat template, see :func:`get_chat_template`).
         format: a registered format name or ``"auto"``.
         max_seq_length: truncation length.
-        trainer: the trainer the data is for (``sft`` tokenizes; ``dpo`` keeps preference triples).
+        trainer: the trainer the data is for (``sft`` tokenizes with masked labels; ``dpo`` gives
+            conversational prompt/chosen/rejected rows).
         **data_kwargs: other ``data:`` config keys (``columns``, ``train_on``, ``on_bad_rows``, ...).
 
     Returns:

@@ -23,6 +23,8 @@ def _clock(seconds: float) -> str:
 class ProgressCallback(TrainerCallback):
     """A progress line (step, loss, tokens/s, ETA) and one ``metrics.jsonl`` record per log."""
 
+    _RESERVED = ("learning_rate", "grad_norm", "epoch", "num_input_tokens_seen")
+
     def __init__(self, metrics_path: Path, stream: Any = None):
         self.metrics_path = metrics_path
         self.stream = stream or sys.stderr
@@ -54,6 +56,9 @@ class ProgressCallback(TrainerCallback):
             "tokens_seen": int(tokens),
             "elapsed_seconds": round(now - self._start, 3),
         }
+        # The trainer's own metrics too (DPO's rewards/*, logps/*, ...), under their names.
+        record.update({k: float(v) for k, v in logs.items()
+                       if k not in record and k not in self._RESERVED and isinstance(v, (int, float))})
         self.losses.append((record["step"], record["loss"]))
         with self.metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
