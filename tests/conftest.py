@@ -84,9 +84,12 @@ def example_plugin():
     try:
         metadata.distribution(EXAMPLE_PLUGIN)
     except metadata.PackageNotFoundError:
+        import importlib.util
+
         source = Path(__file__).parents[1] / "examples" / EXAMPLE_PLUGIN
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                        str(source)], check=True)
+        isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *isolation, str(source)],
+                       check=True)
     from ftengine.core.plugins import reset_registries
 
     reset_registries()
