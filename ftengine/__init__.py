@@ -18,7 +18,8 @@ from typing import Any
 from ftengine.core.hookspecs import hookimpl
 
 __version__ = "0.1.0"
-__all__ = ["hookimpl", "load_model", "add_lora", "get_chat_template", "load_dataset", "train", "export"]
+__all__ = ["hookimpl", "load_model", "add_lora", "get_chat_template", "load_dataset", "train", "export",
+           "standardize_sharegpt", "conversation_extension"]
 
 
 def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | None = None, load_in_4bit: bool = False,
@@ -185,3 +186,18 @@ def export(model: Any, tokenizer: Any, output_dir: str, format: str = "lora", ov
     finally:
         model.train(was_training)
     return target
+
+
+def standardize_sharegpt(data: Any) -> Any:
+    """ShareGPT rows (``conversations`` with from/value) as OpenAI ``messages`` rows; a list of dicts or
+    a ``datasets.Dataset`` in, the same kind out."""
+    from ftengine.plugins.datasets.helpers import standardize_sharegpt as standardize
+
+    return standardize(data)
+
+
+def conversation_extension(data: Any, n: int, seed: int = 3407) -> Any:
+    """Stitch ``n`` random single-turn rows into each multi-turn conversation (deterministic for a seed)."""
+    from ftengine.plugins.datasets.helpers import conversation_extension as extend
+
+    return extend(data, n, seed)

@@ -24,6 +24,10 @@ class LoRAExporter:
         if not hasattr(model, "peft_config"):
             raise ExportError("the 'lora' export needs a LoRA model; this run fine-tuned the full model: "
                               "export it with 'merged' or 'gguf'")
+        init = str(model.peft_config[model.active_adapter].init_lora_weights).lower()
+        if init.startswith(("pissa", "olora", "loftq")):
+            raise ExportError(f"init_lora_weights={init!r} rewrote the base weights, so this adapter only applies to "
+                              f"that rewritten base; export 'merged' or 'gguf' instead")
         model.save_pretrained(str(out_dir), safe_serialization=True)
         tokenizer.save_pretrained(str(out_dir))
         adapter = model.peft_config[model.active_adapter]
