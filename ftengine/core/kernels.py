@@ -54,6 +54,11 @@ OP_NAMES: tuple[str, ...] = (
 
 REFERENCE_BACKEND = "reference"
 
+FUSED_LOSS_ATTR = "ftengine_fused_loss"
+"""Set to ``True`` on a causal-LM module whose forward computes the loss with
+``linear_cross_entropy`` when given labels (a model adapter's patch does this). Trainers then take
+the loss from the model's forward rather than building their own from logits."""
+
 
 @dataclass
 class LoRAWeights:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ftengine.core.kernels import FUSED_LOSS_ATTR
 from ftengine.core.kernels import LoRAWeights
 
 GetOp = Callable[[str], Callable[..., Any]]
@@ -371,6 +372,7 @@ def patch_model(model: nn.Module, get_op: GetOp, table: PatchTable) -> list[str]
             counts[f"mlp:{activation}"] += 1
         elif cls in table.causal_lms:
             _set_forward(module, _causal_lm_forward(get_op, type(module).forward, table.final_softcap, table.decoder))
+            module.__dict__[FUSED_LOSS_ATTR] = True
             counts["loss"] += 1
     lines = []
     if counts["rms_norm"]:
@@ -400,6 +402,7 @@ def unpatch_model(model: nn.Module) -> int:
         if _is_patched(module) and module.__dict__.get("forward") is module.__dict__[_PATCHED]:
             del module.forward
             del module.__dict__[_PATCHED]
+            module.__dict__.pop(FUSED_LOSS_ATTR, None)
             restored += 1
     return restored
 

@@ -6,9 +6,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from ftengine.core.kernels import FUSED_LOSS_ATTR
 from ftengine.core.types import TrainRequest
 from ftengine.plugins.trainers.arguments import common_arguments
 from ftengine.plugins.trainers.collator import PadCollator
+
+
+def has_fused_loss(model: Any) -> bool:
+    """Whether a model adapter made the model's forward compute its loss with the fused op."""
+    return any(module.__dict__.get(FUSED_LOSS_ATTR, False) for module in model.modules())
 
 
 class SFTTrainerPlugin:
@@ -16,8 +22,17 @@ class SFTTrainerPlugin:
     sample_kinds = ("conversation", "completion", "text")
 
     def create(self, request: TrainRequest) -> Any:
+        from transformers import Trainer
         from trl import SFTConfig
         from trl import SFTTrainer
+
+        class ModelLossSFTTrainer(SFTTrainer):
+            """Takes the loss from the model's forward when a model adapter fused it
+            (``linear_cross_entropy``); trl would otherwise compute its own from the hidden states."""
+
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                inputs["use_cache"] = False
+                return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
         tokenizer = request.tokenizer
         args = SFTConfig(
@@ -26,7 +41,8 @@ class SFTTrainerPlugin:
             packing=False,
         )
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return SFTTrainer(
+        trainer_class = ModelLossSFTTrainer if has_fused_loss(request.model) else SFTTrainer
+        return trainer_class(
             model=request.model,
             args=args,
             train_dataset=request.train_dataset,
