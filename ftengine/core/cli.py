@@ -36,6 +36,8 @@ class FtengineGroup(click.Group):
 def quiet_libraries() -> None:
     """Keep the terminal for ftengine's own progress and summary."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # bitsandbytes warns on import, on CPUs with AVX512-BF16, that an optional hub kernel is absent.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     import transformers
