@@ -51,7 +51,10 @@ def test_loss_count_and_packing_match_hf():
     assert_packed_equivalent(reference, patched, VOCAB)
 
 
-def test_dora_falls_back_to_peft_and_still_matches():
+def test_dora_falls_back_to_peft_and_still_matches(monkeypatch):
+    from ftengine.plugins.models import _patching
+
+    monkeypatch.setattr(_patching, "_FALLBACK_WARNED", set())  # the warning is once per process
     reference, patched, _ = tiny_pair(LlamaForCausalLM, config(), "llama", use_dora=True)
     routes = adapter("llama").routes(patched)
     assert routes == ["peft path (DoRA or another LoRA variant) x14"], routes
