@@ -93,6 +93,11 @@ def print_summary(result: Any) -> None:
                           f"{d.truncated} truncated; {trained:.0%} of tokens trained"))
     for reason in d.skip_reasons[:3]:
         rows.append(("  skipped", reason))
+    if d.eval:
+        line = f"{d.eval.get('samples', 0)} samples"
+        if d.eval.get("skipped"):
+            line += f"; {d.eval['skipped']} skipped (first: {d.eval['skip_reasons'][0]})"
+        rows.append(("eval data", line))
     rows += [("setup", note) for note in result.notes]
     outputs = ["config.yaml", "metrics.jsonl", "loss.png", "checkpoints/"]
     rows.append(("outputs", ", ".join(outputs)))

@@ -137,3 +137,17 @@ def test_config_schema():
 @pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["export", "--help"]])
 def test_help(args):
     assert invoke(*args).exit_code == 0
+
+
+def test_summary_reports_eval_data_and_its_skipped_rows(tiny_config, tmp_path, capsys):
+    from ftengine.core import pipeline
+    from ftengine.core.cli import print_summary
+
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text(json.dumps(good) + "\n" + json.dumps({"messages": []}) + "\n")
+    config = tiny_config(max_steps=1)
+    config.data.eval_path, config.data.on_bad_rows = str(eval_file), "skip"
+    print_summary(pipeline.run(config))
+    out = capsys.readouterr().out
+    assert "eval data" in out and "1 samples; 1 skipped (first: " in out and "eval.jsonl: row 2" in out
