@@ -8,6 +8,7 @@ from typing import Any
 from ftengine.core import pipeline
 from ftengine.core.config import ExportEntry
 from ftengine.core.config import load_config
+from ftengine.core.config import validate_config
 from ftengine.core.errors import FtengineError
 from ftengine.core.rundir import CHECKPOINT_MARKER
 from ftengine.core.rundir import RunDir
@@ -40,19 +41,15 @@ def load_for_export(source: Path, formats: tuple[str, ...], quantization: str | 
     for name in formats:
         options = {"quantization": quantization} if quantization and name == "gguf" else {}
         entries.append(ExportEntry(format=name, **options))
-    from ftengine.core.config import validate_config
-
     validate_config({**config.model_dump(mode="json"), "export": [e.model_dump() for e in entries]},
                     source="export options")
-    if config.model.full_finetuning:
+    if config.model.full_finetuning:  # the checkpoint holds the whole model
         config.model.name_or_path = str(checkpoint)
-        loaded = pipeline.load(config)
-        model = loaded.model
-    else:
+    model = pipeline.load(config).model
+    if not config.model.full_finetuning:
         from peft import PeftModel
 
-        loaded = pipeline.load(config)
-        model = PeftModel.from_pretrained(loaded.model, str(checkpoint))
+        model = PeftModel.from_pretrained(model, str(checkpoint))
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
     model.eval()
     return model, tokenizer, entries, default_out

@@ -56,3 +56,20 @@ def test_bad_sources_and_options(finished_run, tmp_path):
     bad_quant = export(finished_run.run_dir.path, "--format", "gguf", "--quant", "q3_weird")
     assert bad_quant.exit_code == 1 and "q3_weird" in bad_quant.output
     assert not (finished_run.run_dir.path / "exports" / "gguf").exists()
+
+
+def test_export_a_full_finetuning_run(demo_base, make_tiny_run_config, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from ftengine.demo import ASSETS
+
+    config = make_tiny_run_config(demo_base, ASSETS / "data.jsonl", tmp_path, max_steps=2)
+    config.model.full_finetuning = True
+    result = pipeline.run(config)
+    trained = result.model.eval()
+    out = export(result.run_dir.path, "--format", "merged")
+    assert out.exit_code == 0, out.output
+    merged = AutoModelForCausalLM.from_pretrained(str(result.run_dir.path / "exports" / "merged")).float().eval()
+    ids = torch.tensor([[1, 17, 45, 300, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, trained(input_ids=ids).logits, atol=5e-2, rtol=0)
