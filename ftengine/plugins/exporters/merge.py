@@ -71,6 +71,21 @@ def is_quantized(model: nn.Module) -> bool:
                 or getattr(getattr(model, "config", None), "quantization_config", None))
 
 
+def base_source(model: nn.Module) -> tuple[nn.Module, OriginalCheckpoint | None, str]:
+    """Where merged weights take their base from: ``(base_model, original_checkpoint, description)``.
+
+    A quantized base is read from its original 16-bit checkpoint when one is on disk (``None``
+    otherwise: the base is dequantized); ``description`` is the line exporters put in the summary.
+    """
+    base = _unwrap(model)
+    if not is_quantized(base):
+        return base, None, "in-memory 16-bit base weights"
+    original = OriginalCheckpoint.find(base)
+    if original is not None:
+        return base, original, f"original 16-bit checkpoint {original.directory} (read tensor by tensor)"
+    return base, None, "dequantized quantized base (no original 16-bit checkpoint found)"
+
+
 def _dense_weight(module: nn.Module) -> torch.Tensor:
     """A linear layer's weight as a dense float tensor, dequantizing bitsandbytes layers."""
     weight = module.weight

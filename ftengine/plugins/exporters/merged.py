@@ -16,8 +16,7 @@ from pydantic import BaseModel
 from pydantic import ConfigDict
 from pydantic import field_validator
 
-from ftengine.plugins.exporters.merge import OriginalCheckpoint
-from ftengine.plugins.exporters.merge import is_quantized
+from ftengine.plugins.exporters.merge import base_source
 from ftengine.plugins.exporters.merge import iter_merged_tensors
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KIB|MIB|GIB)?\s*$", re.IGNORECASE)
@@ -109,14 +108,7 @@ class MergedExporter:
 
     def export(self, model: Any, tokenizer: Any, out_dir: Path, options: MergedOptions) -> list[str]:
         dtype = getattr(torch, options.dtype)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        original = OriginalCheckpoint.find(base) if is_quantized(base) else None
-        if not is_quantized(base):
-            source = "in-memory 16-bit base weights"
-        elif original is not None:
-            source = f"original 16-bit checkpoint {original.directory} (read tensor by tensor)"
-        else:
-            source = "dequantized quantized base (no original 16-bit checkpoint found)"
+        base, original, source = base_source(model)
         writer = _ShardWriter(out_dir, parse_size(options.max_shard_size))
         for name, tensor in iter_merged_tensors(model, dtype, original):
             writer.add(name, tensor)

@@ -33,7 +33,7 @@ from ftengine.plugins.exporters.gguf import quants
 from ftengine.plugins.exporters.gguf.tokenizer import build_vocab
 from ftengine.plugins.exporters.gguf.tokenizer import write_vocab
 from ftengine.plugins.exporters.merge import OriginalCheckpoint
-from ftengine.plugins.exporters.merge import is_quantized
+from ftengine.plugins.exporters.merge import base_source
 from ftengine.plugins.exporters.merge import iter_merged_tensors
 
 BITS_PER_WEIGHT = {"f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q4_0": 4.5,
@@ -192,9 +192,8 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quantization: str, name: 
     in_memory = estimate < psutil.virtual_memory().available // 4
     check_disk_space(path.parent, estimate if in_memory else 2 * estimate)  # a scratch file needs the room twice
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    # A QLoRA run: read the base weights from the original 16-bit checkpoint rather than dequantize them.
-    original = OriginalCheckpoint.find(base) if is_quantized(base) else None
+    # A QLoRA run reads the base weights from the original 16-bit checkpoint rather than dequantize them.
+    _, original, source = base_source(model)
     arch = adapter.gguf_architecture
     n_layers = int(text.num_hidden_layers)
     tied = bool(getattr(text, "tie_word_embeddings", False))
@@ -238,10 +237,7 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quantization: str, name: 
     types = ", ".join(f"{n} x{c}" for n, c in sorted(counts.items()))
     size = path.stat().st_size
     lines = [f"{path.name}: {len(spilled)} tensors ({types}), {size / 2**20:.1f} MiB, llama.cpp architecture {arch}"]
-    if original is not None:
-        lines.append(f"base weights: original 16-bit checkpoint {original.directory} (read tensor by tensor)")
-    elif is_quantized(base):
-        lines.append("base weights: dequantized quantized base (no original 16-bit checkpoint found)")
+    lines.append(f"base weights: {source}")
     lines += [f"note: {note}" for note in vocab.notes]
     return lines
 
