@@ -17,11 +17,13 @@ def _call(impl, x, layer):
     return impl(x, layer.weight, layer.lora_a, layer.lora_b, layer.scaling, layer.bias, layer.quant_state)
 
 
-def _compare(shape, d_out, rank, dtype, nf4=False, bias=False, x_grad=True, adapter_dtype=None, seed=0):
+def _compare(shape, d_out, rank, dtype, nf4=False, bias=False, x_grad=True, adapter_dtype=None, seed=0, frozen=()):
     if nf4:
         pytest.importorskip("bitsandbytes")
     gen = torch.Generator(device="cpu").manual_seed(seed)
     layer = make_layer(shape[-1], d_out, rank, dtype, gen, nf4=nf4, bias=bias, adapter_dtype=adapter_dtype)
+    for name in frozen:  # "lora_a" / "lora_b": that tensor gets no gradient
+        getattr(layer, name).requires_grad_(False)
     x = randn(shape, gen, dtype)
     dy = randn((*shape[:-1], d_out), gen, dtype)
 
@@ -58,6 +60,11 @@ def test_lora_linear_nf4_base(dtype):
 
 def test_lora_linear_frozen_input_and_fp32_adapters():
     _compare((11, 48), 33, 4, torch.bfloat16, x_grad=False, adapter_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("frozen", [("lora_a",), ("lora_b",)])
+def test_lora_linear_partly_frozen_adapter(frozen):
+    _compare((6, 40), 24, 3, torch.float32, frozen=frozen)
 
 
 def test_lora_linear_without_adapter():

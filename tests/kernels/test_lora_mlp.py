@@ -61,8 +61,10 @@ def test_lora_mlp_bias_partial_adapters_frozen_input():
     _compare((13, 24), 56, (3, None, 5), torch.float32, bias=True, x_grad=False)
 
 
-def test_lora_mlp_partly_frozen_adapters():
-    _compare((7, 24), 40, (3, 3, 3), torch.float32, frozen=((0, "lora_a"), (1, "lora_b"), (2, "lora_b")))
+@pytest.mark.parametrize("frozen", [((0, "lora_a"), (1, "lora_b"), (2, "lora_b")),
+                                    ((0, "lora_a"), (1, "lora_a"), (2, "lora_a"))])
+def test_lora_mlp_partly_frozen_adapters(frozen):
+    _compare((7, 24), 40, (3, 3, 3), torch.float32, frozen=frozen)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

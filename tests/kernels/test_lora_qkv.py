@@ -13,11 +13,13 @@ from .lora_cases import make_layer
 from .lora_cases import trainable
 
 
-def _compare(shape, outs, ranks, dtype, nf4=False, bias=False, x_grad=True, seed=0):
+def _compare(shape, outs, ranks, dtype, nf4=False, bias=False, x_grad=True, seed=0, frozen=()):
     if nf4:
         pytest.importorskip("bitsandbytes")
     gen = torch.Generator(device="cpu").manual_seed(seed)
     layers = [make_layer(shape[-1], o, r, dtype, gen, nf4=nf4, bias=bias) for o, r in zip(outs, ranks, strict=False)]
+    for i, name in frozen:  # e.g. (0, "lora_a"): that tensor gets no gradient
+        getattr(layers[i], name).requires_grad_(False)
     x = randn(shape, gen, dtype)
     dys = [randn((*shape[:-1], o), gen, dtype) for o in outs]
 
@@ -51,6 +53,12 @@ def test_lora_qkv_matches_reference(dtype):
 
 def test_lora_qkv_mixed_ranks_bias_missing_adapter():
     _compare((11, 40), (40, 24, 24), (3, None, 6), torch.float32, bias=True)
+
+
+@pytest.mark.parametrize("frozen", [((0, "lora_a"), (2, "lora_b")), ((0, "lora_a"), (1, "lora_a"), (2, "lora_a"))])
+def test_lora_qkv_partly_frozen_adapters(frozen):
+    # one frozen A: x is kept and xa recomputed; every A frozen: xa itself is kept
+    _compare((2, 5, 32), (32, 8, 8), (3, 2, 4), torch.float32, frozen=frozen)
 
 
 def test_lora_qkv_frozen_input():

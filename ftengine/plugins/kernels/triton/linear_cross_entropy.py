@@ -1,20 +1,29 @@
 """LM head fused with cross-entropy, in token chunks: the ``(N, V)`` logits never exist at once.
 
-Per chunk of ``n`` tokens: ``z = h W^T`` (cuBLAS, in the hidden dtype with fp32 accumulation),
-then one Triton program per row computes, in fp32, with an optional softcap ``s = c tanh(z / c)``:
+Only the tokens with a label take part: the ignored ones (prompts, padding) have no loss and no
+gradient, so their rows are left out of every matmul (one host sync, to count them). Per chunk
+of ``n`` such tokens: ``z = h W^T`` (cuBLAS, in the hidden dtype with fp32 accumulation), then
+one Triton program per row computes, in fp32, with an optional softcap ``s = c tanh(z / c)``:
 
     lse  = log sum_v exp(s_v)                 (online max / sum over blocks of the vocabulary)
-    loss = lse - s_y                          (0 where y == ignore_index)
+    loss = lse - s_y
     dL/ds_v = (exp(s_v - lse) - [v == y]) / n_valid
     ds/dz   = 1 - tanh(z / c)**2 = 1 - (s / c)**2
 
-and writes ``dL/dz`` over the chunk's logits in place. Then ``dh = dz W`` (written into its slice
-of the hidden gradient) and, when the weight is trained, ``dW += dz^T h``. All of this happens
-in the forward: the loss is a scalar, so the backward only scales the stored gradients by the
-incoming one. Peak extra memory: one chunk of logits plus the gradients themselves.
+and writes ``dL/dz`` over the chunk's logits in place. Then ``dh = dz W`` (scattered into the
+chunk's rows of the hidden gradient) and, when the weight is trained, ``dW += dz^T h``. All of
+this happens in the forward: the loss is a scalar, so the backward only scales the stored
+gradients by the incoming one.
+
+On a GPU the memory-bound cross-entropy pass of chunk ``i`` runs on a side stream while the
+default stream does the matmuls of its neighbours (``dz W`` of chunk ``i - 1``, ``h W^T`` of chunk
+``i + 1``), so it hides behind them; two logits buffers alternate for that. Peak extra memory:
+the two chunks of logits plus the gradients themselves.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -23,9 +32,10 @@ import triton.language as tl
 from ftengine.plugins.kernels.triton._utils import interpreting
 from ftengine.plugins.kernels.triton._utils import next_power_of_2
 
-# Logit bytes per chunk. H100, 8192 tokens 3584 -> 152064: 128 MiB 30.4 ms, 256 MiB 30.1 ms, 384 MiB 28.4 ms
-# (1323 tokens a chunk, 0.43 GiB peak), 448 MiB 28.9 ms.
-CHUNK_BYTES = 384 * 1024 * 1024
+# Logit bytes per chunk (two chunks live at once on a GPU).
+CHUNK_BYTES = 192 * 1024 * 1024
+# Whether the cross-entropy pass overlaps the matmuls on a side stream (CUDA only).
+OVERLAP = True
 
 
 @triton.jit
@@ -39,13 +49,13 @@ def _softcapped(z, softcap, SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _ce_chunk_kernel(
-    logits_ptr, labels_ptr, loss_ptr, inv_n_valid_ptr, n_vocab, stride_row, ignore_index, softcap,
+    logits_ptr, labels_ptr, loss_ptr, inv_n_valid, n_vocab, stride_row, softcap,
     BLOCK_V: tl.constexpr, SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     label = tl.load(labels_ptr + row).to(tl.int64)
-    valid = (label != ignore_index) & (label >= 0) & (label < n_vocab)
+    valid = (label >= 0) & (label < n_vocab)
     cols = tl.arange(0, BLOCK_V)
 
     m = -float("inf")
@@ -65,7 +75,7 @@ def _ce_chunk_kernel(
     tl.store(loss_ptr + row, tl.where(valid, lse - target, 0.0))
 
     if WRITE_GRAD:
-        scale = tl.where(valid, tl.load(inv_n_valid_ptr), 0.0)
+        scale = tl.where(valid, inv_n_valid, 0.0)
         for start in range(0, n_vocab, BLOCK_V):
             idx = start + cols
             vmask = idx < n_vocab
@@ -86,38 +96,74 @@ def _chunk_tokens(n_tokens: int, n_vocab: int, elem_bytes: int) -> int:
     return max(1, -(-n_tokens // n_chunks))
 
 
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
 def _fused_forward(hidden, weight, labels, ignore_index, softcap, need_dh, need_dw):
     """Loss (fp32 scalar) and, as asked, ``dL/dhidden`` and ``dL/dW`` for a unit upstream gradient."""
-    n_tokens = hidden.shape[0]
-    n_vocab = weight.shape[0]
+    n_tokens, n_vocab = hidden.shape[0], weight.shape[0]
     dtype = hidden.dtype
     w = weight.to(dtype)
-    valid = labels != ignore_index
-    n_valid = valid.sum()
-    inv_n_valid = 1.0 / n_valid.clamp(min=1).to(torch.float32)  # (1,) on the device: no host sync
-    losses = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
-    dh = torch.empty_like(hidden) if need_dh else None
+    rows = (labels != ignore_index).nonzero().squeeze(1)
+    n_valid = rows.numel()
+    compact = n_valid < n_tokens
+    dh = (torch.zeros_like(hidden) if compact else torch.empty_like(hidden)) if need_dh else None
     dw = torch.zeros(weight.shape, dtype=torch.float32 if weight.dtype == torch.float32 else dtype,
                      device=weight.device) if need_dw else None
+    if n_valid == 0:
+        return hidden.new_zeros((), dtype=torch.float32), dh, dw
+    valid_labels = labels.index_select(0, rows) if compact else labels
+    losses = torch.empty(n_valid, dtype=torch.float32, device=hidden.device)
     write_grad = need_dh or need_dw
     block_v = min(next_power_of_2(n_vocab), 1024 if interpreting() else 4096)
-    chunk = _chunk_tokens(n_tokens, n_vocab, hidden.element_size())
-    for start in range(0, n_tokens, chunk):
-        stop = min(start + chunk, n_tokens)
-        h = hidden[start:stop]
-        logits = h @ w.t()  # (n, V) in the hidden dtype, fp32 accumulation
+    chunk = _chunk_tokens(n_valid, n_vocab, hidden.element_size())
+    bounds = [(start, min(start + chunk, n_valid)) for start in range(0, n_valid, chunk)]
+    side = _side_stream(hidden.device) if hidden.is_cuda and OVERLAP and len(bounds) > 1 else None
+    buffers = [torch.empty(chunk, n_vocab, dtype=dtype, device=hidden.device) for _ in range(1 + (side is not None))]
+
+    def cross_entropy(logits, start, stop):
         _ce_chunk_kernel[(stop - start,)](
-            logits, labels[start:stop], losses[start:stop], inv_n_valid, n_vocab, logits.stride(0),
-            ignore_index, float(softcap) if softcap else 1.0,
-            BLOCK_V=block_v, SOFTCAP=bool(softcap), WRITE_GRAD=write_grad, num_warps=8,
+            logits, valid_labels[start:stop], losses[start:stop], 1.0 / n_valid, n_vocab, logits.stride(0),
+            float(softcap) if softcap else 1.0, BLOCK_V=block_v, SOFTCAP=bool(softcap), WRITE_GRAD=write_grad,
+            num_warps=8,
         )
+
+    def backprop(logits, h, start, stop):
         if need_dh:
-            torch.mm(logits, w, out=dh[start:stop])  # (n, H)
+            if compact:
+                dh.index_copy_(0, rows[start:stop], logits @ w)
+            else:
+                torch.mm(logits, w, out=dh[start:stop])  # (n, H)
         if need_dw:
             dw.addmm_(logits.t().to(dw.dtype), h.to(dw.dtype))  # (V, H)
-        del logits
-    loss = losses.sum() * inv_n_valid
-    return loss, dh, dw
+
+    pending = None
+    for i, (start, stop) in enumerate(bounds):
+        h = hidden.index_select(0, rows[start:stop]) if compact else hidden[start:stop]
+        logits = buffers[i % len(buffers)][: stop - start]
+        torch.mm(h, w.t(), out=logits)  # (n, V) in the hidden dtype, fp32 accumulation
+        if side is None:
+            cross_entropy(logits, start, stop)
+            if write_grad:
+                backprop(logits, h, start, stop)
+            continue
+        main = torch.cuda.current_stream(hidden.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            cross_entropy(logits, start, stop)
+        done = side.record_event()
+        if pending is not None:
+            main.wait_event(pending[-1])
+            if write_grad:
+                backprop(*pending[:-1])
+        pending = (logits, h, start, stop, done)
+    if pending is not None:
+        torch.cuda.current_stream(hidden.device).wait_event(pending[-1])
+        if write_grad:
+            backprop(*pending[:-1])
+    return losses.sum() / n_valid, dh, dw
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

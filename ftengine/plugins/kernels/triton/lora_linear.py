@@ -9,8 +9,10 @@ With ``xa = x A^T`` (N, r) and upstream ``dy`` (N, out):
     dA = s (dy B)^T x
     db = sum_rows dy
 
-``W + s B A`` is never formed. The forward saves ``x`` (only if A is trained) and the r-wide
-``xa`` (only if B is trained); the base weight is a parameter (NF4 stays packed and is
+``W + s B A`` is never formed. The forward saves ``x`` when A is trained and recomputes the
+r-wide ``xa`` from it in the backward (a GEMM of ``r`` columns, a few microseconds), so a layer
+keeps no activation beyond its input; only with A frozen and B trained is ``xa`` saved instead.
+The base weight is a parameter (NF4 stays packed and is
 dequantized again in the backward). GEMMs are cuBLAS; the NF4 unpacking is the Triton kernel of
 :mod:`.dequantize_nf4`. Helpers here are shared with the fused MLP and QKV ops.
 """
@@ -61,12 +63,26 @@ def forward_projection(
     return y, xa
 
 
+def saved_adapter_inputs(
+    x2: torch.Tensor, xa: torch.Tensor | None, need_da: bool, need_db: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """What an adapter keeps for its backward: ``x`` if ``dA`` needs it (``xa`` is then recomputed), else ``xa``."""
+    if need_da:
+        return x2, None
+    return None, xa if need_db else None
+
+
 def adapter_grads(
     dy: torch.Tensor, x2: torch.Tensor | None, xa: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
     scaling: float, need_da: bool, need_db: bool, need_dya: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """``(dA, dB, s dy B)`` for one adapter; ``s dy B`` (N, r) feeds ``dx`` through ``A``."""
+    """``(dA, dB, s dy B)`` for one adapter; ``s dy B`` (N, r) feeds ``dx`` through ``A``.
+
+    ``xa`` None: recomputed as ``x2 A^T`` if ``dB`` needs it.
+    """
     dtype = dy.dtype
+    if need_db and xa is None:
+        xa = x2 @ lora_a.to(dtype).t()  # (N, r)
     db = (dy.t() @ xa).mul_(scaling).to(lora_b.dtype) if need_db else None  # (out, r)
     dya = None
     if need_da or need_dya:
@@ -104,7 +120,7 @@ class _LoRALinear(torch.autograd.Function):
         y, xa = forward_projection(x2, weight, quant_state, bias, lora_a, lora_b, scaling)
         need_da = has_adapter and ctx.needs_input_grad[2]
         need_db = has_adapter and ctx.needs_input_grad[3]
-        ctx.save_for_backward(x2 if need_da else None, xa if need_db else None, weight, lora_a, lora_b, bias)
+        ctx.save_for_backward(*saved_adapter_inputs(x2, xa, need_da, need_db), weight, lora_a, lora_b, bias)
         ctx.scaling, ctx.quant_state, ctx.has_adapter = scaling, quant_state, has_adapter
         ctx.in_shape = x.shape
         return y.reshape(*x.shape[:-1], y.shape[-1])

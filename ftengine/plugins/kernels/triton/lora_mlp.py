@@ -2,9 +2,9 @@
 
     g = lora(x; gate)   u = lora(x; up)   h = act(g, u)   y = lora(h; down)
 
-act is SwiGLU or GeGLU (:mod:`.swiglu`, :mod:`.geglu`). Saved for the backward: ``g``, ``u``,
-and only where a trained adapter needs them ``x`` and the r-wide ``x A_g^T``, ``x A_u^T``,
-``h A_d^T``; ``h`` (N, I) is not saved but recomputed. Backward, with the LoRA-linear rules of
+act is SwiGLU or GeGLU (:mod:`.swiglu`, :mod:`.geglu`). Saved for the backward: ``g``, ``u``
+and, when a gate or up adapter's A is trained, ``x``; ``h`` (N, I) and the r-wide ``x A^T``,
+``h A_d^T`` are not saved but recomputed. Backward, with the LoRA-linear rules of
 :mod:`.lora_linear` for each projection:
 
     dh      = dy W_d + s_d (dy B_d) A_d
@@ -28,6 +28,7 @@ from ftengine.plugins.kernels.triton.lora_linear import add_input_grad
 from ftengine.plugins.kernels.triton.lora_linear import bias_grad
 from ftengine.plugins.kernels.triton.lora_linear import check_frozen
 from ftengine.plugins.kernels.triton.lora_linear import forward_projection
+from ftengine.plugins.kernels.triton.lora_linear import saved_adapter_inputs
 from ftengine.plugins.kernels.triton.swiglu import swiglu_backward
 from ftengine.plugins.kernels.triton.swiglu import swiglu_forward
 
@@ -63,15 +64,12 @@ class _LoRAMLP(torch.autograd.Function):
         g, xa_g = forward_projection(x2, pg[0], qg, pg[3], pg[1], pg[2], sg)  # (N, I), (N, r)
         u, xa_u = forward_projection(x2, pu[0], qu, pu[3], pu[1], pu[2], su)
         h = _act_forward(g, u, activation)  # (N, I), not saved
-        y, ha_d = forward_projection(h, pd[0], qd, pd[3], pd[1], pd[2], sd)  # (N, H), (N, r)
+        y, _ = forward_projection(h, pd[0], qd, pd[3], pd[1], pd[2], sd)  # (N, H), (N, r)
         del h
         needs = ctx.needs_input_grad  # per layer (weight, lora_a, lora_b, bias): gate 4..7, up 8..11, down 12..15
-        ctx.save_for_backward(
-            x2 if needs[5] or needs[9] else None,  # only dA_g / dA_u read x
-            g, u,
-            xa_g if needs[6] else None, xa_u if needs[10] else None, ha_d if needs[14] else None,  # for dB
-            *params,
-        )
+        x_kept, xa_g = saved_adapter_inputs(x2, xa_g, needs[5] or needs[9], needs[6])
+        xa_u = saved_adapter_inputs(x2, xa_u, needs[5] or needs[9], needs[10])[1]
+        ctx.save_for_backward(x_kept, g, u, xa_g, xa_u, *params)
         ctx.activation, ctx.scalings, ctx.quant_states = activation, scalings, quant_states
         ctx.in_shape = x.shape
         ctx.consumed = False
@@ -82,7 +80,7 @@ class _LoRAMLP(torch.autograd.Function):
         if ctx.consumed:
             raise RuntimeError("lora_mlp's backward reuses its saved activations in place and runs only once")
         ctx.consumed = True
-        x2, g, u, xa_g, xa_u, ha_d, *params = ctx.saved_tensors
+        x2, g, u, xa_g, xa_u, *params = ctx.saved_tensors
         pg, pu, pd = params[0:4], params[4:8], params[8:12]
         sg, su, sd = ctx.scalings
         qg, qu, qd = ctx.quant_states
@@ -91,16 +89,14 @@ class _LoRAMLP(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])  # (N, H)
 
         # down projection: dh = dy W_d + s_d (dy B_d) A_d
-        da_d = db_d = dya_d = None
         has_d = _has_adapter(pd[1], pd[2])
-        if has_d:
-            da_d, db_d, dya_d = adapter_grads(dy2, None, ha_d, pd[1], pd[2], sd, False, nd[2], True)
+        dya_d = (dy2 @ pd[2].to(dy2.dtype)).mul_(sd) if has_d else None  # (N, r)
         dh = add_input_grad(None, dy2, pd[0], qd, pd[1], dya_d)  # (N, I)
         dbias_d = bias_grad(dy2, pd[3], nd[3])
         _act_backward(dh, g, u, ctx.activation)
         h, dg, du = dh, g, u
-        if has_d and nd[1]:
-            da_d = (dya_d.t() @ h).to(pd[1].dtype)  # (r, I)
+        da_d = (dya_d.t() @ h).to(pd[1].dtype) if has_d and nd[1] else None  # (r, I)
+        db_d = adapter_grads(dy2, h, None, pd[1], pd[2], sd, False, True, False)[1] if has_d and nd[2] else None
         del h, dh
 
         grads = []

@@ -9,7 +9,8 @@ is read once for all three, and the backward mirrors it:
     dB_i  = s_i dy_i^T xa_i
     dx    = sum_i dy_i W_i + dya [A_q; A_k; A_v]
 
-Saved: ``x`` (only if an A is trained) and the stacked ``xa`` (N, sum r).
+Saved: ``x`` when an A is trained, and the stacked ``xa`` is recomputed from it in the backward
+(one GEMM of ``sum r`` columns); only with every A frozen is ``xa`` saved instead.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ftengine.plugins.kernels.triton.lora_linear import add_input_grad
 from ftengine.plugins.kernels.triton.lora_linear import bias_grad
 from ftengine.plugins.kernels.triton.lora_linear import check_frozen
 from ftengine.plugins.kernels.triton.lora_linear import forward_projection
+from ftengine.plugins.kernels.triton.lora_linear import saved_adapter_inputs
 
 
 def _adapted(p) -> bool:
@@ -46,7 +48,7 @@ class _LoRAQKV(torch.autograd.Function):
         needs = ctx.needs_input_grad
         need_da = any(needs[3 + 4 * i + 1] for i in adapted)
         need_db = any(needs[3 + 4 * i + 2] for i in adapted)
-        ctx.save_for_backward(x2 if need_da else None, xa_all if need_db else None, *params)
+        ctx.save_for_backward(*saved_adapter_inputs(x2, xa_all, need_da, need_db), *params)
         ctx.adapted, ctx.ranks, ctx.scalings, ctx.quant_states = adapted, ranks, scalings, quant_states
         ctx.in_shape = x.shape
         return tuple(outs)
@@ -57,6 +59,9 @@ class _LoRAQKV(torch.autograd.Function):
         layers = [params[0:4], params[4:8], params[8:12]]
         needs = ctx.needs_input_grad
         dys = [dy.reshape(-1, dy.shape[-1]) for dy in dys]  # (N, out_i)
+        if xa_all is None and any(needs[3 + 4 * i + 2] for i in ctx.adapted):
+            a_stack = torch.cat([layers[i][1].to(x2.dtype) for i in ctx.adapted])  # (sum r, in)
+            xa_all = x2 @ a_stack.t()  # (N, sum r)
         xas = dict(zip(ctx.adapted, xa_all.split(ctx.ranks, dim=1), strict=False)) if xa_all is not None else {}
         grads = [[None, None, None, bias_grad(dys[i], layers[i][3], needs[3 + 4 * i + 3])] for i in range(3)]
         dya_parts = []
