@@ -113,7 +113,57 @@ def matmul_params(model) -> int:
     return total
 
 
-def run(name: str, framework: str, micro_batch: int, quant: str, seq: int, steps: int, warmup: int) -> dict:
+KERNEL_KINDS = (  # (kind, substrings of CUDA kernel names), first match wins
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul", "splitk")),
+    ("triton (ftengine/liger ops)", ("_kernel", "triton")),
+    ("copies / casts", ("copy", "cast", "memcpy", "memset", "fill")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in lowered for k in keys)), "other elementwise")
+
+
+def profile_step(model, optimizer, ids) -> dict:
+    """One more step under the CUDA profiler: GPU time by kernel kind, the top kernels, and memory by phase."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start_alloc = torch.cuda.memory_allocated()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        torch.cuda.synchronize()
+        forward_s = time.perf_counter() - start
+        forward_peak = torch.cuda.max_memory_allocated()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        wall_s = time.perf_counter() - start
+    kinds: dict[str, float] = {}
+    kernels: list[tuple[str, float, int]] = []
+    for event in prof.key_averages():
+        ms = event.self_device_time_total / 1e3
+        if ms <= 0:
+            continue
+        kinds[kernel_kind(event.key)] = kinds.get(kernel_kind(event.key), 0.0) + ms
+        kernels.append((event.key[:90], ms, event.count))
+    kernels.sort(key=lambda k: -k[1])
+    return dict(wall_ms=1e3 * wall_s, forward_ms=1e3 * forward_s, gpu_busy_ms=sum(kinds.values()),
+                by_kind={k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+                top_kernels=[(n, round(ms, 2), c) for n, ms, c in kernels[:12]],
+                start_alloc_gib=start_alloc / GIB, forward_peak_gib=forward_peak / GIB,
+                step_peak_gib=torch.cuda.max_memory_allocated() / GIB)
+
+
+def run(name: str, framework: str, micro_batch: int, quant: str, seq: int, steps: int, warmup: int,
+        profile: bool = False) -> dict:
     import torch
     from peft import LoraConfig
     from peft import get_peft_model
@@ -153,6 +203,7 @@ def run(name: str, framework: str, micro_batch: int, quant: str, seq: int, steps
         times.append(time.perf_counter() - start)
         losses.append(round(loss.item(), 4))
     step_s = statistics.median(times[warmup:])
+    extra = {"profile": profile_step(model, optimizer, batches[-1])} if profile else {}
     tokens = micro_batch * seq
     cfg = model.config
     flops_per_token = 6 * n_matmul + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq
@@ -163,7 +214,8 @@ def run(name: str, framework: str, micro_batch: int, quant: str, seq: int, steps
                 peak_alloc_gib=torch.cuda.max_memory_allocated() / GIB,
                 peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB, losses=losses, patched=patched,
                 checkpointing=checkpointing, checkpointed_layers=sum(
-                    bool(getattr(m, "gradient_checkpointing", False)) for m in model.base_model.model.model.layers))
+                    bool(getattr(m, "gradient_checkpointing", False)) for m in model.base_model.model.model.layers),
+                **extra)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -174,14 +226,16 @@ def worker(args: argparse.Namespace) -> None:
         for name, micro_batch, quant in args.matrix:
             row = dict(model=name, framework=args.framework, micro_batch=micro_batch, quant=quant, seq=args.seq)
             try:
-                row = run(name, args.framework, micro_batch, quant, args.seq, args.steps, args.warmup)
+                row = run(name, args.framework, micro_batch, quant, args.seq, args.steps, args.warmup, args.profile)
             except torch.cuda.OutOfMemoryError:
                 row["error"] = "out of memory"
             except Exception as exc:  # noqa: BLE001 - one failed configuration must not stop the others
                 row["error"] = f"{type(exc).__name__}: {exc}"[:300]
             out.write(json.dumps(row) + "\n")
             out.flush()
-            print(json.dumps({k: v for k, v in row.items() if k != "patched"}), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("patched", "profile")}), flush=True)
+            if "profile" in row:
+                print(format_profile(row), flush=True)
             gc.collect()
             torch.cuda.empty_cache()
 
@@ -231,6 +285,20 @@ def report(rows: list[dict], device_line: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def format_profile(row: dict) -> str:
+    """Where one step's GPU time and memory go, as markdown."""
+    p = row["profile"]
+    head = (f"#### {row['model']} {row['quant']} mb{row['micro_batch']} {row['framework']}: step {p['wall_ms']:.0f} ms "
+            f"(forward {p['forward_ms']:.0f} ms), GPU busy {p['gpu_busy_ms']:.0f} ms; memory at step start "
+            f"{p['start_alloc_gib']:.2f} GiB, peak in the forward {p['forward_peak_gib']:.2f} GiB, "
+            f"peak of the step {p['step_peak_gib']:.2f} GiB")
+    kinds = ["| kernel kind | GPU ms | share |", "|---|---|---|"] + [
+        f"| {k} | {v:.1f} | {100 * v / p['gpu_busy_ms']:.0f}% |" for k, v in p["by_kind"].items()]
+    top = ["| kernel | GPU ms | calls |", "|---|---|---|"] + [
+        f"| `{n}` | {ms:.1f} | {c} |" for n, ms, c in p["top_kernels"]]
+    return "\n".join([head, "", *kinds, "", *top, ""])
+
+
 def write_section(results: Path, section: str) -> None:
     """Replace (or append) the "## End to end" section of ``results``, leaving the other sections as they are."""
     text = results.read_text() if results.exists() else "# Benchmark results\n"
@@ -243,6 +311,33 @@ def write_section(results: Path, section: str) -> None:
     results.write_text(text)
 
 
+def longest(args: argparse.Namespace) -> None:
+    """Search the longest sequence one training step survives at micro-batch 1 (doubling, then bisection).
+
+    Each trial is a fresh process running one step of ``args.longest`` (``model:quant``) with
+    ``ftengine-offload``; the search stops at ``--resolution`` tokens or when ``--budget-s`` is spent.
+    """
+    name, quant = args.longest.split(":")
+    good, bad, seq = 0, None, args.seq
+    deadline = time.time() + args.budget_s
+    while time.time() < deadline:
+        before = len(args.out.read_text().splitlines())
+        command = [sys.executable, __file__, "--framework", "ftengine-offload", "--out", str(args.out), "--only",
+                   f"{name}:1:{quant}", "--seq", str(seq), "--steps", "1", "--warmup", "0"]
+        subprocess.run(command, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        rows = [json.loads(line) for line in args.out.read_text().splitlines()[before:]]
+        if rows and "error" not in rows[-1]:
+            good = seq
+        else:
+            bad = seq
+        if bad is not None and bad - good <= args.resolution:
+            break
+        seq = seq * 2 if bad is None else (good + bad) // 2 // 1024 * 1024
+    with open(args.out, "a") as out:
+        out.write(json.dumps({"longest": dict(model=name, quant=quant, trains=good, fails=bad)}) + "\n")
+    print(f"longest trainable sequence, {name} {quant} mb1 ftengine-offload: {good} (fails at {bad})", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="JSON lines written here (GPU run)")
@@ -251,6 +346,10 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=4, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--longest", help="model:quant: search the longest sequence at micro-batch 1, from --seq")
+    parser.add_argument("--resolution", type=int, default=8192, help="with --longest: stop when bracketed this tightly")
+    parser.add_argument("--budget-s", type=float, default=1200.0, help="with --longest: stop searching after this")
+    parser.add_argument("--profile", action="store_true", help="profile one more step of each run (GPU time, memory)")
     parser.add_argument("--framework", help=argparse.SUPPRESS)  # the worker process
     parser.add_argument("--report", type=Path, help="JSON lines to turn into the markdown table")
     parser.add_argument("--results", type=Path, help="with --report: the RESULTS.md to write the section into")
@@ -263,7 +362,15 @@ def main() -> None:
     if args.report:
         rows = [json.loads(line) for line in args.report.read_text().splitlines() if line.strip()]
         device = next((r["device"] for r in rows if "device" in r), "unknown")
-        section = report([r for r in rows if "framework" in r], device)
+        section = report([r for r in rows if "framework" in r and r["seq"] == args.seq], device)
+        for r in rows:
+            if "longest" in r:
+                lg = r["longest"]
+                section += (f"\nLongest sequence one step trains at micro-batch 1 ({lg['model']}, {lg['quant']}, "
+                            f"ftengine with offloaded checkpointing): {lg['trains']} tokens; {lg['fails']} fails.\n")
+        profiles = [format_profile(r) for r in rows if "profile" in r]
+        if profiles:
+            section += "\n### Where a step goes (one profiled step, `--profile`)\n\n" + "\n".join(profiles)
         if args.note:
             section += "\n" + args.note + "\n"
         if args.results:
@@ -273,11 +380,16 @@ def main() -> None:
     if args.framework:
         worker(args)
         return
-    args.out.write_text(json.dumps({"device": environment()}) + "\n")
+    if not args.out.exists() or not args.out.read_text().strip():
+        args.out.write_text(json.dumps({"device": environment()}) + "\n")
+    if args.longest:
+        longest(args)
+        return
     only = ",".join(f"{m}:{b}:{q}" for m, b, q in args.matrix)
     for framework in args.frameworks.split(","):
         command = [sys.executable, __file__, "--framework", framework, "--out", str(args.out), "--only", only,
                    "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        command += ["--profile"] if args.profile else []
         subprocess.run(command, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 

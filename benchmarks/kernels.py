@@ -116,7 +116,7 @@ def format_row(r: dict) -> str:
     if "error" in r:
         return f"| {r['op']} | {r['shape']} | {r['provider']} | - | - | - | - | - | {r['error']} |"
     bw = f"{r['bw']:.0f}%" if "bw" in r else ""
-    saved = f"{r['saved']:.3f}" if "saved" in r else ""
+    saved = f"{r['saved']:.1f}" if "saved" in r else ""
     g_ms = f"{r['graph']:.3f}" if r.get("graph") else "-"
     return (f"| {r['op']} | {r['shape']} | {r['provider']} | {r['ms']:.3f} | {g_ms} | {r['peak']:.3f} | {saved} | {bw} "
             f"| {r.get('note', '')} |")
@@ -320,7 +320,7 @@ def _lora_weights(module) -> LoRAWeights:
 
 
 def _saved_after_forward(fn: Callable, x: torch.Tensor) -> Callable[[], float]:
-    """GiB held after the forward beyond its outputs: the activations saved for the backward."""
+    """MiB held after the forward beyond its outputs: the activations saved for the backward."""
 
     def saved():
         torch.cuda.synchronize()
@@ -329,7 +329,7 @@ def _saved_after_forward(fn: Callable, x: torch.Tensor) -> Callable[[], float]:
         outs = out if isinstance(out, tuple) else (out,)
         held = torch.cuda.memory_allocated() - base - sum(o.numel() * o.element_size() for o in outs)
         del out, outs
-        return held / GIB
+        return held / 2**20
 
     return saved
 
@@ -383,7 +383,10 @@ def _lora_case(kind: str, nf4: bool) -> None:
                saved=_saved_after_forward(fn, x), graph=False)
 
 
-def tune(bw: float) -> list[str]:
+TUNE_SWEEPS = ("rms_norm", "rope", "dequantize_nf4", "lm_head")
+
+
+def tune(sweeps: list[str]) -> list[str]:
     """Launch-parameter sweeps of the Triton ops (CUDA-graph medians), printed as lines of text."""
     from ftengine.plugins.kernels.triton import dequantize_nf4 as nf4_mod
     from ftengine.plugins.kernels.triton import linear_cross_entropy as lce_mod
@@ -396,14 +399,28 @@ def tune(bw: float) -> list[str]:
         lines.append(text)
         print(text, flush=True)
 
+    if "rms_norm" in sweeps:
+        _tune_rms_norm(emit, rms_mod)
+    if "rope" in sweeps:
+        _tune_rope(emit, rope_mod)
+    if "dequantize_nf4" in sweeps:
+        _tune_nf4(emit, nf4_mod)
+    if "lm_head" in sweeps:
+        _tune_lm_head(emit, lce_mod)
+    return lines
+
+
+def _tune_rms_norm(emit, rms_mod) -> None:
     x, w, dy = randn(8192, 4096, grad=True), randn(4096, grad=True), randn(8192, 4096)
     emit(f"rms_norm fwd only: {graph_ms(lambda: TRITON.rms_norm(x.detach(), w.detach(), 1e-6), 100):.4f} ms")
     for per_sm in (1, 2, 4, 8, 16):
         rms_mod.PROGRAMS_PER_SM = per_sm
         step = fwd_bwd(lambda a, b: TRITON.rms_norm(a, b, 1e-6), [x, w], dy)
         emit(f"rms_norm fwd+bwd, backward programs/SM {per_sm}: {graph_ms(step, 100):.4f} ms")
-    rms_mod.PROGRAMS_PER_SM = 4
+    rms_mod.PROGRAMS_PER_SM = 2
 
+
+def _tune_rope(emit, rope_mod) -> None:
     ql, kl = randn(4, 2048, 32, 128, grad=True), randn(4, 2048, 8, 128, grad=True)
     dq, dk = randn(4, 32, 2048, 128), randn(4, 8, 2048, 128)
     ang = torch.rand(1, 2048, 64, device=DEV) * 100
@@ -415,6 +432,8 @@ def tune(bw: float) -> list[str]:
         emit(f"rope warps {warps}: fwd {fwd:.4f} ms, fwd+bwd {graph_ms(step, 100):.4f} ms")
     rope_mod.NUM_WARPS = 0
 
+
+def _tune_nf4(emit, nf4_mod) -> None:
     import bitsandbytes.functional as bnbf
 
     packed, state = bnbf.quantize_4bit(randn(14336, 4096, scale=0.02), quant_type="nf4", compress_statistics=True)
@@ -423,12 +442,15 @@ def tune(bw: float) -> list[str]:
             nf4_mod.BYTES_PER_PROGRAM, nf4_mod.NUM_WARPS = per_prog, warps
             ms = graph_ms(lambda: TRITON.dequantize_nf4(packed, state), 100)
             emit(f"dequantize_nf4 bytes/program {per_prog} warps {warps}: {ms:.4f} ms")
-    nf4_mod.BYTES_PER_PROGRAM, nf4_mod.NUM_WARPS = 1024, 4
+    nf4_mod.BYTES_PER_PROGRAM, nf4_mod.NUM_WARPS = 1024, 2
 
+
+def _tune_lm_head(emit, lce_mod) -> None:
     hidden, vocab = 3584, 152064
     h = randn(8192, hidden, grad=True)
     wl = randn(vocab, hidden, scale=0.02)
     labels = torch.randint(0, vocab, (8192,), device=DEV)
+    labels[:500] = -100
     one = torch.tensor(1.0, device=DEV)
     for rows in (512, 768, 1024, 1152, 1280, 1536, 2048):
         hs = h.detach()[:rows]
@@ -437,13 +459,14 @@ def tune(bw: float) -> list[str]:
         t2 = do_bench(lambda: logits @ wl, rep=100, return_mode="median")  # noqa: B023
         flop = 2 * rows * hidden * vocab
         emit(f"lm-head GEMMs at {rows} rows: logits {flop / t1 / 1e9:.0f} TFLOP/s, dh {flop / t2 / 1e9:.0f} TFLOP/s")
+    chunk_bytes = lce_mod.CHUNK_BYTES
     for mib in (128, 192, 256, 320, 384, 448):
         lce_mod.CHUNK_BYTES = mib * 1024 * 1024
         step = fwd_bwd(lambda a: TRITON.linear_cross_entropy(a, wl, labels), [h], one)
-        ms, peak, _ = measure(step, 300, graph=False)
-        emit(f"linear_cross_entropy qwen chunk {mib} MiB: {ms:.3f} ms, peak {peak:.3f} GiB")
-    lce_mod.CHUNK_BYTES = 256 * 1024 * 1024
-    return lines
+        ms, peak, _ = measure(step, 150, graph=False)
+        emit(f"linear_cross_entropy qwen (500 of 8192 tokens ignored) chunk {mib} MiB: {ms:.3f} ms, "
+             f"peak {peak:.3f} GiB")
+    lce_mod.CHUNK_BYTES = chunk_bytes
 
 
 def version(dist: str) -> str:
@@ -466,7 +489,8 @@ def main() -> None:
     parser.add_argument("--out", default="kernels.md", help="markdown file to write")
     parser.add_argument("--ops", default="rms_norm,swiglu,geglu,rope,linear_cross_entropy,dequantize_nf4,lora_mlp,"
                         "lora_qkv", help="comma-separated ops to run")
-    parser.add_argument("--tune", action="store_true", help="run the launch-parameter sweeps first")
+    parser.add_argument("--tune", nargs="?", const=",".join(TUNE_SWEEPS), default="",
+                        help=f"run launch-parameter sweeps first (all, or a comma-separated subset of {TUNE_SWEEPS})")
     args = parser.parse_args()
     torch.manual_seed(0)
     ops = args.ops.split(",")
@@ -480,9 +504,9 @@ def main() -> None:
     bw = copy_bandwidth()
     header.append(f"device-to-device copy: {bw / 1e12:.2f} TB/s (read + write)")
     print("\n".join(header), flush=True)
-    table_head = ["| op | shape | provider | ms (median) | ms (CUDA graph) | peak GiB | saved GiB | % copy BW | note |",
+    table_head = ["| op | shape | provider | ms (median) | ms (CUDA graph) | peak GiB | saved MiB | % copy BW | note |",
                   "|---|---|---|---|---|---|---|---|---|"]
-    tuned = tune(bw) if args.tune else []
+    tuned = tune(args.tune.split(",")) if args.tune else []
     print("\n".join(table_head), flush=True)
     start = time.time()
     runners = {

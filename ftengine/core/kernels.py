@@ -60,6 +60,25 @@ FUSED_LOSS_ATTR = "ftengine_fused_loss"
 the loss from the model's forward rather than building their own from logits."""
 
 
+_forward_generation = 0
+
+
+def begin_forward() -> None:
+    """Mark the start of a model's forward pass (model adapters call it from their patched forward).
+
+    Backends may keep per-forward derived tensors, such as LoRA weights cast to the compute dtype
+    once for the forward, its recomputation under checkpointing and its backward; a new forward
+    makes them stale, whatever happened to the parameters in between.
+    """
+    global _forward_generation
+    _forward_generation += 1
+
+
+def forward_generation() -> int:
+    """How many forwards :func:`begin_forward` has marked (a key for per-forward caches)."""
+    return _forward_generation
+
+
 @dataclass
 class LoRAWeights:
     """One LoRA-adapted linear layer, as the fused ops take it.

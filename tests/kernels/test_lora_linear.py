@@ -81,3 +81,29 @@ def test_lora_linear_rejects_trainable_base():
 @pytest.mark.parametrize("nf4", [False, True])
 def test_lora_linear_real_shapes(nf4):
     _compare((8192, 4096), 14336, 16, torch.bfloat16, nf4=nf4)
+
+
+def test_adapter_compute_copies_are_reused_within_a_forward_and_refreshed_after():
+    from ftengine.core.kernels import begin_forward
+    from ftengine.plugins.kernels.triton.lora_linear import compute_copy
+    from ftengine.plugins.kernels.triton.lora_linear import stacked_copy
+
+    a = torch.nn.Parameter(torch.randn(4, 8))
+    b = torch.nn.Parameter(torch.randn(3, 8))
+    begin_forward()
+    first = compute_copy(a, torch.bfloat16)
+    assert first.dtype == torch.bfloat16 and torch.equal(first, a.detach().to(torch.bfloat16))
+    assert compute_copy(a, torch.bfloat16) is first  # the recomputation and the backward reuse it
+    assert compute_copy(a, torch.float32) is a
+    stack = stacked_copy([a, b], torch.bfloat16)
+    assert torch.equal(stack, torch.cat([a, b]).detach().to(torch.bfloat16))
+    assert stacked_copy([a, b], torch.bfloat16) is stack
+
+    with torch.no_grad():  # an optimizer step: in place, the version moves
+        a.add_(1.0)
+    assert torch.equal(compute_copy(a, torch.bfloat16), a.detach().to(torch.bfloat16))
+    assert torch.equal(stacked_copy([a, b], torch.bfloat16), torch.cat([a, b]).detach().to(torch.bfloat16))
+
+    a.data.copy_(torch.zeros(4, 8))  # invisible to the version counter: the next forward recasts
+    begin_forward()
+    assert torch.equal(compute_copy(a, torch.bfloat16), torch.zeros(4, 8, dtype=torch.bfloat16))

@@ -29,6 +29,7 @@ from torch import nn
 
 from ftengine.core.kernels import FUSED_LOSS_ATTR
 from ftengine.core.kernels import LoRAWeights
+from ftengine.core.kernels import begin_forward
 
 GetOp = Callable[[str], Callable[..., Any]]
 
@@ -258,6 +259,7 @@ def _causal_lm_forward(get_op: GetOp, original: Callable[..., Any], softcap_attr
 
     @functools.wraps(original)
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        begin_forward()
         bound = signature.bind(self, *args, **kwargs)
         labels = bound.arguments.get("labels")
         head_weight = route_lm_head(self)

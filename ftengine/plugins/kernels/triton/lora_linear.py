@@ -22,8 +22,44 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
+from ftengine.core.kernels import forward_generation
 from ftengine.plugins.kernels.triton.dequantize_nf4 import dequantize_nf4
+
+_COPIES = WeakTensorKeyDictionary()  # adapter tensor -> (validity key, copy in the compute dtype)
+
+
+def _validity(tensors: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple:
+    return (forward_generation(), dtype, *((t._version, t.data_ptr()) for t in tensors))
+
+
+def compute_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` (an adapter weight, e.g. fp32) in the compute ``dtype``, cast once per model forward.
+
+    A LoRA step would otherwise cast each A and B again in the forward, the recomputation and
+    the backward: hundreds of small kernels a step. The copy is reused while the forward
+    (:func:`~ftengine.core.kernels.begin_forward`), the tensor's version and its storage are
+    unchanged, so an optimizer step or a reload always gives a fresh one.
+    """
+    if t.dtype == dtype:
+        return t
+    key = _validity((t,), dtype)
+    hit = _COPIES.get(t)
+    if hit is None or hit[0] != key:
+        hit = (key, t.detach().to(dtype))
+        _COPIES[t] = hit
+    return hit[1]
+
+
+def stacked_copy(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``torch.cat(tensors)`` in ``dtype``, cached like :func:`compute_copy` (keyed by the first tensor)."""
+    key = ("stack", *_validity(tuple(tensors), dtype))
+    hit = _COPIES.get(tensors[0])
+    if hit is None or hit[0] != key:
+        hit = (key, torch.cat([t.detach().to(dtype) for t in tensors]))
+        _COPIES[tensors[0]] = hit
+    return hit[1]
 
 
 def base_weight(weight: torch.Tensor, quant_state: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -58,8 +94,8 @@ def forward_projection(
     if lora_a is None or lora_b is None:
         return y, None
     if xa is None:
-        xa = x2 @ lora_a.to(x2.dtype).t()  # (N, r)
-    y.addmm_(xa, lora_b.to(x2.dtype).t(), alpha=scaling)
+        xa = x2 @ compute_copy(lora_a, x2.dtype).t()  # (N, r)
+    y.addmm_(xa, compute_copy(lora_b, x2.dtype).t(), alpha=scaling)
     return y, xa
 
 
@@ -82,11 +118,11 @@ def adapter_grads(
     """
     dtype = dy.dtype
     if need_db and xa is None:
-        xa = x2 @ lora_a.to(dtype).t()  # (N, r)
+        xa = x2 @ compute_copy(lora_a, dtype).t()  # (N, r)
     db = (dy.t() @ xa).mul_(scaling).to(lora_b.dtype) if need_db else None  # (out, r)
     dya = None
     if need_da or need_dya:
-        dya = (dy @ lora_b.to(dtype)).mul_(scaling)  # (N, r)
+        dya = (dy @ compute_copy(lora_b, dtype)).mul_(scaling)  # (N, r)
     da = (dya.t() @ x2).to(lora_a.dtype) if need_da else None  # (r, in)
     return da, db, dya
 
@@ -103,7 +139,7 @@ def add_input_grad(
         dx.addmm_(dy, w)
     del w
     if dya is not None and lora_a is not None:
-        dx.addmm_(dya, lora_a.to(dy.dtype))
+        dx.addmm_(dya, compute_copy(lora_a, dy.dtype))
     return dx
 
 

@@ -27,6 +27,7 @@ from ftengine.plugins.kernels.triton.lora_linear import adapter_grads
 from ftengine.plugins.kernels.triton.lora_linear import add_input_grad
 from ftengine.plugins.kernels.triton.lora_linear import bias_grad
 from ftengine.plugins.kernels.triton.lora_linear import check_frozen
+from ftengine.plugins.kernels.triton.lora_linear import compute_copy
 from ftengine.plugins.kernels.triton.lora_linear import forward_projection
 from ftengine.plugins.kernels.triton.lora_linear import saved_adapter_inputs
 from ftengine.plugins.kernels.triton.swiglu import swiglu_backward
@@ -90,7 +91,7 @@ class _LoRAMLP(torch.autograd.Function):
 
         # down projection: dh = dy W_d + s_d (dy B_d) A_d
         has_d = _has_adapter(pd[1], pd[2])
-        dya_d = (dy2 @ pd[2].to(dy2.dtype)).mul_(sd) if has_d else None  # (N, r)
+        dya_d = (dy2 @ compute_copy(pd[2], dy2.dtype)).mul_(sd) if has_d else None  # (N, r)
         dh = add_input_grad(None, dy2, pd[0], qd, pd[1], dya_d)  # (N, I)
         dbias_d = bias_grad(dy2, pd[3], nd[3])
         _act_backward(dh, g, u, ctx.activation)

@@ -21,8 +21,10 @@ from ftengine.core.kernels import LoRAWeights
 from ftengine.plugins.kernels.triton.lora_linear import add_input_grad
 from ftengine.plugins.kernels.triton.lora_linear import bias_grad
 from ftengine.plugins.kernels.triton.lora_linear import check_frozen
+from ftengine.plugins.kernels.triton.lora_linear import compute_copy
 from ftengine.plugins.kernels.triton.lora_linear import forward_projection
 from ftengine.plugins.kernels.triton.lora_linear import saved_adapter_inputs
+from ftengine.plugins.kernels.triton.lora_linear import stacked_copy
 
 
 def _adapted(p) -> bool:
@@ -38,7 +40,7 @@ class _LoRAQKV(torch.autograd.Function):
         ranks = [layers[i][1].shape[0] for i in adapted]
         xa_all = None
         if adapted:
-            a_stack = torch.cat([layers[i][1].to(x2.dtype) for i in adapted])  # (sum r, in)
+            a_stack = stacked_copy([layers[i][1] for i in adapted], x2.dtype)  # (sum r, in)
             xa_all = x2 @ a_stack.t()  # (N, sum r)
         xas = dict(zip(adapted, xa_all.split(ranks, dim=1), strict=False)) if adapted else {}
         outs = []
@@ -60,7 +62,7 @@ class _LoRAQKV(torch.autograd.Function):
         needs = ctx.needs_input_grad
         dys = [dy.reshape(-1, dy.shape[-1]) for dy in dys]  # (N, out_i)
         if xa_all is None and any(needs[3 + 4 * i + 2] for i in ctx.adapted):
-            a_stack = torch.cat([layers[i][1].to(x2.dtype) for i in ctx.adapted])  # (sum r, in)
+            a_stack = stacked_copy([layers[i][1] for i in ctx.adapted], x2.dtype)  # (sum r, in)
             xa_all = x2 @ a_stack.t()  # (N, sum r)
         xas = dict(zip(ctx.adapted, xa_all.split(ctx.ranks, dim=1), strict=False)) if xa_all is not None else {}
         grads = [[None, None, None, bias_grad(dys[i], layers[i][3], needs[3 + 4 * i + 3])] for i in range(3)]
@@ -71,7 +73,7 @@ class _LoRAQKV(torch.autograd.Function):
             dy = dys[i]
             if needs[3 + 4 * i + 2]:
                 grads[i][2] = (dy.t() @ xas[i]).mul_(s).to(b.dtype)  # (out, r)
-            dya_parts.append((dy @ b.to(dy.dtype)).mul_(s))  # (N, r)
+            dya_parts.append((dy @ compute_copy(b, dy.dtype)).mul_(s))  # (N, r)
         dya = torch.cat(dya_parts, dim=1) if dya_parts else None  # (N, sum r)
         if dya is not None and any(needs[3 + 4 * i + 1] for i in ctx.adapted):
             da_all = dya.t() @ x2  # (sum r, in)
@@ -83,7 +85,7 @@ class _LoRAQKV(torch.autograd.Function):
             for i, p in enumerate(layers):
                 dx = add_input_grad(dx, dys[i], p[0], ctx.quant_states[i], None, None)
             if dya is not None:
-                a_stack = torch.cat([layers[i][1].to(dx.dtype) for i in ctx.adapted])  # (sum r, in)
+                a_stack = stacked_copy([layers[i][1] for i in ctx.adapted], dx.dtype)  # (sum r, in)
                 dx.addmm_(dya, a_stack)
             dx = dx.reshape(ctx.in_shape)
         return (dx, None, None, *grads[0], *grads[1], *grads[2])
