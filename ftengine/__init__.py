@@ -23,8 +23,8 @@ __all__ = ["hookimpl", "load_model", "add_lora", "get_chat_template", "load_data
 
 
 def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | None = None, load_in_4bit: bool = False,
-               load_in_8bit: bool = False, full_finetuning: bool = False, trust_remote_code: bool = False
-               ) -> tuple[Any, Any]:
+               load_in_8bit: bool = False, full_finetuning: bool = False, trust_remote_code: bool = False,
+               attn_implementation: str = "auto") -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer (16-bit, 4-bit NF4 or 8-bit) and patch it with the kernel ops.
 
     Args:
@@ -35,6 +35,9 @@ def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | None 
         load_in_8bit: LLM.int8 base.
         full_finetuning: make every weight trainable (no LoRA).
         trust_remote_code: allow hub model code.
+        attn_implementation: ``"auto"``, ``"sdpa"``, ``"flex_attention"`` or ``"eager"`` (Hugging Face's
+            names). ``"auto"`` loads sdpa (eager for models without it); :func:`train` switches it to
+            flex_attention when the dataset is packed and a CUDA GPU is present.
 
     Returns:
         ``(model, tokenizer)``.
@@ -49,7 +52,8 @@ def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | None 
 
     model_config = validate_section(ModelConfig, dict(
         name_or_path=name_or_path, max_seq_length=max_seq_length, dtype=dtype or "auto",
-        full_finetuning=full_finetuning, trust_remote_code=trust_remote_code), "load_model")
+        full_finetuning=full_finetuning, trust_remote_code=trust_remote_code,
+        attn_implementation=attn_implementation), "load_model")
     quant = validate_section(QuantizationConfig, dict(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit),
                              "load_model")
     config = RunConfig(model=model_config, quantization=quant, export=[])
@@ -139,6 +143,8 @@ def train(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft", eval_d
           output_dir: str | None = None, resume: bool = False, **training_kwargs: Any) -> Any:
     """Train with a registered trainer; checkpoints, ``metrics.jsonl`` and ``loss.png`` go to a run directory.
 
+    A model loaded with ``attn_implementation="auto"`` trains packed rows with flex_attention on a CUDA GPU.
+
     Args:
         trainer: ``sft``, ``dpo``, ...
         output_dir: the run directory (default: a new ``runs/api-<timestamp>``).
@@ -155,6 +161,7 @@ def train(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft", eval_d
     from ftengine.core.rundir import RunDir
 
     training = validate_section(TrainingConfig, dict(trainer=trainer, **training_kwargs), "train")
+    pipeline.attention_for_rows(model, "position_ids" in getattr(dataset, "column_names", ()))
     if output_dir is None:
         run_dir = RunDir.create("runs", "api")
     else:

@@ -10,6 +10,7 @@ schema.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 from typing import Literal
@@ -35,6 +36,11 @@ class ModelConfig(Section):
         "auto", description="Compute dtype; auto = bfloat16 on GPUs that support it, else float16 on GPU, float32 "
                             "on CPU.")
     full_finetuning: bool = Field(False, description="Train every weight instead of LoRA adapters.")
+    attn_implementation: Literal["auto", "sdpa", "flex_attention", "eager"] = Field(
+        "auto", description="Attention implementation (Hugging Face's attn_implementation); auto = flex_attention "
+                            "when data.packing is on and a CUDA GPU is present (its document mask skips the blocks "
+                            "across packed samples), else sdpa (eager for models without sdpa). flex_attention "
+                            "trains on CUDA only.")
     adapter: str | None = Field(None, description="Model adapter (architecture plugin) to use; default: the one "
                                                   "serving the model's config.model_type.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub repository.")
@@ -207,8 +213,17 @@ def _format_errors(errors: list[dict[str, Any]], fields: list[str] | None = None
         else:
             value = errs[0].get("input")
             expected = " or ".join(dict.fromkeys(_expected(e) for e in errs))
-            lines.append(f"{path}: expected {expected}, got {value!r} ({type(value).__name__})")
+            lines.append(f"{path}: expected {expected}, got {value!r} ({type(value).__name__}){_suggest(value, errs)}")
     return lines
+
+
+def _suggest(value: Any, errs: list[dict[str, Any]]) -> str:
+    """``; did you mean 'x'?`` when a string is close to one of the allowed strings (``flex-attention``)."""
+    if not isinstance(value, str):
+        return ""
+    choices = [c for e in errs if e["type"] == "literal_error" for c in re.findall(r"'([^']*)'", e["ctx"]["expected"])]
+    close = difflib.get_close_matches(value, choices, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _problems(raw: Any, source: str, lines: list[str]) -> ConfigError:

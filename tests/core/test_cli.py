@@ -91,6 +91,22 @@ def test_model_type_no_plugin_serves(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_flex_attention_without_cuda(tmp_path, demo_base, monkeypatch):
+    import torch
+    import yaml
+
+    from ftengine.demo import ASSETS
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = write_config(tmp_path, demo_base, ASSETS / "data.jsonl")
+    raw = yaml.safe_load(path.read_text())
+    raw["model"]["attn_implementation"] = "flex_attention"
+    path.write_text(yaml.safe_dump(raw))
+    assert_one_line_error(cli("run", str(path)), "model.attn_implementation: flex_attention trains on a CUDA GPU only",
+                          "use sdpa, or auto")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_debug_shows_traceback(tmp_path):
     result = cli("run", str(tmp_path / "nope.yaml"), "--debug")
     assert result.returncode != 0 and "Traceback" in result.stderr

@@ -45,6 +45,17 @@ def test_union_choices_in_one_line():
     assert "training.gradient_checkpointing: expected true or false or 'offload' or 'auto', got 'sometimes'" in message
 
 
+def test_attn_implementation_defaults_to_auto_and_lists_the_choices():
+    assert validate_config(MINIMAL).model.attn_implementation == "auto"
+    for value in ("sdpa", "flex_attention", "eager"):
+        assert validate_config({**MINIMAL, "model": {**MINIMAL["model"], "attn_implementation": value}})
+    message = problems({**MINIMAL, "model": {**MINIMAL["model"], "attn_implementation": "flex-attention"}})
+    assert ("model.attn_implementation: expected 'auto', 'sdpa', 'flex_attention' or 'eager', got 'flex-attention' "
+            "(str); did you mean 'flex_attention'?") in message
+    message = problems({**MINIMAL, "model": {**MINIMAL["model"], "attn_implementation": "xformers"}})
+    assert message.endswith("got 'xformers' (str)")
+
+
 def test_all_problems_at_once():
     message = problems({"model": {}, "data": {"format": "nope", "train_on": "x"}, "training": {"lerning_rate": 1}})
     assert "4 problem(s)" in message
