@@ -68,14 +68,15 @@ def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | None 
 
 
 def add_lora(model: Any, r: int = 16, lora_alpha: float = 16, lora_dropout: float = 0.0,
-             target_modules: str | list[str] = "all-linear", use_gradient_checkpointing: bool | str = True,
+             target_modules: str | list[str] = "all-linear", use_gradient_checkpointing: bool | str = "auto",
              random_state: int = 3407, **lora_kwargs: Any) -> Any:
     """Attach LoRA adapters (peft) and set gradient checkpointing.
 
     Args:
         r, lora_alpha, lora_dropout, target_modules: as in peft's ``LoraConfig``; ``"all-linear"``
             means the architecture's projections.
-        use_gradient_checkpointing: ``False``, ``True``, ``"offload"`` or ``"auto"``.
+        use_gradient_checkpointing: ``"auto"`` (checkpoint only the layers that would not fit), ``True``,
+            ``"offload"`` or ``False``.
         random_state: seed of the adapter initialisation.
         **lora_kwargs: ``bias``, ``use_rslora``, ``use_dora``, ``init_lora_weights``, ``modules_to_save``.
     """

@@ -110,7 +110,8 @@ class TrainingConfig(Section):
     save_steps: int = Field(100, gt=0, description="Checkpoint every N steps.")
     save_total_limit: int | None = Field(2, description="Keep at most N checkpoints (None: all).")
     gradient_checkpointing: bool | Literal["offload", "auto"] = Field(
-        True, description="false, true (recompute activations), offload (to CPU RAM) or auto (fit a memory budget).")
+        "auto", description="auto (default: recompute only the layers whose activations would not fit in GPU "
+                            "memory), true (recompute every layer), offload (every layer, inputs in CPU RAM) or false.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (needs eval data).")
     beta: float = Field(0.1, gt=0, description="DPO: the KL penalty strength.")
     loss_type: str = Field("sigmoid", description="DPO: trl loss type (sigmoid, ipo, hinge, ...).")

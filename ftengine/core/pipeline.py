@@ -292,13 +292,14 @@ def enable_gradient_checkpointing(model: Any, mode: bool | str) -> str:
     try:
         return checkpointing.apply_gradient_checkpointing(model, mode)
     except ValueError:
-        if mode is not True:
+        if mode is not True and mode != "auto":
             raise
-    # A model whose decoder layers are not transformers' GradientCheckpointingLayer.
+    # A model whose decoder layers are not transformers' GradientCheckpointingLayer: its own checkpointing.
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
-    return "standard (non-reentrant, transformers')"
+    return "standard (non-reentrant, transformers'" + ("; auto needs GradientCheckpointingLayer decoder layers)"
+                                                      if mode == "auto" else ")")
 
 
 MULTIMODAL_PARTS = r".*(vision_tower|vision_model|multi_modal_projector|audio_tower).*"
@@ -310,7 +311,7 @@ def _is_multimodal(model: Any) -> bool:
 
 
 def adapt(loaded: LoadedModel, lora: LoRAConfig, full_finetuning: bool = False,
-          gradient_checkpointing: bool | str = True, seed: int = 3407) -> LoadedModel:
+          gradient_checkpointing: bool | str = "auto", seed: int = 3407) -> LoadedModel:
     """Stage 3: LoRA adapters attached with peft (or every weight trainable for full fine-tuning)."""
     model = loaded.model
     if full_finetuning:
