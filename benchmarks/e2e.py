@@ -116,14 +116,19 @@ def matmul_params(model) -> int:
 KERNEL_KINDS = (  # (kind, substrings of CUDA kernel names), first match wins
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul", "splitk")),
-    ("triton (ftengine/liger ops)", ("_kernel", "triton")),
     ("copies / casts", ("copy", "cast", "memcpy", "memset", "fill")),
 )
 
 
 def kernel_kind(name: str) -> str:
+    """A CUDA kernel's kind; Triton kernels carry their bare Python name (no ``void``, no ``::``)."""
     lowered = name.lower()
-    return next((kind for kind, keys in KERNEL_KINDS if any(k in lowered for k in keys)), "other elementwise")
+    kind = next((kind for kind, keys in KERNEL_KINDS if any(k in lowered for k in keys)), None)
+    if kind:
+        return kind
+    if not name.startswith("void") and "::" not in name:
+        return "triton (ftengine / liger ops)"
+    return "other (PyTorch elementwise and reductions, bitsandbytes)"
 
 
 def profile_step(model, optimizer, ids) -> dict:
@@ -258,13 +263,15 @@ def report(rows: list[dict], device_line: str) -> str:
     """The markdown table: one row per configuration and framework, with the speed-up over ``hf``."""
     lines = ["## End to end", "", f"Device: {device_line}", "",
              "LoRA r=16 (alpha 16, q/k/v/o/gate/up/down, fp32 adapters as PEFT makes them), random weights at the "
-             "named shapes, random tokens, seq 2048, AdamW, SDPA, every decoder layer checkpointed. "
+             "named shapes, random tokens, seq 2048, AdamW, SDPA, every decoder layer checkpointed (standard "
+             "non-reentrant; `ftengine-offload`: kept inputs in pinned host memory; `ftengine-auto`: only the layers "
+             "whose activations do not fit in the card's free memory, ftengine's default). "
              "tok/s and s/step: median of the timed steps after warm-up; memory: peak over the steps; "
              "MFU: (6*N_matmul + 12*L*d*s) FLOPs a token over the dense bf16 peak. "
              "Produced by `benchmarks/e2e.py`.", "",
-             "| model | quant | mb | framework | tok/s | vs hf | s/step | peak alloc GiB | peak reserved GiB | MFU "
-             "| loss per step |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | quant | mb | framework | tok/s | vs hf | s/step | peak alloc GiB | vs hf | peak reserved GiB "
+             "| MFU | max loss diff vs hf | loss per step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {(r["model"], r["quant"], r["micro_batch"]): r for r in rows if r["framework"] == "hf" and "error" not in r}
     order = {name: i for i, name in enumerate(MODELS)}
     rows = sorted(rows, key=lambda r: (order.get(r["model"], 99), r["quant"] != "none", r["micro_batch"],
@@ -276,12 +283,15 @@ def report(rows: list[dict], device_line: str) -> str:
             framework += f" ({r['checkpointed_layers']} layers checkpointed)"
         head = f"| {r['model']} | {r['quant']} | {r['micro_batch']} | {framework} "
         if "error" in r:
-            lines.append(head + f"| {r['error']} | | | | | | |")
+            lines.append(head + f"| {r['error']} | | | | | | | | |")
             continue
-        speedup = f"{r['tokens_per_s'] / base[key]['tokens_per_s']:.2f}x" if key in base else ""
+        hf = base.get(key)
+        speedup = f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if hf else ""
+        memory = f"{r['peak_alloc_gib'] / hf['peak_alloc_gib']:.3f}x" if hf else ""
+        diff = f"{max(abs(a - b) for a, b in zip(r['losses'], hf['losses'], strict=False)):.4f}" if hf else ""
         losses = " ".join(f"{x:.3f}" for x in r["losses"])
-        lines.append(head + f"| {r['tokens_per_s']:.0f} | {speedup} | {r['step_s']:.3f} | {r['peak_alloc_gib']:.1f} "
-                     f"| {r['peak_reserved_gib']:.1f} | {100 * r['mfu']:.1f}% | {losses} |")
+        lines.append(head + f"| {r['tokens_per_s']:.0f} | {speedup} | {r['step_s']:.3f} | {r['peak_alloc_gib']:.2f} "
+                     f"| {memory} | {r['peak_reserved_gib']:.1f} | {100 * r['mfu']:.1f}% | {diff} | {losses} |")
     return "\n".join(lines) + "\n"
 
 
@@ -295,7 +305,7 @@ def format_profile(row: dict) -> str:
     kinds = ["| kernel kind | GPU ms | share |", "|---|---|---|"] + [
         f"| {k} | {v:.1f} | {100 * v / p['gpu_busy_ms']:.0f}% |" for k, v in p["by_kind"].items()]
     top = ["| kernel | GPU ms | calls |", "|---|---|---|"] + [
-        f"| `{n}` | {ms:.1f} | {c} |" for n, ms, c in p["top_kernels"]]
+        f"| `{n}` | {ms:.1f} | {c} |" for n, ms, c in p["top_kernels"][:8]]
     return "\n".join([head, "", *kinds, "", *top, ""])
 
 
@@ -361,18 +371,18 @@ def main() -> None:
         args.matrix = MATRIX
     if args.report:
         rows = [json.loads(line) for line in args.report.read_text().splitlines() if line.strip()]
-        device = next((r["device"] for r in rows if "device" in r), "unknown")
+        device = "; ".join(dict.fromkeys(r["device"] for r in rows if "device" in r)) or "unknown"
         section = report([r for r in rows if "framework" in r and r["seq"] == args.seq], device)
         for r in rows:
             if "longest" in r:
                 lg = r["longest"]
                 section += (f"\nLongest sequence one step trains at micro-batch 1 ({lg['model']}, {lg['quant']}, "
                             f"ftengine with offloaded checkpointing): {lg['trains']} tokens; {lg['fails']} fails.\n")
+        if args.note:
+            section += "\n" + args.note + "\n"
         profiles = [format_profile(r) for r in rows if "profile" in r]
         if profiles:
             section += "\n### Where a step goes (one profiled step, `--profile`)\n\n" + "\n".join(profiles)
-        if args.note:
-            section += "\n" + args.note + "\n"
         if args.results:
             write_section(args.results, section)
         print(section)

@@ -29,8 +29,8 @@ import triton.language as tl
 from ftengine.plugins.kernels.triton._utils import interpreting
 from ftengine.plugins.kernels.triton._utils import next_power_of_2
 
-# Logit bytes per chunk. H100, 8192 tokens 3584 -> 152064: 128 MiB 30.4 ms, 256 MiB 30.1 ms, 384 MiB 28.4 ms
-# (1323 tokens a chunk, 0.43 GiB peak), 448 MiB 28.9 ms.
+# Logit bytes per chunk. H100, 8192 tokens (500 ignored) 3584 -> 152064: 128 MiB 31.3 ms, 192 MiB 29.0 ms,
+# 256 MiB 28.7 ms, 384 MiB 28.9 ms (1282 tokens a chunk, 0.435 GiB peak; 27.3 ms in the benchmark table's run).
 CHUNK_BYTES = 384 * 1024 * 1024
 
 
