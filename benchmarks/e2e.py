@@ -18,9 +18,13 @@ step (median of the timed steps), peak allocated and reserved GPU memory over th
 ``6*N_matmul + 12*L*d*s`` FLOPs a token (N_matmul: the projection and LM-head weights; the peak is
 the card's dense bf16 figure) and each step's loss.
 
-Run on the GPU: ``python benchmarks/e2e.py --out e2e.jsonl`` (the default matrix), then here:
+Run on the GPU: ``python benchmarks/e2e.py --out e2e.jsonl`` (the default matrix; ``--profile``
+adds one profiled step per run: GPU time by kernel kind, the top kernels, memory at the start of
+the step, at the end of the forward and at its peak), then here:
 ``python benchmarks/e2e.py --report e2e.jsonl --results benchmarks/RESULTS.md`` writes the table
-into the "## End to end" section.
+into the "## End to end" section. ``--longest llama-3.1-8b:nf4 --seq 65536`` instead searches the
+longest sequence one micro-batch-1 step survives (doubling from ``--seq``, then bisection, each
+trial in a fresh process).
 """
 
 from __future__ import annotations
@@ -50,8 +54,8 @@ MODELS = {
 FRAMEWORKS = ("hf", "liger", "ftengine", "ftengine-offload", "ftengine-auto")
 # ftengine-offload / ftengine-auto: ftengine with those gradient checkpointing modes instead of the standard one
 # (model, micro-batch, quantization): the default matrix
-MATRIX = [("llama-3.1-8b", 1, "none"), ("llama-3.1-8b", 4, "none"), ("llama-3.1-8b", 1, "nf4"),
-          ("qwen2.5-7b", 1, "none"), ("qwen2.5-7b", 4, "none"), ("qwen2.5-7b", 1, "nf4")]
+MATRIX = [(model, micro_batch, quant) for model in ("llama-3.1-8b", "qwen2.5-7b") for quant in ("none", "nf4")
+          for micro_batch in (1, 4)]
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GIB = 1024**3
