@@ -46,7 +46,11 @@ def gated_grads_may_overwrite(gate: torch.Tensor, up: torch.Tensor, g: torch.Ten
     """Whether a gated activation's backward may write ``dgate``/``dup`` over its saved ``g``/``u``.
 
     ``g``/``u`` are ``gate``/``up`` made contiguous: a copy is always ours to overwrite; the
-    original only under :func:`can_overwrite`; and never when both share one storage.
+    original only under :func:`can_overwrite`; and never when both share one storage. Never under
+    ``torch.compile``, which cannot look at storages and would functionalize the writes into copies
+    anyway: there the gradients get buffers of their own.
     """
+    if torch.compiler.is_compiling():
+        return False
     ok = (g is not gate or can_overwrite(gate)) and (u is not up or can_overwrite(up))
     return ok and g.untyped_storage().data_ptr() != u.untyped_storage().data_ptr()

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ftengine.plugins.kernels.triton._op_registry import register_op
 from ftengine.plugins.kernels.triton._utils import next_power_of_2
 from ftengine.plugins.kernels.triton._utils import num_persistent_programs
 
@@ -75,17 +76,56 @@ def _launch_config(n_cols: int) -> tuple[int, int]:
     return block, num_warps
 
 
+def rms_norm_forward(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``y`` and the fp32 ``rstd`` per row, for contiguous ``(N, H)`` rows ``x``; no autograd."""
+    n_rows, n_cols = x.shape
+    y = torch.empty_like(x)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    block, num_warps = _launch_config(n_cols)
+    if n_rows:
+        _rms_norm_fwd[(n_rows,)](x, weight, y, rstd, n_cols, eps, offset, BLOCK=block, num_warps=num_warps)
+    return y, rstd
+
+
+def _rms_norm_forward_fake(x, weight, eps, offset):
+    return torch.empty_like(x), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+def rms_norm_backward(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float, compute_dw: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dx`` and, if ``compute_dw``, ``dw`` in the weight's dtype (else an empty tensor), for contiguous ``(N, H)``."""
+    n_rows, n_cols = x.shape
+    dx = torch.empty_like(x)
+    n_progs = max(1, min(n_rows, num_persistent_programs(x.device, PROGRAMS_PER_SM)))
+    dw_partial = torch.empty((n_progs, n_cols) if compute_dw else (1,), dtype=torch.float32, device=x.device)
+    block, num_warps = _launch_config(n_cols)
+    if n_rows:
+        _rms_norm_bwd[(n_progs,)](
+            dy, x, weight, rstd, dx, dw_partial, n_rows, n_cols, offset,
+            BLOCK=block, COMPUTE_DW=compute_dw, num_warps=num_warps,
+        )
+    if not compute_dw:
+        return dx, weight.new_empty(0)
+    return dx, dw_partial.sum(0).to(weight.dtype) if n_rows else torch.zeros_like(weight)
+
+
+def _rms_norm_backward_fake(dy, x, weight, rstd, offset, compute_dw):
+    return torch.empty_like(x), weight.new_empty(weight.shape[0] if compute_dw else 0)
+
+
+_forward_op = register_op("rms_norm_forward", rms_norm_forward, fake=_rms_norm_forward_fake)
+_backward_op = register_op("rms_norm_backward", rms_norm_backward, fake=_rms_norm_backward_fake)
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()  # (N, H); a copy only if the rows are strided
-        n_rows, n_cols = x2.shape
-        y = torch.empty_like(x2)
-        rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        block, num_warps = _launch_config(n_cols)
-        if n_rows:
-            _rms_norm_fwd[(n_rows,)](x2, weight, y, rstd, n_cols, eps, offset, BLOCK=block, num_warps=num_warps)
+        y, rstd = _forward_op(x2, weight, eps, offset)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.offset = offset
         ctx.shape = shape
@@ -94,22 +134,9 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x2, weight, rstd = ctx.saved_tensors
-        n_rows, n_cols = x2.shape
-        dy2 = dy.reshape(-1, n_cols).contiguous()  # (N, H)
-        dx = torch.empty_like(x2)
         compute_dw = ctx.needs_input_grad[1]
-        n_progs = max(1, min(n_rows, num_persistent_programs(x2.device, PROGRAMS_PER_SM)))
-        dw_partial = torch.empty((n_progs, n_cols) if compute_dw else (1,), dtype=torch.float32, device=x2.device)
-        block, num_warps = _launch_config(n_cols)
-        if n_rows:
-            _rms_norm_bwd[(n_progs,)](
-                dy2, x2, weight, rstd, dx, dw_partial, n_rows, n_cols, ctx.offset,
-                BLOCK=block, COMPUTE_DW=compute_dw, num_warps=num_warps,
-            )
-        dw = None
-        if compute_dw:
-            dw = dw_partial.sum(0).to(weight.dtype) if n_rows else torch.zeros_like(weight)
-        return dx.reshape(ctx.shape), dw, None, None
+        dx, dw = _backward_op(dy.reshape(-1, x2.shape[1]).contiguous(), x2, weight, rstd, ctx.offset, compute_dw)
+        return dx.reshape(ctx.shape), dw if compute_dw else None, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ftengine.plugins.kernels.triton._op_registry import register_op
 from ftengine.plugins.kernels.triton._utils import next_power_of_2
 
 # warps per program; 0 picks by the number of q elements per position
@@ -75,7 +76,10 @@ def _rope_kernel(
                   c1, c2, s1, s2, BLOCK_HK, BLOCK_D, BACKWARD)
 
 
-def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool):
+def _launch(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotated ``q`` and ``k`` in their layouts (the inverse rotation with ``backward``); no autograd."""
     batch, n_q, seq, dim = q.shape
     n_k = k.shape[1]
     qo, ko = torch.empty_like(q), torch.empty_like(k)
@@ -93,6 +97,11 @@ def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return qo, ko
 
 
+_rotate_op = register_op(
+    "rope_rotate", _launch, fake=lambda q, k, cos, sin, backward: (torch.empty_like(q), torch.empty_like(k))
+)
+
+
 def _expand(table: torch.Tensor, batch: int, seq: int, dim: int) -> torch.Tensor:
     if table.dim() == 2:  # (T, D)
         table = table.unsqueeze(0)
@@ -103,12 +112,12 @@ class _Rope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         ctx.save_for_backward(cos, sin)
-        return _launch(q, k, cos, sin, backward=False)
+        return _rotate_op(q, k, cos, sin, False)
 
     @staticmethod
     def backward(ctx, dq_out: torch.Tensor, dk_out: torch.Tensor):
         cos, sin = ctx.saved_tensors
-        dq, dk = _launch(dq_out, dk_out, cos, sin, backward=True)
+        dq, dk = _rotate_op(dq_out, dk_out, cos, sin, True)
         return dq, dk, None, None
 
 

@@ -1,0 +1,42 @@
+"""Registration of the Triton ops as ``torch.library`` custom ops, so ``torch.compile`` sees opaque ops.
+
+Each op module registers the functions that launch its kernels as ``ftengine::<name>``, with a
+fake implementation (shapes and dtypes only) for tracing, and its ``torch.autograd.Function``
+calls those ops; the compiler then neither traces a Triton launch nor breaks the graph on host
+code inside one (``linear_cross_entropy``'s ``nonzero()``). The fused LoRA ops are not registered:
+they take bitsandbytes ``QuantState`` objects and ``LoRAWeights`` dataclasses, which an op schema
+(tensors, scalars, strings, lists) cannot express.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Iterable
+
+import torch
+
+NAMESPACE = "ftengine"
+
+
+def register_op(
+    name: str, fn: Callable, fake: Callable | None = None, mutates_args: Iterable[str] = ()
+) -> torch.library.CustomOpDef:
+    """``fn`` as the custom op ``ftengine::<name>``, traced through ``fake``; ``fn`` itself stays a plain function.
+
+    Args:
+        name: the op's name in the ``ftengine`` namespace.
+        fn: the implementation; its annotations give the schema.
+        fake: same parameters as ``fn``, returns empty tensors of the outputs' shapes, dtypes and strides;
+            ``None`` for an op that returns nothing (it only writes into ``mutates_args``).
+        mutates_args: the names of the parameters whose tensors ``fn`` writes into.
+
+    Returns:
+        The op, callable like ``fn``; also ``torch.ops.ftengine.<name>``.
+    """
+    op = torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=tuple(mutates_args))
+    op.register_fake(fake or _returns_nothing)
+    return op
+
+
+def _returns_nothing(*args, **kwargs) -> None:
+    return None
