@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ftengine.plugins.kernels.triton._op_registry import register_op
+
 # The 16 NF4 levels (normal quantiles scaled to [-1, 1]), as bitsandbytes defines them.
 NF4_LEVELS = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -72,6 +74,36 @@ def _levels(device: torch.device) -> torch.Tensor:
     return table
 
 
+def _dequantize(
+    packed: torch.Tensor, absmax: torch.Tensor, code2: torch.Tensor | None, absmax2: torch.Tensor | None,
+    offset: torch.Tensor | None, blocksize: int, blocksize2: int, shape: list[int], dtype: torch.dtype,
+) -> torch.Tensor:
+    """The kernel on a QuantState's tensors: ``code2``, ``absmax2`` and ``offset`` are given when nested."""
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    n = out.numel()
+    if n == 0:
+        return out
+    nested = code2 is not None
+    if not nested:
+        code2 = absmax2 = offset = absmax  # not read
+    bf16 = out.dtype == torch.bfloat16
+    blocks_per_prog = max(1, BYTES_PER_PROGRAM // (blocksize // 2))
+    grid = (triton.cdiv(triton.cdiv(n, blocksize), blocks_per_prog),)
+    _dequantize_nf4_kernel[grid](
+        packed, out.view(torch.int16) if bf16 else out, _levels(packed.device), absmax, code2, absmax2, offset, n,
+        blocksize2, BLOCKSIZE=blocksize, BLOCKS_PER_PROG=blocks_per_prog, NESTED=nested, BF16_BITS=bf16,
+        num_warps=NUM_WARPS, enable_fp_fusion=False,
+    )
+    return out
+
+
+def _dequantize_fake(packed, absmax, code2, absmax2, offset, blocksize, blocksize2, shape, dtype):
+    return packed.new_empty(shape, dtype=dtype)
+
+
+_dequantize_op = register_op("dequantize_nf4", _dequantize, fake=_dequantize_fake)
+
+
 def dequantize_nf4(packed: torch.Tensor, quant_state: Any) -> torch.Tensor:
     """Unpack a bitsandbytes NF4 tensor.
 
@@ -89,29 +121,14 @@ def dequantize_nf4(packed: torch.Tensor, quant_state: Any) -> torch.Tensor:
     quant_type = getattr(quant_state, "quant_type", "nf4")
     if quant_type != "nf4":
         raise ValueError(f"dequantize_nf4 handles quant_type 'nf4', got {quant_type!r}")
-    shape = tuple(quant_state.shape)
-    out = torch.empty(shape, dtype=quant_state.dtype, device=packed.device)
-    n = out.numel()
-    if n == 0:
-        return out
-    nested = bool(getattr(quant_state, "nested", False))
-    absmax = quant_state.absmax
-    if nested:
-        s2 = quant_state.state2
-        code2, absmax2, blocksize2 = s2.code, s2.absmax, int(s2.blocksize)
-        offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=packed.device)
-    else:
-        code2 = absmax2 = offset = absmax
-        blocksize2 = 1
-    bf16 = out.dtype == torch.bfloat16
     blocksize = int(quant_state.blocksize)
     if blocksize < 2 or blocksize & (blocksize - 1):
         raise ValueError(f"dequantize_nf4 needs a power-of-two blocksize, got {blocksize}")
-    blocks_per_prog = max(1, BYTES_PER_PROGRAM // (blocksize // 2))
-    grid = (triton.cdiv(triton.cdiv(n, blocksize), blocks_per_prog),)
-    _dequantize_nf4_kernel[grid](
-        packed, out.view(torch.int16) if bf16 else out, _levels(packed.device), absmax, code2, absmax2, offset, n,
-        blocksize2, BLOCKSIZE=blocksize, BLOCKS_PER_PROG=blocks_per_prog, NESTED=nested, BF16_BITS=bf16,
-        num_warps=NUM_WARPS, enable_fp_fusion=False,
-    )
-    return out
+    code2 = absmax2 = offset = None
+    blocksize2 = 1
+    if getattr(quant_state, "nested", False):
+        s2 = quant_state.state2
+        code2, absmax2, blocksize2 = s2.code, s2.absmax, int(s2.blocksize)
+        offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=packed.device)
+    return _dequantize_op(packed, quant_state.absmax, code2, absmax2, offset, blocksize, blocksize2,
+                          list(quant_state.shape), quant_state.dtype)
