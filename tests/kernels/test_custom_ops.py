@@ -8,11 +8,9 @@ import torch
 from torch._dynamo.testing import AotEagerAndRecordGraphs
 
 from ftengine.plugins.kernels.triton.dequantize_nf4 import dequantize_nf4
-from ftengine.plugins.kernels.triton.geglu import geglu
 from ftengine.plugins.kernels.triton.linear_cross_entropy import linear_cross_entropy
 from ftengine.plugins.kernels.triton.rms_norm import rms_norm
 from ftengine.plugins.kernels.triton.rope import rope
-from ftengine.plugins.kernels.triton.swiglu import swiglu
 
 from .helpers import DEVICE
 
@@ -45,11 +43,6 @@ OPCHECK_CASES = {
     "rope_rotate": (OPS.rope_rotate, lambda: (_r(2, 5, 3, 8).transpose(1, 2), _r(2, 2, 5, 8),
                                               _r(5, 8).expand(2, 5, 8), _r(1, 5, 8).expand(2, 5, 8), False)),
     "rope_rotate_backward": (OPS.rope_rotate, lambda: (_r(2, 3, 5, 8), _r(2, 2, 5, 8), _r(2, 5, 8), _r(2, 5, 8), True)),
-    "swiglu_forward": (OPS.swiglu_forward, lambda: (_r(5, 37), _r(5, 37))),
-    "swiglu_backward": (OPS.swiglu_backward, lambda: (_r(5, 37), _r(5, 37), _r(5, 37), _r(5, 37), _r(5, 37), None)),
-    "swiglu_backward_h": (OPS.swiglu_backward, lambda: (*(_r(5, 37) for _ in range(6)),)),
-    "geglu_forward": (OPS.geglu_forward, lambda: (_r(5, 37), _r(5, 37), "tanh")),
-    "geglu_backward": (OPS.geglu_backward, lambda: (*(_r(5, 37) for _ in range(5)), "none", _r(5, 37))),
     "linear_cross_entropy_forward": (OPS.linear_cross_entropy_forward,
                                      lambda: (_r(10, 16), _r(40, 16), _labels(10, 40), -100, 3.0, True, True)),
     "linear_cross_entropy_forward_no_grads": (OPS.linear_cross_entropy_forward,
@@ -129,19 +122,6 @@ def test_compile_rope():
         return rope(q.transpose(1, 2), k * 1, cos, sin)  # q read through its strides, as from a view
 
     _compiled_matches_eager(fn, [_r(2, 5, 3, 8), _r(2, 2, 5, 8), _r(5, 8), _r(5, 8)], ("rope_rotate",))
-
-
-def test_compile_swiglu():
-    torch.manual_seed(0)
-    _compiled_matches_eager(lambda g, u: swiglu(g * 1, u * 1), [_r(3, 37), _r(3, 37)],
-                            ("swiglu_forward", "swiglu_backward"))
-
-
-@pytest.mark.parametrize("approximate", ["tanh", "none"])
-def test_compile_geglu(approximate):
-    torch.manual_seed(0)
-    _compiled_matches_eager(lambda g, u: geglu(g * 1, u * 1, approximate), [_r(3, 37), _r(3, 37)],
-                            ("geglu_forward", "geglu_backward"))
 
 
 @pytest.mark.parametrize("softcap", [None, 5.0])

@@ -20,7 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ftengine.plugins.kernels.triton._op_registry import register_op
 from ftengine.plugins.kernels.triton._utils import gated_grads_may_overwrite
 
 BLOCK = 1024
@@ -104,10 +103,6 @@ def geglu_backward(
         )
 
 
-_forward_op = register_op("geglu_forward", geglu_forward, fake=lambda gate, up, approximate: torch.empty_like(gate))
-_backward_op = register_op("geglu_backward", geglu_backward, mutates_args=("dgate", "dup", "h"))
-
-
 class _GeGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, approximate: str) -> torch.Tensor:
@@ -115,7 +110,7 @@ class _GeGLU(torch.autograd.Function):
         ctx.overwrite = gated_grads_may_overwrite(gate, up, g, u)
         ctx.approximate = approximate
         ctx.save_for_backward(g, u)
-        return _forward_op(g, u, approximate)
+        return geglu_forward(g, u, approximate)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -124,7 +119,10 @@ class _GeGLU(torch.autograd.Function):
             dg, du = g, u
         else:
             dg, du = torch.empty_like(g), torch.empty_like(u)
-        _backward_op(dy.contiguous(), g, u, dg, du, ctx.approximate)  # bumps the version counters of dg and du
+        geglu_backward(dy.contiguous(), g, u, dg, du, ctx.approximate)
+        if ctx.overwrite:
+            torch.autograd.graph.increment_version(g)
+            torch.autograd.graph.increment_version(u)
         return dg, du, None
 
 

@@ -18,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ftengine.plugins.kernels.triton._op_registry import register_op
 from ftengine.plugins.kernels.triton._utils import gated_grads_may_overwrite
 
 BLOCK = 1024
@@ -75,17 +74,13 @@ def swiglu_backward(
         )
 
 
-_forward_op = register_op("swiglu_forward", swiglu_forward, fake=lambda gate, up: torch.empty_like(gate))
-_backward_op = register_op("swiglu_backward", swiglu_backward, mutates_args=("dgate", "dup", "h"))
-
-
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         g, u = gate.contiguous(), up.contiguous()
         ctx.overwrite = gated_grads_may_overwrite(gate, up, g, u)
         ctx.save_for_backward(g, u)
-        return _forward_op(g, u)
+        return swiglu_forward(g, u)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
@@ -94,7 +89,10 @@ class _SwiGLU(torch.autograd.Function):
             dg, du = g, u
         else:
             dg, du = torch.empty_like(g), torch.empty_like(u)
-        _backward_op(dy.contiguous(), g, u, dg, du)  # bumps the version counters of dg and du
+        swiglu_backward(dy.contiguous(), g, u, dg, du)
+        if ctx.overwrite:
+            torch.autograd.graph.increment_version(g)
+            torch.autograd.graph.increment_version(u)
         return dg, du
 
 
