@@ -72,6 +72,39 @@ def test_lora_mlp_nf4_base(dtype):
     _compare((9, 64), 128, (4, 4, 4), dtype, nf4=True)
 
 
+@pytest.mark.parametrize("case", [
+    dict(dtype=torch.float32, bias=True, ranks=(3, None, 5)),
+    dict(dtype=torch.bfloat16, activation="geglu_tanh"),
+    dict(dtype=torch.float32, frozen=((0, "lora_a"), (1, "lora_a"), (2, "lora_b")), x_grad=False),
+    dict(dtype=torch.bfloat16, nf4=True),
+])
+def test_lora_mlp_long_sequence_chunks(case, monkeypatch):
+    # g and u over the limit: only x is kept, the backward recomputes them 16 rows (CHUNK_BYTES) at a time
+    from ftengine.plugins.kernels.triton import lora_mlp as module
+
+    case = dict(case)
+    inter, dtype, ranks = 64, case.pop("dtype"), case.pop("ranks", (4, 4, 4))
+    elem = torch.tensor([], dtype=dtype).element_size()
+    monkeypatch.setattr(module, "SAVE_LIMIT_BYTES", 0)
+    monkeypatch.setattr(module, "CHUNK_BYTES", 16 * inter * elem)
+    _compare((2, 21, 64), inter, ranks, dtype, **case)
+
+
+def test_lora_mlp_long_sequence_keeps_only_x(monkeypatch):
+    from ftengine.plugins.kernels.triton import lora_mlp as module
+
+    gen = torch.Generator(device="cpu").manual_seed(5)
+    layers = [make_layer(8, 16, 2, torch.float32, gen), make_layer(8, 16, 2, torch.float32, gen),
+              make_layer(16, 8, 2, torch.float32, gen)]
+    x = randn((20, 8), gen, torch.float32).requires_grad_(True)
+    assert lora_mlp(x, *layers).grad_fn.chunk is None  # short: g and u saved
+    monkeypatch.setattr(module, "SAVE_LIMIT_BYTES", 2 * 20 * 16 * 4 - 1)
+    monkeypatch.setattr(module, "CHUNK_BYTES", 6 * 16 * 4)
+    y = lora_mlp(x, *layers)
+    x_kept, g, u = y.grad_fn.saved_tensors[:3]
+    assert y.grad_fn.chunk == 6 and x_kept is not None and g is None and u is None
+
+
 def test_lora_mlp_backward_runs_once():
     gen = torch.Generator(device="cpu").manual_seed(0)
     layers = [make_layer(8, 16, 2, torch.float32, gen), make_layer(8, 16, 2, torch.float32, gen),

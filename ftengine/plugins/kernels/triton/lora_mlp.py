@@ -13,7 +13,9 @@ and, when a gate or up adapter's A is trained, ``x``; ``h`` (N, I) and the r-wid
     dx      = dg W_g + s_g (dg B_g) A_g + du W_u + s_u (du B_u) A_u
 
 The activation backward writes ``h`` over ``dh``, ``dg`` over ``g`` and ``du`` over ``u``: the
-backward adds no (N, I) buffer beyond ``dh``, which is why it can run only once.
+backward adds no (N, I) buffer beyond ``dh``, which is why it can run only once. For long
+sequences (``SAVE_LIMIT_BYTES``) nothing of size (N, I) is kept at all: the forward and backward
+run in token chunks and the backward recomputes each chunk's ``g`` and ``u`` from ``x``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ from ftengine.plugins.kernels.triton.swiglu import swiglu_backward
 from ftengine.plugins.kernels.triton.swiglu import swiglu_forward
 
 ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
+# Long sequences: when g and u together would pass this, the op keeps only x and recomputes them in
+# token chunks of about CHUNK_BYTES (one of g or u) in the backward, so the MLP's activation memory no
+# longer grows with the sequence (the price: the gate and up matmuls run once more).
+SAVE_LIMIT_BYTES = 1 << 30
+CHUNK_BYTES = 256 << 20
 
 
 def _act_forward(g: torch.Tensor, u: torch.Tensor, activation: str) -> torch.Tensor:
@@ -54,24 +61,86 @@ def _has_adapter(a, b) -> bool:
     return a is not None and b is not None
 
 
+def _gate_up(x2, params, scalings, quant_states):
+    """``(g, u, xa_g, xa_u)`` for rows ``x2``: the gate and up projections with their adapters."""
+    (pg, pu), (sg, su), (qg, qu) = (params[0:4], params[4:8]), scalings[:2], quant_states[:2]
+    g, xa_g = forward_projection(x2, pg[0], qg, pg[3], pg[1], pg[2], sg)  # (n, I), (n, r)
+    u, xa_u = forward_projection(x2, pu[0], qu, pu[3], pu[1], pu[2], su)
+    return g, u, xa_g, xa_u
+
+
+def _forward_rows(x2, params, scalings, quant_states, activation):
+    """``(y, g, u, xa_g, xa_u)`` for rows ``x2``; ``h`` is made and dropped."""
+    pd, sd, qd = params[8:12], scalings[2], quant_states[2]
+    g, u, xa_g, xa_u = _gate_up(x2, params, scalings, quant_states)
+    h = _act_forward(g, u, activation)  # (n, I)
+    y, _ = forward_projection(h, pd[0], qd, pd[3], pd[1], pd[2], sd)  # (n, H)
+    return y, g, u, xa_g, xa_u
+
+
+def _backward_rows(x2, g, u, xa_g, xa_u, dy2, params, scalings, quant_states, needs, activation):
+    """``(dx, grads)`` for rows ``x2`` with their ``g``, ``u`` (overwritten: ``dg``, ``du``) and ``dy2``.
+
+    ``grads``: ``(weight, lora_a, lora_b, bias)`` gradients for gate, up and down, in that order.
+    """
+    pg, pu, pd = params[0:4], params[4:8], params[8:12]
+    sg, su, sd = scalings
+    qg, qu, qd = quant_states
+    ng, nu, nd = needs[4:8], needs[8:12], needs[12:16]  # per layer: (weight, lora_a, lora_b, bias)
+
+    # down projection: dh = dy W_d + s_d (dy B_d) A_d
+    has_d = _has_adapter(pd[1], pd[2])
+    dya_d = (dy2 @ compute_copy(pd[2], dy2.dtype)).mul_(sd) if has_d else None  # (n, r)
+    dh = add_input_grad(None, dy2, pd[0], qd, pd[1], dya_d)  # (n, I)
+    dbias_d = bias_grad(dy2, pd[3], nd[3])
+    _act_backward(dh, g, u, activation)
+    h, dg, du = dh, g, u
+    da_d = (dya_d.t() @ h).to(pd[1].dtype) if has_d and nd[1] else None  # (r, I)
+    db_d = adapter_grads(dy2, h, None, pd[1], pd[2], sd, False, True, False)[1] if has_d and nd[2] else None
+    del h, dh
+
+    grads = []
+    dx = None
+    for dz, xa, p, q, s, n in ((dg, xa_g, pg, qg, sg, ng), (du, xa_u, pu, qu, su, nu)):
+        da = db = dya = None
+        if _has_adapter(p[1], p[2]):
+            da, db, dya = adapter_grads(dz, x2, xa, p[1], p[2], s, n[1], n[2], needs[0])
+        if needs[0]:
+            dx = add_input_grad(dx, dz, p[0], q, p[1], dya)
+        grads += [None, da, db, bias_grad(dz, p[3], n[3])]
+    grads += [None, da_d, db_d, dbias_d]
+    return dx, grads
+
+
+def _chunk_rows(n_rows: int, inter: int, elem_bytes: int) -> int | None:
+    """Rows per chunk when ``g`` and ``u`` would exceed ``SAVE_LIMIT_BYTES`` (long sequences), else None."""
+    if 2 * n_rows * inter * elem_bytes <= SAVE_LIMIT_BYTES:
+        return None
+    return max(1, CHUNK_BYTES // (inter * elem_bytes))
+
+
+def _add(total: list, grads: list) -> list:
+    return [t if g is None else g if t is None else t.add_(g) for t, g in zip(total, grads, strict=True)]
+
+
 class _LoRAMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, activation, scalings, quant_states, *params):
         # params: (weight, lora_a, lora_b, bias) for gate, up, down
-        pg, pu, pd = params[0:4], params[4:8], params[8:12]
-        sg, su, sd = scalings
-        qg, qu, qd = quant_states
         x2 = x.reshape(-1, x.shape[-1])  # (N, H)
-        g, xa_g = forward_projection(x2, pg[0], qg, pg[3], pg[1], pg[2], sg)  # (N, I), (N, r)
-        u, xa_u = forward_projection(x2, pu[0], qu, pu[3], pu[1], pu[2], su)
-        h = _act_forward(g, u, activation)  # (N, I), not saved
-        y, _ = forward_projection(h, pd[0], qd, pd[3], pd[1], pd[2], sd)  # (N, H), (N, r)
-        del h
+        inter = quant_states[0].shape[0] if quant_states[0] is not None else params[0].shape[0]
+        chunk = _chunk_rows(x2.shape[0], inter, x2.element_size())
         needs = ctx.needs_input_grad  # per layer (weight, lora_a, lora_b, bias): gate 4..7, up 8..11, down 12..15
-        x_kept, xa_g = saved_adapter_inputs(x2, xa_g, needs[5] or needs[9], needs[6])
-        xa_u = saved_adapter_inputs(x2, xa_u, needs[5] or needs[9], needs[10])[1]
-        ctx.save_for_backward(x_kept, g, u, xa_g, xa_u, *params)
-        ctx.activation, ctx.scalings, ctx.quant_states = activation, scalings, quant_states
+        if chunk is None:
+            y, g, u, xa_g, xa_u = _forward_rows(x2, params, scalings, quant_states, activation)
+            x_kept, xa_g = saved_adapter_inputs(x2, xa_g, needs[5] or needs[9], needs[6])
+            xa_u = saved_adapter_inputs(x2, xa_u, needs[5] or needs[9], needs[10])[1]
+            ctx.save_for_backward(x_kept, g, u, xa_g, xa_u, *params)
+        else:  # only x is kept; g and u come back chunk by chunk in the backward
+            y = torch.cat([_forward_rows(x2[i:i + chunk], params, scalings, quant_states, activation)[0]
+                           for i in range(0, x2.shape[0], chunk)])
+            ctx.save_for_backward(x2, None, None, None, None, *params)
+        ctx.activation, ctx.scalings, ctx.quant_states, ctx.chunk = activation, scalings, quant_states, chunk
         ctx.in_shape = x.shape
         ctx.consumed = False
         return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -82,34 +151,20 @@ class _LoRAMLP(torch.autograd.Function):
             raise RuntimeError("lora_mlp's backward reuses its saved activations in place and runs only once")
         ctx.consumed = True
         x2, g, u, xa_g, xa_u, *params = ctx.saved_tensors
-        pg, pu, pd = params[0:4], params[4:8], params[8:12]
-        sg, su, sd = ctx.scalings
-        qg, qu, qd = ctx.quant_states
-        needs = ctx.needs_input_grad
-        ng, nu, nd = needs[4:8], needs[8:12], needs[12:16]  # per layer: (weight, lora_a, lora_b, bias)
         dy2 = dy.reshape(-1, dy.shape[-1])  # (N, H)
-
-        # down projection: dh = dy W_d + s_d (dy B_d) A_d
-        has_d = _has_adapter(pd[1], pd[2])
-        dya_d = (dy2 @ compute_copy(pd[2], dy2.dtype)).mul_(sd) if has_d else None  # (N, r)
-        dh = add_input_grad(None, dy2, pd[0], qd, pd[1], dya_d)  # (N, I)
-        dbias_d = bias_grad(dy2, pd[3], nd[3])
-        _act_backward(dh, g, u, ctx.activation)
-        h, dg, du = dh, g, u
-        da_d = (dya_d.t() @ h).to(pd[1].dtype) if has_d and nd[1] else None  # (r, I)
-        db_d = adapter_grads(dy2, h, None, pd[1], pd[2], sd, False, True, False)[1] if has_d and nd[2] else None
-        del h, dh
-
-        grads = []
-        dx = None
-        for dz, xa, p, q, s, n in ((dg, xa_g, pg, qg, sg, ng), (du, xa_u, pu, qu, su, nu)):
-            da = db = dya = None
-            if _has_adapter(p[1], p[2]):
-                da, db, dya = adapter_grads(dz, x2, xa, p[1], p[2], s, n[1], n[2], needs[0])
-            if needs[0]:
-                dx = add_input_grad(dx, dz, p[0], q, p[1], dya)
-            grads += [None, da, db, bias_grad(dz, p[3], n[3])]
-        grads += [None, da_d, db_d, dbias_d]
+        rest = (params, ctx.scalings, ctx.quant_states, ctx.needs_input_grad, ctx.activation)
+        if ctx.chunk is None:
+            dx, grads = _backward_rows(x2, g, u, xa_g, xa_u, dy2, *rest)
+        else:
+            dx = torch.empty_like(x2) if ctx.needs_input_grad[0] else None
+            grads = [None] * 12
+            for i in range(0, x2.shape[0], ctx.chunk):
+                rows = x2[i:i + ctx.chunk]
+                g, u, _, _ = _gate_up(rows, params, ctx.scalings, ctx.quant_states)
+                dx_rows, chunk_grads = _backward_rows(rows, g, u, None, None, dy2[i:i + ctx.chunk], *rest)
+                if dx is not None:
+                    dx[i:i + ctx.chunk] = dx_rows
+                grads = _add(grads, chunk_grads)
         dx = dx.reshape(ctx.in_shape) if dx is not None else None
         return (dx, None, None, None, *grads)
 
