@@ -118,7 +118,11 @@ class ModelAdapter(Protocol):
     gguf_architecture: str | None
 
     def patch(self, model: Any, get_op: Callable[[str], Callable[..., Any]]) -> list[str]:
-        """Swap the model's module forwards for kernel ops; return a line per thing patched."""
+        """Swap the model's module forwards for kernel ops; return a line per thing patched.
+
+        The patched top-level forward should call :func:`ftengine.core.kernels.begin_forward` first:
+        kernel backends key per-forward caches on it (e.g. LoRA weights cast to the compute dtype).
+        """
 
     def gguf_tensor_name(self, hf_name: str) -> str | None:
         """llama.cpp's name for a Hugging Face tensor name (``None``: not exported)."""
