@@ -27,11 +27,20 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from ftengine.core.kernels import forward_generation
 from ftengine.plugins.kernels.triton.dequantize_nf4 import dequantize_nf4
 
-_COPIES = WeakTensorKeyDictionary()  # adapter tensor -> (validity key, copy in the compute dtype)
+# per-forward derived tensors, keyed weakly by the adapter tensor they come from: (validity key, tensor)
+_COPIES = WeakTensorKeyDictionary()  # one adapter weight in the compute dtype
+_STACKS = WeakTensorKeyDictionary()  # several A's concatenated (keyed by the first), in the compute dtype
 
 
-def _validity(tensors: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple:
-    return (forward_generation(), dtype, *((t._version, t.data_ptr()) for t in tensors))
+def _cached(cache: WeakTensorKeyDictionary, tensors: list[torch.Tensor], dtype: torch.dtype,
+            make: Any) -> torch.Tensor:
+    """``make()``, reused while the forward, every tensor's version and storage and ``dtype`` are unchanged."""
+    key = (forward_generation(), dtype, *((t._version, t.data_ptr()) for t in tensors))
+    hit = cache.get(tensors[0])
+    if hit is None or hit[0] != key:
+        hit = (key, make())
+        cache[tensors[0]] = hit
+    return hit[1]
 
 
 def compute_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -44,22 +53,12 @@ def compute_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """
     if t.dtype == dtype:
         return t
-    key = _validity((t,), dtype)
-    hit = _COPIES.get(t)
-    if hit is None or hit[0] != key:
-        hit = (key, t.detach().to(dtype))
-        _COPIES[t] = hit
-    return hit[1]
+    return _cached(_COPIES, [t], dtype, lambda: t.detach().to(dtype))
 
 
 def stacked_copy(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """``torch.cat(tensors)`` in ``dtype``, cached like :func:`compute_copy` (keyed by the first tensor)."""
-    key = ("stack", *_validity(tuple(tensors), dtype))
-    hit = _COPIES.get(tensors[0])
-    if hit is None or hit[0] != key:
-        hit = (key, torch.cat([t.detach().to(dtype) for t in tensors]))
-        _COPIES[tensors[0]] = hit
-    return hit[1]
+    """``torch.cat(tensors)`` in ``dtype``, cached like :func:`compute_copy`."""
+    return _cached(_STACKS, tensors, dtype, lambda: torch.cat([t.detach().to(dtype) for t in tensors]))
 
 
 def base_weight(weight: torch.Tensor, quant_state: Any, dtype: torch.dtype) -> torch.Tensor:
