@@ -130,5 +130,9 @@ def dequantize_nf4(packed: torch.Tensor, quant_state: Any) -> torch.Tensor:
         s2 = quant_state.state2
         code2, absmax2, blocksize2 = s2.code, s2.absmax, int(s2.blocksize)
         offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=packed.device)
+    if type(packed) is not torch.Tensor:
+        # bitsandbytes' Params4bit overrides __torch_function__: every op, attribute read and kernel
+        # launch on it would pass through Python; a plain alias of the same storage does not
+        packed = packed.as_subclass(torch.Tensor)
     return _dequantize_op(packed, quant_state.absmax, code2, absmax2, offset, blocksize, blocksize2,
                           list(quant_state.shape), quant_state.dtype)
