@@ -22,13 +22,14 @@ not, with or without peft around it.
 
 from __future__ import annotations
 
-import functools
 import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from ftengine.core.kernels import recomputation
 
 MODES = ("off", "true", "offload", "auto")
 _MARGIN_FRACTION = 0.10
@@ -79,7 +80,7 @@ def apply_gradient_checkpointing(model: torch.nn.Module, mode: str | bool,
         for layer in layers:
             layer.gradient_checkpointing = False
         return "off"
-    standard = functools.partial(checkpoint, use_reentrant=False)
+    standard = _standard_checkpoint
     if mode == "true":
         _set(layers, standard, len(layers))
         return f"standard (non-reentrant) on {len(layers)} layers"
@@ -111,6 +112,20 @@ def _set(layers: list[torch.nn.Module], function: Any, count: int) -> None:
         layer.gradient_checkpointing = index < count
 
 
+def _standard_checkpoint(function: Any, *args: Any) -> Any:
+    """PyTorch's non-reentrant checkpoint, with the recomputation marked for the kernel ops."""
+    first = [True]
+
+    def run(*inputs: Any) -> Any:
+        if first:
+            first.clear()
+            return function(*inputs)
+        with recomputation():
+            return function(*inputs)
+
+    return checkpoint(run, *args, use_reentrant=False)
+
+
 # --------------------------------------------------------------------------- offload
 
 
@@ -123,10 +138,23 @@ class _Stash:
     previous: Any = None  # weakref to the stash of the layer before (prefetched during this one's backward)
     prefetched: torch.Tensor | None = None
 
+    stream: Any = None  # the side stream of the copy in flight, while ``prefetched`` is not fetched
+
     def prefetch(self, stream: Any) -> None:
+        """Start copying the input back to the device on ``stream``.
+
+        The buffer comes from the compute stream's pool, so it is free for reuse the moment the
+        layer's backward drops it; a buffer of the side stream's pool used on the compute stream
+        would stay reserved until the GPU caught up with the host, one layer input per layer the
+        host runs ahead (eight of them in a measured Llama-8B step).
+        """
         if self.prefetched is None and stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            tensor = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
+            stream.wait_stream(current)  # the block may still be read by queued compute work
             with torch.cuda.stream(stream):
-                self.prefetched = self.host.to(self.device, non_blocking=True)
+                tensor.copy_(self.host, non_blocking=True)
+            self.prefetched, self.stream = tensor, stream
 
     def fetch(self, stream: Any) -> torch.Tensor:
         if self.prefetched is None:
@@ -134,10 +162,14 @@ class _Stash:
         tensor, self.prefetched = self.prefetched, None
         if tensor is None:  # CPU host: the input never left
             return self.host
-        current = torch.cuda.current_stream(self.device)
-        current.wait_stream(stream)
-        tensor.record_stream(current)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.stream = None
         return tensor
+
+    def __del__(self) -> None:
+        if self.prefetched is not None and self.stream is not None:
+            # never fetched: the compute stream must not reuse the buffer before the copy into it ends
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
 
 class _Offloader:
@@ -176,7 +208,8 @@ class _Offloader:
             current = stash.fetch(self.stream).detach().requires_grad_(needs_grad)
             if previous is not None:
                 previous.prefetch(self.stream)
-            return function(current, *rest)
+            with recomputation():
+                return function(current, *rest)
 
         return checkpoint(run, stash.host, *args, use_reentrant=False)
 

@@ -33,8 +33,11 @@ Signatures (every backend implements exactly these):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +80,30 @@ def begin_forward() -> None:
 def forward_generation() -> int:
     """How many forwards :func:`begin_forward` has marked (a key for per-forward caches)."""
     return _forward_generation
+
+
+_recomputing = contextvars.ContextVar("ftengine_recomputing", default=False)
+
+
+@contextlib.contextmanager
+def recomputation() -> Iterator[None]:
+    """Mark code as a checkpointed layer's recomputation (gradient checkpointing calls it in the backward).
+
+    A recomputation exists only to rebuild the tensors the layer's backward will read: its outputs
+    are thrown away, and PyTorch stops it once the last tensor the backward needs is saved. An op
+    whose saved tensors are ready before its output may therefore skip the rest of its work
+    (:func:`recomputing`); the output it returns must still have the right shape and dtype.
+    """
+    token = _recomputing.set(True)
+    try:
+        yield
+    finally:
+        _recomputing.reset(token)
+
+
+def recomputing() -> bool:
+    """Whether the current code runs inside :func:`recomputation` with autograd recording."""
+    return _recomputing.get() and torch.is_grad_enabled()
 
 
 @dataclass

@@ -90,3 +90,27 @@ def test_gradients_match_on_gpu(base, mode):
     assert calls == [2, 2]
     for name in grads:
         torch.testing.assert_close(grads[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("mode", [True, "offload"])
+def test_fused_ops_recompute_only_what_the_backward_reads(base, mode, monkeypatch):
+    # the patched model (Triton ops): the recomputed MLP keeps g and u but skips its activation and down
+    # projection (the activation runs once per layer, in the first forward); gradients unchanged
+    from ftengine.core.kernels import get_op
+    from ftengine.core.plugins import adapter_for_model_type
+    from ftengine.core.plugins import get_registry
+    from ftengine.plugins.kernels.triton import lora_mlp
+
+    if not get_registry("kernels")["triton"].available():
+        pytest.skip("no Triton backend here")
+    monkeypatch.setenv("FTENGINE_KERNELS", "triton")
+    patched = copy.deepcopy(base)
+    adapter_for_model_type("llama").patch(patched, get_op)
+    expected, _ = _step(copy.deepcopy(patched))
+    apply_gradient_checkpointing(patched, mode)
+    activations, act_forward = [], lora_mlp._act_forward
+    monkeypatch.setattr(lora_mlp, "_act_forward", lambda *a: activations.append(1) or act_forward(*a))
+    grads, calls = _step(patched)
+    assert calls == [2, 2] and len(activations) == 2
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -127,3 +127,43 @@ def test_lora_mlp_rejects_unknown_activation():
 @pytest.mark.parametrize("nf4", [False, True])
 def test_lora_mlp_real_shapes(sizes, nf4):
     _compare((8192, sizes[0]), sizes[1], (16, 16, 16), torch.bfloat16, nf4=nf4)
+
+
+@pytest.mark.parametrize("case", [
+    dict(dtype=torch.float32, bias=True, ranks=(3, None, 5)),
+    dict(dtype=torch.bfloat16, activation="geglu"),
+    dict(dtype=torch.float32, frozen=((2, "lora_a"),)),
+    dict(dtype=torch.float32, frozen=((2, "lora_b"),)),
+    dict(dtype=torch.bfloat16, nf4=True),
+])
+def test_lora_mlp_activation_gradient_in_row_chunks(case, monkeypatch):
+    # dh = dy W_d + ... made 8 rows (DH_CHUNK_BYTES) at a time; 42 rows: five chunks and a short last one
+    from ftengine.plugins.kernels.triton import lora_mlp as module
+
+    case = dict(case)
+    inter, dtype, ranks = 64, case.pop("dtype"), case.pop("ranks", (4, 4, 4))
+    monkeypatch.setattr(module, "DH_CHUNK_BYTES", 8 * inter * torch.tensor([], dtype=dtype).element_size())
+    _compare((2, 21, 64), inter, ranks, dtype, **case)
+
+
+def test_lora_mlp_recomputation_saves_without_computing_the_output(monkeypatch):
+    # in a checkpoint's recomputation only g and u (what the backward reads) are made: no activation, no down GEMM
+    from ftengine.core.kernels import recomputation
+    from ftengine.plugins.kernels.triton import lora_mlp as module
+
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    layers = [make_layer(8, 16, 2, torch.float32, gen), make_layer(8, 16, 2, torch.float32, gen),
+              make_layer(16, 8, 2, torch.float32, gen)]
+    x = randn((5, 8), gen, torch.float32).requires_grad_(True)
+    saved = [t for t in lora_mlp(x, *layers).grad_fn.saved_tensors if t is not None]
+    activations, act_forward = [], module._act_forward
+    monkeypatch.setattr(module, "_act_forward", lambda *a: activations.append(1) or act_forward(*a))
+    with recomputation():
+        y = lora_mlp(x, *layers)
+        with torch.no_grad():
+            assert lora_mlp(x, *layers).shape == (5, 8)  # no autograd: a plain forward, which calls the activation
+    assert y.shape == (5, 8) and y.dtype == x.dtype and activations == [1]
+    resaved = [t for t in y.grad_fn.saved_tensors if t is not None]
+    assert len(resaved) == len(saved)
+    for a, b in zip(saved, resaved, strict=True):
+        torch.testing.assert_close(a, b)

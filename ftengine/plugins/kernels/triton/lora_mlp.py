@@ -12,10 +12,13 @@ and, when a gate or up adapter's A is trained, ``x``; ``h`` (N, I) and the r-wid
     dA_d    = s_d (dy B_d)^T h,  dB_d = s_d dy^T (h A_d^T)
     dx      = dg W_g + s_g (dg B_g) A_g + du W_u + s_u (du B_u) A_u
 
-The activation backward writes ``h`` over ``dh``, ``dg`` over ``g`` and ``du`` over ``u``: the
-backward adds no (N, I) buffer beyond ``dh``, which is why it can run only once. For long
-sequences (``SAVE_LIMIT_BYTES``) nothing of size (N, I) is kept at all: the forward and backward
-run in token chunks and the backward recomputes each chunk's ``g`` and ``u`` from ``x``.
+The activation backward writes ``h`` over ``dh``, ``dg`` over ``g`` and ``du`` over ``u``, and
+``dh`` exists one row chunk at a time (``DH_CHUNK_BYTES``): the backward adds no (N, I) buffer,
+which is also why it can run only once. For long sequences (``SAVE_LIMIT_BYTES``) nothing of size
+(N, I) is kept at all: the forward and backward run in token chunks and the backward recomputes
+each chunk's ``g`` and ``u`` from ``x``. In a gradient checkpoint's recomputation
+(:func:`ftengine.core.kernels.recomputing`) the op makes only what it saves: no ``h``, no down
+projection, whose output the recomputation would throw away.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from __future__ import annotations
 import torch
 
 from ftengine.core.kernels import LoRAWeights
+from ftengine.core.kernels import recomputing
 from ftengine.plugins.kernels.triton.geglu import geglu_backward
 from ftengine.plugins.kernels.triton.geglu import geglu_forward
 from ftengine.plugins.kernels.triton.lora_linear import adapter_grads
 from ftengine.plugins.kernels.triton.lora_linear import add_input_grad
+from ftengine.plugins.kernels.triton.lora_linear import base_weight
 from ftengine.plugins.kernels.triton.lora_linear import bias_grad
 from ftengine.plugins.kernels.triton.lora_linear import check_frozen
 from ftengine.plugins.kernels.triton.lora_linear import compute_copy
@@ -41,6 +46,8 @@ ACTIVATIONS = ("swiglu", "geglu", "geglu_tanh")
 # longer grows with the sequence (the price: the gate and up matmuls run once more).
 SAVE_LIMIT_BYTES = 1 << 30
 CHUNK_BYTES = 256 << 20
+# the backward's (N, I) gradient of the activation output is made in row chunks of about this size
+DH_CHUNK_BYTES = 64 << 20
 
 
 def _act_forward(g: torch.Tensor, u: torch.Tensor, activation: str) -> torch.Tensor:
@@ -78,6 +85,40 @@ def _forward_rows(x2, params, scalings, quant_states, activation):
     return y, g, u, xa_g, xa_u
 
 
+def _accumulate(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    return part.float() if total is None else total.add_(part)
+
+
+def _down_backward(dy2, g, u, pd, sd, qd, nd, activation):
+    """``(dA_d, dB_d)`` of the down projection; ``g`` and ``u`` become ``dg`` and ``du`` in place.
+
+    ``dh = dy W_d + s_d (dy B_d) A_d`` exists one row chunk (``DH_CHUNK_BYTES``) at a time, with the
+    activation backward and the down adapter's gradients done per chunk: the full ``(N, I)`` ``dh``
+    would be the backward's largest buffer. ``W_d`` is unpacked once for all chunks.
+    """
+    dtype = dy2.dtype
+    has_d = _has_adapter(pd[1], pd[2])
+    w_d = base_weight(pd[0], qd, dtype)  # (H, I)
+    a_d = compute_copy(pd[1], dtype) if has_d else None  # (r, I)
+    b_d = compute_copy(pd[2], dtype) if has_d else None  # (H, r)
+    rows = max(1, DH_CHUNK_BYTES // (g.shape[1] * g.element_size()))
+    da_d = db_d = None
+    for i in range(0, dy2.shape[0], rows):
+        dy = dy2[i:i + rows]
+        dh = dy @ w_d  # (c, I)
+        dya = None
+        if has_d:
+            dya = (dy @ b_d).mul_(sd)  # (c, r)
+            dh.addmm_(dya, a_d)
+        _act_backward(dh, g[i:i + rows], u[i:i + rows], activation)
+        h = dh
+        if has_d and nd[1]:
+            da_d = _accumulate(da_d, dya.t() @ h)  # (r, I)
+        if has_d and nd[2]:
+            db_d = _accumulate(db_d, (dy.t() @ (h @ a_d.t())).mul_(sd))  # (H, r)
+    return (None if da_d is None else da_d.to(pd[1].dtype)), (None if db_d is None else db_d.to(pd[2].dtype))
+
+
 def _backward_rows(x2, g, u, xa_g, xa_u, dy2, params, scalings, quant_states, needs, activation):
     """``(dx, grads)`` for rows ``x2`` with their ``g``, ``u`` (overwritten: ``dg``, ``du``) and ``dy2``.
 
@@ -88,16 +129,9 @@ def _backward_rows(x2, g, u, xa_g, xa_u, dy2, params, scalings, quant_states, ne
     qg, qu, qd = quant_states
     ng, nu, nd = needs[4:8], needs[8:12], needs[12:16]  # per layer: (weight, lora_a, lora_b, bias)
 
-    # down projection: dh = dy W_d + s_d (dy B_d) A_d
-    has_d = _has_adapter(pd[1], pd[2])
-    dya_d = (dy2 @ compute_copy(pd[2], dy2.dtype)).mul_(sd) if has_d else None  # (n, r)
-    dh = add_input_grad(None, dy2, pd[0], qd, pd[1], dya_d)  # (n, I)
+    da_d, db_d = _down_backward(dy2, g, u, pd, sd, qd, nd, activation)
     dbias_d = bias_grad(dy2, pd[3], nd[3])
-    _act_backward(dh, g, u, activation)
-    h, dg, du = dh, g, u
-    da_d = (dya_d.t() @ h).to(pd[1].dtype) if has_d and nd[1] else None  # (r, I)
-    db_d = adapter_grads(dy2, h, None, pd[1], pd[2], sd, False, True, False)[1] if has_d and nd[2] else None
-    del h, dh
+    dg, du = g, u
 
     grads = []
     dx = None
@@ -123,22 +157,35 @@ def _add(total: list, grads: list) -> list:
     return [t if g is None else g if t is None else t.add_(g) for t, g in zip(total, grads, strict=True)]
 
 
+def _needs(ctx) -> tuple[bool, ...]:
+    """``needs_input_grad`` without the recompute flag: x at 0, then per layer (weight, lora_a, lora_b, bias):
+    gate 4..7, up 8..11, down 12..15."""
+    return ctx.needs_input_grad[:4] + ctx.needs_input_grad[5:]
+
+
 class _LoRAMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, activation, scalings, quant_states, *params):
+    def forward(ctx, x, activation, scalings, quant_states, recompute, *params):
         # params: (weight, lora_a, lora_b, bias) for gate, up, down
         x2 = x.reshape(-1, x.shape[-1])  # (N, H)
         inter = quant_states[0].shape[0] if quant_states[0] is not None else params[0].shape[0]
         chunk = _chunk_rows(x2.shape[0], inter, x2.element_size())
-        needs = ctx.needs_input_grad  # per layer (weight, lora_a, lora_b, bias): gate 4..7, up 8..11, down 12..15
+        needs = _needs(ctx)
+        if recompute:  # the output is thrown away: the saved tensors are all the recomputation is for
+            out = quant_states[2].shape[0] if quant_states[2] is not None else params[8].shape[0]
+            y = x2.new_empty(x2.shape[0], out)
         if chunk is None:
-            y, g, u, xa_g, xa_u = _forward_rows(x2, params, scalings, quant_states, activation)
+            if recompute:
+                g, u, xa_g, xa_u = _gate_up(x2, params, scalings, quant_states)
+            else:
+                y, g, u, xa_g, xa_u = _forward_rows(x2, params, scalings, quant_states, activation)
             x_kept, xa_g = saved_adapter_inputs(x2, xa_g, needs[5] or needs[9], needs[6])
             xa_u = saved_adapter_inputs(x2, xa_u, needs[5] or needs[9], needs[10])[1]
             ctx.save_for_backward(x_kept, g, u, xa_g, xa_u, *params)
         else:  # only x is kept; g and u come back chunk by chunk in the backward
-            y = torch.cat([_forward_rows(x2[i:i + chunk], params, scalings, quant_states, activation)[0]
-                           for i in range(0, x2.shape[0], chunk)])
+            if not recompute:
+                y = torch.cat([_forward_rows(x2[i:i + chunk], params, scalings, quant_states, activation)[0]
+                               for i in range(0, x2.shape[0], chunk)])
             ctx.save_for_backward(x2, None, None, None, None, *params)
         ctx.activation, ctx.scalings, ctx.quant_states, ctx.chunk = activation, scalings, quant_states, chunk
         ctx.in_shape = x.shape
@@ -152,7 +199,7 @@ class _LoRAMLP(torch.autograd.Function):
         ctx.consumed = True
         x2, g, u, xa_g, xa_u, *params = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1])  # (N, H)
-        rest = (params, ctx.scalings, ctx.quant_states, ctx.needs_input_grad, ctx.activation)
+        rest = (params, ctx.scalings, ctx.quant_states, _needs(ctx), ctx.activation)
         if ctx.chunk is None:
             dx, grads = _backward_rows(x2, g, u, xa_g, xa_u, dy2, *rest)
         else:
@@ -166,7 +213,7 @@ class _LoRAMLP(torch.autograd.Function):
                     dx[i:i + ctx.chunk] = dx_rows
                 grads = _add(grads, chunk_grads)
         dx = dx.reshape(ctx.in_shape) if dx is not None else None
-        return (dx, None, None, None, *grads)
+        return (dx, None, None, None, None, *grads)
 
 
 def _params(layer: LoRAWeights) -> tuple:
@@ -196,4 +243,6 @@ def lora_mlp(
     check_frozen(gate.weight, up.weight, down.weight)
     scalings = (float(gate.scaling), float(up.scaling), float(down.scaling))
     quant_states = (gate.quant_state, up.quant_state, down.quant_state)
-    return _LoRAMLP.apply(x, activation, scalings, quant_states, *_params(gate), *_params(up), *_params(down))
+    # a checkpoint's recomputation (grad mode on here, off inside forward) needs only what the backward reads
+    return _LoRAMLP.apply(x, activation, scalings, quant_states, recomputing(), *_params(gate), *_params(up),
+                          *_params(down))
