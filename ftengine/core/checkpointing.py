@@ -178,15 +178,32 @@ class _Offloader:
     def __init__(self) -> None:
         self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         self.last: Any = None  # weakref to the newest stash: the next layer's predecessor
+        self.copying: tuple[torch.Tensor, Any] | None = None  # the input being copied out, and its event
+
+    def _release_copied(self) -> None:
+        """Let the compute stream reuse the previous layer's input once its copy to the host is done.
+
+        The compute stream waits for that copy's event (long finished: a layer's compute outlasts
+        its input's copy) before the reference is dropped, so the block goes back to the compute
+        stream's pool at once. ``record_stream`` would instead keep every block until the GPU
+        caught up with the host: thirteen layer inputs at the peak of a measured Llama-8B forward.
+        """
+        if self.copying is not None:
+            hidden, event = self.copying
+            torch.cuda.current_stream(hidden.device).wait_event(event)
+            self.copying = None
 
     def _to_host(self, hidden: torch.Tensor) -> torch.Tensor:
         if hidden.device.type != "cuda":
             return hidden.detach()
+        self._release_copied()
         host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
         self.stream.wait_stream(torch.cuda.current_stream(hidden.device))
         with torch.cuda.stream(self.stream):
             host.copy_(hidden.detach(), non_blocking=True)
-        hidden.record_stream(self.stream)  # the allocator must not reuse it before the copy ran
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.copying = (hidden, event)
         return host
 
     def checkpoint(self, function: Any, hidden: torch.Tensor, *args: Any) -> Any:
@@ -204,6 +221,7 @@ class _Offloader:
         def run(_: torch.Tensor, *rest: Any) -> Any:
             if live:  # the forward
                 return function(live.pop(), *rest)
+            self._release_copied()
             previous = stash.previous() if stash.previous is not None else None
             current = stash.fetch(self.stream).detach().requires_grad_(needs_grad)
             if previous is not None:
