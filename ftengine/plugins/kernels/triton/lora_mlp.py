@@ -116,6 +116,7 @@ def _down_backward(dy2, g, u, pd, sd, qd, nd, activation):
             da_d = _accumulate(da_d, dya.t() @ h)  # (r, I)
         if has_d and nd[2]:
             db_d = _accumulate(db_d, (dy.t() @ (h @ a_d.t())).mul_(sd))  # (H, r)
+        del dh, h  # before the next chunk's is allocated
     return (None if da_d is None else da_d.to(pd[1].dtype)), (None if db_d is None else db_d.to(pd[2].dtype))
 
 
