@@ -24,7 +24,8 @@ the step, at the end of the forward and at its peak), then here:
 ``python benchmarks/e2e.py --report e2e.jsonl --results benchmarks/RESULTS.md`` writes the table
 into the "## End to end" section. ``--longest llama-3.1-8b:nf4 --seq 65536`` instead searches the
 longest sequence one micro-batch-1 step survives (doubling from ``--seq``, then bisection, each
-trial in a fresh process).
+trial in a fresh process); ``--memory-segments llama-3.1-8b:4:nf4`` prints where one offloaded step's
+memory peaks.
 """
 
 from __future__ import annotations
@@ -171,8 +172,8 @@ def profile_step(model, optimizer, ids) -> dict:
                 step_peak_gib=torch.cuda.max_memory_allocated() / GIB)
 
 
-def run(name: str, framework: str, micro_batch: int, quant: str, seq: int, steps: int, warmup: int,
-        profile: bool = False) -> dict:
+def prepare(name: str, framework: str, quant: str):
+    """``(model, optimizer, n_matmul, patched, checkpointing)``: the model with LoRA, ready to train."""
     import torch
     from peft import LoraConfig
     from peft import get_peft_model
@@ -196,6 +197,23 @@ def run(name: str, framework: str, micro_batch: int, quant: str, seq: int, steps
         model.enable_input_require_grads()
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return model, optimizer, n_matmul, patched, checkpointing
+
+
+def train_step(model, optimizer, ids) -> float:
+    """One step (forward, backward, AdamW); returns the loss."""
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def run(name: str, framework: str, micro_batch: int, quant: str, seq: int, steps: int, warmup: int,
+        profile: bool = False) -> dict:
+    import torch
+
+    model, optimizer, n_matmul, patched, checkpointing = prepare(name, framework, quant)
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, model.config.vocab_size, (micro_batch, seq), generator=g).to(DEVICE)
                for _ in range(steps + warmup)]
@@ -204,13 +222,10 @@ def run(name: str, framework: str, micro_batch: int, quant: str, seq: int, steps
     losses, times = [], []
     for ids in batches:
         start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = train_step(model, optimizer, ids)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-        losses.append(round(loss.item(), 4))
+        losses.append(round(loss, 4))
     step_s = statistics.median(times[warmup:])
     extra = {"profile": profile_step(model, optimizer, batches[-1])} if profile else {}
     tokens = micro_batch * seq
@@ -225,6 +240,48 @@ def run(name: str, framework: str, micro_batch: int, quant: str, seq: int, steps
                 checkpointing=checkpointing, checkpointed_layers=sum(
                     bool(getattr(m, "gradient_checkpointing", False)) for m in model.base_model.model.model.layers),
                 **extra)
+
+
+def memory_segments(name: str, micro_batch: int, quant: str, seq: int, framework: str = "ftengine-offload",
+                    top: int = 12) -> str:
+    """Where one step's memory peaks: the peak between consecutive marks (each decoder layer's and MLP's
+    forward start and end, recomputations included, and the gradient's arrival at each layer's output),
+    as markdown lines, the highest first."""
+    import torch
+
+    model, optimizer, _, _, _ = prepare(name, framework, quant)
+    marks: list[tuple[str, int, int]] = []
+
+    def mark(label: str) -> None:
+        marks.append((label, torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()))
+        torch.cuda.reset_peak_memory_stats()
+
+    def after_layer(index: int, output) -> None:
+        mark(f"layer {index} forward end")
+        hidden = output[0] if isinstance(output, tuple) else output
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            hidden.register_hook(lambda grad: mark(f"layer {index} output gradient"))
+
+    for index, layer in enumerate(model.base_model.model.model.layers):
+        layer.register_forward_pre_hook(lambda m, a, i=index: mark(f"layer {i} forward start"))
+        layer.register_forward_hook(lambda m, a, out, i=index: after_layer(i, out))
+        layer.mlp.register_forward_pre_hook(lambda m, a, i=index: mark(f"layer {i} MLP start"))
+        layer.mlp.register_forward_hook(lambda m, a, out, i=index: mark(f"layer {i} MLP end"))
+    ids = torch.randint(0, model.config.vocab_size, (micro_batch, seq), device=DEVICE)
+    for _ in range(2):  # the optimizer state exists from the first step on
+        train_step(model, optimizer, ids)
+    torch.cuda.synchronize()
+    marks.clear()
+    start = torch.cuda.memory_allocated()
+    mark("step start")
+    train_step(model, optimizer, ids)
+    mark("step end")
+    segments = sorted(((marks[k][2], marks[k - 1][0], marks[k][0]) for k in range(1, len(marks))), reverse=True)
+    lines = [f"{name} {quant} mb{micro_batch} seq {seq} {framework}: {start / GIB:.2f} GiB at the step's start, "
+             f"peak {segments[0][0] / GIB:.2f} GiB", "", "| peak above the start, MiB | between | and |",
+             "|---|---|---|"]
+    lines += [f"| {(peak - start) / 2**20:.0f} | {a} | {b} |" for peak, a, b in segments[:top]]
+    return "\n".join(lines)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -364,6 +421,8 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=8192, help="with --longest: stop when bracketed this tightly")
     parser.add_argument("--budget-s", type=float, default=1200.0, help="with --longest: stop searching after this")
     parser.add_argument("--profile", action="store_true", help="profile one more step of each run (GPU time, memory)")
+    parser.add_argument("--memory-segments", metavar="MODEL:MB:QUANT",
+                        help="print where one ftengine-offload step's memory peaks (between layer and MLP hooks)")
     parser.add_argument("--framework", help=argparse.SUPPRESS)  # the worker process
     parser.add_argument("--report", type=Path, help="JSON lines to turn into the markdown table")
     parser.add_argument("--results", type=Path, help="with --report: the RESULTS.md to write the section into")
@@ -390,6 +449,10 @@ def main() -> None:
         if args.results:
             write_section(args.results, section)
         print(section)
+        return
+    if args.memory_segments:
+        name, micro_batch, quant = args.memory_segments.split(":")
+        print(memory_segments(name, int(micro_batch), quant, args.seq))
         return
     if args.framework:
         worker(args)
