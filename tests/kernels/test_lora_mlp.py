@@ -80,13 +80,18 @@ def test_lora_mlp_nf4_base(dtype):
 ])
 def test_lora_mlp_long_sequence_chunks(case, monkeypatch):
     # g and u over the limit: only x is kept, the backward recomputes them 16 rows (CHUNK_BYTES) at a time
+    _compare_in_chunks(case, monkeypatch, SAVE_LIMIT_BYTES=0, CHUNK_BYTES=16)
+
+
+def _compare_in_chunks(case: dict, monkeypatch, **limits: int) -> None:
+    """``_compare`` on 42 rows of 64 features, with the module's byte limits set to ``limits`` rows of (N, I)."""
     from ftengine.plugins.kernels.triton import lora_mlp as module
 
     case = dict(case)
     inter, dtype, ranks = 64, case.pop("dtype"), case.pop("ranks", (4, 4, 4))
-    elem = torch.tensor([], dtype=dtype).element_size()
-    monkeypatch.setattr(module, "SAVE_LIMIT_BYTES", 0)
-    monkeypatch.setattr(module, "CHUNK_BYTES", 16 * inter * elem)
+    row_bytes = inter * torch.tensor([], dtype=dtype).element_size()
+    for name, rows in limits.items():
+        monkeypatch.setattr(module, name, rows * row_bytes)
     _compare((2, 21, 64), inter, ranks, dtype, **case)
 
 
@@ -138,12 +143,7 @@ def test_lora_mlp_real_shapes(sizes, nf4):
 ])
 def test_lora_mlp_activation_gradient_in_row_chunks(case, monkeypatch):
     # dh = dy W_d + ... made 8 rows (DH_CHUNK_BYTES) at a time; 42 rows: five chunks and a short last one
-    from ftengine.plugins.kernels.triton import lora_mlp as module
-
-    case = dict(case)
-    inter, dtype, ranks = 64, case.pop("dtype"), case.pop("ranks", (4, 4, 4))
-    monkeypatch.setattr(module, "DH_CHUNK_BYTES", 8 * inter * torch.tensor([], dtype=dtype).element_size())
-    _compare((2, 21, 64), inter, ranks, dtype, **case)
+    _compare_in_chunks(case, monkeypatch, DH_CHUNK_BYTES=8)
 
 
 def test_lora_mlp_recomputation_saves_without_computing_the_output(monkeypatch):
