@@ -115,7 +115,7 @@ def _down_backward(dy2, g, u, pd, sd, qd, nd, activation):
         if has_d and nd[1]:
             da_d = _accumulate(da_d, dya.t() @ h)  # (r, I)
         if has_d and nd[2]:
-            db_d = _accumulate(db_d, (dy.t() @ (h @ a_d.t())).mul_(sd))  # (H, r)
+            db_d = _accumulate(db_d, adapter_grads(dy, h, None, pd[1], pd[2], sd, False, True, False)[1])  # (H, r)
         del dh, h  # before the next chunk's is allocated
     return (None if da_d is None else da_d.to(pd[1].dtype)), (None if db_d is None else db_d.to(pd[2].dtype))
 
@@ -158,6 +158,12 @@ def _add(total: list, grads: list) -> list:
     return [t if g is None else g if t is None else t.add_(g) for t, g in zip(total, grads, strict=True)]
 
 
+def _out_features(params, quant_states, layer: int) -> int:
+    """Output features of gate (0), up (1) or down (2): an NF4 weight's are in its quant state."""
+    state = quant_states[layer]
+    return state.shape[0] if state is not None else params[4 * layer].shape[0]
+
+
 def _needs(ctx) -> tuple[bool, ...]:
     """``needs_input_grad`` without the recompute flag: x at 0, then per layer (weight, lora_a, lora_b, bias):
     gate 4..7, up 8..11, down 12..15."""
@@ -169,12 +175,11 @@ class _LoRAMLP(torch.autograd.Function):
     def forward(ctx, x, activation, scalings, quant_states, recompute, *params):
         # params: (weight, lora_a, lora_b, bias) for gate, up, down
         x2 = x.reshape(-1, x.shape[-1])  # (N, H)
-        inter = quant_states[0].shape[0] if quant_states[0] is not None else params[0].shape[0]
+        inter = _out_features(params, quant_states, 0)
         chunk = _chunk_rows(x2.shape[0], inter, x2.element_size())
         needs = _needs(ctx)
         if recompute:  # the output is thrown away: the saved tensors are all the recomputation is for
-            out = quant_states[2].shape[0] if quant_states[2] is not None else params[8].shape[0]
-            y = x2.new_empty(x2.shape[0], out)
+            y = x2.new_empty(x2.shape[0], _out_features(params, quant_states, 2))
         if chunk is None:
             if recompute:
                 g, u, xa_g, xa_u = _gate_up(x2, params, scalings, quant_states)
