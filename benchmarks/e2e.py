@@ -10,7 +10,8 @@ attention, AdamW on the adapters, and gradient checkpointing of every decoder la
   linear cross-entropy);
 - ``ftengine``: the model adapter's patch (``get_op``: the Triton ops on a GPU), then PEFT, then
   :func:`ftengine.core.checkpointing.apply_gradient_checkpointing` (standard; ``ftengine-offload``
-  and ``ftengine-auto``: those modes).
+  and ``ftengine-auto``: those modes; ``ftengine-offload`` also keeps the input embedding in host
+  memory, ``model.offload_embedding``).
 
 QLoRA replaces every decoder projection by a bitsandbytes NF4 ``Linear4bit`` (double-quantized,
 bf16 compute), quantized on the GPU from the same random weights. Per run: tokens/s and seconds a
@@ -192,6 +193,10 @@ def prepare(name: str, framework: str, quant: str):
         from ftengine.core.checkpointing import apply_gradient_checkpointing
 
         checkpointing = apply_gradient_checkpointing(model, framework.partition("-")[2] or True)
+        if framework == "ftengine-offload":
+            from ftengine.core.embedding_offload import offload_input_embedding
+
+            checkpointing += "; " + offload_input_embedding(model)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -325,7 +330,8 @@ def report(rows: list[dict], device_line: str) -> str:
     lines = ["## End to end", "", f"Device: {device_line}", "",
              "LoRA r=16 (alpha 16, q/k/v/o/gate/up/down, fp32 adapters as PEFT makes them), random weights at the "
              "named shapes, random tokens, seq 2048, AdamW, SDPA, every decoder layer checkpointed (standard "
-             "non-reentrant; `ftengine-offload`: kept inputs in pinned host memory; `ftengine-auto`: only the layers "
+             "non-reentrant; `ftengine-offload`: kept inputs in pinned host memory and the input-embedding table "
+             "in host memory; `ftengine-auto`: only the layers "
              "whose activations do not fit in the card's free memory, ftengine's default). "
              "tok/s and s/step: median of the timed steps after warm-up; memory: peak over the steps; "
              "MFU: (6*N_matmul + 12*L*d*s) FLOPs a token over the dense bf16 peak. "

@@ -9,8 +9,9 @@ not, with or without peft around it.
   input and recomputes its activations in the backward.
 - ``"offload"``: the same, but the kept input goes to (pinned) host memory, copied asynchronously
   on a side stream in the forward, and is prefetched back one layer ahead in the backward (while
-  layer ``i`` recomputes, layer ``i-1``'s input is already on its way). On a CPU host the input
-  simply stays where it is.
+  layer ``i`` recomputes, layer ``i-1``'s input is already on its way). Inputs of 256 MiB and more
+  get host buffers of their exact size (:mod:`ftengine.core.host_buffers`). On a CPU host the
+  input simply stays where it is.
 - ``"auto"``: checkpoint only as many layers as the activation memory needs. At the first training
   forward of each new batch size (a pre-hook on the decoder body) it estimates a layer's
   activations from the config (per token, in the model's dtype: ``6*hidden + 2*kv_dim +
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ftengine.core.host_buffers import HostBuffers
 from ftengine.core.kernels import recomputation
 
 MODES = ("off", "true", "offload", "auto")
@@ -177,6 +179,7 @@ class _Offloader:
 
     def __init__(self) -> None:
         self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+        self.buffers = HostBuffers(stream=self.stream)
         self.last: Any = None  # weakref to the newest stash: the next layer's predecessor
         self.copying: tuple[torch.Tensor, Any] | None = None  # the input being copied out, and its event
 
@@ -197,7 +200,7 @@ class _Offloader:
         if hidden.device.type != "cuda":
             return hidden.detach()
         self._release_copied()
-        host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+        host = self.buffers.empty(hidden.shape, hidden.dtype)
         self.stream.wait_stream(torch.cuda.current_stream(hidden.device))
         with torch.cuda.stream(self.stream):
             host.copy_(hidden.detach(), non_blocking=True)

@@ -36,6 +36,9 @@ class ModelConfig(Section):
         "auto", description="Compute dtype; auto = bfloat16 on GPUs that support it, else float16 on GPU, float32 "
                             "on CPU.")
     full_finetuning: bool = Field(False, description="Train every weight instead of LoRA adapters.")
+    offload_embedding: bool = Field(False, description="Keep the frozen input-embedding table in CPU memory "
+                                                       "and look tokens up there (saves its GPU memory, ~1 GiB for "
+                                                       "8B models; not for tied or trained embeddings).")
     attn_implementation: Literal["auto", "sdpa", "flex_attention", "eager"] = Field(
         "auto", description="Attention implementation (Hugging Face's attn_implementation); auto = flex_attention "
                             "when data.packing is on and a CUDA GPU is present (its document mask skips the blocks "
@@ -302,6 +305,8 @@ def check_combinations(config: RunConfig) -> list[str]:
         problems.append("quantization: load_in_4bit and load_in_8bit are exclusive; choose one")
     if config.model.full_finetuning and (config.quantization.load_in_4bit or config.quantization.load_in_8bit):
         problems.append("model.full_finetuning: a quantized base cannot be fully fine-tuned; use LoRA (QLoRA)")
+    if config.model.full_finetuning and config.model.offload_embedding:
+        problems.append("model.offload_embedding: full fine-tuning trains the embedding, which must stay on the GPU")
     if config.model.full_finetuning and any(e.format == "lora" for e in config.export):
         problems.append("export: 'lora' needs LoRA training; model.full_finetuning is true (use merged or gguf)")
     return problems

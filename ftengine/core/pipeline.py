@@ -89,6 +89,8 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa", "flex_attention", "eager")
 FLEX_NEEDS_CUDA = ("model.attn_implementation: flex_attention trains on a CUDA GPU only (FlexAttention has no "
                    "backward on the CPU); use sdpa, or auto (sdpa here, flex_attention for packed rows on a GPU)")
 ATTN_REQUEST_ATTR = "ftengine_attn_implementation"
+OFFLOAD_EMBEDDING_REQUEST_ATTR = "ftengine_offload_embedding"
+"""Set by :func:`load` when ``model.offload_embedding`` is on; :func:`adapt` offloads the table once it is frozen."""
 """Where :func:`load` leaves the requested ``model.attn_implementation`` on the model (read by the Python API)."""
 
 
@@ -257,6 +259,7 @@ def load(config: RunConfig) -> LoadedModel:
         tokenizer.pad_token = tokenizer.eos_token
     mode = "4-bit NF4" if q.load_in_4bit else "8-bit" if q.load_in_8bit else str(dtype).replace("torch.", "")
     setattr(model, ATTN_REQUEST_ATTR, m.attn_implementation)
+    setattr(model, OFFLOAD_EMBEDDING_REQUEST_ATTR, m.offload_embedding)
     notes = [f"model {m.name_or_path} ({hf_config.model_type}, {mode}, "
              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)",
              attention_note(attention, m.attn_implementation, config.data.packing)]
@@ -336,6 +339,13 @@ def adapt(loaded: LoadedModel, lora: LoRAConfig, full_finetuning: bool = False,
         loaded.notes.append(f"LoRA r={lora.r} alpha={lora.lora_alpha} on {targets} "
                             f"({trainable / 1e6:.3f}M trainable parameters)")
     loaded.notes.append(f"gradient checkpointing: {enable_gradient_checkpointing(model, gradient_checkpointing)}")
+    if getattr(loaded.model, OFFLOAD_EMBEDDING_REQUEST_ATTR, False):
+        from ftengine.core.embedding_offload import offload_input_embedding
+
+        try:
+            loaded.notes.append(offload_input_embedding(model))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     routes = getattr(loaded.adapter, "routes", None)
     if routes is not None:
         loaded.notes.append("projections: " + "; ".join(routes(model)))

@@ -1,0 +1,84 @@
+"""Page-locked host buffers of the exact size asked for, kept for reuse.
+
+PyTorch's pinned-memory allocator rounds every request up to a power of two. For the inputs that
+offloaded checkpointing keeps in host memory that can double the host memory a long sequence
+needs: a 400k-token layer input of an 8B model is 3.05 GiB and takes a 4 GiB block, and 32 such
+blocks no longer fit a 128 GiB host. Requests of ``min_bytes`` and more get a buffer of their
+exact size here, page-locked once (``cudaHostRegister``) and handed out again for a request of the
+same size once its tensor is gone: a run of fixed-length rows registers its buffers in the first
+step only. A request of a new size first releases the cached buffers of other sizes, so a run whose
+lengths change does not accumulate them. Smaller requests go to PyTorch's allocator.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+PAGE = 4096
+
+
+def _cuda_register(pointer: int, size: int) -> None:
+    torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(pointer, size, 0))
+
+
+def _cuda_unregister(pointer: int) -> None:
+    torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(pointer))
+
+
+class HostBuffers:
+    """Exact-size page-locked host tensors for one stream's copies.
+
+    Args:
+        min_bytes: requests smaller than this use ``torch.empty(..., pin_memory=True)``.
+        stream: the stream whose copies read and write the buffers; it is synchronized before a
+            buffer is released, so no copy in flight loses its memory.
+        register / unregister: page-lock and release a host range (CUDA's by default).
+    """
+
+    def __init__(self, min_bytes: int = 256 << 20, stream: Any = None,
+                 register: Callable[[int, int], None] = _cuda_register,
+                 unregister: Callable[[int], None] = _cuda_unregister) -> None:
+        self.min_bytes = min_bytes
+        self.stream = stream
+        self.register, self.unregister = register, unregister
+        self.free: dict[int, list[torch.Tensor]] = {}  # exact byte size -> cached page-locked buffers
+
+    def empty(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised page-locked host tensor."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes < self.min_bytes:
+            return torch.empty(shape, dtype=dtype, pin_memory=True)
+        cached = self.free.get(nbytes)
+        buffer = cached.pop() if cached else self._new(nbytes)
+        tensor = buffer.view(dtype).view(shape)
+        weakref.finalize(tensor, self._give_back, buffer)
+        return tensor
+
+    def _new(self, nbytes: int) -> torch.Tensor:
+        self.release(keep=nbytes)
+        raw = torch.empty(nbytes + PAGE, dtype=torch.uint8)
+        start = -raw.data_ptr() % PAGE  # cudaHostRegister works on whole pages
+        buffer = raw[start:start + nbytes]
+        pointer = buffer.data_ptr()
+        self.register(pointer, nbytes)
+        weakref.finalize(buffer, self.unregister, pointer)
+        return buffer
+
+    def _give_back(self, buffer: torch.Tensor) -> None:
+        self.free.setdefault(buffer.numel(), []).append(buffer)
+
+    def release(self, keep: int | None = None) -> None:
+        """Release the cached buffers (those of size ``keep`` excepted)."""
+        sizes = [size for size in self.free if size != keep]
+        if sizes and self.stream is not None:
+            self.stream.synchronize()
+        for size in sizes:
+            del self.free[size]
+
+    def cached_bytes(self) -> int:
+        return sum(size * len(buffers) for size, buffers in self.free.items())
