@@ -13,13 +13,12 @@ lengths change does not accumulate them. Smaller requests go to PyTorch's alloca
 from __future__ import annotations
 
 import math
+import mmap
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
-
-PAGE = 4096
 
 
 def _cuda_register(pointer: int, size: int) -> None:
@@ -51,7 +50,7 @@ class HostBuffers:
     def empty(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised page-locked host tensor."""
         nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes < self.min_bytes:
+        if nbytes < max(self.min_bytes, 1):
             return torch.empty(shape, dtype=dtype, pin_memory=True)
         cached = self.free.get(nbytes)
         buffer = cached.pop() if cached else self._new(nbytes)
@@ -61,9 +60,9 @@ class HostBuffers:
 
     def _new(self, nbytes: int) -> torch.Tensor:
         self.release(keep=nbytes)
-        raw = torch.empty(nbytes + PAGE, dtype=torch.uint8)
-        start = -raw.data_ptr() % PAGE  # cudaHostRegister works on whole pages
-        buffer = raw[start:start + nbytes]
+        # an anonymous mapping starts on a page, so the page-locked range is the tensor's whole
+        # storage (``is_pinned`` looks at the storage's start)
+        buffer = torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
         pointer = buffer.data_ptr()
         self.register(pointer, nbytes)
         weakref.finalize(buffer, self.unregister, pointer)

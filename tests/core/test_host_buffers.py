@@ -8,7 +8,6 @@ import gc
 import pytest
 import torch
 
-from ftengine.core.host_buffers import PAGE
 from ftengine.core.host_buffers import HostBuffers
 
 
@@ -20,7 +19,7 @@ class Registry:
         self.registered = 0
 
     def register(self, pointer: int, size: int) -> None:
-        assert pointer % PAGE == 0 and pointer not in self.live
+        assert pointer % 4096 == 0 and pointer not in self.live
         self.live[pointer] = size
         self.registered += 1
 
