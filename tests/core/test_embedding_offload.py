@@ -106,7 +106,7 @@ def test_on_gpu_the_table_leaves_the_device_and_training_is_unchanged():
     table = model.get_input_embeddings().weight
     size = table.numel() * table.element_size()
     assert offload_input_embedding(model).startswith("input embedding: 0.00 GiB in host memory")
-    assert torch.cuda.memory_allocated() == before - size
+    assert before - torch.cuda.memory_allocated() == -(-size // 512) * 512  # the allocator's 512-byte blocks
     model.to("cuda")  # as transformers' Trainer does with a 16-bit model
     assert model.get_input_embeddings().weight.device.type == "cpu"
     assert model.device.type == "cuda"
