@@ -255,8 +255,10 @@ class _AutoPlanner:
         embeds = kwargs.get("inputs_embeds")
         tokens = ids.numel() if ids is not None else embeds.numel() // embeds.shape[-1]
         if tokens not in self.plans:
-            weight = decoder.get_input_embeddings().weight  # the activations' dtype and device
-            self.plans[tokens] = self.plan(tokens, weight.element_size(), weight.device)
+            itemsize = decoder.get_input_embeddings().weight.element_size()  # the activations' dtype
+            # the layers' device: the embedding table may live in host memory (model.offload_embedding)
+            device = next(self.layers[0].parameters()).device
+            self.plans[tokens] = self.plan(tokens, itemsize, device)
         count = self.plans[tokens]
         if count != self.last_plan:
             for index, each in enumerate(self.layers):
