@@ -14,6 +14,7 @@ from transformers import LlamaForCausalLM
 
 from ftengine.core.checkpointing import apply_gradient_checkpointing
 from ftengine.core.checkpointing import decoder_layers
+from ftengine.core.checkpointing import release_host_buffers
 
 TOKENS, HIDDEN = 2 * 12, 32
 # per token and layer, in values: (6*32 + 2*16 + 3*64) * 1.25 = 520 without checkpointing, 32 with; fp32
@@ -78,6 +79,16 @@ def test_gradients_match_without_checkpointing(base, mode, budget, recomputed, d
 def test_unknown_mode_is_an_error(base):
     with pytest.raises(ValueError, match="expected one of: off, true, offload, auto"):
         apply_gradient_checkpointing(copy.deepcopy(base), "sometimes")
+
+
+def test_release_host_buffers_empties_the_offloaders_cache(base):
+    model = copy.deepcopy(base)
+    apply_gradient_checkpointing(model, "offload")
+    offloader = decoder_layers(model)[0]._gradient_checkpointing_func.__self__
+    assert all(layer._gradient_checkpointing_func.__self__ is offloader for layer in decoder_layers(model))
+    offloader.buffers.free[64] = [torch.empty(64, dtype=torch.uint8)]
+    release_host_buffers(model)
+    assert offloader.buffers.cached_bytes() == 0
 
 
 @pytest.mark.gpu
