@@ -38,9 +38,10 @@ def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | None 
         attn_implementation: ``"auto"``, ``"sdpa"``, ``"flex_attention"`` or ``"eager"`` (Hugging Face's
             names). ``"auto"`` loads sdpa (eager for models without it); :func:`train` switches it to
             flex_attention when the dataset is packed and a CUDA GPU is present.
-        offload_embedding: keep the frozen input-embedding table in CPU memory and look
-            tokens up there (about 1 GiB of GPU memory saved for 8B models); applied by
-            :func:`add_lora` once the table is frozen. Not for tied or trained embeddings.
+        offload_embedding: keep the frozen input-embedding table in CPU memory mapped for the
+            GPU, which reads only the rows it needs (about 1 GiB of GPU memory saved for 8B
+            models); applied by :func:`add_lora` once the table is frozen. Not for tied or
+            trained embeddings.
 
     Returns:
         ``(model, tokenizer)``.

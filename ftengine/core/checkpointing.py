@@ -269,8 +269,7 @@ class _AutoPlanner:
         tokens = ids.numel() if ids is not None else embeds.numel() // embeds.shape[-1]
         if tokens not in self.plans:
             itemsize = decoder.get_input_embeddings().weight.element_size()  # the activations' dtype
-            # the layers' device: the embedding table may live in host memory (model.offload_embedding)
-            device = next(self.layers[0].parameters()).device
+            device = next(self.layers[0].parameters()).device  # where the activations live
             self.plans[tokens] = self.plan(tokens, itemsize, device)
         count = self.plans[tokens]
         if count != self.last_plan:

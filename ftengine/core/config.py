@@ -36,9 +36,10 @@ class ModelConfig(Section):
         "auto", description="Compute dtype; auto = bfloat16 on GPUs that support it, else float16 on GPU, float32 "
                             "on CPU.")
     full_finetuning: bool = Field(False, description="Train every weight instead of LoRA adapters.")
-    offload_embedding: bool = Field(False, description="Keep the frozen input-embedding table in CPU memory "
-                                                       "and look tokens up there (saves its GPU memory, ~1 GiB for "
-                                                       "8B models; not for tied or trained embeddings).")
+    offload_embedding: bool = Field(False, description="Keep the frozen input-embedding table in CPU memory mapped "
+                                                       "for the GPU, which reads only the rows it needs (saves ~1 "
+                                                       "GiB of GPU memory for 8B models; not for tied or trained "
+                                                       "embeddings).")
     attn_implementation: Literal["auto", "sdpa", "flex_attention", "eager"] = Field(
         "auto", description="Attention implementation (Hugging Face's attn_implementation); auto = flex_attention "
                             "when data.packing is on and a CUDA GPU is present (its document mask skips the blocks "

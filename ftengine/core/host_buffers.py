@@ -65,7 +65,7 @@ class HostBuffers:
         buffer = torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
         pointer = buffer.data_ptr()
         self.register(pointer, nbytes)
-        weakref.finalize(buffer, self.unregister, pointer)
+        weakref.finalize(buffer, self.unregister, pointer).atexit = False  # at exit the CUDA context may be gone
         return buffer
 
     def _give_back(self, buffer: torch.Tensor) -> None:

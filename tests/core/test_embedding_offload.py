@@ -1,5 +1,5 @@
-"""The input embedding in host memory: the same logits and LoRA gradients as on the device, a table
-that stays put through ``model.to(...)``, clear refusals where it cannot work."""
+"""The input embedding in device-mapped host memory: the same logits and LoRA gradients, no GPU
+memory for the table, clear refusals where it cannot work."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from transformers import LlamaConfig
 from transformers import LlamaForCausalLM
 
 import ftengine
-from ftengine.core.embedding_offload import OFFLOADED_ATTR
-from ftengine.core.embedding_offload import keep_on_host
+from ftengine.core.embedding_offload import is_in_host_memory
 from ftengine.core.embedding_offload import offload_input_embedding
 from ftengine.core.errors import ConfigError
 
@@ -36,39 +35,10 @@ def _step(model, device: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return out.logits.detach().cpu(), grads
 
 
-def test_lookup_on_the_host_gives_the_same_logits_and_gradients():
-    reference = _lora_model()
-    model = copy.deepcopy(reference)
-    embedding = model.get_input_embeddings()
-    keep_on_host(model, embedding, torch.device("cpu"))
-    expected_logits, expected = _step(reference, "cpu")
-    logits, grads = _step(model, "cpu")
-    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=0)
-    assert grads.keys() == expected.keys()
-    for name in grads:
-        torch.testing.assert_close(grads[name], expected[name], rtol=0, atol=0, msg=name)
-    # the checkpoint format is unchanged: same keys, same table
-    assert model.state_dict().keys() == reference.state_dict().keys()
-    torch.testing.assert_close(embedding.weight, reference.get_input_embeddings().weight, rtol=0, atol=0)
-
-
-def test_the_table_ignores_moves_and_is_not_the_models_first_parameter():
-    model = _lora_model()
-    embedding = model.get_input_embeddings()
-    keep_on_host(model, embedding, torch.device("cpu"))
-    model.to(torch.float64)
-    assert embedding.weight.dtype == torch.float32
-    assert model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.float64
-    # transformers' model.device is the first parameter's: it must not be the host table
-    first = next(model.base_model.model.parameters())
-    assert first is not embedding.weight
-    assert list(model.base_model.model.model._modules)[-1] == "embed_tokens"
-
-
 def test_a_model_in_host_memory_has_nothing_to_offload():
     model = _lora_model()
-    assert offload_input_embedding(model) == "input embedding: nothing to offload (the model is in host memory)"
-    assert getattr(model.get_input_embeddings(), OFFLOADED_ATTR, None) is None
+    assert offload_input_embedding(model) == "input embedding: nothing to offload (the model is on cpu)"
+    assert not is_in_host_memory(model.get_input_embeddings().weight)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -98,6 +68,15 @@ def test_full_finetuning_cannot_offload_the_embedding(demo_base):
         ftengine.load_model(str(demo_base), full_finetuning=True, offload_embedding=True)
 
 
+def test_the_run_config_key_reaches_the_model(tiny_config):
+    from ftengine.core import pipeline
+
+    config = tiny_config()
+    config.model = config.model.model_copy(update={"offload_embedding": True})
+    with pytest.raises(ConfigError, match="model.offload_embedding: the input embedding is tied"):
+        pipeline.run(config)
+
+
 @pytest.mark.gpu
 def test_on_gpu_the_table_leaves_the_device_and_training_is_unchanged():
     reference = _lora_model().cuda()
@@ -107,21 +86,15 @@ def test_on_gpu_the_table_leaves_the_device_and_training_is_unchanged():
     size = table.numel() * table.element_size()
     assert offload_input_embedding(model).startswith("input embedding: 0.00 GiB in host memory")
     assert before - torch.cuda.memory_allocated() == -(-size // 512) * 512  # the allocator's 512-byte blocks
+    assert offload_input_embedding(model) == "input embedding: in host memory"
     model.to("cuda")  # as transformers' Trainer does with a 16-bit model
-    assert model.get_input_embeddings().weight.device.type == "cpu"
-    assert model.device.type == "cuda"
+    weight = model.get_input_embeddings().weight
+    assert is_in_host_memory(weight) and weight.device.type == "cuda" and model.device.type == "cuda"
+    torch.testing.assert_close(weight, reference.get_input_embeddings().weight, rtol=0, atol=0)
+    assert model.state_dict().keys() == reference.state_dict().keys()
     expected_logits, expected = _step(reference, "cuda")
     logits, grads = _step(model, "cuda")
     torch.testing.assert_close(logits, expected_logits)
     assert grads.keys() == expected.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], expected[name], msg=name)
-
-
-def test_the_run_config_key_reaches_the_model(tiny_config):
-    from ftengine.core import pipeline
-
-    config = tiny_config()
-    config.model = config.model.model_copy(update={"offload_embedding": True})
-    with pytest.raises(ConfigError, match="model.offload_embedding: the input embedding is tied"):
-        pipeline.run(config)
