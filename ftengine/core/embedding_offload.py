@@ -15,12 +15,12 @@ model on one device. A later dtype cast (``model.to(torch.float32)``) makes an o
 
 from __future__ import annotations
 
-import mmap
 import weakref
 
 import torch
 
-_REGISTER_PORTABLE_MAPPED = 0x01 | 0x02  # cudaHostRegisterPortable | cudaHostRegisterMapped
+from ftengine.core.host_buffers import page_locked
+
 _INTEGER_TYPESTR = {1: "|u1", 2: "<i2", 4: "<i4", 8: "<i8"}  # the array interface has no bfloat16
 
 
@@ -59,35 +59,26 @@ def offload_input_embedding(model: torch.nn.Module) -> str:
     return f"input embedding: {size / 2**30:.2f} GiB in host memory, read by the GPU where it lies"
 
 
-_LIVE: dict[int, int] = {}
-"""Device address -> bytes of every live mapping made by :func:`mapped_host_copy`."""
+_LIVE: weakref.WeakValueDictionary[int, _MappedHost] = weakref.WeakValueDictionary()
+"""Device address -> the live mappings made by :func:`mapped_host_copy`."""
 
 
 class _MappedHost:
     """Page-locked host memory mapped for the GPU, exposed through the CUDA array interface.
 
-    The CUDA tensor made from it holds it (its storage's deleter); when that storage goes, the
-    memory is unregistered and unmapped.
+    The CUDA tensor made from it holds it (its storage's deleter); when that storage goes, so does
+    the page-locked memory.
     """
 
     def __init__(self, like: torch.Tensor) -> None:
-        nbytes = like.numel() * like.element_size()
-        host = torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
-        pointer = host.data_ptr()
-        torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(pointer, nbytes, _REGISTER_PORTABLE_MAPPED))
-        _LIVE[pointer] = nbytes
-        weakref.finalize(self, _unregister, pointer).atexit = False  # at exit the CUDA context may be gone
-        host.view(like.dtype).view(like.shape).copy_(like)
-        self.host = host
+        self.host = page_locked(like.numel() * like.element_size(), mapped=True)
+        self.host.view(like.dtype).view(like.shape).copy_(like)
+        pointer = self.host.data_ptr()
+        _LIVE[pointer] = self
         self.__cuda_array_interface__ = {
             "shape": tuple(like.shape), "typestr": _INTEGER_TYPESTR[like.element_size()],
             "data": (pointer, False), "version": 3, "strides": None,
         }
-
-
-def _unregister(pointer: int) -> None:
-    del _LIVE[pointer]
-    torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(pointer))
 
 
 def mapped_host_copy(tensor: torch.Tensor) -> torch.Tensor:

@@ -20,13 +20,32 @@ from typing import Any
 
 import torch
 
+_CUDA_HOST_REGISTER_MAPPED = 0x02
 
-def _cuda_register(pointer: int, size: int) -> None:
-    torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(pointer, size, 0))
+
+def _cuda_register(pointer: int, size: int, mapped: bool) -> None:
+    flags = _CUDA_HOST_REGISTER_MAPPED if mapped else 0
+    torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(pointer, size, flags))
 
 
 def _cuda_unregister(pointer: int) -> None:
     torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(pointer))
+
+
+def page_locked(nbytes: int, mapped: bool = False,
+                register: Callable[[int, int, bool], None] = _cuda_register,
+                unregister: Callable[[int], None] = _cuda_unregister) -> torch.Tensor:
+    """``nbytes`` of page-locked host memory as a uint8 tensor, unlocked when the tensor goes.
+
+    An anonymous mapping starts on a page, so the locked range is the tensor's whole storage
+    (``is_pinned`` looks at the storage's start). ``mapped`` also maps it into the GPU's address
+    space; with unified addressing the host address is then the device address.
+    """
+    buffer = torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
+    pointer = buffer.data_ptr()
+    register(pointer, nbytes, mapped)
+    weakref.finalize(buffer, unregister, pointer).atexit = False  # at exit the CUDA context may be gone
+    return buffer
 
 
 class HostBuffers:
@@ -40,7 +59,7 @@ class HostBuffers:
     """
 
     def __init__(self, min_bytes: int = 256 << 20, stream: Any = None,
-                 register: Callable[[int, int], None] = _cuda_register,
+                 register: Callable[[int, int, bool], None] = _cuda_register,
                  unregister: Callable[[int], None] = _cuda_unregister) -> None:
         self.min_bytes = min_bytes
         self.stream = stream
@@ -60,13 +79,7 @@ class HostBuffers:
 
     def _new(self, nbytes: int) -> torch.Tensor:
         self.release(keep=nbytes)
-        # an anonymous mapping starts on a page, so the page-locked range is the tensor's whole
-        # storage (``is_pinned`` looks at the storage's start)
-        buffer = torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
-        pointer = buffer.data_ptr()
-        self.register(pointer, nbytes)
-        weakref.finalize(buffer, self.unregister, pointer).atexit = False  # at exit the CUDA context may be gone
-        return buffer
+        return page_locked(nbytes, register=self.register, unregister=self.unregister)
 
     def _give_back(self, buffer: torch.Tensor) -> None:
         self.free.setdefault(buffer.numel(), []).append(buffer)

@@ -90,9 +90,9 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa", "flex_attention", "eager")
 FLEX_NEEDS_CUDA = ("model.attn_implementation: flex_attention trains on a CUDA GPU only (FlexAttention has no "
                    "backward on the CPU); use sdpa, or auto (sdpa here, flex_attention for packed rows on a GPU)")
 ATTN_REQUEST_ATTR = "ftengine_attn_implementation"
+"""Where :func:`load` leaves the requested ``model.attn_implementation`` on the model (read by the Python API)."""
 OFFLOAD_EMBEDDING_REQUEST_ATTR = "ftengine_offload_embedding"
 """Set by :func:`load` when ``model.offload_embedding`` is on; :func:`adapt` offloads the table once it is frozen."""
-"""Where :func:`load` leaves the requested ``model.attn_implementation`` on the model (read by the Python API)."""
 
 
 def resolve_attn_implementation(requested: str, packing: bool,

@@ -18,7 +18,8 @@ class Registry:
         self.live: dict[int, int] = {}
         self.registered = 0
 
-    def register(self, pointer: int, size: int) -> None:
+    def register(self, pointer: int, size: int, mapped: bool) -> None:
+        assert not mapped
         assert pointer % 4096 == 0 and pointer not in self.live
         self.live[pointer] = size
         self.registered += 1
