@@ -490,7 +490,9 @@ def export_one(model: Any, tokenizer: Any, entry: ExportEntry, target: Path, ove
     exporter = plugins.get("exporters", entry.format)
     options = export_options(entry)
     with atomic_directory(target, overwrite=overwrite) as staging:
-        return exporter.export(model, tokenizer, staging, options)
+        lines = exporter.export(model, tokenizer, staging, options)
+    # the exporter wrote into a staging directory, renamed to ``target`` once complete
+    return [line.replace(str(staging), str(target)) for line in lines]
 
 
 def export(model: Any, tokenizer: Any, entries: list[ExportEntry], out_root: Path,

@@ -122,6 +122,18 @@ def test_export_writes_gguf_and_modelfile(tmp_path):
     assert "PARAMETER stop <|im_end|>" in modelfile
 
 
+def test_the_report_names_the_final_directory_not_the_staging_one(tmp_path):
+    from ftengine.core.config import ExportEntry
+    from ftengine.core.pipeline import export_one
+
+    tokenizer = _byte_level()
+    tokenizer.chat_template = get_registry("chat_templates")["chatml"].jinja
+    target = tmp_path / "gguf"
+    lines = export_one(_llama(), tokenizer, ExportEntry(format="gguf", quantization="q8_0"), target)
+    assert lines[-1] == f"Modelfile: ollama create <name> -f {target / 'Modelfile'}"
+    assert (target / "Modelfile").is_file() and [p.name for p in tmp_path.iterdir()] == ["gguf"]
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
