@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
+from ftengine.core import checkpointing
 from ftengine.core import plugins
-from ftengine.core.checkpointing import release_host_buffers
 from ftengine.core.config import DataConfig
 from ftengine.core.config import ExportEntry
 from ftengine.core.config import LoRAConfig
@@ -291,8 +291,6 @@ def target_modules(lora: LoRAConfig, adapter: Any) -> Any:
 
 def enable_gradient_checkpointing(model: Any, mode: bool | str) -> str:
     """Gradient checkpointing of the decoder layers: off, standard (non-reentrant), offload, auto."""
-    from ftengine.core import checkpointing
-
     try:
         return checkpointing.apply_gradient_checkpointing(model, mode)
     except ValueError:
@@ -466,7 +464,7 @@ def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, tra
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
         interrupt.restore()
-        release_host_buffers(model)
+        checkpointing.release_host_buffers(model)
     wall = time.perf_counter() - start
     losses = [(m["step"], m["loss"]) for m in run_dir.read_metrics() if "loss" in m]
     run_dir.plot_loss()

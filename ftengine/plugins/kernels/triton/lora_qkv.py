@@ -31,6 +31,11 @@ def _adapted(p) -> bool:
     return p[1] is not None and p[2] is not None
 
 
+def _stacked_xa(x2: torch.Tensor, layers: list, adapted: list[int]) -> torch.Tensor:
+    """``x [A_q; A_k; A_v]^T`` (N, sum r) over the adapted projections, one GEMM."""
+    return x2 @ stacked_copy([layers[i][1] for i in adapted], x2.dtype).t()
+
+
 class _LoRAQKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scalings, quant_states, *params):
@@ -40,8 +45,7 @@ class _LoRAQKV(torch.autograd.Function):
         ranks = [layers[i][1].shape[0] for i in adapted]
         xa_all = None
         if adapted:
-            a_stack = stacked_copy([layers[i][1] for i in adapted], x2.dtype)  # (sum r, in)
-            xa_all = x2 @ a_stack.t()  # (N, sum r)
+            xa_all = _stacked_xa(x2, layers, adapted)
         xas = dict(zip(adapted, xa_all.split(ranks, dim=1), strict=False)) if adapted else {}
         outs = []
         for i, (p, s, q) in enumerate(zip(layers, scalings, quant_states, strict=False)):
@@ -62,8 +66,7 @@ class _LoRAQKV(torch.autograd.Function):
         needs = ctx.needs_input_grad
         dys = [dy.reshape(-1, dy.shape[-1]) for dy in dys]  # (N, out_i)
         if xa_all is None and any(needs[3 + 4 * i + 2] for i in ctx.adapted):
-            a_stack = stacked_copy([layers[i][1] for i in ctx.adapted], x2.dtype)  # (sum r, in)
-            xa_all = x2 @ a_stack.t()  # (N, sum r)
+            xa_all = _stacked_xa(x2, layers, ctx.adapted)
         xas = dict(zip(ctx.adapted, xa_all.split(ctx.ranks, dim=1), strict=False)) if xa_all is not None else {}
         grads = [[None, None, None, bias_grad(dys[i], layers[i][3], needs[3 + 4 * i + 3])] for i in range(3)]
         dya_parts = []
