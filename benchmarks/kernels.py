@@ -233,10 +233,13 @@ def _lce_case(name: str, hidden: int, vocab: int) -> None:
     def plain(a, b):
         return F.cross_entropy((a @ b.t()).float(), labels)
 
+    plain_c = compiled(plain)
+
     providers = {
         "triton": lambda: fwd_bwd(lambda a: TRITON.linear_cross_entropy(a, w, labels), [h], one),
         "reference": lambda: fwd_bwd(lambda a: reference.linear_cross_entropy(a, w, labels), [h], one),
         "torch eager (full logits)": lambda: fwd_bwd(lambda a: plain(a, w), [h], one),
+        "torch.compile (full logits)": lambda: fwd_bwd(lambda a: plain_c(a, w), [h], one),
     }
     if liger_flce:
         loss_mod = liger_flce.LigerFusedLinearCrossEntropyLoss()

@@ -28,7 +28,24 @@ def _compare(n_tokens, hidden_size, vocab, dtype, softcap, weight_grad, gen_seed
     w = randn((vocab, hidden_size), gen, dtype, 0.5)
     labels = torch.randint(0, vocab, (n_tokens,), generator=gen)
     labels[torch.randperm(n_tokens, generator=gen)[:n_ignored]] = -100
-    labels = labels.to(DEVICE)
+    _check(h, w, labels.to(DEVICE), dtype, softcap, weight_grad)
+
+
+def _record_exact_passes(monkeypatch):
+    """The ``positions`` of every exact (logits re-reading) pass the op runs."""
+    calls = []
+    exact = lce_module._exact_pass
+
+    def recording(work, positions):
+        calls.append(positions)
+        exact(work, positions)
+
+    monkeypatch.setattr(lce_module, "_exact_pass", recording)
+    return calls
+
+
+def _check(h, w, labels, dtype, softcap, weight_grad):
+    """Loss and gradients against eager PyTorch in ``dtype`` and the fp32 reference."""
     grad_out = torch.tensor(1.7, device=DEVICE)
 
     def run(impl, dt, poison):
@@ -57,6 +74,54 @@ def test_linear_cross_entropy_matches_reference(dtype, softcap, weight_grad, mon
     # several chunks: 37 tokens in chunks of at most 16 rows of logits (13, 13, 11)
     monkeypatch.setattr(lce_module, "CHUNK_BYTES", 16 * vocab * torch.tensor([], dtype=dtype).element_size())
     _compare(37, 48, vocab, dtype, softcap, weight_grad)
+
+
+@pytest.mark.parametrize("n_ignored", [0, 9])
+def test_linear_cross_entropy_bf16_never_rereads_the_logits(n_ignored, monkeypatch):
+    """bf16 goes through the matmul that writes the softmax's exponentials, with no exact recomputation."""
+    redone = _record_exact_passes(monkeypatch)
+    monkeypatch.setattr(lce_module, "CHUNK_BYTES", 20 * 301 * 2)  # vocab rows not 16-byte multiples; 3 chunks
+    _compare(53, 40, 301, torch.bfloat16, None, True, gen_seed=4, n_ignored=n_ignored)
+    assert redone == []
+
+
+@pytest.mark.parametrize("softcap", [None, 40.0])
+def test_linear_cross_entropy_recomputes_rows_with_huge_losses(softcap, monkeypatch):
+    """Rows whose loss is too large for the exponentials' range are redone exactly, the others are not."""
+    gen = torch.Generator(device="cpu").manual_seed(5)
+    n_tokens, hidden_size, vocab = 40, 32, 200
+    h = randn((n_tokens, hidden_size), gen, torch.bfloat16)
+    w = randn((vocab, hidden_size), gen, torch.bfloat16, 6.0)  # logits spread over hundreds
+    labels = torch.randint(0, vocab, (n_tokens,), generator=gen)
+    logits = (h.float() @ w.float().t()).cpu()
+    labels[::3] = logits[::3].argmin(dim=1)  # losses far above 60 nats
+    labels[1::3] = logits[1::3].argmax(dim=1)  # losses near 0
+    labels[7] = -100
+    redone = _record_exact_passes(monkeypatch)
+    _check(h, w, labels.to(DEVICE), torch.bfloat16, softcap, True)
+    redone = torch.cat([p.cpu() for p in redone if p is not None]) if redone else torch.empty(0)
+    huge = F.cross_entropy(logits if softcap is None else softcap * torch.tanh(logits / softcap), labels,
+                           reduction="none")[labels != -100] > 61
+    assert set(redone.tolist()) >= set(huge.nonzero().squeeze(1).tolist())
+    assert 0 < len(redone) < (labels != -100).sum()
+
+
+def test_linear_cross_entropy_out_of_range_labels_count_as_zero_loss(monkeypatch):
+    """A label outside the vocabulary (not the ignore index) gets no loss and no gradient, on both paths."""
+    gen = torch.Generator(device="cpu").manual_seed(6)
+    h = randn((24, 32), gen, torch.bfloat16).requires_grad_(True)
+    w = randn((64, 32), gen, torch.bfloat16, 0.5)
+    labels = torch.randint(0, 64, (24,), generator=gen)
+    labels[3], labels[10] = 64, 1000
+    labels = labels.to(DEVICE)
+    fast = linear_cross_entropy(h, w, labels)
+    (fast_grad,) = torch.autograd.grad(fast, h)
+    monkeypatch.setattr(lce_module.exp_logits_matmul, "supported", lambda hidden, weight: False)
+    exact = linear_cross_entropy(h, w, labels)
+    (exact_grad,) = torch.autograd.grad(exact, h)
+    torch.testing.assert_close(fast, exact, rtol=2e-3, atol=1e-4)
+    torch.testing.assert_close(fast_grad, exact_grad, rtol=2e-2, atol=2e-4)
+    assert fast_grad[3].abs().max() == 0 and fast_grad[10].abs().max() == 0
 
 
 def test_linear_cross_entropy_all_ignored():
