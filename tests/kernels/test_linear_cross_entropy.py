@@ -76,12 +76,13 @@ def test_linear_cross_entropy_matches_reference(dtype, softcap, weight_grad, mon
     _compare(37, 48, vocab, dtype, softcap, weight_grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_ignored", [0, 9])
-def test_linear_cross_entropy_bf16_never_rereads_the_logits(n_ignored, monkeypatch):
-    """bf16 goes through the matmul that writes the softmax's exponentials, with no exact recomputation."""
+def test_linear_cross_entropy_reads_the_logits_once(dtype, n_ignored, monkeypatch):
+    """fp32 and bf16 take the single pass over the logits, with no exact recomputation."""
     redone = _record_exact_passes(monkeypatch)
-    monkeypatch.setattr(lce_module, "CHUNK_BYTES", 20 * 301 * 2)  # vocab rows not 16-byte multiples; 3 chunks
-    _compare(53, 40, 301, torch.bfloat16, None, True, gen_seed=4, n_ignored=n_ignored)
+    monkeypatch.setattr(lce_module, "CHUNK_BYTES", 20 * 301 * dtype.itemsize)  # 3 chunks
+    _compare(53, 40, 301, dtype, None, True, gen_seed=4, n_ignored=n_ignored)
     assert redone == []
 
 
@@ -116,7 +117,7 @@ def test_linear_cross_entropy_out_of_range_labels_count_as_zero_loss(monkeypatch
     labels = labels.to(DEVICE)
     fast = linear_cross_entropy(h, w, labels)
     (fast_grad,) = torch.autograd.grad(fast, h)
-    monkeypatch.setattr(lce_module.exp_logits_matmul, "supported", lambda hidden, weight: False)
+    monkeypatch.setattr(lce_module, "single_pass_suits", lambda dtype: False)
     exact = linear_cross_entropy(h, w, labels)
     (exact_grad,) = torch.autograd.grad(exact, h)
     torch.testing.assert_close(fast, exact, rtol=2e-3, atol=1e-4)

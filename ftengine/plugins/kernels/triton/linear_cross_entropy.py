@@ -2,22 +2,34 @@
 
 Only the tokens with a label take part: the ignored ones (prompts, padding) have no loss and no
 gradient, so their rows are left out of every matmul (one host sync, to count them). Per chunk
-of ``n`` such tokens: ``z = h W^T`` (cuBLAS, in the hidden dtype with fp32 accumulation), then
-one Triton program per row computes, in fp32, with an optional softcap ``s = c tanh(z / c)``:
+of ``n`` such tokens, ``z = h W^T`` (cuBLAS, in the hidden dtype with fp32 accumulation), then
+one Triton program per row makes a single pass over its logits, in fp32, with an optional
+softcap ``s = c tanh(z / c)`` and the label's own logit ``s_y`` as the shift:
 
-    lse  = log sum_v exp(s_v)                 (online max / sum over blocks of the vocabulary)
-    loss = lse - s_y
-    dL/ds_v = (exp(s_v - lse) - [v == y]) / n_valid
-    ds/dz   = 1 - tanh(z / c)**2 = 1 - (s / c)**2
+    e_v = exp(s_v - s_y)  (v != y),   S = sum_v e_v,   R = 1 + S = exp(lse - s_y)
+    loss = log R
+    q_v  = e_v d_v  written over z_v (q_y = 0),   d_v = ds/dz = 1 - (s_v / c)**2  (1 without softcap)
 
-and writes ``dL/dz`` over the chunk's logits in place. Then ``dh = dz W`` (scattered into the
-chunk's rows of the hidden gradient) and, when the weight is trained, ``dW += dz^T h``. All of
-this happens in the forward: the loss is a scalar, so the backward only scales the stored
+so that ``dL/dz = (q / R - (S / R) d_y onehot(y)) / n_valid``: the softmax's normalisation is a
+per-row scale, applied after ``q W`` instead of in a second pass over the logits. Hence
+``dh = a (q W) - b W[y]`` with ``a = 1 / (R n_valid)``, ``b = (S / R) d_y / n_valid`` (``1 - p_y =
+S / R`` has no cancellation), and ``dW += q^T (a h) - scatter(b h)``. The logits are read once and
+written once, against three passes for a max / sum pass followed by a gradient pass.
+
+Why ``s_y`` as the shift: ``s_v - s_y <= loss`` for every ``v``, so ``e`` cannot overflow the
+exponent range of bf16 / fp32 unless the token's loss is that large, and the values that carry the
+softmax's mass do not underflow. A row whose ``log R`` exceeds ``TRUSTED_LOG_RATIO`` (its ``e`` may
+have hit ``EXP_CLAMP``, which only keeps ``q`` finite) is recomputed by the exact two-pass kernel,
+as is every row in fp16, whose range is too narrow for ``e``.
+
+All of this happens in the forward: the loss is a scalar, so the backward only scales the stored
 gradients by the incoming one. Peak extra memory: one chunk of logits plus the gradients.
 
 Running the cross-entropy pass of one chunk on a side stream, under the next chunk's matmuls,
 was measured on an H100 (8192 tokens, 3584 -> 152064): no faster at equal memory (two 192 MiB
-buffers 28.9 ms, one 384 MiB buffer 28.9 ms), so the chunks run in order on one stream.
+buffers 28.9 ms, one 384 MiB buffer 28.9 ms), so the chunks run in order on one stream. Writing
+``q`` from the epilogue of a Triton matmul instead of a pass after cuBLAS' was 7% slower in the
+matmul than the pass saves.
 """
 
 from __future__ import annotations
@@ -28,9 +40,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ftengine.plugins.kernels.triton import _exp_logits_matmul as exp_logits_matmul
-from ftengine.plugins.kernels.triton._exp_logits_matmul import TRUSTED_LOG_RATIO
-from ftengine.plugins.kernels.triton._exp_logits_matmul import softcapped
 from ftengine.plugins.kernels.triton._op_registry import register_op
 from ftengine.plugins.kernels.triton._utils import interpreting
 from ftengine.plugins.kernels.triton._utils import next_power_of_2
@@ -38,6 +47,20 @@ from ftengine.plugins.kernels.triton._utils import next_power_of_2
 # Logit bytes per chunk. H100, 8192 tokens (500 ignored) 3584 -> 152064: 128 MiB 31.3 ms, 192 MiB 29.0 ms,
 # 256 MiB 28.7 ms, 384 MiB 28.9 ms (1282 tokens a chunk, 0.435 GiB peak; 27.3 ms in the benchmark table's run).
 CHUNK_BYTES = 384 * 1024 * 1024
+
+
+EXP_CLAMP = tl.constexpr(64.0)
+# log R above this: some e_v may have been clamped, the row is recomputed exactly
+TRUSTED_LOG_RATIO = tl.constexpr(60.0)
+
+
+@triton.jit
+def softcapped(z, softcap, SOFTCAP: tl.constexpr):
+    if SOFTCAP:
+        # c tanh(z / c), tanh(x) = 1 - 2 / (exp(2x) + 1) with the argument clamped (fp32 saturates at |x| > 20)
+        x = tl.minimum(tl.maximum(z / softcap, -20.0), 20.0)
+        z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
+    return z
 
 
 @triton.jit
@@ -83,29 +106,32 @@ def _ce_chunk_kernel(
 
 
 @triton.jit
-def _finish_rows_kernel(
-    sums_ptr, target_ptr, ref_ptr, labels_ptr, rows_ptr, g_ptr, w_ptr, dh_ptr,
-    loss_ptr, coef_ptr, redo_ptr, inv_n_valid, n_vocab, n_tiles, n_hidden, stride_g, stride_w, stride_dh, softcap,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, SOFTCAP: tl.constexpr, WRITE_DH: tl.constexpr,
+def _exp_rows_kernel(
+    logits_ptr, labels_ptr, loss_ptr, coef_ptr, redo_ptr, inv_n_valid, n_vocab, stride_row, softcap,
+    BLOCK_V: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
-    """Per row of a chunk from :func:`exp_logits`: the loss, the two gradient coefficients, ``dL/dh``.
-
-    ``R = exp(s_y - r) + sum(e)`` and ``p_y = exp(s_y - r) / R``: loss ``log R - (s_y - r)``,
-    ``a = 1 / (R n_valid)`` (the scale of ``q``) and ``b = (1 - p_y) d_y / n_valid``, with
-    ``1 - p_y = sum(e) / R`` free of cancellation. ``dL/dh = a (q W) - b W[y]``.
-    """
-    i = tl.program_id(0).to(tl.int64)
-    label = tl.load(labels_ptr + i).to(tl.int64)
+    """One pass over a row's logits: ``q`` written over them, and the row's loss, ``a``, ``b`` and redo flag."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    label = tl.load(labels_ptr + row).to(tl.int64)
     valid = (label >= 0) & (label < n_vocab)
     safe_label = tl.where(valid, label, 0)
-    ref = tl.load(ref_ptr + i)
-    target = tl.where(valid, tl.load(target_ptr + i), ref)
-    tiles = tl.arange(0, BLOCK_T)
-    rest = tl.zeros((BLOCK_T,), tl.float32)
-    for start in range(0, n_tiles, BLOCK_T):
-        rest += tl.load(sums_ptr + i * n_tiles + start + tiles, mask=start + tiles < n_tiles, other=0.0)
-    rest_sum = tl.sum(rest, axis=0)
-    ratio = tl.exp(target - ref) + rest_sum
+    target = softcapped(tl.load(row_ptr + safe_label).to(tl.float32), softcap, SOFTCAP)
+    cols = tl.arange(0, BLOCK_V)
+    acc = tl.zeros((BLOCK_V,), tl.float32)
+    for start in range(0, n_vocab, BLOCK_V):
+        idx = start + cols
+        vmask = idx < n_vocab
+        s = softcapped(tl.load(row_ptr + idx, mask=vmask, other=0.0).to(tl.float32), softcap, SOFTCAP)
+        e = tl.where(vmask & (idx != safe_label), tl.exp(tl.minimum(s - target, EXP_CLAMP)), 0.0)
+        acc += e
+        q = e
+        if SOFTCAP:
+            r = s / softcap
+            q = e * (1.0 - r * r)
+        tl.store(row_ptr + idx, q.to(logits_ptr.dtype.element_ty), mask=vmask)
+    rest = tl.sum(acc, axis=0)
+    ratio = 1.0 + rest
     log_ratio = tl.log(ratio)
     trusted = log_ratio <= TRUSTED_LOG_RATIO  # false for inf / nan too
     ok = valid & trusted
@@ -113,28 +139,42 @@ def _finish_rows_kernel(
     if SOFTCAP:
         c = target / softcap
         d_y = 1.0 - c * c
-    a = tl.where(ok, inv_n_valid / ratio, 0.0)
-    b = tl.where(ok, inv_n_valid * (rest_sum / ratio) * d_y, 0.0)
-    tl.store(loss_ptr + i, tl.where(ok, log_ratio - (target - ref), 0.0))
-    tl.store(coef_ptr + 2 * i, a)
-    tl.store(coef_ptr + 2 * i + 1, b)
-    tl.store(redo_ptr + i, (valid & ~trusted).to(tl.int8))
-    if WRITE_DH:
-        row = tl.load(rows_ptr + i).to(tl.int64)
-        cols = tl.arange(0, BLOCK_H)
-        for start in range(0, n_hidden, BLOCK_H):
-            mask = start + cols < n_hidden
-            g = tl.load(g_ptr + i * stride_g + start + cols, mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + safe_label * stride_w + start + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(dh_ptr + row * stride_dh + start + cols, (a * g - b * w).to(dh_ptr.dtype.element_ty), mask=mask)
+    tl.store(loss_ptr + row, tl.where(ok, log_ratio, 0.0))
+    tl.store(coef_ptr + 2 * row, tl.where(ok, inv_n_valid / ratio, 0.0))
+    tl.store(coef_ptr + 2 * row + 1, tl.where(ok, inv_n_valid * (rest / ratio) * d_y, 0.0))
+    tl.store(redo_ptr + row, (valid & ~trusted).to(tl.int8))
 
 
-def _chunk_bounds(n_rows: int, row_bytes: int, block_rows: int = 1) -> list[int]:
-    """Chunk boundaries: at most ``CHUNK_BYTES`` of logits each, on multiples of ``block_rows``, near-equal sizes."""
-    blocks = -(-n_rows // block_rows)
-    per_chunk = max(1, CHUNK_BYTES // max(1, row_bytes * block_rows))
-    n_chunks = -(-blocks // per_chunk)
-    return [min(n_rows, (i * blocks // n_chunks) * block_rows) for i in range(n_chunks + 1)]
+@triton.jit
+def _hidden_grad_rows_kernel(
+    g_ptr, w_ptr, labels_ptr, rows_ptr, coef_ptr, dh_ptr, n_vocab, n_hidden, stride_g, stride_w, stride_dh,
+    BLOCK_H: tl.constexpr,
+):
+    """``dh[rows[i]] = a_i g_i - b_i W[y_i]``, with ``g = q W`` from the chunk's matmul."""
+    i = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + i).to(tl.int64)
+    safe_label = tl.where((label >= 0) & (label < n_vocab), label, 0)
+    row = tl.load(rows_ptr + i).to(tl.int64)
+    a = tl.load(coef_ptr + 2 * i)
+    b = tl.load(coef_ptr + 2 * i + 1)
+    cols = tl.arange(0, BLOCK_H)
+    for start in range(0, n_hidden, BLOCK_H):
+        mask = start + cols < n_hidden
+        g = tl.load(g_ptr + i * stride_g + start + cols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + safe_label * stride_w + start + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dh_ptr + row * stride_dh + start + cols, (a * g - b * w).to(dh_ptr.dtype.element_ty), mask=mask)
+
+
+def _chunk_bounds(n_rows: int, row_bytes: int) -> list[int]:
+    """Chunk boundaries: at most ``CHUNK_BYTES`` of logits each, the chunks near-equal (no small last matmul)."""
+    per_chunk = max(1, CHUNK_BYTES // max(1, row_bytes))
+    n_chunks = -(-n_rows // per_chunk)
+    return [i * n_rows // n_chunks for i in range(n_chunks + 1)]
+
+
+def single_pass_suits(dtype: torch.dtype) -> bool:
+    """fp16's exponent range is too narrow for ``exp(s - s_y)``: it takes the exact two-pass kernel."""
+    return dtype != torch.float16
 
 
 def _dw_dtype(weight: torch.Tensor, hidden: torch.Tensor) -> torch.dtype:
@@ -151,12 +191,9 @@ class _Work:
         self.compact = rows.numel() < hidden.shape[0]
         self.inv_n_valid = 1.0 / rows.numel()
 
-    def hidden_rows(self, rows: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        return self.hidden.index_select(0, rows) if self.compact else self.hidden[start:stop]
-
 
 def _exact_pass(work: _Work, positions: torch.Tensor | None) -> None:
-    """Logits by cuBLAS, then a softmax pass over them per chunk; ``positions`` picks valid rows (all if None)."""
+    """Logits by cuBLAS, then max / sum and gradient passes over them; ``positions`` picks valid rows (all if None)."""
     rows = work.rows if positions is None else work.rows.index_select(0, positions)
     labels = work.labels if positions is None else work.labels.index_select(0, positions)
     losses = work.losses if positions is None else torch.empty(rows.numel(), device=rows.device)
@@ -184,34 +221,33 @@ def _exact_pass(work: _Work, positions: torch.Tensor | None) -> None:
         work.losses.index_copy_(0, positions, losses)
 
 
-def _fast_pass(work: _Work) -> torch.Tensor:
-    """The logits matmul writes the softmax's exponentials (:mod:`._exp_logits_matmul`); returns rows to redo."""
+def _single_pass(work: _Work) -> torch.Tensor:
+    """Logits by cuBLAS, one pass over them per chunk (module docstring); returns the positions to redo exactly."""
     n_valid, n_vocab, n_hidden = work.rows.numel(), work.w.shape[0], work.w.shape[1]
-    softcap = float(work.softcap) if work.softcap else 1.0
-    ref = exp_logits_matmul.label_logits(work.hidden, work.w, work.rows, work.labels, work.softcap)
     coef = torch.empty((n_valid, 2), dtype=torch.float32, device=work.hidden.device)
     redo = torch.empty(n_valid, dtype=torch.int8, device=work.hidden.device)
-    block_rows = exp_logits_matmul.config()["BLOCK_M"]
-    bounds = _chunk_bounds(n_valid, n_vocab * work.hidden.element_size(), block_rows)
+    block_v = min(next_power_of_2(n_vocab), 1024 if interpreting() else 4096)
+    bounds = _chunk_bounds(n_valid, n_vocab * work.hidden.element_size())
     for start, stop in itertools.pairwise(bounds):
-        rows = work.rows[start:stop]
-        h = work.hidden_rows(rows, start, stop)
-        q, sums, target = exp_logits_matmul.exp_logits(h, work.w, ref[start:stop], work.labels[start:stop],
-                                                      work.softcap)
-        g = q @ work.w if work.dh.numel() else q  # (n, H): the unscaled dL/dh; a placeholder when not needed
-        _finish_rows_kernel[(stop - start,)](
-            sums, target, ref[start:stop], work.labels[start:stop], rows, g, work.w, work.dh,
-            work.losses[start:stop], coef[start:stop], redo[start:stop], work.inv_n_valid, n_vocab, sums.shape[1],
-            n_hidden, g.stride(0), work.w.stride(0), work.dh.stride(0) if work.dh.numel() else 0, softcap,
-            BLOCK_T=min(next_power_of_2(sums.shape[1]), 1024), BLOCK_H=256 if interpreting() else 1024,
-            SOFTCAP=bool(work.softcap), WRITE_DH=work.dh.numel() > 0,
+        rows, labels = work.rows[start:stop], work.labels[start:stop]
+        h = work.hidden.index_select(0, rows) if work.compact else work.hidden[start:stop]
+        q = h @ work.w.t()  # (n, V), becomes q in place
+        _exp_rows_kernel[(stop - start,)](
+            q, labels, work.losses[start:stop], coef[start:stop], redo[start:stop], work.inv_n_valid, n_vocab,
+            q.stride(0), float(work.softcap) if work.softcap else 1.0, BLOCK_V=block_v, SOFTCAP=bool(work.softcap),
+            num_warps=8,
         )
+        if work.dh.numel():
+            g = q @ work.w  # (n, H)
+            _hidden_grad_rows_kernel[(stop - start,)](
+                g, work.w, labels, rows, coef[start:stop], work.dh, n_vocab, n_hidden, g.stride(0), work.w.stride(0),
+                work.dh.stride(0), BLOCK_H=256 if interpreting() else 1024,
+            )
         if work.dw.numel():
             a, b = coef[start:stop, 0:1], coef[start:stop, 1:2]
             work.dw.addmm_(q.t().to(work.dw.dtype), (h * a).to(work.dw.dtype))
-            labels = work.labels[start:stop].clamp(0, n_vocab - 1)
-            work.dw.index_add_(0, labels, (h * -b).to(work.dw.dtype))
-        del q, g
+            work.dw.index_add_(0, labels.clamp(0, n_vocab - 1), (h * -b).to(work.dw.dtype))
+        del q
     return redo.nonzero().squeeze(1)
 
 
@@ -237,8 +273,8 @@ def fused_forward(
         return hidden.new_zeros((), dtype=torch.float32), dh, dw
     losses = torch.empty(n_valid, dtype=torch.float32, device=hidden.device)
     work = _Work(hidden, w, labels.index_select(0, rows) if compact else labels, rows, softcap, dh, dw, losses)
-    if exp_logits_matmul.supported(hidden, w):
-        redo = _fast_pass(work)
+    if single_pass_suits(hidden.dtype):
+        redo = _single_pass(work)
         if redo.numel():
             _exact_pass(work, redo)
     else:
