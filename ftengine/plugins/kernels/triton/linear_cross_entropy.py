@@ -44,10 +44,10 @@ from ftengine.plugins.kernels.triton._op_registry import register_op
 from ftengine.plugins.kernels.triton._utils import interpreting
 from ftengine.plugins.kernels.triton._utils import next_power_of_2
 
-# Logit bytes per chunk. H100, 8192 tokens (500 ignored) 3584 -> 152064: 128 MiB 31.3 ms, 192 MiB 29.0 ms,
-# 256 MiB 28.7 ms, 384 MiB 28.9 ms (1282 tokens a chunk, 0.435 GiB peak; 27.3 ms in the benchmark table's run).
+# Logit bytes per chunk. H100, 8192 tokens (500 ignored) 3584 -> 152064, with the three-pass kernel: 128 MiB
+# 31.3 ms, 192 MiB 29.0 ms, 256 MiB 28.7 ms, 384 MiB 28.9 ms; the one-pass op at 384 MiB (1,282 tokens a chunk)
+# peaks at 0.444 GiB. Larger chunks gained nothing measurable (352-448 MiB within the run-to-run spread).
 CHUNK_BYTES = 384 * 1024 * 1024
-
 
 EXP_CLAMP = tl.constexpr(64.0)
 # log R above this: some e_v may have been clamped, the row is recomputed exactly
