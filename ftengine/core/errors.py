@@ -23,3 +23,7 @@ class ModelError(FtengineError):
 
 class ExportError(FtengineError):
     """An export that cannot be written (checked before anything is written)."""
+
+
+class HostMemoryError(FtengineError, MemoryError):
+    """The host lacks the memory a setting needs (offloaded checkpointing's page-locked inputs)."""

@@ -8,6 +8,11 @@ exact size here, page-locked once (``cudaHostRegister``) and handed out again fo
 same size once its tensor is gone: a run of fixed-length rows registers its buffers in the first
 step only. A request of a new size first releases the cached buffers of other sizes, so a run whose
 lengths change does not accumulate them. Smaller requests go to PyTorch's allocator.
+
+A new buffer that would leave less than ``HOST_RESERVE_BYTES`` of the host's available memory
+raises :class:`~ftengine.core.errors.HostMemoryError` with the sizes involved, instead of
+page-locking memory the machine does not have (which ends with the kernel's out-of-memory killer
+and no word of why).
 """
 
 from __future__ import annotations
@@ -20,7 +25,16 @@ from typing import Any
 
 import torch
 
+from ftengine.core.errors import HostMemoryError
+
 _CUDA_HOST_REGISTER_MAPPED = 0x02
+HOST_RESERVE_BYTES = 4 << 30
+
+
+def _available_host_bytes() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def _cuda_register(pointer: int, size: int, mapped: bool) -> None:
@@ -56,14 +70,16 @@ class HostBuffers:
         stream: the stream whose copies read and write the buffers; it is synchronized before a
             buffer is released, so no copy in flight loses its memory.
         register / unregister: page-lock and release a host range (CUDA's by default).
+        available: the host memory still available, in bytes (psutil's by default).
     """
 
     def __init__(self, min_bytes: int = 256 << 20, stream: Any = None,
                  register: Callable[[int, int, bool], None] = _cuda_register,
-                 unregister: Callable[[int], None] = _cuda_unregister) -> None:
+                 unregister: Callable[[int], None] = _cuda_unregister,
+                 available: Callable[[], int] = _available_host_bytes) -> None:
         self.min_bytes = min_bytes
         self.stream = stream
-        self.register, self.unregister = register, unregister
+        self.register, self.unregister, self.available = register, unregister, available
         self.free: dict[int, list[torch.Tensor]] = {}  # exact byte size -> cached page-locked buffers
 
     def empty(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -79,6 +95,15 @@ class HostBuffers:
 
     def _new(self, nbytes: int) -> torch.Tensor:
         self.release(keep=nbytes)
+        available = self.available()
+        if nbytes + HOST_RESERVE_BYTES > available:
+            gib = 1 << 30
+            raise HostMemoryError(
+                f"offloaded checkpointing needs another {nbytes / gib:.2f} GiB of page-locked host memory for a "
+                f"layer input, but the host has {available / gib:.2f} GiB available (and keeps "
+                f"{HOST_RESERVE_BYTES / gib:.0f} GiB in reserve); lower max_seq_length or the micro-batch, or use "
+                "gradient_checkpointing: true, which keeps the layer inputs on the GPU"
+            )
         return page_locked(nbytes, register=self.register, unregister=self.unregister)
 
     def _give_back(self, buffer: torch.Tensor) -> None:

@@ -8,6 +8,8 @@ import gc
 import pytest
 import torch
 
+from ftengine.core.errors import HostMemoryError
+from ftengine.core.host_buffers import HOST_RESERVE_BYTES
 from ftengine.core.host_buffers import HostBuffers
 
 
@@ -31,7 +33,8 @@ class Registry:
 @pytest.fixture
 def pool():
     registry = Registry()
-    return HostBuffers(min_bytes=256, register=registry.register, unregister=registry.unregister), registry
+    return HostBuffers(min_bytes=256, register=registry.register, unregister=registry.unregister,
+                       available=lambda: 64 << 30), registry
 
 
 def test_exact_size_and_reuse_after_the_tensor_dies(pool):
@@ -80,3 +83,17 @@ def test_buffers_are_page_locked_and_copies_round_trip():
         back = host.to("cuda", non_blocking=True)
     torch.cuda.current_stream().wait_stream(stream)
     assert torch.equal(back, source)
+
+
+def test_a_buffer_the_host_cannot_hold_is_refused_with_the_sizes():
+    registry = Registry()
+    free = [HOST_RESERVE_BYTES + 3000]
+    buffers = HostBuffers(min_bytes=256, register=registry.register, unregister=registry.unregister,
+                          available=lambda: free[0])
+    kept = buffers.empty((1000,), torch.uint8)  # fits the headroom
+    with pytest.raises(HostMemoryError, match=r"layer input.*gradient_checkpointing: true"):
+        buffers.empty((4000,), torch.uint8)
+    assert registry.registered == 1
+    free[0] = 64 << 30
+    assert buffers.empty((4000,), torch.uint8).numel() == 4000
+    del kept
