@@ -4,10 +4,10 @@ Only the tokens with a label take part: the ignored ones (prompts, padding) have
 gradient, so their rows are left out of every matmul (one host sync, to count them). Per chunk
 of ``n`` such tokens, ``z = h W^T`` (cuBLAS, in the hidden dtype with fp32 accumulation), then
 one Triton program per row makes a single pass over its logits, in fp32, with an optional
-softcap ``s = c tanh(z / c)`` and the label's own logit ``s_y`` as the shift:
+softcap ``s = c tanh(z / c)`` and a shift ``m`` (the label's own logit ``s_y``, see below):
 
-    e_v = exp(s_v - s_y)  (v != y),   S = sum_v e_v,   R = 1 + S = exp(lse - s_y)
-    loss = log R
+    e_v = exp(s_v - m)  (v != y),   S = sum_v e_v,   R = exp(s_y - m) + S = exp(lse - m)
+    loss = m + log R - s_y
     q_v  = e_v d_v  written over z_v (q_y = 0),   d_v = ds/dz = 1 - (s_v / c)**2  (1 without softcap)
 
 so that ``dL/dz = (q / R - (S / R) d_y onehot(y)) / n_valid``: the softmax's normalisation is a
@@ -16,11 +16,12 @@ per-row scale, applied after ``q W`` instead of in a second pass over the logits
 S / R`` has no cancellation), and ``dW += q^T (a h) - scatter(b h)``. The logits are read once and
 written once, against three passes for a max / sum pass followed by a gradient pass.
 
-Why ``s_y`` as the shift: ``s_v - s_y <= loss`` for every ``v``, so ``e`` cannot overflow the
-exponent range of bf16 / fp32 unless the token's loss is that large, and the values that carry the
-softmax's mass do not underflow. A row whose ``log R`` exceeds ``TRUSTED_LOG_RATIO`` (its ``e`` may
-have hit ``EXP_CLAMP``, which only keeps ``q`` finite) is recomputed by the exact two-pass kernel,
-as is every row in fp16, whose range is too narrow for ``e``.
+Why ``s_y`` as the shift: the row's maximum is not known before the pass, but ``s_v - s_y`` stays
+below the token's loss, so ``e`` neither overflows nor loses the values that carry the softmax's
+mass to underflow. Should a block of the row go more than ``SHIFT_LIMIT`` above the shift (a loss
+of more than 60 nats), the shift moves to that block's maximum and the blocks already written are
+scaled down to match (a second read of that row's start, for such rows only). fp16's range is too
+narrow for ``e``: it takes the two-pass kernel (max / sum, then the gradient).
 
 All of this happens in the forward: the loss is a scalar, so the backward only scales the stored
 gradients by the incoming one. Peak extra memory: one chunk of logits plus the gradients.
@@ -49,9 +50,8 @@ from ftengine.plugins.kernels.triton._utils import next_power_of_2
 # peaks at 0.444 GiB. Larger chunks gained nothing measurable (352-448 MiB within the run-to-run spread).
 CHUNK_BYTES = 384 * 1024 * 1024
 
-EXP_CLAMP = tl.constexpr(64.0)
-# log R above this: some e_v may have been clamped, the row is recomputed exactly
-TRUSTED_LOG_RATIO = tl.constexpr(60.0)
+# the largest exp(s - shift) written: e^60 in bf16 / fp32, and 152064 of them still sum far below fp32's range
+SHIFT_LIMIT = tl.constexpr(60.0)
 
 
 @triton.jit
@@ -107,23 +107,33 @@ def _ce_chunk_kernel(
 
 @triton.jit
 def _exp_rows_kernel(
-    logits_ptr, labels_ptr, loss_ptr, coef_ptr, redo_ptr, inv_n_valid, n_vocab, stride_row, softcap,
+    logits_ptr, labels_ptr, loss_ptr, coef_ptr, inv_n_valid, n_vocab, stride_row, softcap,
     BLOCK_V: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
-    """One pass over a row's logits: ``q`` written over them, and the row's loss, ``a``, ``b`` and redo flag."""
+    """One pass over a row's logits: ``q`` written over them, and the row's loss, ``a`` and ``b``."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     label = tl.load(labels_ptr + row).to(tl.int64)
     valid = (label >= 0) & (label < n_vocab)
     safe_label = tl.where(valid, label, 0)
     target = softcapped(tl.load(row_ptr + safe_label).to(tl.float32), softcap, SOFTCAP)
+    shift = target
     cols = tl.arange(0, BLOCK_V)
     acc = tl.zeros((BLOCK_V,), tl.float32)
     for start in range(0, n_vocab, BLOCK_V):
         idx = start + cols
         vmask = idx < n_vocab
         s = softcapped(tl.load(row_ptr + idx, mask=vmask, other=0.0).to(tl.float32), softcap, SOFTCAP)
-        e = tl.where(vmask & (idx != safe_label), tl.exp(tl.minimum(s - target, EXP_CLAMP)), 0.0)
+        block_max = tl.max(tl.where(vmask, s, -float("inf")), axis=0)
+        if block_max > shift + SHIFT_LIMIT:  # a loss above SHIFT_LIMIT nats: move the shift, rescale what is written
+            scale = tl.exp(shift - block_max)
+            acc = acc * scale
+            tl.debug_barrier()
+            for done in range(0, start, BLOCK_V):
+                prev = row_ptr + done + cols
+                tl.store(prev, (tl.load(prev).to(tl.float32) * scale).to(logits_ptr.dtype.element_ty))
+            shift = block_max
+        e = tl.where(vmask & (idx != safe_label), tl.exp(s - shift), 0.0)
         acc += e
         q = e
         if SOFTCAP:
@@ -131,18 +141,14 @@ def _exp_rows_kernel(
             q = e * (1.0 - r * r)
         tl.store(row_ptr + idx, q.to(logits_ptr.dtype.element_ty), mask=vmask)
     rest = tl.sum(acc, axis=0)
-    ratio = 1.0 + rest
-    log_ratio = tl.log(ratio)
-    trusted = log_ratio <= TRUSTED_LOG_RATIO  # false for inf / nan too
-    ok = valid & trusted
+    ratio = tl.exp(target - shift) + rest  # exp(lse - shift)
     d_y = 1.0
     if SOFTCAP:
         c = target / softcap
         d_y = 1.0 - c * c
-    tl.store(loss_ptr + row, tl.where(ok, log_ratio, 0.0))
-    tl.store(coef_ptr + 2 * row, tl.where(ok, inv_n_valid / ratio, 0.0))
-    tl.store(coef_ptr + 2 * row + 1, tl.where(ok, inv_n_valid * (rest / ratio) * d_y, 0.0))
-    tl.store(redo_ptr + row, (valid & ~trusted).to(tl.int8))
+    tl.store(loss_ptr + row, tl.where(valid, shift + tl.log(ratio) - target, 0.0))
+    tl.store(coef_ptr + 2 * row, tl.where(valid, inv_n_valid / ratio, 0.0))
+    tl.store(coef_ptr + 2 * row + 1, tl.where(valid, inv_n_valid * (rest / ratio) * d_y, 0.0))
 
 
 @triton.jit
@@ -192,40 +198,34 @@ class _Work:
         self.inv_n_valid = 1.0 / rows.numel()
 
 
-def _exact_pass(work: _Work, positions: torch.Tensor | None) -> None:
-    """Logits by cuBLAS, then max / sum and gradient passes over them; ``positions`` picks valid rows (all if None)."""
-    rows = work.rows if positions is None else work.rows.index_select(0, positions)
-    labels = work.labels if positions is None else work.labels.index_select(0, positions)
-    losses = work.losses if positions is None else torch.empty(rows.numel(), device=rows.device)
+def _exact_pass(work: _Work) -> None:
+    """Logits by cuBLAS, then a max / sum pass and a gradient pass over them per chunk."""
     n_vocab = work.w.shape[0]
-    contiguous = positions is None and not work.compact
     block_v = min(next_power_of_2(n_vocab), 1024 if interpreting() else 4096)
-    bounds = _chunk_bounds(rows.numel(), n_vocab * work.hidden.element_size())
+    bounds = _chunk_bounds(work.rows.numel(), n_vocab * work.hidden.element_size())
     for start, stop in itertools.pairwise(bounds):
-        h = work.hidden[start:stop] if contiguous else work.hidden.index_select(0, rows[start:stop])
+        rows = work.rows[start:stop]
+        h = work.hidden.index_select(0, rows) if work.compact else work.hidden[start:stop]
         logits = h @ work.w.t()  # (n, V) in the hidden dtype, fp32 accumulation
         _ce_chunk_kernel[(stop - start,)](
-            logits, labels[start:stop], losses[start:stop], work.inv_n_valid, n_vocab, logits.stride(0),
+            logits, work.labels[start:stop], work.losses[start:stop], work.inv_n_valid, n_vocab, logits.stride(0),
             float(work.softcap) if work.softcap else 1.0, BLOCK_V=block_v, SOFTCAP=bool(work.softcap),
             WRITE_GRAD=work.dh.numel() > 0 or work.dw.numel() > 0, num_warps=8,
         )
         if work.dh.numel():
-            if contiguous:
-                torch.mm(logits, work.w, out=work.dh[start:stop])  # (n, H)
+            if work.compact:
+                work.dh.index_copy_(0, rows, logits @ work.w)
             else:
-                work.dh.index_copy_(0, rows[start:stop], logits @ work.w)
+                torch.mm(logits, work.w, out=work.dh[start:stop])  # (n, H)
         if work.dw.numel():
             work.dw.addmm_(logits.t().to(work.dw.dtype), h.to(work.dw.dtype))  # (V, H)
         del logits
-    if positions is not None:
-        work.losses.index_copy_(0, positions, losses)
 
 
-def _single_pass(work: _Work) -> torch.Tensor:
-    """Logits by cuBLAS, one pass over them per chunk (module docstring); returns the positions to redo exactly."""
+def _single_pass(work: _Work) -> None:
+    """Logits by cuBLAS, then one pass over them per chunk (module docstring)."""
     n_valid, n_vocab, n_hidden = work.rows.numel(), work.w.shape[0], work.w.shape[1]
     coef = torch.empty((n_valid, 2), dtype=torch.float32, device=work.hidden.device)
-    redo = torch.empty(n_valid, dtype=torch.int8, device=work.hidden.device)
     block_v = min(next_power_of_2(n_vocab), 1024 if interpreting() else 4096)
     bounds = _chunk_bounds(n_valid, n_vocab * work.hidden.element_size())
     for start, stop in itertools.pairwise(bounds):
@@ -233,7 +233,7 @@ def _single_pass(work: _Work) -> torch.Tensor:
         h = work.hidden.index_select(0, rows) if work.compact else work.hidden[start:stop]
         q = h @ work.w.t()  # (n, V), becomes q in place
         _exp_rows_kernel[(stop - start,)](
-            q, labels, work.losses[start:stop], coef[start:stop], redo[start:stop], work.inv_n_valid, n_vocab,
+            q, labels, work.losses[start:stop], coef[start:stop], work.inv_n_valid, n_vocab,
             q.stride(0), float(work.softcap) if work.softcap else 1.0, BLOCK_V=block_v, SOFTCAP=bool(work.softcap),
             num_warps=8,
         )
@@ -248,7 +248,6 @@ def _single_pass(work: _Work) -> torch.Tensor:
             work.dw.addmm_(q.t().to(work.dw.dtype), (h * a).to(work.dw.dtype))
             work.dw.index_add_(0, labels.clamp(0, n_vocab - 1), (h * -b).to(work.dw.dtype))
         del q
-    return redo.nonzero().squeeze(1)
 
 
 def fused_forward(
@@ -274,11 +273,9 @@ def fused_forward(
     losses = torch.empty(n_valid, dtype=torch.float32, device=hidden.device)
     work = _Work(hidden, w, labels.index_select(0, rows) if compact else labels, rows, softcap, dh, dw, losses)
     if single_pass_suits(hidden.dtype):
-        redo = _single_pass(work)
-        if redo.numel():
-            _exact_pass(work, redo)
+        _single_pass(work)
     else:
-        _exact_pass(work, None)
+        _exact_pass(work)
     return losses.sum() / n_valid, dh, dw
 
 
