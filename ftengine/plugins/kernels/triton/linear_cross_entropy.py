@@ -45,9 +45,9 @@ from ftengine.plugins.kernels.triton._op_registry import register_op
 from ftengine.plugins.kernels.triton._utils import interpreting
 from ftengine.plugins.kernels.triton._utils import next_power_of_2
 
-# Logit bytes per chunk. H100, 8192 tokens (500 ignored) 3584 -> 152064, with the three-pass kernel: 128 MiB
-# 31.3 ms, 192 MiB 29.0 ms, 256 MiB 28.7 ms, 384 MiB 28.9 ms; the one-pass op at 384 MiB (1,282 tokens a chunk)
-# peaks at 0.444 GiB. Larger chunks gained nothing measurable (352-448 MiB within the run-to-run spread).
+# Logit bytes per chunk. H100, 8192 tokens (500 ignored) 3584 -> 152064, one-pass op, alternating rounds:
+# 280 MiB (8 chunks) 27.4 ms, 320 MiB (7) 28.0 ms, 384 MiB (6 chunks of 1,282 tokens) 26.9 ms at a 0.444 GiB
+# peak; a fifth fewer chunks would pass 0.5 GiB.
 CHUNK_BYTES = 384 * 1024 * 1024
 
 # the largest exp(s - shift) written: e^60 in bf16 / fp32, and 152064 of them still sum far below fp32's range
