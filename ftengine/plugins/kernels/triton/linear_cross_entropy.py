@@ -36,6 +36,7 @@ matmul than the pass saves.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -196,55 +197,57 @@ class _Work:
         self.dh, self.dw, self.losses = dh, dw, losses
         self.compact = rows.numel() < hidden.shape[0]
         self.inv_n_valid = 1.0 / rows.numel()
+        self.softcap_arg = float(softcap) if softcap else 1.0  # the kernels' argument (unused without softcap)
+        self.block_v = min(next_power_of_2(w.shape[0]), 1024 if interpreting() else 4096)
+
+    def chunks(self) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per chunk of valid rows: its slice of them, their row indices, labels, hidden states and logits.
+
+        The logits ``h W^T`` (cuBLAS, in the hidden dtype with fp32 accumulation) are not kept here:
+        the caller's last reference frees them.
+        """
+        bounds = _chunk_bounds(self.rows.numel(), self.w.shape[0] * self.w.element_size())
+        for start, stop in itertools.pairwise(bounds):
+            rows = self.rows[start:stop]
+            h = self.hidden.index_select(0, rows) if self.compact else self.hidden[start:stop]
+            yield slice(start, stop), rows, self.labels[start:stop], h, h @ self.w.t()
 
 
 def _exact_pass(work: _Work) -> None:
-    """Logits by cuBLAS, then a max / sum pass and a gradient pass over them per chunk."""
-    n_vocab = work.w.shape[0]
-    block_v = min(next_power_of_2(n_vocab), 1024 if interpreting() else 4096)
-    bounds = _chunk_bounds(work.rows.numel(), n_vocab * work.hidden.element_size())
-    for start, stop in itertools.pairwise(bounds):
-        rows = work.rows[start:stop]
-        h = work.hidden.index_select(0, rows) if work.compact else work.hidden[start:stop]
-        logits = h @ work.w.t()  # (n, V) in the hidden dtype, fp32 accumulation
-        _ce_chunk_kernel[(stop - start,)](
-            logits, work.labels[start:stop], work.losses[start:stop], work.inv_n_valid, n_vocab, logits.stride(0),
-            float(work.softcap) if work.softcap else 1.0, BLOCK_V=block_v, SOFTCAP=bool(work.softcap),
-            WRITE_GRAD=work.dh.numel() > 0 or work.dw.numel() > 0, num_warps=8,
+    """Per chunk, a max / sum pass and a gradient pass over the logits."""
+    for part, rows, labels, h, logits in work.chunks():
+        _ce_chunk_kernel[(rows.numel(),)](
+            logits, labels, work.losses[part], work.inv_n_valid, work.w.shape[0], logits.stride(0), work.softcap_arg,
+            BLOCK_V=work.block_v, SOFTCAP=bool(work.softcap), WRITE_GRAD=work.dh.numel() > 0 or work.dw.numel() > 0,
+            num_warps=8,
         )
         if work.dh.numel():
             if work.compact:
                 work.dh.index_copy_(0, rows, logits @ work.w)
             else:
-                torch.mm(logits, work.w, out=work.dh[start:stop])  # (n, H)
+                torch.mm(logits, work.w, out=work.dh[part])  # (n, H)
         if work.dw.numel():
             work.dw.addmm_(logits.t().to(work.dw.dtype), h.to(work.dw.dtype))  # (V, H)
         del logits
 
 
 def _single_pass(work: _Work) -> None:
-    """Logits by cuBLAS, then one pass over them per chunk (module docstring)."""
-    n_valid, n_vocab, n_hidden = work.rows.numel(), work.w.shape[0], work.w.shape[1]
-    coef = torch.empty((n_valid, 2), dtype=torch.float32, device=work.hidden.device)
-    block_v = min(next_power_of_2(n_vocab), 1024 if interpreting() else 4096)
-    bounds = _chunk_bounds(n_valid, n_vocab * work.hidden.element_size())
-    for start, stop in itertools.pairwise(bounds):
-        rows, labels = work.rows[start:stop], work.labels[start:stop]
-        h = work.hidden.index_select(0, rows) if work.compact else work.hidden[start:stop]
-        q = h @ work.w.t()  # (n, V), becomes q in place
-        _exp_rows_kernel[(stop - start,)](
-            q, labels, work.losses[start:stop], coef[start:stop], work.inv_n_valid, n_vocab,
-            q.stride(0), float(work.softcap) if work.softcap else 1.0, BLOCK_V=block_v, SOFTCAP=bool(work.softcap),
-            num_warps=8,
+    """Per chunk, one pass over the logits (module docstring), then ``dh`` from ``q W``."""
+    n_vocab, n_hidden = work.w.shape
+    coef = torch.empty((work.rows.numel(), 2), dtype=torch.float32, device=work.hidden.device)
+    for part, rows, labels, h, q in work.chunks():  # q: the logits, overwritten in place
+        _exp_rows_kernel[(rows.numel(),)](
+            q, labels, work.losses[part], coef[part], work.inv_n_valid, n_vocab, q.stride(0), work.softcap_arg,
+            BLOCK_V=work.block_v, SOFTCAP=bool(work.softcap), num_warps=8,
         )
         if work.dh.numel():
             g = q @ work.w  # (n, H)
-            _hidden_grad_rows_kernel[(stop - start,)](
-                g, work.w, labels, rows, coef[start:stop], work.dh, n_vocab, n_hidden, g.stride(0), work.w.stride(0),
+            _hidden_grad_rows_kernel[(rows.numel(),)](
+                g, work.w, labels, rows, coef[part], work.dh, n_vocab, n_hidden, g.stride(0), work.w.stride(0),
                 work.dh.stride(0), BLOCK_H=256 if interpreting() else 1024,
             )
         if work.dw.numel():
-            a, b = coef[start:stop, 0:1], coef[start:stop, 1:2]
+            a, b = coef[part, 0:1], coef[part, 1:2]
             work.dw.addmm_(q.t().to(work.dw.dtype), (h * a).to(work.dw.dtype))
             work.dw.index_add_(0, labels.clamp(0, n_vocab - 1), (h * -b).to(work.dw.dtype))
         del q
