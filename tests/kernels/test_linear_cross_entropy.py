@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,10 +71,12 @@ def _check(h, w, labels, dtype, softcap, weight_grad):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("softcap", [None, 3.0])
 @pytest.mark.parametrize("weight_grad", [True, False])
-def test_linear_cross_entropy_matches_reference(dtype, softcap, weight_grad, monkeypatch):
+@pytest.mark.parametrize("vocab_parts", [1, 3])
+def test_linear_cross_entropy_matches_reference(dtype, softcap, weight_grad, vocab_parts, monkeypatch):
     vocab = 300
     # several chunks: 37 tokens in chunks of at most 16 rows of logits (13, 13, 11)
     monkeypatch.setattr(lce_module, "CHUNK_BYTES", 16 * vocab * torch.tensor([], dtype=dtype).element_size())
+    monkeypatch.setattr(lce_module, "VOCAB_PARTS", vocab_parts)
     _compare(37, 48, vocab, dtype, softcap, weight_grad)
 
 
@@ -82,13 +86,16 @@ def test_linear_cross_entropy_reads_the_logits_once(dtype, n_ignored, monkeypatc
     """fp32 and bf16 take the single pass over the logits, with no exact recomputation."""
     exact_passes = _record_exact_passes(monkeypatch)
     monkeypatch.setattr(lce_module, "CHUNK_BYTES", 20 * 301 * dtype.itemsize)  # 3 chunks
+    monkeypatch.setattr(lce_module, "TILE_ROWS", 8)  # of 16 + 16 + the rest
     _compare(53, 40, 301, dtype, None, True, gen_seed=4, n_ignored=n_ignored)
     assert exact_passes == []
 
 
 @pytest.mark.parametrize("softcap", [None, 40.0])
-def test_linear_cross_entropy_rows_with_huge_losses(softcap, monkeypatch):
+@pytest.mark.parametrize("vocab_parts", [1, 2])
+def test_linear_cross_entropy_rows_with_huge_losses(softcap, vocab_parts, monkeypatch):
     """Losses far above the shift's limit, with the row's maximum in a late block: still one exact pass."""
+    monkeypatch.setattr(lce_module, "VOCAB_PARTS", vocab_parts)
     gen = torch.Generator(device="cpu").manual_seed(5)
     n_tokens, hidden_size, vocab = 40, 32, 2500  # three blocks of the vocabulary under the interpreter
     h = randn((n_tokens, hidden_size), gen, torch.bfloat16)
@@ -106,6 +113,18 @@ def test_linear_cross_entropy_rows_with_huge_losses(softcap, monkeypatch):
     losses = F.cross_entropy(logits if softcap is None else softcap * torch.tanh(logits / softcap), labels,
                              reduction="none")
     assert losses.max() > 60  # the shift did move
+
+
+@pytest.mark.parametrize(("n_rows", "row_bytes"), [(7692, 304128), (8192, 304128), (8192, 256512), (300, 304128)])
+def test_chunk_bounds_whole_tiles_under_the_byte_limit(n_rows, row_bytes):
+    bounds = lce_module._chunk_bounds(n_rows, row_bytes)
+    sizes = [b - a for a, b in itertools.pairwise(bounds)]
+    assert bounds[0] == 0 and bounds[-1] == n_rows
+    assert all(size * row_bytes <= lce_module.CHUNK_BYTES for size in sizes)
+    assert all(size % lce_module.TILE_ROWS == 0 for size in sizes[:-1])
+    assert max(sizes[:-1], default=0) - min(sizes[:-1], default=0) <= lce_module.TILE_ROWS  # near-equal
+    fewest = -(-n_rows // (lce_module.CHUNK_BYTES // row_bytes // lce_module.TILE_ROWS * lce_module.TILE_ROWS))
+    assert len(sizes) == fewest
 
 
 def test_linear_cross_entropy_out_of_range_labels_count_as_zero_loss(monkeypatch):

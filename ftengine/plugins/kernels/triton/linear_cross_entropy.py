@@ -1,40 +1,52 @@
 """LM head fused with cross-entropy, in token chunks: the ``(N, V)`` logits never exist at once.
 
 Only the tokens with a label take part: the ignored ones (prompts, padding) have no loss and no
-gradient, so their rows are left out of every matmul (one host sync, to count them). Per chunk
-of ``n`` such tokens, ``z = h W^T`` (cuBLAS, in the hidden dtype with fp32 accumulation), then
-one Triton program per row makes a single pass over its logits, in fp32, with an optional
-softcap ``s = c tanh(z / c)`` and a shift ``m`` (the label's own logit ``s_y``, see below):
+gradient, so their rows are left out of every matmul (one host sync, to count them). The
+vocabulary is split into ``VOCAB_PARTS`` parts. Per chunk of ``n`` such tokens and per part ``p``,
+``z_p = h W_p^T`` (cuBLAS, in the hidden dtype with fp32 accumulation), then one Triton program
+per row makes a single pass over the part's logits, in fp32, with an optional softcap
+``s = c tanh(z / c)`` and a shift ``c_p`` (see below):
 
-    e_v = exp(s_v - m)  (v != y),   S = sum_v e_v,   R = exp(s_y - m) + S = exp(lse - m)
-    loss = m + log R - s_y
-    q_v  = e_v d_v  written over z_v (q_y = 0),   d_v = ds/dz = 1 - (s_v / c)**2  (1 without softcap)
+    e_v = exp(s_v - c_p)  (v != y),   S_p = sum_{v in p} e_v
+    q_v = e_v d_v  written over z_v (q_y = 0),   d_v = ds/dz = 1 - (s_v / c)**2  (1 without softcap)
 
-so that ``dL/dz = (q / R - (S / R) d_y onehot(y)) / n_valid``: the softmax's normalisation is a
-per-row scale, applied after ``q W`` instead of in a second pass over the logits. Hence
-``dh = a (q W) - b W[y]`` with ``a = 1 / (R n_valid)``, ``b = (S / R) d_y / n_valid`` (``1 - p_y =
-S / R`` has no cancellation), and ``dW += q^T (a h) - scatter(b h)``. The logits are read once and
-written once, against three passes for a max / sum pass followed by a gradient pass.
+and the label's logit ``s_y`` is kept aside. A row's parts then combine: ``C = max_p c_p``,
+``S = sum_p S_p exp(c_p - C)``, ``R = exp(s_y - C) + S = exp(lse - C)``, ``loss = C + log R - s_y``
+and ``dL/dz_p = (exp(c_p - C) q_p / R - (S / R) d_y onehot(y)) / n_valid``: the softmax's
+normalisation is a per-row scale, applied after the matmuls ``q_p W_p`` instead of in a second
+pass over the logits. Hence ``dh = sum_p a_p (q_p W_p) - b W[y]`` with ``a_p = exp(c_p - C) /
+(R n_valid)``, ``b = (S / R) d_y / n_valid`` (``1 - p_y = S / R`` has no cancellation), and
+``dW_p += q_p^T (a_p h) - scatter(b h)``. The logits are read once and written once, against
+three passes for a max / sum pass followed by a gradient pass.
 
-Why ``s_y`` as the shift: the row's maximum is not known before the pass, but ``s_v - s_y`` stays
-below the token's loss, so ``e`` neither overflows nor loses the values that carry the softmax's
-mass to underflow. Should a block of the row go more than ``SHIFT_LIMIT`` above the shift (a loss
-of more than 60 nats), the shift moves to that block's maximum and the blocks already written are
-scaled down to match (a second read of that row's start, for such rows only). fp16's range is too
-narrow for ``e``: it takes the two-pass kernel (max / sum, then the gradient).
+The shift starts at the maximum of the part's first block of columns: the row's maximum is not
+known before the pass, but logits rarely spread far. Should a later block go more than
+``SHIFT_LIMIT`` above it, the shift moves to that block's maximum and the blocks already written
+are scaled down to match (a second read of that row's start, for such rows only). So ``e`` never
+overflows, and what underflows weighs less than ``e^-87`` of the first block's maximum. fp16's
+range is too narrow for ``e``: it takes the two-pass kernel (max / sum, then the gradient).
+
+Why parts: on a GPU each pass runs on a side stream, and the matmul ``q_p W_p`` of a part is
+issued after the next part's logits, so that the next part's pass runs beside it. cuBLAS' kernels
+for that matmul leave a few multiprocessors idle (grids of 120-126 blocks on an H100's 132),
+which the memory-bound pass fills. The chunks' rows are multiples of ``TILE_ROWS``, so the
+matmuls' tiles cover them exactly.
 
 All of this happens in the forward: the loss is a scalar, so the backward only scales the stored
 gradients by the incoming one. Peak extra memory: one chunk of logits plus the gradients.
 
-Running the cross-entropy pass of one chunk on a side stream, under the next chunk's matmuls,
-was measured on an H100 (8192 tokens, 3584 -> 152064): no faster at equal memory (two 192 MiB
-buffers 28.9 ms, one 384 MiB buffer 28.9 ms), so the chunks run in order on one stream. Writing
-``q`` from the epilogue of a Triton matmul instead of a pass after cuBLAS' was 7% slower in the
-matmul than the pass saves.
+Measured on an H100 (8192 tokens, 500 ignored, 3584 -> 152064, bf16, alternating rounds of one
+run): one part and chunks of 1,282 rows 27.04 ms, one part and rows in whole tiles 26.98 ms, two
+parts 26.81 ms (26.59 / 26.49 against 27.12 in another run). Running a whole chunk's pass under
+the next chunk's logits instead needs two chunk buffers: no faster at equal memory. Writing ``q``
+from the epilogue of a Triton matmul instead of a pass after cuBLAS' was 7% slower in the matmul
+than the pass saves.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import itertools
 from collections.abc import Iterator
 
@@ -46,13 +58,19 @@ from ftengine.plugins.kernels.triton._op_registry import register_op
 from ftengine.plugins.kernels.triton._utils import interpreting
 from ftengine.plugins.kernels.triton._utils import next_power_of_2
 
-# Logit bytes per chunk. H100, 8192 tokens (500 ignored) 3584 -> 152064, one-pass op, alternating rounds:
-# 280 MiB (8 chunks) 27.4 ms, 320 MiB (7) 28.0 ms, 384 MiB (6 chunks of 1,282 tokens) 26.9 ms at a 0.444 GiB
-# peak; a fifth fewer chunks would pass 0.5 GiB.
+# Logit bytes per chunk at most. H100, 8192 tokens (500 ignored) 3584 -> 152064, two parts, alternating rounds:
+# 7 chunks of 1,024-1,152 rows 26.81 ms at a 0.41 GiB peak; 8 chunks of 896-1,024 rows 28.95 ms; 6 chunks of
+# 1,280-1,292 rows (416 MiB) 27.57 ms.
 CHUNK_BYTES = 384 * 1024 * 1024
 
 # the largest exp(s - shift) written: e^60 in bf16 / fp32, and 152064 of them still sum far below fp32's range
 SHIFT_LIMIT = tl.constexpr(60.0)
+
+# parts of the vocabulary per chunk (module docstring); three or four were no faster than two
+VOCAB_PARTS = 2
+
+# chunk rows come in multiples of this (the matmuls' tile height): rows of 64 were 1.2 ms slower, of 192 or 256 0.3-0.5
+TILE_ROWS = 128
 
 
 @triton.jit
@@ -108,25 +126,30 @@ def _ce_chunk_kernel(
 
 @triton.jit
 def _exp_rows_kernel(
-    logits_ptr, labels_ptr, loss_ptr, coef_ptr, inv_n_valid, n_vocab, stride_row, softcap,
+    logits_ptr, labels_ptr, state_ptr, target_ptr, v_offset, n_cols, stride_row, softcap,
     BLOCK_V: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
-    """One pass over a row's logits: ``q`` written over them, and the row's loss, ``a`` and ``b``."""
+    """One pass over columns ``[v_offset, v_offset + n_cols)`` of each row: ``q`` written over them.
+
+    Leaves the part's shift and sum ``S_p`` in ``state`` and, in the part that holds the label,
+    the label's logit in ``target``. The shift starts at the first block's maximum and moves up
+    only when a later block goes more than ``SHIFT_LIMIT`` above it.
+    """
     row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * stride_row
-    label = tl.load(labels_ptr + row).to(tl.int64)
-    valid = (label >= 0) & (label < n_vocab)
-    safe_label = tl.where(valid, label, 0)
-    target = softcapped(tl.load(row_ptr + safe_label).to(tl.float32), softcap, SOFTCAP)
-    shift = target
     cols = tl.arange(0, BLOCK_V)
+    row_ptr = logits_ptr + row * stride_row
+    label = tl.load(labels_ptr + row).to(tl.int64) - v_offset
+    here = (label >= 0) & (label < n_cols)
+    target = softcapped(tl.load(row_ptr + tl.where(here, label, 0)).to(tl.float32), softcap, SOFTCAP)
+    tl.store(target_ptr + row, target, mask=here)
+    shift = -float("inf")
     acc = tl.zeros((BLOCK_V,), tl.float32)
-    for start in range(0, n_vocab, BLOCK_V):
+    for start in range(0, n_cols, BLOCK_V):
         idx = start + cols
-        vmask = idx < n_vocab
+        vmask = idx < n_cols
         s = softcapped(tl.load(row_ptr + idx, mask=vmask, other=0.0).to(tl.float32), softcap, SOFTCAP)
         block_max = tl.max(tl.where(vmask, s, -float("inf")), axis=0)
-        if block_max > shift + SHIFT_LIMIT:  # a loss above SHIFT_LIMIT nats: move the shift, rescale what is written
+        if block_max > shift + SHIFT_LIMIT:  # the first block, or a loss above SHIFT_LIMIT nats
             scale = tl.exp(shift - block_max)
             acc = acc * scale
             tl.debug_barrier()
@@ -134,53 +157,86 @@ def _exp_rows_kernel(
                 prev = row_ptr + done + cols
                 tl.store(prev, (tl.load(prev).to(tl.float32) * scale).to(logits_ptr.dtype.element_ty))
             shift = block_max
-        e = tl.where(vmask & (idx != safe_label), tl.exp(s - shift), 0.0)
+        e = tl.where(vmask & (idx != label), tl.exp(s - shift), 0.0)
         acc += e
         q = e
         if SOFTCAP:
             r = s / softcap
             q = e * (1.0 - r * r)
         tl.store(row_ptr + idx, q.to(logits_ptr.dtype.element_ty), mask=vmask)
-    rest = tl.sum(acc, axis=0)
-    ratio = tl.exp(target - shift) + rest  # exp(lse - shift)
+    tl.store(state_ptr + 2 * row, shift)
+    tl.store(state_ptr + 2 * row + 1, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _finish_rows_kernel(
+    state_ptr, target_ptr, labels_ptr, rows_ptr, loss_ptr, coef_ptr, g_ptr, w_ptr, dh_ptr, inv_n_valid, n_vocab,
+    n_hidden, stride_state, stride_coef, stride_g_part, stride_g, stride_w, stride_dh, softcap,
+    PARTS: tl.constexpr, PARTS_POW2: tl.constexpr, SOFTCAP: tl.constexpr, WRITE_DH: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """A row's loss and coefficients from its parts' shifts and sums; with ``WRITE_DH``, its ``dh``.
+
+    ``C = max_p c_p``, ``S = sum_p S_p exp(c_p - C)``, ``R = exp(s_y - C) + S``: ``loss = C + log R - s_y``,
+    ``a_p = exp(c_p - C) / (R n_valid)``, ``b = (S / R) d_y / n_valid`` and ``dh = sum_p a_p g_p - b W[y]``
+    with ``g_p = q_p W_p`` from the parts' matmuls.
+    """
+    i = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + i).to(tl.int64)
+    valid = (label >= 0) & (label < n_vocab)
+    parts = tl.arange(0, PARTS_POW2)
+    pmask = parts < PARTS
+    shifts = tl.load(state_ptr + parts * stride_state + 2 * i, mask=pmask, other=-float("inf"))
+    top = tl.max(shifts, axis=0)
+    scales = tl.exp(shifts - top)
+    rest = tl.sum(tl.load(state_ptr + parts * stride_state + 2 * i + 1, mask=pmask, other=0.0) * scales, axis=0)
+    target = tl.load(target_ptr + i)
+    ratio = tl.exp(target - top) + rest  # exp(lse - C)
     d_y = 1.0
     if SOFTCAP:
         c = target / softcap
         d_y = 1.0 - c * c
-    tl.store(loss_ptr + row, tl.where(valid, shift + tl.log(ratio) - target, 0.0))
-    tl.store(coef_ptr + 2 * row, tl.where(valid, inv_n_valid / ratio, 0.0))
-    tl.store(coef_ptr + 2 * row + 1, tl.where(valid, inv_n_valid * (rest / ratio) * d_y, 0.0))
-
-
-@triton.jit
-def _hidden_grad_rows_kernel(
-    g_ptr, w_ptr, labels_ptr, rows_ptr, coef_ptr, dh_ptr, n_vocab, n_hidden, stride_g, stride_w, stride_dh,
-    BLOCK_H: tl.constexpr,
-):
-    """``dh[rows[i]] = a_i g_i - b_i W[y_i]``, with ``g = q W`` from the chunk's matmul."""
-    i = tl.program_id(0).to(tl.int64)
-    label = tl.load(labels_ptr + i).to(tl.int64)
-    safe_label = tl.where((label >= 0) & (label < n_vocab), label, 0)
-    row = tl.load(rows_ptr + i).to(tl.int64)
-    a = tl.load(coef_ptr + 2 * i)
-    b = tl.load(coef_ptr + 2 * i + 1)
-    cols = tl.arange(0, BLOCK_H)
-    for start in range(0, n_hidden, BLOCK_H):
-        mask = start + cols < n_hidden
-        g = tl.load(g_ptr + i * stride_g + start + cols, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + safe_label * stride_w + start + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dh_ptr + row * stride_dh + start + cols, (a * g - b * w).to(dh_ptr.dtype.element_ty), mask=mask)
+    a = tl.where(valid, scales * (inv_n_valid / ratio), 0.0)
+    b = tl.where(valid, inv_n_valid * (rest / ratio) * d_y, 0.0)
+    tl.store(loss_ptr + i, tl.where(valid, top + tl.log(ratio) - target, 0.0))
+    tl.store(coef_ptr + i * stride_coef + parts, a, mask=pmask)
+    tl.store(coef_ptr + i * stride_coef + PARTS, b)
+    if WRITE_DH:
+        safe_label = tl.where(valid, label, 0)
+        row = tl.load(rows_ptr + i).to(tl.int64)
+        cols = tl.arange(0, BLOCK_H)
+        for start in range(0, n_hidden, BLOCK_H):
+            mask = start + cols < n_hidden
+            w = tl.load(w_ptr + safe_label * stride_w + start + cols, mask=mask, other=0.0).to(tl.float32)
+            acc = -b * w
+            for part in tl.static_range(PARTS):
+                a_p = tl.sum(tl.where(parts == part, a, 0.0), axis=0)
+                g = tl.load(g_ptr + part * stride_g_part + i * stride_g + start + cols, mask=mask, other=0.0)
+                acc += a_p * g.to(tl.float32)
+            tl.store(dh_ptr + row * stride_dh + start + cols, acc.to(dh_ptr.dtype.element_ty), mask=mask)
 
 
 def _chunk_bounds(n_rows: int, row_bytes: int) -> list[int]:
-    """Chunk boundaries: at most ``CHUNK_BYTES`` of logits each, the chunks near-equal (no small last matmul)."""
+    """Chunk boundaries: at most ``CHUNK_BYTES`` of logits each, in whole tiles of rows but the last, near-equal.
+
+    Near-equal: no small last matmul. A row of logits larger than ``CHUNK_BYTES / TILE_ROWS`` drops the tiles.
+    """
     per_chunk = max(1, CHUNK_BYTES // max(1, row_bytes))
-    n_chunks = -(-n_rows // per_chunk)
-    return [i * n_rows // n_chunks for i in range(n_chunks + 1)]
+    if per_chunk < TILE_ROWS:
+        n_chunks = -(-n_rows // per_chunk)
+        return [i * n_rows // n_chunks for i in range(n_chunks + 1)]
+    tiles = -(-n_rows // TILE_ROWS)
+    n_chunks = -(-tiles // (per_chunk // TILE_ROWS))
+    return [min(n_rows, TILE_ROWS * (i * tiles // n_chunks)) for i in range(n_chunks + 1)]
+
+
+def _block_v(n_cols: int) -> int:
+    """Vocabulary columns a row's program loads at a time."""
+    return min(next_power_of_2(n_cols), 1024 if interpreting() else 4096)
 
 
 def single_pass_suits(dtype: torch.dtype) -> bool:
-    """fp16's exponent range is too narrow for ``exp(s - s_y)``: it takes the exact two-pass kernel."""
+    """fp16's exponent range is too narrow for ``exp(s - shift)``: it takes the exact two-pass kernel."""
     return dtype != torch.float16
 
 
@@ -198,28 +254,24 @@ class _Work:
         self.compact = rows.numel() < hidden.shape[0]
         self.inv_n_valid = 1.0 / rows.numel()
         self.softcap_arg = float(softcap) if softcap else 1.0  # the kernels' argument (unused without softcap)
-        self.block_v = min(next_power_of_2(w.shape[0]), 1024 if interpreting() else 4096)
+        self.bounds = _chunk_bounds(self.rows.numel(), self.w.shape[0] * self.w.element_size())
 
-    def chunks(self) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per chunk of valid rows: its slice of them, their row indices, labels, hidden states and logits.
-
-        The logits ``h W^T`` (cuBLAS, in the hidden dtype with fp32 accumulation) are not kept here:
-        the caller's last reference frees them.
-        """
-        bounds = _chunk_bounds(self.rows.numel(), self.w.shape[0] * self.w.element_size())
-        for start, stop in itertools.pairwise(bounds):
+    def chunks(self) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per chunk of valid rows: its slice of them, their row indices, labels and hidden states."""
+        for start, stop in itertools.pairwise(self.bounds):
             rows = self.rows[start:stop]
             h = self.hidden.index_select(0, rows) if self.compact else self.hidden[start:stop]
-            yield slice(start, stop), rows, self.labels[start:stop], h, h @ self.w.t()
+            yield slice(start, stop), rows, self.labels[start:stop], h
 
 
 def _exact_pass(work: _Work) -> None:
     """Per chunk, a max / sum pass and a gradient pass over the logits."""
-    for part, rows, labels, h, logits in work.chunks():
+    for part, rows, labels, h in work.chunks():
+        logits = h @ work.w.t()
         _ce_chunk_kernel[(rows.numel(),)](
             logits, labels, work.losses[part], work.inv_n_valid, work.w.shape[0], logits.stride(0), work.softcap_arg,
-            BLOCK_V=work.block_v, SOFTCAP=bool(work.softcap), WRITE_GRAD=work.dh.numel() > 0 or work.dw.numel() > 0,
-            num_warps=8,
+            BLOCK_V=_block_v(work.w.shape[0]), SOFTCAP=bool(work.softcap),
+            WRITE_GRAD=work.dh.numel() > 0 or work.dw.numel() > 0, num_warps=8,
         )
         if work.dh.numel():
             if work.compact:
@@ -231,26 +283,88 @@ def _exact_pass(work: _Work) -> None:
         del logits
 
 
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream the passes run on, under the main stream's matmuls (one per device, made once)."""
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device, priority=-1)
+    return _side_streams[device]
+
+
 def _single_pass(work: _Work) -> None:
-    """Per chunk, one pass over the logits (module docstring), then ``dh`` from ``q W``."""
+    """Per chunk and vocabulary part, ``z_p = h W_p^T`` and one pass over it; then ``dh`` from ``q_p W_p``.
+
+    The matmul ``q_p W_p`` of a part is issued one part late, after the next part's logits, and on a
+    GPU each pass runs on a side stream: so the pass over one part runs beside the ``q W`` of the
+    part before it, whose cuBLAS kernel leaves some multiprocessors idle. Without ``dW`` this runs
+    on across chunks (a part's buffer is free once its ``q_p W_p`` is issued); ``dW`` needs every
+    part's ``q`` until the chunk's row statistics are known, so each chunk then ends on its own.
+    """
     n_vocab, n_hidden = work.w.shape
-    coef = torch.empty((work.rows.numel(), 2), dtype=torch.float32, device=work.hidden.device)
-    for part, rows, labels, h, q in work.chunks():  # q: the logits, overwritten in place
-        _exp_rows_kernel[(rows.numel(),)](
-            q, labels, work.losses[part], coef[part], work.inv_n_valid, n_vocab, q.stride(0), work.softcap_arg,
-            BLOCK_V=work.block_v, SOFTCAP=bool(work.softcap), num_warps=8,
-        )
+    n_valid = work.rows.numel()
+    device = work.hidden.device
+    n_parts = max(1, min(VOCAB_PARTS, n_vocab))
+    edges = [p * n_vocab // n_parts for p in range(n_parts + 1)]
+    block_v = _block_v(edges[1])
+    w_parts = [work.w[a:b] for a, b in itertools.pairwise(edges)]
+    most_rows = max(b - a for a, b in itertools.pairwise(work.bounds))
+    buffers = [work.w.new_empty((most_rows, wp.shape[0])) for wp in w_parts]
+    g = work.w.new_empty((n_parts, most_rows, n_hidden)) if work.dh.numel() else work.w.new_empty((1, 1, 1))
+    state = torch.empty((n_parts, n_valid, 2), dtype=torch.float32, device=device)
+    target = torch.zeros(n_valid, dtype=torch.float32, device=device)
+    coef = torch.empty((n_valid, n_parts + 1), dtype=torch.float32, device=device)
+    main = torch.cuda.current_stream(device) if device.type == "cuda" and n_parts > 1 else None
+    side = _side_stream(device) if main is not None else None
+    across_chunks = n_parts > 1 and not work.dw.numel()
+    pending: collections.deque = collections.deque()  # (chunk, part index, its pass's event)
+
+    def consume(chunk, p, passed):
+        part, rows, labels, h = chunk
+        n = rows.numel()
+        if passed is not None:
+            main.wait_event(passed)
         if work.dh.numel():
-            g = q @ work.w  # (n, H)
-            _hidden_grad_rows_kernel[(rows.numel(),)](
-                g, work.w, labels, rows, coef[part], work.dh, n_vocab, n_hidden, g.stride(0), work.w.stride(0),
-                work.dh.stride(0), BLOCK_H=256 if interpreting() else 1024,
-            )
+            torch.mm(buffers[p][:n], w_parts[p], out=g[p, :n])
+        if p < n_parts - 1:
+            return
+        _finish_rows_kernel[(n,)](
+            state[:, part], target[part], labels, rows, work.losses[part], coef[part], g, work.w, work.dh,
+            work.inv_n_valid, n_vocab, n_hidden, state.stride(0), coef.stride(0), g.stride(0), g.stride(1),
+            work.w.stride(0), work.dh.stride(0) if work.dh.numel() else 0, work.softcap_arg,
+            PARTS=n_parts, PARTS_POW2=next_power_of_2(n_parts), SOFTCAP=bool(work.softcap),
+            WRITE_DH=work.dh.numel() > 0, BLOCK_H=256 if interpreting() else 1024,
+        )
         if work.dw.numel():
-            a, b = coef[part, 0:1], coef[part, 1:2]
-            work.dw.addmm_(q.t().to(work.dw.dtype), (h * a).to(work.dw.dtype))
-            work.dw.index_add_(0, labels.clamp(0, n_vocab - 1), (h * -b).to(work.dw.dtype))
-        del q
+            for q, (a, b), scale in zip(buffers, itertools.pairwise(edges), coef[part, :n_parts].t(), strict=True):
+                work.dw[a:b].addmm_(q[:n].t().to(work.dw.dtype), (h * scale[:, None]).to(work.dw.dtype))
+            work.dw.index_add_(0, labels.clamp(0, n_vocab - 1), (h * -coef[part, n_parts:]).to(work.dw.dtype))
+
+    for chunk in work.chunks():
+        part, rows, labels, h = chunk
+        n = rows.numel()
+        for p, wp in enumerate(w_parts):
+            z = buffers[p][:n]
+            torch.mm(h, wp.t(), out=z)
+            passed = None
+            if side is not None:
+                side.wait_stream(main)
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                _exp_rows_kernel[(n,)](
+                    z, labels, state[p, part], target[part], edges[p], z.shape[1], z.stride(0), work.softcap_arg,
+                    BLOCK_V=block_v, SOFTCAP=bool(work.softcap), num_warps=8,
+                )
+                if side is not None:
+                    passed = torch.cuda.Event()
+                    passed.record(side)
+            pending.append((chunk, p, passed))
+            if len(pending) > 1:
+                consume(*pending.popleft())
+        while pending and not across_chunks:
+            consume(*pending.popleft())
+    while pending:
+        consume(*pending.popleft())
 
 
 def fused_forward(
