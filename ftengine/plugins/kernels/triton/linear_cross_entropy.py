@@ -36,11 +36,14 @@ All of this happens in the forward: the loss is a scalar, so the backward only s
 gradients by the incoming one. Peak extra memory: one chunk of logits plus the gradients.
 
 Measured on an H100 (8192 tokens, 500 ignored, 3584 -> 152064, bf16, alternating rounds of one
-run): one part and chunks of 1,282 rows 27.04 ms, one part and rows in whole tiles 26.98 ms, two
-parts 26.81 ms (26.59 / 26.49 against 27.12 in another run). Running a whole chunk's pass under
-the next chunk's logits instead needs two chunk buffers: no faster at equal memory. Writing ``q``
-from the epilogue of a Triton matmul instead of a pass after cuBLAS' was 7% slower in the matmul
-than the pass saves.
+run): the previous one-part op (chunks of 1,282 rows) 27.04 ms, one part in whole tiles 26.98 ms, two
+parts 26.81 ms (five more such runs: benchmarks/RESULTS.md); the split ``q_p W_p`` alone costs 3%
+of that matmul (720 against 745 TFLOP/s). No faster: three or four parts; more idle
+multiprocessors for the pass (cuBLAS' SM count target, 8 to 32 left free: 27.3-30.3 ms against
+26.8); the matmuls on a stream of higher priority than the passes (27.24 against 27.19). Running a
+whole chunk's pass under the next chunk's logits needs two chunk buffers: no faster at equal
+memory. Writing ``q`` from the epilogue of a Triton matmul instead of a pass after cuBLAS' was 7%
+slower in the matmul than the pass saves.
 """
 
 from __future__ import annotations
