@@ -40,7 +40,9 @@ run): the previous one-part op (chunks of 1,282 rows) 27.04 ms, one part in whol
 parts 26.81 ms (five more such runs: benchmarks/RESULTS.md); the split ``q_p W_p`` alone costs 3%
 of that matmul (720 against 745 TFLOP/s). No faster: three or four parts; more idle
 multiprocessors for the pass (cuBLAS' SM count target, 8 to 32 left free: 27.3-30.3 ms against
-26.8); the matmuls on a stream of higher priority than the passes (27.24 against 27.19). Running a
+26.8); the matmuls on a stream of higher priority than the passes (27.24 against 27.19); the
+vocabulary-major order (all tokens against one part at a time, ``dh`` accumulated in fp32: its
+matmuls alone 26.2-26.6 ms against 25.3 for this order's). Running a
 whole chunk's pass under the next chunk's logits needs two chunk buffers: no faster at equal
 memory. Writing ``q`` from the epilogue of a Triton matmul instead of a pass after cuBLAS' was 7%
 slower in the matmul than the pass saves.
