@@ -28,7 +28,7 @@ range is too narrow for ``e``: it takes the two-pass kernel (max / sum, then the
 
 Why parts: on a GPU each pass runs on a side stream, and the matmul ``q_p W_p`` of a part is
 issued after the next part's logits, so that the next part's pass runs beside it. cuBLAS' kernels
-for that matmul leave a few multiprocessors idle (grids of 120-126 blocks on an H100's 132),
+for that matmul leave a few multiprocessors idle (grids of 112-126 blocks on an H100's 132),
 which the memory-bound pass fills. The chunks' rows are multiples of ``TILE_ROWS``, so the
 matmuls' tiles cover them exactly.
 
