@@ -292,7 +292,7 @@ _side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """The stream the passes run on, under the main stream's matmuls (one per device, made once)."""
+    """The stream the passes run on, beside the main stream's matmuls (one per device, made once)."""
     if device not in _side_streams:
         _side_streams[device] = torch.cuda.Stream(device, priority=-1)
     return _side_streams[device]
