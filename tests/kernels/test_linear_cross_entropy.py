@@ -81,7 +81,7 @@ def test_linear_cross_entropy_matches_reference(dtype, softcap, weight_grad, voc
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n_ignored", [0, 9])
+@pytest.mark.parametrize("n_ignored", [0, 9, 45])
 def test_linear_cross_entropy_reads_the_logits_once(dtype, n_ignored, monkeypatch):
     """fp32 and bf16 take the single pass over the logits, with no exact recomputation."""
     exact_passes = _record_exact_passes(monkeypatch)
@@ -117,7 +117,7 @@ def test_linear_cross_entropy_rows_with_huge_losses(softcap, vocab_parts, monkey
 
 @pytest.mark.parametrize(("n_rows", "row_bytes"), [(7692, 304128), (8192, 304128), (8192, 256512), (300, 304128)])
 def test_chunk_bounds_whole_tiles_under_the_byte_limit(n_rows, row_bytes):
-    bounds = lce_module._chunk_bounds(n_rows, row_bytes)
+    bounds = lce_module._chunk_bounds(n_rows, lce_module._rows_per_chunk(row_bytes))
     sizes = [b - a for a, b in itertools.pairwise(bounds)]
     assert bounds[0] == 0 and bounds[-1] == n_rows
     assert all(size * row_bytes <= lce_module.CHUNK_BYTES for size in sizes)
@@ -125,6 +125,33 @@ def test_chunk_bounds_whole_tiles_under_the_byte_limit(n_rows, row_bytes):
     assert max(sizes[:-1], default=0) - min(sizes[:-1], default=0) <= lce_module.TILE_ROWS  # near-equal
     fewest = -(-n_rows // (lce_module.CHUNK_BYTES // row_bytes // lce_module.TILE_ROWS * lce_module.TILE_ROWS))
     assert len(sizes) == fewest
+
+
+@pytest.mark.parametrize("n_labelled", [0, 5, 16, 17, 40, 53])
+def test_chunks_cover_the_labelled_rows_first_one_before_the_count(n_labelled, monkeypatch):
+    """The first chunk is taken before the count (padded when fewer rows have labels); the others follow it."""
+    monkeypatch.setattr(lce_module, "CHUNK_BYTES", 20 * 301 * 4)  # at most 20 rows
+    monkeypatch.setattr(lce_module, "TILE_ROWS", 8)  # in tiles of 8: chunks of 16 rows for 53 rows
+    gen = torch.Generator(device="cpu").manual_seed(7)
+    labels = torch.randint(0, 301, (53,), generator=gen)
+    labels[torch.randperm(53, generator=gen)[n_labelled:]] = -100
+    hidden = randn((53, 4), gen, torch.float32)
+    work = lce_module._Work(hidden, torch.zeros(301, 4, device=DEVICE), labels.to(DEVICE), -100, None, True,
+                            torch.empty(0), speculate=True)
+    chunks = list(work.chunks())
+    first_slice, first_rows, first_labels, first_h = chunks[0]
+    assert first_slice == slice(0, 16) and first_rows.numel() == 16
+    padding = first_rows >= 53
+    assert padding.sum() == max(0, 16 - n_labelled)
+    assert (first_labels[padding] == -1).all()
+    labelled = torch.cat([first_rows[~padding]] + [rows for _, rows, _, _ in chunks[1:]]).cpu()
+    assert torch.equal(labelled, (labels != -100).nonzero().squeeze(1))
+    for part, rows, chunk_labels, h in chunks:
+        assert rows.numel() == part.stop - part.start <= 16
+        inside = rows < 53
+        assert torch.equal(chunk_labels[inside].cpu(), labels[rows[inside].cpu()])
+        assert torch.equal(h[inside], hidden[rows[inside]])
+    assert work.n_valid == n_labelled and work.compact == (n_labelled < 53)
 
 
 def test_linear_cross_entropy_out_of_range_labels_count_as_zero_loss(monkeypatch):

@@ -1,8 +1,12 @@
 """LM head fused with cross-entropy, in token chunks: the ``(N, V)`` logits never exist at once.
 
 Only the tokens with a label take part: the ignored ones (prompts, padding) have no loss and no
-gradient, so their rows are left out of every matmul (one host sync, to count them). The
-vocabulary is split into ``VOCAB_PARTS`` parts. Per chunk of ``n`` such tokens and per part ``p``,
+gradient, so their rows are left out of every matmul. Chunk sizes need their count on the host;
+it is copied there behind the work already queued, and the first chunk (a full one: the first
+labelled rows, padded when there are fewer) is queued before the host waits for it, so the GPU
+does not idle behind that sync while the host launches the next kernels (a profile of the
+host-counts-first order showed gaps of 0.1-0.2 ms between the first small kernels, ~1 ms per
+call). The vocabulary is split into ``VOCAB_PARTS`` parts. Per chunk of ``n`` such tokens and per part ``p``,
 ``z_p = h W_p^T`` (cuBLAS, in the hidden dtype with fp32 accumulation), then one Triton program
 per row makes a single pass over the part's logits, in fp32, with an optional softcap
 ``s = c tanh(z / c)`` and a shift ``c_p`` (see below):
@@ -36,16 +40,20 @@ All of this happens in the forward: the loss is a scalar, so the backward only s
 gradients by the incoming one. Peak extra memory: one chunk of logits plus the gradients.
 
 Measured on an H100 (8192 tokens, 500 ignored, 3584 -> 152064, bf16, alternating rounds of one
-run): the previous one-part op (chunks of 1,282 rows) 27.04 ms, one part in whole tiles 26.98 ms, two
-parts 26.81 ms (five more such runs: benchmarks/RESULTS.md); the split ``q_p W_p`` alone costs 3%
-of that matmul (720 against 745 TFLOP/s). No faster: three or four parts; more idle
-multiprocessors for the pass (cuBLAS' SM count target, 8 to 32 left free: 27.3-30.3 ms against
-26.8); the matmuls on a stream of higher priority than the passes (27.24 against 27.19); the
-vocabulary-major order (all tokens against one part at a time, ``dh`` accumulated in fp32: its
-matmuls alone 26.2-26.6 ms against 25.3 for this order's). Running a
-whole chunk's pass under the next chunk's logits needs two chunk buffers: no faster at equal
-memory. Writing ``q`` from the epilogue of a Triton matmul instead of a pass after cuBLAS' was 7%
-slower in the matmul than the pass saves.
+run): counting behind the first chunk and the pass's lighter blocks (``_exp_block``) 26.60 ms
+against 27.32 for the op before them (4096 -> 128256: 25.90 against 26.82); alone, the lighter
+pass over one part (1,152 x 76,032) 150 us and 66 mJ against 159 us and 71 mJ (a copy of the
+same bytes: 120 us, 46 mJ). Earlier: the one-part op (chunks of 1,282 rows) 27.04 ms, one part in
+whole tiles 26.98 ms, two parts 26.81 ms (five more such runs: benchmarks/RESULTS.md); the split
+``q_p W_p`` alone costs 3% of that matmul (720 against 745 TFLOP/s). No faster: three to eight
+parts, with or without larger chunks at equal memory (two part buffers in turn; fewer reads of
+``W``, but the matmuls alone no faster: 24.7-25.6 ms against 24.3); more idle multiprocessors for
+the pass (cuBLAS' SM count target, 8 to 32 left free: 27.3-30.3 ms against 26.8); the matmuls on
+a stream of higher priority than the passes (27.24 against 27.19); the vocabulary-major order
+(all tokens against one part at a time, ``dh`` accumulated in fp32: its matmuls alone 26.2-26.6
+ms against 25.3 for this order's). Running a whole chunk's pass under the next chunk's logits
+needs two chunk buffers: no faster at equal memory. Writing ``q`` from the epilogue of a Triton
+matmul instead of a pass after cuBLAS' was 7% slower in the matmul than the pass saves.
 """
 
 from __future__ import annotations
@@ -65,11 +73,12 @@ from ftengine.plugins.kernels.triton._utils import next_power_of_2
 
 # Logit bytes per chunk at most. H100, 8192 tokens (500 ignored) 3584 -> 152064, two parts, alternating rounds:
 # 7 chunks of 1,024-1,152 rows 26.81 ms at a 0.41 GiB peak; 8 chunks of 896-1,024 rows 28.95 ms; 6 chunks of
-# 1,280-1,292 rows (416 MiB) 27.57 ms.
-CHUNK_BYTES = 384 * 1024 * 1024
+# 1,280-1,292 rows (416 MiB) 27.57 ms. 368 MiB: chunks of at most 1,152 rows there, 1,408 for 4096 -> 128256.
+CHUNK_BYTES = 368 * 1024 * 1024
 
 # the largest exp(s - shift) written: e^60 in bf16 / fp32, and 152064 of them still sum far below fp32's range
 SHIFT_LIMIT = tl.constexpr(60.0)
+LOG2E = tl.constexpr(1.4426950408889634)
 
 # parts of the vocabulary per chunk (module docstring); three or four were no faster than two
 VOCAB_PARTS = 2
@@ -130,6 +139,50 @@ def _ce_chunk_kernel(
 
 
 @triton.jit
+def _exp_block(
+    row_ptr, start, cols, n_cols, label, shift, acc, softcap,
+    BLOCK_V: tl.constexpr, SOFTCAP: tl.constexpr, MASKED: tl.constexpr,
+):
+    """Columns ``[start, start + BLOCK_V)`` of a row: ``q`` written over them; the shift and sums carried on.
+
+    Only the row's last block is ``MASKED`` and only the block holding the label compares columns
+    with it: the other blocks, nearly all, take a load, ``exp2(s log2(e) - shift log2(e))``, a sum
+    and a store per element.
+    """
+    idx = start + cols
+    if MASKED:
+        vmask = idx < n_cols
+        s = softcapped(tl.load(row_ptr + idx, mask=vmask, other=0.0).to(tl.float32), softcap, SOFTCAP)
+        block_max = tl.max(tl.where(vmask, s, -float("inf")), axis=0)
+    else:
+        s = softcapped(tl.load(row_ptr + idx).to(tl.float32), softcap, SOFTCAP)
+        block_max = tl.max(s, axis=0)
+    if block_max > shift + SHIFT_LIMIT:  # the first block, or a loss above SHIFT_LIMIT nats
+        scale = tl.exp(shift - block_max)
+        acc = acc * scale
+        tl.debug_barrier()
+        for done in range(0, start, BLOCK_V):
+            prev = row_ptr + done + cols
+            tl.store(prev, (tl.load(prev).to(tl.float32) * scale).to(row_ptr.dtype.element_ty))
+        shift = block_max
+    e = tl.math.exp2(s * LOG2E - shift * LOG2E)
+    if MASKED:
+        e = tl.where(vmask, e, 0.0)
+    if (label >= start) & (label < start + BLOCK_V):
+        e = tl.where(idx != label, e, 0.0)
+    acc += e
+    q = e
+    if SOFTCAP:
+        r = s / softcap
+        q = e * (1.0 - r * r)
+    if MASKED:
+        tl.store(row_ptr + idx, q.to(row_ptr.dtype.element_ty), mask=vmask)
+    else:
+        tl.store(row_ptr + idx, q.to(row_ptr.dtype.element_ty))
+    return shift, acc
+
+
+@triton.jit
 def _exp_rows_kernel(
     logits_ptr, labels_ptr, state_ptr, target_ptr, v_offset, n_cols, stride_row, softcap,
     BLOCK_V: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -149,26 +202,11 @@ def _exp_rows_kernel(
     tl.store(target_ptr + row, target, mask=here)
     shift = -float("inf")
     acc = tl.zeros((BLOCK_V,), tl.float32)
-    for start in range(0, n_cols, BLOCK_V):
-        idx = start + cols
-        vmask = idx < n_cols
-        s = softcapped(tl.load(row_ptr + idx, mask=vmask, other=0.0).to(tl.float32), softcap, SOFTCAP)
-        block_max = tl.max(tl.where(vmask, s, -float("inf")), axis=0)
-        if block_max > shift + SHIFT_LIMIT:  # the first block, or a loss above SHIFT_LIMIT nats
-            scale = tl.exp(shift - block_max)
-            acc = acc * scale
-            tl.debug_barrier()
-            for done in range(0, start, BLOCK_V):
-                prev = row_ptr + done + cols
-                tl.store(prev, (tl.load(prev).to(tl.float32) * scale).to(logits_ptr.dtype.element_ty))
-            shift = block_max
-        e = tl.where(vmask & (idx != label), tl.exp(s - shift), 0.0)
-        acc += e
-        q = e
-        if SOFTCAP:
-            r = s / softcap
-            q = e * (1.0 - r * r)
-        tl.store(row_ptr + idx, q.to(logits_ptr.dtype.element_ty), mask=vmask)
+    n_full = n_cols // BLOCK_V * BLOCK_V
+    for start in range(0, n_full, BLOCK_V):
+        shift, acc = _exp_block(row_ptr, start, cols, n_cols, label, shift, acc, softcap, BLOCK_V, SOFTCAP, False)
+    if n_full < n_cols:
+        shift, acc = _exp_block(row_ptr, n_full, cols, n_cols, label, shift, acc, softcap, BLOCK_V, SOFTCAP, True)
     tl.store(state_ptr + 2 * row, shift)
     tl.store(state_ptr + 2 * row + 1, tl.sum(acc, axis=0))
 
@@ -176,7 +214,7 @@ def _exp_rows_kernel(
 @triton.jit
 def _finish_rows_kernel(
     state_ptr, target_ptr, labels_ptr, rows_ptr, loss_ptr, coef_ptr, g_ptr, w_ptr, dh_ptr, inv_n_valid, n_vocab,
-    n_hidden, stride_state, stride_coef, stride_g_part, stride_g, stride_w, stride_dh, softcap,
+    n_rows, n_hidden, stride_state, stride_coef, stride_g_part, stride_g, stride_w, stride_dh, softcap,
     PARTS: tl.constexpr, PARTS_POW2: tl.constexpr, SOFTCAP: tl.constexpr, WRITE_DH: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -211,7 +249,7 @@ def _finish_rows_kernel(
         row = tl.load(rows_ptr + i).to(tl.int64)
         cols = tl.arange(0, BLOCK_H)
         for start in range(0, n_hidden, BLOCK_H):
-            mask = start + cols < n_hidden
+            mask = (start + cols < n_hidden) & (row < n_rows)  # a padding row of the first chunk stores nothing
             w = tl.load(w_ptr + safe_label * stride_w + start + cols, mask=mask, other=0.0).to(tl.float32)
             acc = -b * w
             for part in tl.static_range(PARTS):
@@ -221,12 +259,16 @@ def _finish_rows_kernel(
             tl.store(dh_ptr + row * stride_dh + start + cols, acc.to(dh_ptr.dtype.element_ty), mask=mask)
 
 
-def _chunk_bounds(n_rows: int, row_bytes: int) -> list[int]:
-    """Chunk boundaries: at most ``CHUNK_BYTES`` of logits each, in whole tiles of rows but the last, near-equal.
+def _rows_per_chunk(row_bytes: int) -> int:
+    """The most rows whose logits fit in ``CHUNK_BYTES``."""
+    return max(1, CHUNK_BYTES // max(1, row_bytes))
 
-    Near-equal: no small last matmul. A row of logits larger than ``CHUNK_BYTES / TILE_ROWS`` drops the tiles.
+
+def _chunk_bounds(n_rows: int, per_chunk: int) -> list[int]:
+    """Chunk boundaries: at most ``per_chunk`` rows each, in whole tiles of rows but the last, near-equal.
+
+    Near-equal: no small last matmul. Fewer than ``TILE_ROWS`` rows per chunk drops the tiles.
     """
-    per_chunk = max(1, CHUNK_BYTES // max(1, row_bytes))
     if per_chunk < TILE_ROWS:
         n_chunks = -(-n_rows // per_chunk)
         return [i * n_rows // n_chunks for i in range(n_chunks + 1)]
@@ -251,22 +293,71 @@ def _dw_dtype(weight: torch.Tensor, hidden: torch.Tensor) -> torch.dtype:
 
 
 class _Work:
-    """What both passes share: the inputs, the valid rows, and the outputs they fill."""
+    """What both passes share: the inputs, the labelled rows, and the outputs they fill.
 
-    def __init__(self, hidden, w, labels, rows, softcap, dh, dw, losses):
-        self.hidden, self.w, self.labels, self.rows, self.softcap = hidden, w, labels, rows, softcap
-        self.dh, self.dw, self.losses = dh, dw, losses
-        self.compact = rows.numel() < hidden.shape[0]
-        self.inv_n_valid = 1.0 / rows.numel()
+    The number of labelled rows is copied to the host behind the work already queued and read
+    only when a pass needs it. With ``speculate``, the first chunk is taken before that: the first
+    labelled rows of a chunk's size (``nonzero_static``, padded with out-of-range rows that have no
+    label and store nothing), so its matmuls are queued while the host waits for the count and
+    the GPU never idles behind that sync.
+    """
+
+    def __init__(self, hidden, w, labels, ignore_index, softcap, need_dh, dw, speculate):
+        self.hidden, self.w, self.labels, self.softcap, self.need_dh, self.dw = hidden, w, labels, softcap, need_dh, dw
+        self.n_rows = hidden.shape[0]
+        self.labelled = labels != ignore_index
+        count = self.labelled.sum()
+        self._counted = None
+        if count.is_cuda:
+            self._count = torch.empty((), dtype=count.dtype, pin_memory=True).copy_(count, non_blocking=True)
+            self._counted = torch.cuda.Event()
+            self._counted.record()
+        else:
+            self._count = count
         self.softcap_arg = float(softcap) if softcap else 1.0  # the kernels' argument (unused without softcap)
-        self.bounds = _chunk_bounds(self.rows.numel(), self.w.shape[0] * self.w.element_size())
+        self.per_chunk = _rows_per_chunk(self.w.shape[0] * self.w.element_size())
+        # the first chunk is a full one (in whole tiles), so its buffers serve every later chunk
+        full = self.per_chunk // TILE_ROWS * TILE_ROWS if self.per_chunk >= TILE_ROWS else self.per_chunk
+        self.first = min(self.n_rows, full) if speculate else 0
+        self.losses = torch.zeros(self.n_rows, dtype=torch.float32, device=hidden.device)
+        self._n_valid = None
+
+    @property
+    def n_valid(self) -> int:
+        """The labelled rows' count (waits for it, once)."""
+        if self._n_valid is None:
+            if self._counted is not None:
+                self._counted.synchronize()
+            self._n_valid = int(self._count)
+            self.compact = self._n_valid < self.n_rows
+            self.inv_n_valid = 1.0 / max(1, self._n_valid)
+            if not self.need_dh:
+                self._dh = self.hidden.new_empty(0)
+            else:  # the ignored rows' gradient is 0
+                self._dh = torch.zeros_like(self.hidden) if self.compact else torch.empty_like(self.hidden)
+        return self._n_valid
+
+    @property
+    def dh(self) -> torch.Tensor:
+        """``dL/dhidden`` (empty when not asked for), made once the count is known."""
+        _ = self.n_valid
+        return self._dh
 
     def chunks(self) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per chunk of valid rows: its slice of them, their row indices, labels and hidden states."""
-        for start, stop in itertools.pairwise(self.bounds):
-            rows = self.rows[start:stop]
-            h = self.hidden.index_select(0, rows) if self.compact else self.hidden[start:stop]
-            yield slice(start, stop), rows, self.labels[start:stop], h
+        """Per chunk of labelled rows: its slice of them, their row indices, labels and hidden states."""
+        if self.first:
+            rows = torch.nonzero_static(self.labelled, size=self.first, fill_value=self.n_rows).squeeze(1)
+            inside = rows.clamp(max=self.n_rows - 1)
+            labels = torch.where(rows < self.n_rows, self.labels.index_select(0, inside), -1)
+            yield slice(0, self.first), rows, labels, self.hidden.index_select(0, inside)
+        if self.n_valid <= self.first:
+            return
+        rows = torch.nonzero_static(self.labelled, size=self.n_valid).squeeze(1)
+        labels = self.labels.index_select(0, rows) if self.compact else self.labels
+        bounds = [self.first + b for b in _chunk_bounds(self.n_valid - self.first, self.per_chunk)]
+        for start, stop in itertools.pairwise(bounds):
+            h = self.hidden.index_select(0, rows[start:stop]) if self.compact else self.hidden[start:stop]
+            yield slice(start, stop), rows[start:stop], labels[start:stop], h
 
 
 def _exact_pass(work: _Work) -> None:
@@ -308,18 +399,16 @@ def _single_pass(work: _Work) -> None:
     part's ``q`` until the chunk's row statistics are known, so each chunk then ends on its own.
     """
     n_vocab, n_hidden = work.w.shape
-    n_valid = work.rows.numel()
     device = work.hidden.device
     n_parts = max(1, min(VOCAB_PARTS, n_vocab))
     edges = [p * n_vocab // n_parts for p in range(n_parts + 1)]
     block_v = _block_v(edges[1])
     w_parts = [work.w[a:b] for a, b in itertools.pairwise(edges)]
-    most_rows = max(b - a for a, b in itertools.pairwise(work.bounds))
-    buffers = [work.w.new_empty((most_rows, wp.shape[0])) for wp in w_parts]
-    g = work.w.new_empty((n_parts, most_rows, n_hidden)) if work.dh.numel() else work.w.new_empty((1, 1, 1))
-    state = torch.empty((n_parts, n_valid, 2), dtype=torch.float32, device=device)
-    target = torch.zeros(n_valid, dtype=torch.float32, device=device)
-    coef = torch.empty((n_valid, n_parts + 1), dtype=torch.float32, device=device)
+    buffers = [work.w.new_empty((work.first, wp.shape[0])) for wp in w_parts]
+    g = work.w.new_empty((n_parts, work.first, n_hidden)) if work.need_dh else work.w.new_empty((1, 1, 1))
+    state = torch.empty((n_parts, work.n_rows, 2), dtype=torch.float32, device=device)
+    target = torch.zeros(work.n_rows, dtype=torch.float32, device=device)
+    coef = torch.empty((work.n_rows, n_parts + 1), dtype=torch.float32, device=device)
     main = torch.cuda.current_stream(device) if device.type == "cuda" and n_parts > 1 else None
     side = _side_stream(device) if main is not None else None
     across_chunks = n_parts > 1 and not work.dw.numel()
@@ -330,13 +419,13 @@ def _single_pass(work: _Work) -> None:
         n = rows.numel()
         if passed is not None:
             main.wait_event(passed)
-        if work.dh.numel():
+        if work.need_dh:
             torch.mm(buffers[p][:n], w_parts[p], out=g[p, :n])
         if p < n_parts - 1:
             return
         _finish_rows_kernel[(n,)](
             state[:, part], target[part], labels, rows, work.losses[part], coef[part], g, work.w, work.dh,
-            work.inv_n_valid, n_vocab, n_hidden, state.stride(0), coef.stride(0), g.stride(0), g.stride(1),
+            work.inv_n_valid, n_vocab, work.n_rows, n_hidden, state.stride(0), coef.stride(0), g.stride(0), g.stride(1),
             work.w.stride(0), work.dh.stride(0) if work.dh.numel() else 0, work.softcap_arg,
             PARTS=n_parts, PARTS_POW2=next_power_of_2(n_parts), SOFTCAP=bool(work.softcap),
             WRITE_DH=work.dh.numel() > 0, BLOCK_H=256 if interpreting() else 1024,
@@ -382,23 +471,19 @@ def fused_forward(
     comes back as an empty tensor. No autograd.
     """
     w = weight.to(hidden.dtype).contiguous()
-    rows = (labels != ignore_index).nonzero().squeeze(1)
-    n_valid = rows.numel()
-    compact = n_valid < hidden.shape[0]
-    dh, dw = hidden.new_empty(0), weight.new_empty(0)
-    if need_dh:
-        dh = torch.zeros_like(hidden) if compact else torch.empty_like(hidden)
+    dw = weight.new_empty(0)
     if need_dw:
         dw = torch.zeros(weight.shape, dtype=_dw_dtype(weight, hidden), device=weight.device)
-    if n_valid == 0:
+    if hidden.shape[0] == 0:  # nothing to chunk
+        dh = torch.zeros_like(hidden) if need_dh else hidden.new_empty(0)
         return hidden.new_zeros((), dtype=torch.float32), dh, dw
-    losses = torch.empty(n_valid, dtype=torch.float32, device=hidden.device)
-    work = _Work(hidden, w, labels.index_select(0, rows) if compact else labels, rows, softcap, dh, dw, losses)
-    if single_pass_suits(hidden.dtype):
+    single = single_pass_suits(hidden.dtype)
+    work = _Work(hidden, w, labels, ignore_index, softcap, need_dh, dw, speculate=single)
+    if single:
         _single_pass(work)
     else:
         _exact_pass(work)
-    return losses.sum() / n_valid, dh, dw
+    return work.losses.sum() / max(1, work.n_valid), work.dh, dw
 
 
 def _fused_forward_fake(hidden, weight, labels, ignore_index, softcap, need_dh, need_dw):
