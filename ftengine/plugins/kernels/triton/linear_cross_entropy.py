@@ -83,6 +83,12 @@ LOG2E = tl.constexpr(1.4426950408889634)
 # parts of the vocabulary per chunk (module docstring); three or four were no faster than two
 VOCAB_PARTS = 2
 
+# warps of a row's program in the one-pass kernel. H100, the pass over 1,152 x 76,032 alone: 152 us at 4 warps, 150 at
+# 8 (16: 150 us; blocks of 2,048 or 8,192 columns no faster); the whole op (alternating rounds, Qwen shapes) 25.97
+# ms at 4 against 26.66 at 8 in one run, 26.02 against 26.00 in another: beside cuBLAS' matmul the pass has only
+# the few idle multiprocessors, which smaller programs fill at least as well
+PASS_WARPS = 4
+
 # chunk rows come in multiples of this (the matmuls' tile height): rows of 64 were 1.2 ms slower, of 192 or 256 0.3-0.5
 TILE_ROWS = 128
 
@@ -447,7 +453,7 @@ def _single_pass(work: _Work) -> None:
             with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
                 _exp_rows_kernel[(n,)](
                     z, labels, state[p, part], target[part], edges[p], z.shape[1], z.stride(0), work.softcap_arg,
-                    BLOCK_V=block_v, SOFTCAP=bool(work.softcap), num_warps=8,
+                    BLOCK_V=block_v, SOFTCAP=bool(work.softcap), num_warps=PASS_WARPS,
                 )
                 if side is not None:
                     passed = torch.cuda.Event()
