@@ -265,6 +265,17 @@ def _finish_rows_kernel(
             tl.store(dh_ptr + row * stride_dh + start + cols, acc.to(dh_ptr.dtype.element_ty), mask=mask)
 
 
+def _first_true(mask: torch.Tensor, size: int, fill: int) -> torch.Tensor:
+    """Indices of ``mask``'s first ``size`` true entries, padded with ``fill``, without a host sync.
+
+    ``torch.nonzero_static`` does this, but on CUDA only from torch 2.6.
+    """
+    slot = mask.cumsum(0) - 1
+    slot = torch.where(mask & (slot < size), slot, size)  # the others land in a spare last slot
+    out = torch.full((size + 1,), fill, dtype=torch.long, device=mask.device)
+    return out.scatter_(0, slot, torch.arange(mask.numel(), device=mask.device))[:size]
+
+
 def _rows_per_chunk(row_bytes: int) -> int:
     """The most rows whose logits fit in ``CHUNK_BYTES``."""
     return max(1, CHUNK_BYTES // max(1, row_bytes))
@@ -303,7 +314,7 @@ class _Work:
 
     The number of labelled rows is copied to the host behind the work already queued and read
     only when a pass needs it. With ``speculate``, the first chunk is taken before that: the first
-    labelled rows of a chunk's size (``nonzero_static``, padded with out-of-range rows that have no
+    labelled rows of a chunk's size (:func:`_first_true`, padded with out-of-range rows that have no
     label and store nothing), so its matmuls are queued while the host waits for the count and
     the GPU never idles behind that sync.
     """
@@ -352,13 +363,13 @@ class _Work:
     def chunks(self) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per chunk of labelled rows: its slice of them, their row indices, labels and hidden states."""
         if self.first:
-            rows = torch.nonzero_static(self.labelled, size=self.first, fill_value=self.n_rows).squeeze(1)
+            rows = _first_true(self.labelled, self.first, self.n_rows)
             inside = rows.clamp(max=self.n_rows - 1)
             labels = torch.where(rows < self.n_rows, self.labels.index_select(0, inside), -1)
             yield slice(0, self.first), rows, labels, self.hidden.index_select(0, inside)
         if self.n_valid <= self.first:
             return
-        rows = torch.nonzero_static(self.labelled, size=self.n_valid).squeeze(1)
+        rows = _first_true(self.labelled, self.n_valid, self.n_rows)
         labels = self.labels.index_select(0, rows) if self.compact else self.labels
         bounds = [self.first + b for b in _chunk_bounds(self.n_valid - self.first, self.per_chunk)]
         for start, stop in itertools.pairwise(bounds):
