@@ -328,7 +328,7 @@ class _Work:
         if count.is_cuda:
             self._count = torch.empty((), dtype=count.dtype, pin_memory=True).copy_(count, non_blocking=True)
             self._counted = torch.cuda.Event()
-            self._counted.record()
+            self._counted.record(torch.cuda.current_stream(count.device))  # the LM head's device, not the current one
         else:
             self._count = count
         self.softcap_arg = float(softcap) if softcap else 1.0  # the kernels' argument (unused without softcap)
