@@ -3,11 +3,12 @@
 Each op module registers the functions that launch its kernels as ``ftengine::<name>``, with a
 fake implementation (shapes and dtypes only) for tracing, and its ``torch.autograd.Function``
 calls those ops; the compiler then neither traces a Triton launch nor breaks the graph on host
-code inside one (``linear_cross_entropy``'s wait for its count of labelled rows). The fused LoRA ops are not registered:
-they take bitsandbytes ``QuantState`` objects and ``LoRAWeights`` dataclasses, which an op schema
-(tensors, scalars, strings, lists) cannot express. Nor are swiglu and geglu: their backward writes
-into an optional buffer, and torch 2.11's in-place bookkeeping for custom ops drops a ``None``
-trailing argument before indexing the mutated ones (``IndexError`` on CUDA; fixed in later torch).
+code inside one (``linear_cross_entropy``'s wait for its count of labelled rows). The fused LoRA
+ops are not registered: they take bitsandbytes ``QuantState`` objects and ``LoRAWeights``
+dataclasses, which an op schema (tensors, scalars, strings, lists) cannot express. Nor are swiglu
+and geglu: their backward writes into an optional buffer, and torch 2.11's in-place bookkeeping for
+custom ops drops a ``None`` trailing argument before indexing the mutated ones (``IndexError`` on
+CUDA; fixed in later torch).
 """
 
 from __future__ import annotations

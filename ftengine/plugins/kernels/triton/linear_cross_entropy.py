@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 from collections.abc import Iterator
 
@@ -337,28 +338,28 @@ class _Work:
         full = self.per_chunk // TILE_ROWS * TILE_ROWS if self.per_chunk >= TILE_ROWS else self.per_chunk
         self.first = min(self.n_rows, full) if speculate else 0
         self.losses = torch.zeros(self.n_rows, dtype=torch.float32, device=hidden.device)
-        self._n_valid = None
 
-    @property
+    @functools.cached_property
     def n_valid(self) -> int:
         """The labelled rows' count (waits for it, once)."""
-        if self._n_valid is None:
-            if self._counted is not None:
-                self._counted.synchronize()
-            self._n_valid = int(self._count)
-            self.compact = self._n_valid < self.n_rows
-            self.inv_n_valid = 1.0 / max(1, self._n_valid)
-            if not self.need_dh:
-                self._dh = self.hidden.new_empty(0)
-            else:  # the ignored rows' gradient is 0
-                self._dh = torch.zeros_like(self.hidden) if self.compact else torch.empty_like(self.hidden)
-        return self._n_valid
+        if self._counted is not None:
+            self._counted.synchronize()
+        return int(self._count)
 
     @property
+    def compact(self) -> bool:
+        return self.n_valid < self.n_rows
+
+    @property
+    def inv_n_valid(self) -> float:
+        return 1.0 / max(1, self.n_valid)
+
+    @functools.cached_property
     def dh(self) -> torch.Tensor:
-        """``dL/dhidden`` (empty when not asked for), made once the count is known."""
-        _ = self.n_valid
-        return self._dh
+        """``dL/dhidden`` (empty when not asked for); zeros where rows are ignored, so it waits for the count."""
+        if not self.need_dh:
+            return self.hidden.new_empty(0)
+        return torch.zeros_like(self.hidden) if self.compact else torch.empty_like(self.hidden)
 
     def chunks(self) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Per chunk of labelled rows: its slice of them, their row indices, labels and hidden states."""
