@@ -51,6 +51,8 @@ OPCHECK_CASES = {
     "linear_cross_entropy_forward_all_ignored": (OPS.linear_cross_entropy_forward,
                                                  lambda: (_r(4, 16), _r(40, 16), _labels(4, 40, (0, 1, 2, 3)), -100,
                                                           None, True, True)),
+    "linear_cross_entropy_scale": (OPS.linear_cross_entropy_scale, lambda: (_r(10, 16), _r(), None)),
+    "linear_cross_entropy_scale_to_bf16": (OPS.linear_cross_entropy_scale, lambda: (_r(40, 16), _r(), torch.bfloat16)),
 }
 
 
@@ -132,7 +134,7 @@ def test_compile_linear_cross_entropy(softcap):
         return linear_cross_entropy(hidden * 1, weight, labels, softcap=softcap)
 
     _compiled_matches_eager(fn, [_r(2, 5, 16), _r(40, 16), _labels(10, 40).view(2, 5)],
-                            ("linear_cross_entropy_forward",))
+                            ("linear_cross_entropy_forward", "linear_cross_entropy_scale"))
 
 
 @pytest.mark.parametrize("nested", [True, False])

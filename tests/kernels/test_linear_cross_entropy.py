@@ -127,6 +127,22 @@ def test_chunk_bounds_whole_tiles_under_the_byte_limit(n_rows, row_bytes):
     assert len(sizes) == fewest
 
 
+@pytest.mark.parametrize(("dtype", "out_dtype"), [(torch.bfloat16, None), (torch.float32, torch.bfloat16),
+                                                 (torch.float16, None), (torch.float32, None)])
+def test_backward_scale_is_the_fp32_product(dtype, out_dtype):
+    """The backward's ``x * grad_out`` (a kernel reading the 0-dim upstream gradient) over sizes off the block.
+
+    Within one unit in the last place of the output dtype: Triton's interpreter truncates to bf16.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(3)
+    x = randn((37, 61), gen, dtype).to(dtype)
+    scale = torch.tensor(1 / 3, device=DEVICE)
+    out = lce_module.scaled(x, scale, out_dtype)
+    want = x.float() * scale
+    assert out.dtype == (out_dtype or dtype)
+    torch.testing.assert_close(out.float(), want, rtol=torch.finfo(out.dtype).eps, atol=0)
+
+
 @pytest.mark.parametrize("n_labelled", [0, 5, 16, 17, 40, 53])
 def test_chunks_cover_the_labelled_rows_first_one_before_the_count(n_labelled, monkeypatch):
     """The first chunk is taken before the count (padded when fewer rows have labels); the others follow it."""
