@@ -33,17 +33,30 @@ def _compare(n_tokens, hidden_size, vocab, dtype, softcap, weight_grad, gen_seed
     _check(h, w, labels.to(DEVICE), dtype, softcap, weight_grad)
 
 
-def _record_exact_passes(monkeypatch):
-    """One entry per two-pass (logits re-reading) run of the op."""
+def _record(monkeypatch, name):
+    """One entry (its row count) per run of the op's path ``name`` (``_exact_pass``, ``_fused_pass``...)."""
     calls = []
-    exact = lce_module._exact_pass
+    path = getattr(lce_module, name)
 
     def recording(work):
-        calls.append(work.rows.numel())
-        exact(work)
+        calls.append(work.n_rows)
+        path(work)
 
-    monkeypatch.setattr(lce_module, "_exact_pass", recording)
+    monkeypatch.setattr(lce_module, name, recording)
     return calls
+
+
+# "fused": the default (bf16: exponentials from the matmul's epilogue; fp32: the pass in two parts; fp16: two
+# passes); "pass, n parts": bf16 as on a GPU without tensor descriptors, the pass over cuBLAS' logits in n parts
+PATHS = ["fused", "pass, 1 part", "pass, 3 parts"]
+
+
+def _take_path(monkeypatch, path):
+    """Sets the op on ``path`` (see ``PATHS``); returns the record of the fused path's runs."""
+    if path != "fused":
+        monkeypatch.setattr(lce_module.exp_logits_matmul, "supported", lambda hidden, weight: False)
+        monkeypatch.setattr(lce_module, "VOCAB_PARTS", int(path.split()[1]))
+    return _record(monkeypatch, "_fused_pass")
 
 
 def _check(h, w, labels, dtype, softcap, weight_grad):
@@ -71,20 +84,21 @@ def _check(h, w, labels, dtype, softcap, weight_grad):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("softcap", [None, 3.0])
 @pytest.mark.parametrize("weight_grad", [True, False])
-@pytest.mark.parametrize("vocab_parts", [1, 3])
-def test_linear_cross_entropy_matches_reference(dtype, softcap, weight_grad, vocab_parts, monkeypatch):
+@pytest.mark.parametrize("path", PATHS)
+def test_linear_cross_entropy_matches_reference(dtype, softcap, weight_grad, path, monkeypatch):
     vocab = 300
     # several chunks: 37 tokens in chunks of at most 16 rows of logits (13, 13, 11)
     monkeypatch.setattr(lce_module, "CHUNK_BYTES", 16 * vocab * torch.tensor([], dtype=dtype).element_size())
-    monkeypatch.setattr(lce_module, "VOCAB_PARTS", vocab_parts)
+    fused = _take_path(monkeypatch, path)
     _compare(37, 48, vocab, dtype, softcap, weight_grad)
+    assert bool(fused) == (dtype == torch.bfloat16 and path == "fused")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_ignored", [0, 9, 45])
 def test_linear_cross_entropy_reads_the_logits_once(dtype, n_ignored, monkeypatch):
-    """fp32 and bf16 take the single pass over the logits, with no exact recomputation."""
-    exact_passes = _record_exact_passes(monkeypatch)
+    """fp32 and bf16 take the single pass over the logits (or none), with no exact recomputation."""
+    exact_passes = _record(monkeypatch, "_exact_pass")
     monkeypatch.setattr(lce_module, "CHUNK_BYTES", 20 * 301 * dtype.itemsize)  # 3 chunks
     monkeypatch.setattr(lce_module, "TILE_ROWS", 8)  # of 16 + 16 + the rest
     _compare(53, 40, 301, dtype, None, True, gen_seed=4, n_ignored=n_ignored)
@@ -92,10 +106,10 @@ def test_linear_cross_entropy_reads_the_logits_once(dtype, n_ignored, monkeypatc
 
 
 @pytest.mark.parametrize("softcap", [None, 40.0])
-@pytest.mark.parametrize("vocab_parts", [1, 2])
-def test_linear_cross_entropy_rows_with_huge_losses(softcap, vocab_parts, monkeypatch):
-    """Losses far above the shift's limit, with the row's maximum in a late block: still one exact pass."""
-    monkeypatch.setattr(lce_module, "VOCAB_PARTS", vocab_parts)
+@pytest.mark.parametrize("path", PATHS)
+def test_linear_cross_entropy_rows_with_huge_losses(softcap, path, monkeypatch):
+    """Losses far above the shift's limit (and the epilogue's clamp), the row's maximum in a late block: exact."""
+    fused = _take_path(monkeypatch, path)
     gen = torch.Generator(device="cpu").manual_seed(5)
     n_tokens, hidden_size, vocab = 40, 32, 2500  # three blocks of the vocabulary under the interpreter
     h = randn((n_tokens, hidden_size), gen, torch.bfloat16)
@@ -107,9 +121,9 @@ def test_linear_cross_entropy_rows_with_huge_losses(softcap, vocab_parts, monkey
     labels[::3] = logits[::3].argmin(dim=1)  # losses of hundreds of nats
     labels[1::3] = logits[1::3].argmax(dim=1)  # losses near 0
     labels[7] = -100
-    exact_passes = _record_exact_passes(monkeypatch)
+    exact_passes = _record(monkeypatch, "_exact_pass")
     _check(h, w, labels.to(DEVICE), torch.bfloat16, softcap, True)
-    assert exact_passes == []
+    assert exact_passes == [] and bool(fused) == (path == "fused")
     losses = F.cross_entropy(logits if softcap is None else softcap * torch.tanh(logits / softcap), labels,
                              reduction="none")
     assert losses.max() > 60  # the shift did move

@@ -6,10 +6,16 @@ it is copied there behind the work already queued, and the first chunk (a full o
 labelled rows, padded when there are fewer) is queued before the host waits for it, so the GPU
 does not idle behind that sync while the host launches the next kernels (a profile of the
 host-counts-first order showed gaps of 0.1-0.2 ms between the first small kernels, ~1 ms per
-call). The vocabulary is split into ``VOCAB_PARTS`` parts. Per chunk of ``n`` such tokens and per part ``p``,
-``z_p = h W_p^T`` (cuBLAS, in the hidden dtype with fp32 accumulation), then one Triton program
-per row makes a single pass over the part's logits, in fp32, with an optional softcap
-``s = c tanh(z / c)`` and a shift ``c_p`` (see below):
+call).
+
+Three paths compute the same per-row quantities. bf16 on a Hopper GPU (``_fused_pass``): a Triton
+matmul writes ``q`` below straight from its epilogue, shifted by the label's logit
+(``_exp_logits_matmul``), so no pass reads the logits back; cuBLAS then makes ``q W``. Elsewhere
+(``_single_pass``: fp32, or bf16 without tensor descriptors) the vocabulary is split into
+``VOCAB_PARTS`` parts. Per chunk of ``n`` such tokens and per part ``p``, ``z_p = h W_p^T``
+(cuBLAS, in the hidden dtype with fp32 accumulation), then one Triton program per row makes a
+single pass over the part's logits, in fp32, with an optional softcap ``s = c tanh(z / c)`` and
+a shift ``c_p`` (see below):
 
     e_v = exp(s_v - c_p)  (v != y),   S_p = sum_{v in p} e_v
     q_v = e_v d_v  written over z_v (q_y = 0),   d_v = ds/dz = 1 - (s_v / c)**2  (1 without softcap)
@@ -52,8 +58,8 @@ the pass (cuBLAS' SM count target, 8 to 32 left free: 27.3-30.3 ms against 26.8)
 a stream of higher priority than the passes (27.24 against 27.19); the vocabulary-major order
 (all tokens against one part at a time, ``dh`` accumulated in fp32: its matmuls alone 26.2-26.6
 ms against 25.3 for this order's). Running a whole chunk's pass under the next chunk's logits
-needs two chunk buffers: no faster at equal memory. Writing ``q`` from the epilogue of a Triton
-matmul instead of a pass after cuBLAS' was 7% slower in the matmul than the pass saves.
+needs two chunk buffers: no faster at equal memory. Faster than all of these where it runs: no
+pass at all, ``q`` from the epilogue of a Triton matmul (``_fused_pass`` has the figures).
 """
 
 from __future__ import annotations
@@ -68,6 +74,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ftengine.plugins.kernels.triton import _exp_logits_matmul as exp_logits_matmul
+from ftengine.plugins.kernels.triton._exp_logits_matmul import softcapped
 from ftengine.plugins.kernels.triton._op_registry import register_op
 from ftengine.plugins.kernels.triton._utils import interpreting
 from ftengine.plugins.kernels.triton._utils import next_power_of_2
@@ -92,15 +100,6 @@ PASS_WARPS = 4
 
 # chunk rows come in multiples of this (the matmuls' tile height): rows of 64 were 1.2 ms slower, of 192 or 256 0.3-0.5
 TILE_ROWS = 128
-
-
-@triton.jit
-def softcapped(z, softcap, SOFTCAP: tl.constexpr):
-    if SOFTCAP:
-        # c tanh(z / c), tanh(x) = 1 - 2 / (exp(2x) + 1) with the argument clamped (fp32 saturates at |x| > 20)
-        x = tl.minimum(tl.maximum(z / softcap, -20.0), 20.0)
-        z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))
-    return z
 
 
 @triton.jit
@@ -398,6 +397,65 @@ def _exact_pass(work: _Work) -> None:
         del logits
 
 
+def _finish_chunk(work: _Work, chunk: tuple, edges: list[int], buffers: list[torch.Tensor], g: torch.Tensor,
+                  state: torch.Tensor, target: torch.Tensor, coef: torch.Tensor) -> None:
+    """A chunk's losses, its rows of ``dh`` from the parts' ``g_p = q_p W_p`` and, with ``dW``, its share of that.
+
+    ``state`` holds each part's row shifts and sums, ``target`` the label logits, ``edges`` the
+    parts' first columns, ``buffers`` their ``q``; ``coef`` receives the per-row scales ``a_p``, ``b``.
+    """
+    part, rows, labels, h = chunk
+    n = rows.numel()
+    n_vocab, n_hidden = work.w.shape
+    n_parts = len(buffers)
+    _finish_rows_kernel[(n,)](
+        state[:, part], target[part], labels, rows, work.losses[part], coef[part], g, work.w, work.dh,
+        work.inv_n_valid, n_vocab, work.n_rows, n_hidden, state.stride(0), coef.stride(0), g.stride(0), g.stride(1),
+        work.w.stride(0), work.dh.stride(0) if work.dh.numel() else 0, work.softcap_arg,
+        PARTS=n_parts, PARTS_POW2=next_power_of_2(n_parts), SOFTCAP=bool(work.softcap),
+        WRITE_DH=work.dh.numel() > 0, BLOCK_H=256 if interpreting() else 1024,
+    )
+    if work.dw.numel():
+        for q, (a, b), scale in zip(buffers, itertools.pairwise(edges), coef[part, :n_parts].t(), strict=True):
+            work.dw[a:b].addmm_(q[:n].t().to(work.dw.dtype), (h * scale[:, None]).to(work.dw.dtype))
+        work.dw.index_add_(0, labels.clamp(0, n_vocab - 1), (h * -coef[part, n_parts:]).to(work.dw.dtype))
+
+
+def _fused_pass(work: _Work) -> None:
+    """Per chunk, ``q`` straight from the logits matmul's epilogue (``_exp_logits_matmul``); ``dh`` from ``q W``.
+
+    One vocabulary part: no pass runs beside the matmuls, so nothing is gained by splitting them.
+    H100, 8192 tokens (500 ignored), alternating rounds against the two-part pass over cuBLAS'
+    logits in two runs: 3584 -> 152064 25.71 against 26.24 ms (8 of 8 rounds faster) and 25.95
+    against 26.34 (4 of 6); 4096 -> 128256 24.29 against 25.48 and 24.96 against 26.09 (6 of 6).
+    The Triton matmul takes ~3% more energy than cuBLAS' (677 against 656 mJ over 1,152 x 3584 ->
+    76,032 in a sustained loop), less than the pass it saves (cuBLAS' matmul then the pass: 765 mJ);
+    at the H100's 700 W cap the energy sets the time.
+    """
+    n_vocab, n_hidden = work.w.shape
+    device = work.hidden.device
+    tiles = -(-n_vocab // exp_logits_matmul.tile_columns())
+    padded = -(-n_vocab // 8) * 8  # q's rows 16-byte aligned for the copy engine
+    buffer = work.w.new_empty((work.first, padded))[:, :n_vocab]
+    g = work.w.new_empty((1, work.first, n_hidden)) if work.need_dh else work.w.new_empty((1, 1, 1))
+    sums = torch.empty((work.first, tiles), dtype=torch.float32, device=device)
+    maxes = torch.empty_like(sums)
+    state = torch.empty((1, work.n_rows, 2), dtype=torch.float32, device=device)
+    target = torch.zeros(work.n_rows, dtype=torch.float32, device=device)
+    coef = torch.empty((work.n_rows, 2), dtype=torch.float32, device=device)
+    for chunk in work.chunks():
+        part, rows, labels, h = chunk
+        n = rows.numel()
+        q = buffer[:n]
+        exp_logits_matmul.label_logits(h, work.w, labels, work.softcap, target[part])
+        exp_logits_matmul.exp_logits(h, work.w, target[part], labels, work.softcap, q, sums[:n], maxes[:n])
+        exp_logits_matmul.settle_rows(q, h, work.w, labels, target[part], sums[:n], maxes[:n], work.softcap,
+                                      state[0, part])
+        if work.need_dh:
+            torch.mm(q, work.w, out=g[0, :n])
+        _finish_chunk(work, chunk, [0, n_vocab], [buffer], g, state, target, coef)
+
+
 _side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
@@ -434,25 +492,13 @@ def _single_pass(work: _Work) -> None:
     pending: collections.deque = collections.deque()  # (chunk, part index, its pass's event)
 
     def consume(chunk, p, passed):
-        part, rows, labels, h = chunk
-        n = rows.numel()
+        n = chunk[1].numel()
         if passed is not None:
             main.wait_event(passed)
         if work.need_dh:
             torch.mm(buffers[p][:n], w_parts[p], out=g[p, :n])
-        if p < n_parts - 1:
-            return
-        _finish_rows_kernel[(n,)](
-            state[:, part], target[part], labels, rows, work.losses[part], coef[part], g, work.w, work.dh,
-            work.inv_n_valid, n_vocab, work.n_rows, n_hidden, state.stride(0), coef.stride(0), g.stride(0), g.stride(1),
-            work.w.stride(0), work.dh.stride(0) if work.dh.numel() else 0, work.softcap_arg,
-            PARTS=n_parts, PARTS_POW2=next_power_of_2(n_parts), SOFTCAP=bool(work.softcap),
-            WRITE_DH=work.dh.numel() > 0, BLOCK_H=256 if interpreting() else 1024,
-        )
-        if work.dw.numel():
-            for q, (a, b), scale in zip(buffers, itertools.pairwise(edges), coef[part, :n_parts].t(), strict=True):
-                work.dw[a:b].addmm_(q[:n].t().to(work.dw.dtype), (h * scale[:, None]).to(work.dw.dtype))
-            work.dw.index_add_(0, labels.clamp(0, n_vocab - 1), (h * -coef[part, n_parts:]).to(work.dw.dtype))
+        if p == n_parts - 1:
+            _finish_chunk(work, chunk, edges, buffers, g, state, target, coef)
 
     for chunk in work.chunks():
         part, rows, labels, h = chunk
@@ -498,10 +544,12 @@ def fused_forward(
         return hidden.new_zeros((), dtype=torch.float32), dh, dw
     single = single_pass_suits(hidden.dtype)
     work = _Work(hidden, w, labels, ignore_index, softcap, need_dh, dw, speculate=single)
-    if single:
-        _single_pass(work)
-    else:
+    if not single:
         _exact_pass(work)
+    elif exp_logits_matmul.supported(hidden, w):
+        _fused_pass(work)
+    else:
+        _single_pass(work)
     return work.losses.sum() / max(1, work.n_valid), work.dh, dw
 
 
