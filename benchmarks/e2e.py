@@ -9,7 +9,7 @@ attention, AdamW on the adapters, and gradient checkpointing of every decoder la
 - ``liger``: the same after ``apply_liger_kernel_to_<family>()`` (RMSNorm, RoPE, SwiGLU, fused
   linear cross-entropy);
 - ``ftengine``: the model adapter's patch (``get_op``: the Triton ops on a GPU), then PEFT, then
-  :func:`ftengine.core.checkpointing.apply_gradient_checkpointing` (standard; ``ftengine-offload``
+  :func:`ftengine.engine.memory.checkpointing.apply_gradient_checkpointing` (standard; ``ftengine-offload``
   and ``ftengine-auto``: those modes; ``ftengine-offload`` also keeps the input embedding in host
   memory, ``model.offload_embedding``).
 
@@ -190,11 +190,11 @@ def prepare(name: str, framework: str, quant: str):
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
                                              task_type="CAUSAL_LM"))
     if framework.startswith("ftengine"):
-        from ftengine.core.checkpointing import apply_gradient_checkpointing
+        from ftengine.engine.memory.checkpointing import apply_gradient_checkpointing
 
         checkpointing = apply_gradient_checkpointing(model, framework.partition("-")[2] or True)
         if framework == "ftengine-offload":
-            from ftengine.core.embedding_offload import offload_input_embedding
+            from ftengine.engine.memory.embedding_offload import offload_input_embedding
 
             checkpointing += "; " + offload_input_embedding(model)
     else:

@@ -46,13 +46,13 @@ def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | None 
     Returns:
         ``(model, tokenizer)``.
     """
-    from ftengine.core import pipeline
     from ftengine.core.config import ModelConfig
     from ftengine.core.config import QuantizationConfig
     from ftengine.core.config import RunConfig
     from ftengine.core.config import check_combinations
     from ftengine.core.config import validate_section
     from ftengine.core.errors import ConfigError
+    from ftengine.engine import pipeline
 
     model_config = validate_section(ModelConfig, dict(
         name_or_path=name_or_path, max_seq_length=max_seq_length, dtype=dtype or "auto",
@@ -84,10 +84,10 @@ def add_lora(model: Any, r: int = 16, lora_alpha: float = 16, lora_dropout: floa
         random_state: seed of the adapter initialisation.
         **lora_kwargs: ``bias``, ``use_rslora``, ``use_dora``, ``init_lora_weights``, ``modules_to_save``.
     """
-    from ftengine.core import pipeline
     from ftengine.core.config import LoRAConfig
     from ftengine.core.config import TrainingConfig
     from ftengine.core.config import validate_section
+    from ftengine.engine import pipeline
 
     lora = validate_section(LoRAConfig, dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                              target_modules=target_modules, **lora_kwargs), "add_lora")
@@ -102,7 +102,7 @@ def add_lora(model: Any, r: int = 16, lora_alpha: float = 16, lora_dropout: floa
 def get_chat_template(tokenizer: Any, chat_template: str = "chatml") -> Any:
     """Put a registered chat template (``chatml``, ``qwen2.5``, ``llama-3.1``, ... or ``tokenizer``)
     on the tokenizer, with the BOS/EOS/pad tokens it needs."""
-    from ftengine.core.templates import apply_chat_template
+    from ftengine.engine.templates import apply_chat_template
 
     return apply_chat_template(tokenizer, chat_template)
 
@@ -123,11 +123,11 @@ def load_dataset(path: str, tokenizer: Any, format: str = "auto", max_seq_length
     Returns:
         A ``datasets.Dataset``; its ``ftengine_report`` attribute holds the :class:`DataReport`.
     """
-    from ftengine.core import pipeline
     from ftengine.core import plugins
     from ftengine.core.config import DataConfig
     from ftengine.core.config import validate_section
-    from ftengine.core.data import DataReport
+    from ftengine.engine import pipeline
+    from ftengine.engine.data import DataReport
 
     data = validate_section(DataConfig, dict(path=path, format=format, **data_kwargs), "load_dataset")
     if data.format != "auto":
@@ -157,13 +157,13 @@ def train(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft", eval_d
         **training_kwargs: ``training:`` config keys (``max_steps``, ``learning_rate``, ...).
 
     Returns:
-        A :class:`ftengine.core.pipeline.TrainResult`.
+        A :class:`ftengine.engine.pipeline.TrainResult`.
     """
-    from ftengine.core import pipeline
     from ftengine.core.config import TrainingConfig
     from ftengine.core.config import validate_section
     from ftengine.core.errors import FtengineError
-    from ftengine.core.rundir import RunDir
+    from ftengine.engine import pipeline
+    from ftengine.engine.rundir import RunDir
 
     training = validate_section(TrainingConfig, dict(trainer=trainer, **training_kwargs), "train")
     pipeline.attention_for_rows(model, "position_ids" in getattr(dataset, "column_names", ()))
@@ -186,7 +186,7 @@ def export(model: Any, tokenizer: Any, output_dir: str, format: str = "lora", ov
     written atomically. ``options`` are the exporter's (e.g. ``quantization="q4_k_m"``)."""
     from ftengine.core.config import ExportEntry
     from ftengine.core.config import validate_config
-    from ftengine.core.pipeline import export_one
+    from ftengine.engine.pipeline import export_one
 
     validate_config({"model": {"name_or_path": "-"}, "export": [{"format": format, **options}]},
                     source="export")
@@ -203,13 +203,13 @@ def export(model: Any, tokenizer: Any, output_dir: str, format: str = "lora", ov
 def standardize_sharegpt(data: Any) -> Any:
     """ShareGPT rows (``conversations`` with from/value) as OpenAI ``messages`` rows; a list of dicts or
     a ``datasets.Dataset`` in, the same kind out."""
-    from ftengine.plugins.datasets.helpers import standardize_sharegpt as standardize
+    from ftengine.engine.conversations import standardize_sharegpt as standardize
 
     return standardize(data)
 
 
 def conversation_extension(data: Any, n: int, seed: int = 3407) -> Any:
     """Stitch ``n`` random single-turn rows into each multi-turn conversation (deterministic for a seed)."""
-    from ftengine.plugins.datasets.helpers import conversation_extension as extend
+    from ftengine.engine.conversations import conversation_extension as extend
 
     return extend(data, n, seed)

@@ -1,5 +1,5 @@
 """``python -m ftengine`` is the ``ftengine`` command."""
 
-from ftengine.core.cli import main
+from ftengine.cli import main
 
 main()

@@ -6,8 +6,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ftengine.core import pipeline
-from ftengine.core.cli import main
+from ftengine.cli import main
+from ftengine.engine import pipeline
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import json
 
 from click.testing import CliRunner
 
-from ftengine.core import pipeline
-from ftengine.core.cli import main
+from ftengine.cli import main
+from ftengine.engine import pipeline
 
 
 def test_plugins_lists_it(example_plugin):

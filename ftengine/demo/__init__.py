@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ftengine.core.config import RunConfig
 from ftengine.core.config import validate_config
-from ftengine.core.rundir import atomic_directory
+from ftengine.engine.rundir import atomic_directory
 
 ASSETS = Path(__file__).parent
 PROMPT = "What is the capital of Germany?"

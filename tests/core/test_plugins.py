@@ -37,14 +37,6 @@ def test_first_party_plugins_come_from_entry_points():
     assert {"lora", "merged"} <= set(plugins.get_registry("exporters"))
 
 
-def test_core_imports_no_plugin():
-    import pathlib
-
-    core = pathlib.Path(ftengine.__file__).parent / "core"
-    for path in core.glob("*.py"):
-        assert "ftengine.plugins" not in path.read_text(), path
-
-
 class TemplatePlugin:
     def __init__(self, override=False):
         self.override = override

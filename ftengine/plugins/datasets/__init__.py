@@ -1,8 +1,6 @@
 """Dataset formats (alpaca, sharegpt, messages, text, completion, preference) and chat templates.
 
-One plugin, registered through the ``ftengine`` entry point ``datasets``. The data helpers
-:func:`standardize_sharegpt` and :func:`conversation_extension` (from :mod:`.helpers`) are
-importable from here too.
+One plugin, registered through the ``ftengine`` entry point ``datasets``.
 """
 
 from __future__ import annotations
@@ -11,11 +9,9 @@ from collections.abc import Callable
 
 from ftengine.core.hookspecs import hookimpl
 from ftengine.plugins.datasets.formats import FORMATS
-from ftengine.plugins.datasets.helpers import conversation_extension
-from ftengine.plugins.datasets.helpers import standardize_sharegpt
 from ftengine.plugins.datasets.templates import TEMPLATES
 
-__all__ = ["conversation_extension", "register_chat_templates", "register_formats", "standardize_sharegpt"]
+__all__ = ["register_chat_templates", "register_formats"]
 
 
 @hookimpl

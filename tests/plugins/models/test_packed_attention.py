@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaForCausalLM
 from transformers import Qwen2ForCausalLM
 
-from ftengine.core.data import pack_rows
+from ftengine.engine.data import pack_rows
 from ftengine.plugins.trainers.collator import PadCollator
 
 from .helpers import DEVICE

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import ftengine
-from ftengine.core import pipeline
-from ftengine.core.data import DataReport
-from ftengine.core.data import encode_completion
-from ftengine.core.data import preference_rows
 from ftengine.core.errors import DataError
 from ftengine.demo import ASSETS
 from ftengine.demo import demo_config
+from ftengine.engine import pipeline
+from ftengine.engine.data import DataReport
+from ftengine.engine.data import encode_completion
+from ftengine.engine.data import preference_rows
 from ftengine.plugins.trainers.dpo import DPOTrainerPlugin
 from ftengine.plugins.trainers.dpo import frozen_copy
 
@@ -140,7 +140,7 @@ def test_dpo_refuses_language_model_data(demo_base, tmp_path):
 def test_run_demo_dpo_option(monkeypatch, demo_base):
     from click.testing import CliRunner
 
-    from ftengine.core.cli import main
+    from ftengine.cli import main
     from ftengine.core.errors import FtengineError
 
     seen = []

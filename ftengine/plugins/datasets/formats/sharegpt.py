@@ -87,3 +87,7 @@ class ShareGPTFormat:
     def convert(self, row: dict[str, Any]) -> Sample:
         """The conversation as OpenAI messages; the last turn must be the assistant's."""
         return Sample(messages=sharegpt_messages(row))
+
+    def to_messages(self, row: dict[str, Any]) -> list[Message]:
+        """The turns as OpenAI messages, whoever speaks last (``standardize_sharegpt``)."""
+        return sharegpt_messages(row, require_assistant_last=False)

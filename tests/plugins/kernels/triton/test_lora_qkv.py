@@ -4,13 +4,13 @@ import torch
 from ftengine.plugins.kernels import reference
 from ftengine.plugins.kernels.triton.lora_qkv import lora_qkv
 
-from .helpers import DTYPES
-from .helpers import check
-from .helpers import poisoned_allocations
-from .helpers import randn
-from .lora_cases import clone_layer
-from .lora_cases import make_layer
-from .lora_cases import trainable
+from ..helpers import DTYPES
+from ..helpers import check
+from ..helpers import poisoned_allocations
+from ..helpers import randn
+from ..lora_cases import clone_layer
+from ..lora_cases import make_layer
+from ..lora_cases import trainable
 
 
 def _compare(shape, outs, ranks, dtype, nf4=False, bias=False, x_grad=True, seed=0, frozen=()):

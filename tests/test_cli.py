@@ -7,7 +7,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from ftengine.core.cli import main
+from ftengine.cli import main
 
 
 def invoke(*args, **kwargs):
@@ -156,8 +156,8 @@ def test_help(args):
 
 
 def test_summary_reports_eval_data_and_its_skipped_rows(tiny_config, tmp_path, capsys):
-    from ftengine.core import pipeline
-    from ftengine.core.cli import print_summary
+    from ftengine.cli import print_summary
+    from ftengine.engine import pipeline
 
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     eval_file = tmp_path / "eval.jsonl"

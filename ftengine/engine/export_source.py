@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ftengine.core import pipeline
 from ftengine.core.config import ExportEntry
 from ftengine.core.config import load_config
 from ftengine.core.config import validate_config
 from ftengine.core.errors import FtengineError
-from ftengine.core.rundir import CHECKPOINT_MARKER
-from ftengine.core.rundir import RunDir
+from ftengine.engine import pipeline
+from ftengine.engine.rundir import CHECKPOINT_MARKER
+from ftengine.engine.rundir import RunDir
 
 
 def locate(source: Path) -> tuple[RunDir, Path, Path]:

@@ -121,9 +121,9 @@ def run(config: str | None, output_dir: str | None, resume_dir: str | None, demo
     DPO demo)."""
     setup_logging(debug)
     quiet_libraries()
-    from ftengine.core import pipeline
     from ftengine.core.config import load_config
-    from ftengine.core.rundir import RunDir
+    from ftengine.engine import pipeline
+    from ftengine.engine.rundir import RunDir
 
     if demo_kind and (config or resume_dir):
         fail(FtengineError("--demo runs the built-in demo: give it without CONFIG or --resume"), debug)
@@ -172,7 +172,7 @@ def init(path: str, force: bool) -> None:
     target = Path(path)
     if target.exists() and not force:
         fail(FtengineError(f"{target} already exists (pass --force to overwrite it)"), False)
-    from ftengine.core.rundir import atomic_write_text
+    from ftengine.engine.rundir import atomic_write_text
 
     atomic_write_text(target, (Path(__file__).parent / "starter.yaml").read_text())
     click.echo(f"wrote {target}: fill in model.name_or_path and data.path, then: ftengine run {target}")
@@ -220,8 +220,8 @@ def export(source: str, formats: tuple[str, ...], quantization: str | None, outp
     """Export a finished run directory or one of its checkpoints."""
     setup_logging(debug)
     quiet_libraries()
-    from ftengine.core.export_source import load_for_export
-    from ftengine.core.pipeline import export as export_stage
+    from ftengine.engine.export_source import load_for_export
+    from ftengine.engine.pipeline import export as export_stage
 
     try:
         model, tokenizer, entries, default_out = load_for_export(Path(source), formats, quantization)
@@ -249,8 +249,8 @@ def preview(config: str, count: int, debug: bool) -> None:
     dataset. Loads the tokenizer only, never the model's weights."""
     setup_logging(debug)
     quiet_libraries()
-    from ftengine.core import preview as previewing
     from ftengine.core.config import load_config
+    from ftengine.engine import preview as previewing
 
     try:
         cfg = load_config(config)

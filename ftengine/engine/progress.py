@@ -1,4 +1,4 @@
-"""Training callbacks the core adds to every trainer: progress bar and metrics, checkpoint
+"""Training callbacks the engine adds to every trainer: progress bar and metrics, checkpoint
 completion markers, and a clean stop on Ctrl-C / SIGTERM (a checkpoint is saved first)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ftengine.core.rundir import CHECKPOINT_MARKER
+from ftengine.engine.rundir import CHECKPOINT_MARKER
 
 
 def _clock(seconds: float) -> str:

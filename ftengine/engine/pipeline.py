@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from ftengine.core import checkpointing
 from ftengine.core import plugins
 from ftengine.core.config import DataConfig
 from ftengine.core.config import ExportEntry
@@ -27,26 +26,27 @@ from ftengine.core.config import RunConfig
 from ftengine.core.config import TrainingConfig
 from ftengine.core.config import dump_config
 from ftengine.core.config import export_options
-from ftengine.core.data import DataReport
-from ftengine.core.data import load_samples
-from ftengine.core.data import pack
-from ftengine.core.data import preference_rows
-from ftengine.core.data import resolve_files
-from ftengine.core.data import split_eval
-from ftengine.core.data import tokenize_samples
 from ftengine.core.errors import ConfigError
 from ftengine.core.errors import DataError
 from ftengine.core.errors import FtengineError
 from ftengine.core.errors import ModelError
 from ftengine.core.kernels import get_op
-from ftengine.core.progress import CheckpointMarkerCallback
-from ftengine.core.progress import InterruptCallback
-from ftengine.core.progress import ProgressCallback
-from ftengine.core.rundir import RunDir
-from ftengine.core.rundir import atomic_directory
-from ftengine.core.rundir import atomic_write_text
-from ftengine.core.templates import apply_chat_template
 from ftengine.core.types import TrainRequest
+from ftengine.engine.data import DataReport
+from ftengine.engine.data import load_samples
+from ftengine.engine.data import pack
+from ftengine.engine.data import preference_rows
+from ftengine.engine.data import resolve_files
+from ftengine.engine.data import split_eval
+from ftengine.engine.data import tokenize_samples
+from ftengine.engine.memory import checkpointing
+from ftengine.engine.progress import CheckpointMarkerCallback
+from ftengine.engine.progress import InterruptCallback
+from ftengine.engine.progress import ProgressCallback
+from ftengine.engine.rundir import RunDir
+from ftengine.engine.rundir import atomic_directory
+from ftengine.engine.rundir import atomic_write_text
+from ftengine.engine.templates import apply_chat_template
 
 log = logging.getLogger("ftengine")
 
@@ -339,7 +339,7 @@ def adapt(loaded: LoadedModel, lora: LoRAConfig, full_finetuning: bool = False,
                             f"({trainable / 1e6:.3f}M trainable parameters)")
     loaded.notes.append(f"gradient checkpointing: {enable_gradient_checkpointing(model, gradient_checkpointing)}")
     if getattr(loaded.model, OFFLOAD_EMBEDDING_REQUEST_ATTR, False):
-        from ftengine.core.embedding_offload import offload_input_embedding
+        from ftengine.engine.memory.embedding_offload import offload_input_embedding
 
         try:
             loaded.notes.append(offload_input_embedding(model))
@@ -447,7 +447,7 @@ def data(loaded: LoadedModel, config: RunConfig) -> tuple[Any, Any, DataReport]:
 
 def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, training: TrainingConfig,
           run_dir: RunDir, resume_from: Path | None = None, ref_model: Any = None) -> TrainResult:
-    """Stage 5: the trainer plugin runs, with the core's progress, checkpoint and interrupt callbacks."""
+    """Stage 5: the trainer plugin runs, with the engine's progress, checkpoint and interrupt callbacks."""
     trainer_plugin = plugins.get("trainers", training.trainer)
     progress = ProgressCallback(run_dir.metrics_path)
     interrupt = InterruptCallback()
@@ -457,7 +457,7 @@ def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, tra
     trainer = trainer_plugin.create(request)
     from transformers.trainer_callback import PrinterCallback
 
-    trainer.remove_callback(PrinterCallback)  # the core's ProgressCallback reports instead
+    trainer.remove_callback(PrinterCallback)  # the engine's ProgressCallback reports instead
     start = time.perf_counter()
     interrupt.install()
     try:

@@ -13,9 +13,9 @@ from transformers import LlamaConfig
 from transformers import LlamaForCausalLM
 
 import ftengine
-from ftengine.core.embedding_offload import is_in_host_memory
-from ftengine.core.embedding_offload import offload_input_embedding
 from ftengine.core.errors import ConfigError
+from ftengine.engine.memory.embedding_offload import is_in_host_memory
+from ftengine.engine.memory.embedding_offload import offload_input_embedding
 
 
 def _lora_model(tied: bool = False, modules_to_save: list[str] | None = None):
@@ -69,7 +69,7 @@ def test_full_finetuning_cannot_offload_the_embedding(demo_base):
 
 
 def test_the_run_config_key_reaches_the_model(tiny_config):
-    from ftengine.core import pipeline
+    from ftengine.engine import pipeline
 
     config = tiny_config()
     config.model = config.model.model_copy(update={"offload_embedding": True})

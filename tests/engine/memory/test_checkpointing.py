@@ -12,9 +12,9 @@ from peft import get_peft_model
 from transformers import LlamaConfig
 from transformers import LlamaForCausalLM
 
-from ftengine.core.checkpointing import apply_gradient_checkpointing
-from ftengine.core.checkpointing import decoder_layers
-from ftengine.core.checkpointing import release_host_buffers
+from ftengine.engine.memory.checkpointing import apply_gradient_checkpointing
+from ftengine.engine.memory.checkpointing import decoder_layers
+from ftengine.engine.memory.checkpointing import release_host_buffers
 
 TOKENS, HIDDEN = 2 * 12, 32
 # per token and layer, in values: (6*32 + 2*16 + 3*64) * 1.25 = 520 without checkpointing, 32 with; fp32

@@ -19,7 +19,7 @@ import weakref
 
 import torch
 
-from ftengine.core.host_buffers import page_locked
+from ftengine.engine.memory.host_buffers import page_locked
 
 _INTEGER_TYPESTR = {1: "|u1", 2: "<i2", 4: "<i4", 8: "<i8"}  # the array interface has no bfloat16
 

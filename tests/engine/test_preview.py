@@ -11,13 +11,13 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from ftengine.core import preview as previewing
-from ftengine.core.cli import main
+from ftengine.cli import main
 from ftengine.core.config import validate_config
-from ftengine.core.data import encode_sample
-from ftengine.core.data import pack_bins
 from ftengine.core.types import Sample
 from ftengine.demo import ASSETS
+from ftengine.engine import preview as previewing
+from ftengine.engine.data import encode_sample
+from ftengine.engine.data import pack_bins
 
 ROWS = [json.loads(line) for line in (ASSETS / "data.jsonl").read_text().splitlines()[:12]]
 

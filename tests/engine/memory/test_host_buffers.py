@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ftengine.core.errors import HostMemoryError
-from ftengine.core.host_buffers import HOST_RESERVE_BYTES
-from ftengine.core.host_buffers import HostBuffers
+from ftengine.engine.memory.host_buffers import HOST_RESERVE_BYTES
+from ftengine.engine.memory.host_buffers import HostBuffers
 
 
 class Registry:

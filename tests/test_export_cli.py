@@ -5,8 +5,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from ftengine.core import pipeline
-from ftengine.core.cli import main
+from ftengine.cli import main
+from ftengine.engine import pipeline
 
 
 @pytest.fixture(scope="module")

@@ -11,21 +11,21 @@ import pytest
 import torch
 import yaml
 
-from ftengine.core import pipeline
 from ftengine.core.config import DataConfig
 from ftengine.core.config import validate_config
-from ftengine.core.data import IGNORE
-from ftengine.core.data import DataReport
-from ftengine.core.data import encode_sample
-from ftengine.core.data import load_samples
-from ftengine.core.data import pack_rows
-from ftengine.core.data import render
-from ftengine.core.data import tokenize_sample
-from ftengine.core.data import tokenize_samples
 from ftengine.core.errors import DataError
-from ftengine.core.templates import apply_chat_template
 from ftengine.core.types import Sample
 from ftengine.demo import ASSETS
+from ftengine.engine import pipeline
+from ftengine.engine.data import IGNORE
+from ftengine.engine.data import DataReport
+from ftengine.engine.data import encode_sample
+from ftengine.engine.data import load_samples
+from ftengine.engine.data import pack_rows
+from ftengine.engine.data import render
+from ftengine.engine.data import tokenize_sample
+from ftengine.engine.data import tokenize_samples
+from ftengine.engine.templates import apply_chat_template
 from ftengine.plugins.trainers.collator import PadCollator
 
 SPECIALS = [
@@ -310,7 +310,7 @@ def test_a_template_error_names_the_row(bpe):
 def test_skipped_rows_reach_the_summary_and_the_run_directory(demo_base, tmp_path):
     from click.testing import CliRunner
 
-    from ftengine.core.cli import main
+    from ftengine.cli import main
 
     lines = [json.dumps(GOOD)] * 12 + [json.dumps({"messages": []}), "not json"]
     data = tmp_path / "data.jsonl"

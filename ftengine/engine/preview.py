@@ -16,16 +16,16 @@ from typing import Any
 
 from ftengine.core import plugins
 from ftengine.core.config import RunConfig
-from ftengine.core.data import DataReport
-from ftengine.core.data import Encoded
-from ftengine.core.data import encode_completion
-from ftengine.core.data import encode_sample
-from ftengine.core.data import load_samples
-from ftengine.core.data import pack_bins
-from ftengine.core.data import packing_efficiency
-from ftengine.core.data import preference_messages
 from ftengine.core.errors import ModelError
 from ftengine.core.types import Sample
+from ftengine.engine.data import DataReport
+from ftengine.engine.data import Encoded
+from ftengine.engine.data import encode_completion
+from ftengine.engine.data import encode_sample
+from ftengine.engine.data import load_samples
+from ftengine.engine.data import pack_bins
+from ftengine.engine.data import packing_efficiency
+from ftengine.engine.data import preference_messages
 
 ANSI_TRAINED, ANSI_RESET = "\x1b[1;32m", "\x1b[0m"
 BRACKETS = ("[[", "]]")
@@ -58,10 +58,10 @@ def load_tokenizer(config: RunConfig) -> tuple[Any, str]:
     the model's config, never its weights."""
     from transformers import AutoTokenizer
 
-    from ftengine.core.pipeline import choose_chat_template
-    from ftengine.core.pipeline import find_adapter
-    from ftengine.core.pipeline import load_model_config
-    from ftengine.core.templates import apply_chat_template
+    from ftengine.engine.pipeline import choose_chat_template
+    from ftengine.engine.pipeline import find_adapter
+    from ftengine.engine.pipeline import load_model_config
+    from ftengine.engine.templates import apply_chat_template
 
     m = config.model
     hf_config = load_model_config(m.name_or_path, m.trust_remote_code, m.revision)

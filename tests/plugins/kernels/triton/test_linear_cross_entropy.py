@@ -8,12 +8,12 @@ from ftengine.plugins.kernels import reference
 from ftengine.plugins.kernels.triton import linear_cross_entropy as lce_module
 from ftengine.plugins.kernels.triton.linear_cross_entropy import linear_cross_entropy
 
-from .helpers import DEVICE
-from .helpers import DTYPES
-from .helpers import check
-from .helpers import leaf
-from .helpers import randn
-from .helpers import run_fwd_bwd
+from ..helpers import DEVICE
+from ..helpers import DTYPES
+from ..helpers import check
+from ..helpers import leaf
+from ..helpers import randn
+from ..helpers import run_fwd_bwd
 
 
 def _plain_torch(hidden, weight, labels, ignore_index=-100, softcap=None):

@@ -10,7 +10,7 @@ not, with or without peft around it.
 - ``"offload"``: the same, but the kept input goes to (pinned) host memory, copied asynchronously
   on a side stream in the forward, and is prefetched back one layer ahead in the backward (while
   layer ``i`` recomputes, layer ``i-1``'s input is already on its way). Inputs of 256 MiB and more
-  get host buffers of their exact size (:mod:`ftengine.core.host_buffers`). On a CPU host the
+  get host buffers of their exact size (:mod:`ftengine.engine.memory.host_buffers`). On a CPU host the
   input simply stays where it is.
 - ``"auto"``: checkpoint only as many layers as the activation memory needs. At the first training
   forward of each new batch size (a pre-hook on the decoder body) it estimates a layer's
@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ftengine.core.host_buffers import HostBuffers
 from ftengine.core.kernels import recomputation
+from ftengine.engine.memory.host_buffers import HostBuffers
 
 MODES = ("off", "true", "offload", "auto")
 _MARGIN_FRACTION = 0.10

@@ -7,12 +7,12 @@ import signal
 import pytest
 import torch
 
-from ftengine.core import pipeline
 from ftengine.core.errors import ConfigError
 from ftengine.core.errors import DataError
-from ftengine.core.progress import ProgressCallback
-from ftengine.core.rundir import CHECKPOINT_MARKER
-from ftengine.core.rundir import RunDir
+from ftengine.engine import pipeline
+from ftengine.engine.progress import ProgressCallback
+from ftengine.engine.rundir import CHECKPOINT_MARKER
+from ftengine.engine.rundir import RunDir
 
 
 def test_run_directory(tiny_config):

@@ -4,12 +4,12 @@ import torch
 from ftengine.plugins.kernels import reference
 from ftengine.plugins.kernels.triton.swiglu import swiglu
 
-from .helpers import DEVICE
-from .helpers import DTYPES
-from .helpers import check
-from .helpers import leaf
-from .helpers import randn
-from .helpers import run_fwd_bwd
+from ..helpers import DEVICE
+from ..helpers import DTYPES
+from ..helpers import check
+from ..helpers import leaf
+from ..helpers import randn
+from ..helpers import run_fwd_bwd
 
 
 def compare_gated(op, ref_op, shape, dtype, intermediates, seed=0):

@@ -3,6 +3,9 @@
 * :func:`standardize_sharegpt` rewrites ShareGPT rows (``conversations`` of ``from``/``value``
   turns) as OpenAI ``messages`` rows;
 * :func:`conversation_extension` stitches rows into longer multi-turn conversations.
+
+Both read rows through the registered dataset formats (``sharegpt``, ``messages``, ``alpaca``) and
+their optional ``to_messages`` capability, so a plugin that overrides a format changes them too.
 """
 
 from __future__ import annotations
@@ -11,16 +14,22 @@ import random
 from typing import Any
 from typing import TypeVar
 
+from ftengine.core import plugins
+from ftengine.core.errors import PluginError
 from ftengine.core.types import Message
 from ftengine.core.types import RowError
-from ftengine.plugins.datasets.formats.alpaca import AlpacaFormat
-from ftengine.plugins.datasets.formats.messages import MessagesFormat
-from ftengine.plugins.datasets.formats.sharegpt import ShareGPTFormat
-from ftengine.plugins.datasets.formats.sharegpt import sharegpt_messages
 
 Data = TypeVar("Data")
 
-_CONVERSATION_FORMATS = (MessagesFormat(), ShareGPTFormat(), AlpacaFormat())
+CONVERSATION_FORMATS = ("messages", "sharegpt", "alpaca")
+"""The formats :func:`conversation_extension` reads, in the order their ``detect`` is asked."""
+
+
+def _format(name: str) -> Any:
+    fmt = plugins.get("formats", name)
+    if not callable(getattr(fmt, "to_messages", None)):
+        raise PluginError(f"the registered {name!r} format has no to_messages(row); the data helpers need it")
+    return fmt
 
 
 def _as_rows(data: Any) -> tuple[list[dict[str, Any]], bool]:
@@ -56,10 +65,11 @@ def standardize_sharegpt(data: Data) -> Data:
         TypeError: ``data`` is neither a list nor a ``datasets.Dataset``.
     """
     rows, is_dataset = _as_rows(data)
+    sharegpt = _format("sharegpt")
     out = []
     for i, row in enumerate(rows):
         try:
-            messages = sharegpt_messages(row, require_assistant_last=False)
+            messages = sharegpt.to_messages(row)
         except RowError as error:
             raise _row_error(i, error) from error
         out.append({**{k: v for k, v in row.items() if k != "conversations"}, "messages": messages})
@@ -67,7 +77,8 @@ def standardize_sharegpt(data: Data) -> Data:
 
 
 def _conversation(index: int, row: Any) -> list[Message]:
-    for fmt in _CONVERSATION_FORMATS:
+    for name in CONVERSATION_FORMATS:
+        fmt = plugins.get("formats", name)
         if fmt.detect(row):
             try:
                 return fmt.convert(row).messages

@@ -6,8 +6,8 @@ import pytest
 from datasets import Dataset
 
 from ftengine.core.types import RowError
-from ftengine.plugins.datasets.helpers import conversation_extension
-from ftengine.plugins.datasets.helpers import standardize_sharegpt
+from ftengine.engine.conversations import conversation_extension
+from ftengine.engine.conversations import standardize_sharegpt
 
 SHAREGPT = [
     {"id": 0, "conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "a"},

@@ -4,11 +4,11 @@ import torch
 from ftengine.plugins.kernels import reference
 from ftengine.plugins.kernels.triton.rms_norm import rms_norm
 
-from .helpers import DTYPES
-from .helpers import check
-from .helpers import leaf
-from .helpers import randn
-from .helpers import run_fwd_bwd
+from ..helpers import DTYPES
+from ..helpers import check
+from ..helpers import leaf
+from ..helpers import randn
+from ..helpers import run_fwd_bwd
 
 
 def _compare(shape, dtype, offset, weight_grad=True, seed=0):

@@ -6,7 +6,7 @@ import torch
 from ftengine.plugins.kernels import reference
 from ftengine.plugins.kernels.triton.geglu import geglu
 
-from .helpers import DTYPES
+from ..helpers import DTYPES
 from .test_swiglu import compare_gated
 
 

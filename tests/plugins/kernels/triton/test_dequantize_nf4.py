@@ -6,8 +6,8 @@ import torch
 from ftengine.plugins.kernels import reference
 from ftengine.plugins.kernels.triton.dequantize_nf4 import dequantize_nf4
 
-from .helpers import DEVICE
-from .helpers import poisoned_allocations
+from ..helpers import DEVICE
+from ..helpers import poisoned_allocations
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
