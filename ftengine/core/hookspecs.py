@@ -1,149 +1,235 @@
-"""Every hook a plugin can implement. Each docstring is the plugin author's documentation.
+"""Every hook a plugin can implement: the plugin author's reference.
 
-A plugin is a module (or object) with functions decorated ``@ftengine.hookimpl``, declared in
+A plugin is a module (or object) with functions decorated ``@ftengine.plugin.hookimpl``, declared in
 its distribution's ``pyproject.toml`` under the entry-point group ``ftengine``::
 
     [project.entry-points.ftengine]
     my_plugin = "my_package.plugin"
 
 Every hook has the shape ``register_<things>(register)``: call ``register(obj)`` once per thing
-you supply. ``register(obj, override=True)`` replaces a first-party (or any earlier) thing of the
-same name; without it, a taken name is an error naming both plugins.
+you supply. The object must satisfy the interface named in the hook's signature (the Protocols in
+:mod:`ftengine.core.types`); the check runs when you register, and a missing attribute is an error
+naming it. ``register(obj, override=True)`` replaces a first-party (or any earlier) thing of the
+same name; without it, a taken name is an error naming both plugins. A plugin whose import or
+registration fails is shown as broken by ``ftengine plugins``; the others keep working.
+
+Hooks are called once, when the registries are first built (at the start of a run or of a CLI
+command), in plugin load order. Hook signatures only ever gain arguments; an implementation may
+accept a subset of them.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+from typing import TypeVar
+
 import pluggy
+
+from ftengine.core.types import ChatTemplate
+from ftengine.core.types import Command
+from ftengine.core.types import DatasetFormat
+from ftengine.core.types import Exporter
+from ftengine.core.types import KernelBackend
+from ftengine.core.types import ModelAdapter
+from ftengine.core.types import TrainerPlugin
 
 hookspec = pluggy.HookspecMarker("ftengine")
 hookimpl = pluggy.HookimplMarker("ftengine")
+"""The decorator of a plugin's hook implementations.
+
+.. versionadded:: 0.1
+"""
+
+T = TypeVar("T", contravariant=True)
+
+
+class Register(Protocol[T]):
+    """The ``register`` callable a hook receives.
+
+    .. versionadded:: 0.1
+    """
+
+    def __call__(self, obj: T, override: bool = False) -> None:
+        """Register ``obj``; ``override=True`` replaces an earlier registration of the same name."""
+
+
+RegisterModel = Register[ModelAdapter]
+RegisterKernel = Register[KernelBackend]
+RegisterFormat = Register[DatasetFormat]
+RegisterChatTemplate = Register[ChatTemplate]
+RegisterTrainer = Register[TrainerPlugin]
+RegisterExporter = Register[Exporter]
+RegisterCommand = Register[Command]
 
 
 @hookspec
-def register_models(register):
-    """Register architecture support: one :class:`ftengine.core.types.ModelAdapter` per family.
+def register_models(register: RegisterModel) -> None:
+    """Register architecture support: one :class:`~ftengine.core.types.ModelAdapter` per family.
 
-    Called once, when the registries are first built (at start-up of a run or a CLI command).
-
-    :param register: ``register(adapter, override=False)``. The adapter needs ``name``,
-        ``model_types`` (Hugging Face ``config.model_type`` values), ``default_target_modules``,
-        ``default_chat_template``, ``gguf_architecture``, ``patch(model, get_op) -> list[str]``
-        and ``gguf_tensor_name(hf_name) -> str | None``.
+    The adapter names the Hugging Face ``model_type`` values it serves, its default LoRA targets
+    and chat template, and ``patch(model, get_op)``, which swaps module forwards for kernel ops
+    (``get_op("rms_norm")`` and the other ops of :mod:`ftengine.core.kernels`). Optional: a
+    ``gguf`` layout (:class:`~ftengine.core.types.GGUFSupport`) so the ``gguf`` exporter can write
+    the family, ``routes(model)`` for the run summary and ``unpatch(model)``. For a decoder-only
+    family, :class:`ftengine.plugin.DecoderAdapter` builds all of it from data.
 
     Example::
 
-        @ftengine.hookimpl
+        @hookimpl
         def register_models(register):
-            register(MyArchAdapter(name="myarch", model_types=("myarch",), ...))
+            register(DecoderAdapter(
+                name="myarch", model_types=("myarch",), default_chat_template="chatml",
+                table=PatchTable(norms=("MyRMSNorm",), attentions=("MyAttention",), mlps=("MyMLP",),
+                                 causal_lms=("MyForCausalLM",)),
+                gguf=GGUFLayout(architecture="llama", permute_qk=True)))
 
     .. versionadded:: 0.1
     """
 
 
 @hookspec
-def register_kernels(register):
-    """Register a kernel backend: a :class:`ftengine.core.types.KernelBackend`.
+def register_kernels(register: RegisterKernel) -> None:
+    """Register a kernel backend: a :class:`~ftengine.core.types.KernelBackend`.
 
     The backend has ``name``, ``priority`` (higher wins), ``available() -> bool`` and, as
     attributes, any subset of the ops in :data:`ftengine.core.kernels.OP_NAMES` with exactly the
-    signatures documented there. Ops a backend lacks fall back to the ``reference`` backend.
-
-    :param register: ``register(backend, override=False)``.
+    signatures documented there. The engine takes each op from the best available backend that
+    has it and falls back op by op to the ``reference`` backend; ``FTENGINE_KERNELS=<name>`` pins
+    one backend.
 
     Example::
 
-        @ftengine.hookimpl
+        class MyBackend:
+            name, priority = "mine", 20
+
+            def available(self):
+                return torch.cuda.is_available()
+
+            def rms_norm(self, x, weight, eps, offset=0.0):
+                ...
+
+        @hookimpl
         def register_kernels(register):
-            register(MyBackend())  # name="mine", priority=20, available() checks the device
+            register(MyBackend())
 
     .. versionadded:: 0.1
     """
 
 
 @hookspec
-def register_formats(register):
-    """Register dataset formats: one :class:`ftengine.core.types.DatasetFormat` each.
+def register_formats(register: RegisterFormat) -> None:
+    """Register dataset formats: one :class:`~ftengine.core.types.DatasetFormat` each.
 
     A format has ``name``, ``description``, ``detect(row) -> bool`` (used by ``data.format:
-    auto``) and ``convert(row) -> Sample`` (raise :class:`ftengine.core.types.RowError` with the
-    field name when a row is malformed; the core adds the file and row number).
-
-    :param register: ``register(fmt, override=False)``.
+    auto``, which requires exactly one format to claim a file's rows) and ``convert(row) ->
+    Sample``; raise :class:`~ftengine.core.types.RowError` with the field name when a row is
+    malformed (the engine adds the file and row number).
 
     Example::
 
-        @ftengine.hookimpl
+        class QAFormat:
+            name, description = "qa", "question/answer pairs"
+
+            def detect(self, row):
+                return "question" in row and "answer" in row
+
+            def convert(self, row):
+                return Sample(messages=[{"role": "user", "content": row["question"]},
+                                        {"role": "assistant", "content": row["answer"]}])
+
+        @hookimpl
         def register_formats(register):
-            register(QAFormat())  # detect: "question" in row; convert: Sample(messages=[...])
+            register(QAFormat())
 
     .. versionadded:: 0.1
     """
 
 
 @hookspec
-def register_chat_templates(register):
-    """Register chat templates: one :class:`ftengine.core.types.ChatTemplate` each.
+def register_chat_templates(register: RegisterChatTemplate) -> None:
+    """Register chat templates: one :class:`~ftengine.core.types.ChatTemplate` each.
 
     A template has ``name``, ``jinja`` (Hugging Face ``apply_chat_template`` dialect; ``None``
     means the tokenizer's own), the ``bos_token`` / ``eos_token`` / ``pad_token`` it needs and its
     ``stop_tokens``. Training masks are computed from rendered text offsets, so a template needs no
     special markers.
 
-    :param register: ``register(template, override=False)``.
+    Example::
+
+        @hookimpl
+        def register_chat_templates(register):
+            register(ChatTemplate(name="mytemplate", jinja=SOURCE, eos_token="<|end|>",
+                                  stop_tokens=("<|end|>",)))
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def register_trainers(register: RegisterTrainer) -> None:
+    """Register trainers: one :class:`~ftengine.core.types.TrainerPlugin` each (``sft``, ``dpo``...).
+
+    A trainer has ``name``, ``sample_kinds`` (which :class:`~ftengine.core.types.Sample` kinds it
+    trains on) and ``create(request)``, which receives a :class:`~ftengine.core.types.TrainRequest`
+    and returns a Hugging Face ``Trainer``-like object. The engine puts its progress, metrics,
+    checkpoint and interruption callbacks in ``request.callbacks``: pass them on to the trainer.
 
     Example::
 
-        @ftengine.hookimpl
-        def register_chat_templates(register):
-            register(ChatTemplate(name="mytemplate", jinja=SOURCE, eos_token="<|end|>"))
+        class MyTrainer:
+            name, sample_kinds = "mysft", ("conversation",)
+
+            def create(self, request):
+                return transformers.Trainer(model=request.model, train_dataset=request.train_dataset,
+                                            callbacks=request.callbacks, ...)
+
+        @hookimpl
+        def register_trainers(register):
+            register(MyTrainer())
 
     .. versionadded:: 0.1
     """
 
 
 @hookspec
-def register_trainers(register):
-    """Register trainers: one :class:`ftengine.core.types.TrainerPlugin` each (``sft``, ``dpo``...).
-
-    A trainer has ``name``, ``sample_kinds`` (which :class:`~ftengine.core.types.Sample` kinds it
-    trains on) and ``create(request: TrainRequest)`` returning a Hugging Face ``Trainer``-like
-    object. The core adds its progress, metrics, checkpoint and interruption callbacks to
-    ``request.callbacks``; pass them on to the trainer.
-
-    :param register: ``register(trainer, override=False)``.
-
-    .. versionadded:: 0.1
-    """
-
-
-@hookspec
-def register_exporters(register):
-    """Register export formats: one :class:`ftengine.core.types.Exporter` each.
+def register_exporters(register: RegisterExporter) -> None:
+    """Register export formats: one :class:`~ftengine.core.types.Exporter` each.
 
     An exporter has ``name``, ``description``, ``options_schema`` (a pydantic model or ``None``;
-    the core validates the ``export:`` entry against it) and
+    the ``export:`` entry of the config is validated against it before the run starts) and
     ``export(model, tokenizer, out_dir, options) -> list[str]``. ``out_dir`` is a fresh temporary
-    directory that the core renames into place only when ``export`` returns, so an interrupted
-    export never looks finished.
+    directory that the engine renames into place only when ``export`` returns, so an interrupted
+    export never looks finished. :func:`ftengine.plugin.iter_merged_tensors` yields a LoRA model's
+    weights with the adapters merged, one tensor at a time.
 
-    :param register: ``register(exporter, override=False)``.
+    Example::
+
+        class NpzExporter:
+            name, description, options_schema = "npz", "NumPy archive of the merged weights", None
+
+            def export(self, model, tokenizer, out_dir, options):
+                arrays = {n: t.numpy() for n, t in iter_merged_tensors(model, torch.float32)}
+                numpy.savez(out_dir / "model.npz", **arrays)
+                return [f"{len(arrays)} tensors"]
+
+        @hookimpl
+        def register_exporters(register):
+            register(NpzExporter())
 
     .. versionadded:: 0.1
     """
 
 
 @hookspec
-def register_commands(register):
+def register_commands(register: RegisterCommand) -> None:
     """Register extra ``ftengine`` CLI commands: ``register(click_command)``.
 
     Commands are loaded lazily and cannot shadow a core command (``run``, ``init``, ``plugins``,
     ...): such a registration is an error.
 
-    :param register: ``register(command, override=False)``.
-
     Example::
 
-        @ftengine.hookimpl
+        @hookimpl
         def register_commands(register):
             @click.command(name="hello")
             def hello():
@@ -152,3 +238,38 @@ def register_commands(register):
 
     .. versionadded:: 0.1
     """
+
+
+HOOKS = (register_models, register_kernels, register_formats, register_chat_templates, register_trainers,
+         register_exporters, register_commands)
+"""Every hook, in the order the reference lists them."""
+
+
+def reference() -> str:
+    """The hooks as Markdown: each hook's signature, the first paragraph of its docstring and the
+    members the registered object needs (from its Protocol in :mod:`ftengine.core.types`).
+
+    README.md's "Writing plugins" section holds this text between ``<!-- hooks:begin -->`` and
+    ``<!-- hooks:end -->`` (a test keeps the two equal).
+    """
+    import inspect
+    import re
+    import typing
+
+    from ftengine.core import types
+
+    def plain(text: str) -> str:
+        text = re.sub(r":\w+:`~?(?:[\w.]+\.)?([\w]+)`", r"`\1`", text)
+        return text.replace("``", "`").replace("\n", " ")
+
+    parts = []
+    for hook in HOOKS:
+        register = typing.get_type_hints(hook)["register"]
+        protocol = typing.get_args(register)[0]
+        required, optional = types.protocol_members(protocol)
+        members = f"The object needs {', '.join(f'`{m}`' for m in required)}"
+        if optional:
+            members += f"; optional {', '.join(f'`{m}`' for m in optional)}"
+        signature = f"{hook.__name__}{inspect.signature(hook)}".replace("'", "")
+        parts.append(f"- `{signature}`: {plain(inspect.getdoc(hook).split(chr(10) * 2)[0])} {members}.")
+    return "\n".join(parts)

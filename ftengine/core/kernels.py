@@ -54,6 +54,10 @@ OP_NAMES: tuple[str, ...] = (
     "lora_qkv",
     "dequantize_nf4",
 )
+"""The fixed set of kernel ops, with the signatures in this module's docstring.
+
+.. versionadded:: 0.1
+"""
 
 REFERENCE_BACKEND = "reference"
 
@@ -72,6 +76,8 @@ def begin_forward() -> None:
     Backends may keep per-forward derived tensors, such as LoRA weights cast to the compute dtype
     once for the forward, its recomputation under checkpointing and its backward; a new forward
     makes them stale, whatever happened to the parameters in between.
+
+    .. versionadded:: 0.1
     """
     global _forward_generation
     _forward_generation += 1
@@ -117,6 +123,8 @@ class LoRAWeights:
         scaling: ``lora_alpha / r`` (or ``/ sqrt(r)`` for rsLoRA).
         bias: optional ``(out,)``.
         quant_state: bitsandbytes ``QuantState`` when ``weight`` is NF4-packed.
+
+    .. versionadded:: 0.1
     """
 
     weight: torch.Tensor
@@ -165,7 +173,10 @@ def resolve_op(name: str, backends: list[Any]) -> tuple[str, Callable[..., Any]]
 
 
 def get_op(name: str) -> Callable[..., Any]:
-    """The best available implementation of kernel op ``name`` among the registered backends."""
+    """The best available implementation of kernel op ``name`` among the registered backends.
+
+    .. versionadded:: 0.1
+    """
     from ftengine.core.plugins import get_registry
 
     return resolve_op(name, list(get_registry("kernels").values()))[1]

@@ -22,30 +22,21 @@ from typing import Any
 import pluggy
 
 from ftengine.core import hookspecs
+from ftengine.core import types
 from ftengine.core.errors import PluginError
 
 GROUP = "ftengine"
 
-KINDS: dict[str, str] = {
-    "models": "register_models",
-    "kernels": "register_kernels",
-    "formats": "register_formats",
-    "chat_templates": "register_chat_templates",
-    "trainers": "register_trainers",
-    "exporters": "register_exporters",
-    "commands": "register_commands",
+KINDS: dict[str, tuple[str, type]] = {
+    "models": ("register_models", types.ModelAdapter),
+    "kernels": ("register_kernels", types.KernelBackend),
+    "formats": ("register_formats", types.DatasetFormat),
+    "chat_templates": ("register_chat_templates", types.ChatTemplate),
+    "trainers": ("register_trainers", types.TrainerPlugin),
+    "exporters": ("register_exporters", types.Exporter),
+    "commands": ("register_commands", types.Command),
 }
-
-REQUIRED_ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "models": ("name", "model_types", "default_target_modules", "default_chat_template", "gguf_architecture",
-               "patch", "gguf_tensor_name", "gguf_tensor", "gguf_metadata", "gguf_extra_tensors"),
-    "kernels": ("name", "priority", "available"),
-    "formats": ("name", "description", "detect", "convert"),
-    "chat_templates": ("name", "jinja", "bos_token", "eos_token", "pad_token", "stop_tokens"),
-    "trainers": ("name", "sample_kinds", "create"),
-    "exporters": ("name", "description", "options_schema", "export"),
-    "commands": ("name", "callback"),
-}
+"""Each kind of registered thing: the hook that registers it and the interface it must have."""
 
 
 @dataclass
@@ -126,7 +117,7 @@ class Registries:
         self._collect(only=None)
 
     def _collect(self, only: str | None) -> None:
-        for kind, hook_name in KINDS.items():
+        for kind, (hook_name, _) in KINDS.items():
             hook = getattr(self.pm.hook, hook_name)
             # pluggy lists implementations last-registered first; register in load order.
             for impl in reversed(hook.get_hookimpls()):
@@ -142,7 +133,7 @@ class Registries:
 
     def _register_fn(self, kind: str, plugin: str):
         def register(obj: Any, override: bool = False) -> None:
-            missing = [a for a in REQUIRED_ATTRIBUTES[kind] if not hasattr(obj, a)]
+            missing = types.check_protocol(obj, KINDS[kind][1])
             if missing:
                 raise PluginError(f"plugin {plugin!r} registered a {kind[:-1]} {obj!r} without {', '.join(missing)}")
             name = obj.name

@@ -1,12 +1,22 @@
-"""The interfaces plugins implement. They are Protocols: any object with these attributes will do.
+"""The interfaces plugins implement, and the data they exchange with the engine.
 
-The core checks the required attributes when a plugin registers an object (see
-:func:`ftengine.core.plugins.REQUIRED_ATTRIBUTES`), so a plugin author gets an error naming the
-missing attribute at start-up rather than deep inside a run.
+Each hook in :mod:`ftengine.core.hookspecs` registers objects of one Protocol below. The Protocols
+are the single source of what an object needs: the registries derive their checks from them
+(:func:`protocol_members`, :func:`check_protocol`), so a plugin author gets an error naming the
+missing attribute when the plugin registers, not deep inside a run.
+
+A Protocol member is **required** unless the Protocol body gives it a default value; a member
+whose default is ``None`` is an **optional capability** that the engine uses when present (a
+model adapter's ``gguf`` layout, its ``routes``). An optional member typed as another Protocol
+(``gguf: GGUFSupport | None``) is checked against that Protocol when it is set.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field
@@ -16,7 +26,10 @@ from typing import Protocol
 from typing import runtime_checkable
 
 Message = dict[str, Any]
-"""One chat turn: ``{"role": "system" | "user" | "assistant" | "tool", "content": str, ...}``."""
+"""One chat turn: ``{"role": "system" | "user" | "assistant" | "tool", "content": str, ...}``.
+
+.. versionadded:: 0.1
+"""
 
 
 @dataclass
@@ -29,6 +42,8 @@ class Sample:
       * ``text``: raw text, every token trained (continued pretraining);
       * ``prompt`` + ``chosen`` + ``rejected``: a preference triple (DPO); each is a string or a
         message list.
+
+    .. versionadded:: 0.1
     """
 
     messages: list[Message] | None = None
@@ -40,6 +55,7 @@ class Sample:
 
     @property
     def kind(self) -> str:
+        """``preference``, ``conversation``, ``text`` or ``completion``: what a trainer's ``sample_kinds`` lists."""
         if self.chosen is not None or self.rejected is not None:
             return "preference"
         if self.messages is not None:
@@ -50,7 +66,11 @@ class Sample:
 
 
 class RowError(ValueError):
-    """A dataset row that a format cannot convert. ``field`` names the offending field."""
+    """A dataset row that a format cannot convert. ``field`` names the offending field; the engine
+    adds the file and the row number.
+
+    .. versionadded:: 0.1
+    """
 
     def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
@@ -59,15 +79,21 @@ class RowError(ValueError):
 
 @runtime_checkable
 class DatasetFormat(Protocol):
-    """A dataset format (register_formats).
+    """A dataset format (``register_formats``).
 
     Attributes:
         name: what ``data.format`` names.
         description: one line for ``ftengine plugins`` and error messages.
+        to_messages: optional; the row's turns as messages without the checks training adds (a
+            final assistant turn), for conversation formats. ``ftengine.standardize_sharegpt`` uses
+            the ``sharegpt`` format's.
+
+    .. versionadded:: 0.1
     """
 
     name: str
     description: str
+    to_messages: Callable[[dict[str, Any]], list[Message]] | None = None
 
     def detect(self, row: dict[str, Any]) -> bool:
         """True if ``row`` has this format's shape (used by ``data.format: auto``)."""
@@ -78,7 +104,7 @@ class DatasetFormat(Protocol):
 
 @dataclass
 class ChatTemplate:
-    """A chat template (register_chat_templates).
+    """A chat template (``register_chat_templates``).
 
     Attributes:
         name: what ``data.chat_template`` names (Unsloth's names: ``qwen2.5``, ``llama-3.1``, ...).
@@ -88,6 +114,8 @@ class ChatTemplate:
             tokenizer (``None``: keep the tokenizer's).
         stop_tokens: strings that end an assistant turn (exporters put them in GGUF/Ollama metadata).
         description: one line.
+
+    .. versionadded:: 0.1
     """
 
     name: str
@@ -100,22 +128,61 @@ class ChatTemplate:
 
 
 @runtime_checkable
+class GGUFSupport(Protocol):
+    """How one architecture is written to GGUF for llama.cpp (a model adapter's optional ``gguf``).
+
+    Attributes:
+        architecture: llama.cpp's architecture name (``llama``, ``qwen2``, ``gemma2``, ...).
+
+    .. versionadded:: 0.1
+    """
+
+    architecture: str
+
+    def tensor_name(self, hf_name: str) -> str | None:
+        """llama.cpp's name for a Hugging Face tensor name (``None``: not exported)."""
+
+    def tensor(self, hf_name: str, tensor: Any, config: Any) -> Any:
+        """The tensor as llama.cpp expects it (e.g. Llama's q/k rows permuted to its rotary
+        layout, Gemma's norm weights stored as ``1 + w``); unchanged when nothing applies."""
+
+    def metadata(self, config: Any) -> dict[str, Any]:
+        """Architecture-specific GGUF keys without the ``{arch}.`` prefix (e.g.
+        ``{"attention.sliding_window": 4096}``); the exporter writes the common ones itself."""
+
+    def extra_tensors(self, config: Any) -> dict[str, Any]:
+        """Tensors llama.cpp needs that have no Hugging Face counterpart (e.g. Llama 3.1's
+        ``rope_freqs.weight``), by GGUF name; ``{}`` when none."""
+
+
+@runtime_checkable
 class ModelAdapter(Protocol):
-    """Support for one architecture family (register_models).
+    """Support for one architecture family (``register_models``).
 
     Attributes:
         name: the family (``llama``, ``qwen2``, ...).
         model_types: the Hugging Face ``config.model_type`` values it serves.
         default_target_modules: LoRA targets for ``target_modules: all-linear``.
         default_chat_template: a registered template name, or ``None``.
-        gguf_architecture: llama.cpp's architecture name, or ``None`` when it cannot export GGUF.
+        gguf: optional; a :class:`GGUFSupport` when the family can be exported to GGUF.
+        routes: optional; ``routes(model) -> list[str]``: after LoRA is attached, how each
+            projection runs (fused op or peft's path, with the reason), shown in the run summary.
+        unpatch: optional; ``unpatch(model) -> int``: undo :meth:`patch`, returning the number of
+            modules restored.
+
+    :class:`ftengine.plugin.DecoderAdapter` builds one from data (the classes to patch, the GGUF
+    layout) for decoder-only families.
+
+    .. versionadded:: 0.1
     """
 
     name: str
     model_types: tuple[str, ...]
     default_target_modules: tuple[str, ...]
     default_chat_template: str | None
-    gguf_architecture: str | None
+    gguf: GGUFSupport | None = None
+    routes: Callable[[Any], list[str]] | None = None
+    unpatch: Callable[[Any], int] | None = None
 
     def patch(self, model: Any, get_op: Callable[[str], Callable[..., Any]]) -> list[str]:
         """Swap the model's module forwards for kernel ops; return a line per thing patched.
@@ -124,35 +191,18 @@ class ModelAdapter(Protocol):
         kernel backends key per-forward caches on it (e.g. LoRA weights cast to the compute dtype).
         """
 
-    def gguf_tensor_name(self, hf_name: str) -> str | None:
-        """llama.cpp's name for a Hugging Face tensor name (``None``: not exported)."""
-
-    def gguf_tensor(self, hf_name: str, tensor: Any, config: Any) -> Any:
-        """The tensor as llama.cpp expects it (e.g. Llama's q/k rows permuted to its rotary
-        layout, Gemma's norm weights stored as ``1 + w``); unchanged when nothing applies."""
-
-    def gguf_metadata(self, config: Any) -> dict[str, Any]:
-        """Architecture-specific GGUF keys without the ``{arch}.`` prefix (e.g.
-        ``{"attention.sliding_window": 4096}``); the exporter writes the common ones itself."""
-
-    def gguf_extra_tensors(self, config: Any) -> dict[str, Any]:
-        """Tensors llama.cpp needs that have no Hugging Face counterpart (e.g. Llama 3.1's
-        ``rope_freqs.weight``), by GGUF name; ``{}`` when none."""
-
-    # Optional (the core uses them when present):
-    #   routes(model) -> list[str]: after LoRA is attached, how each projection runs (fused op or
-    #       peft's path, with the reason); shown in the run summary.
-    #   unpatch(model) -> int: undo patch(); the number of modules restored.
-
 
 @runtime_checkable
 class KernelBackend(Protocol):
-    """A kernel backend (register_kernels). Its op functions are attributes named as in
-    :data:`ftengine.core.kernels.OP_NAMES`; it may implement a subset.
+    """A kernel backend (``register_kernels``). Its op functions are attributes named as in
+    :data:`ftengine.core.kernels.OP_NAMES`, with the signatures documented there; it may
+    implement a subset and the engine falls back op by op to the ``reference`` backend.
 
     Attributes:
         name: ``reference``, ``triton``, ...
         priority: higher wins when several available backends implement an op.
+
+    .. versionadded:: 0.1
     """
 
     name: str
@@ -162,26 +212,25 @@ class KernelBackend(Protocol):
         """Whether this backend can run here (device, library versions)."""
 
 
-@runtime_checkable
-class TrainerPlugin(Protocol):
-    """A trainer (register_trainers): ``sft``, ``dpo``, ...
-
-    Attributes:
-        name: what ``training.trainer`` names.
-        sample_kinds: the :attr:`Sample.kind` values it trains on.
-    """
-
-    name: str
-    sample_kinds: tuple[str, ...]
-
-    def create(self, request: "TrainRequest") -> Any:
-        """Build a Hugging Face ``Trainer``-like object whose ``train(resume_from_checkpoint=...)``
-        runs the training."""
-
-
 @dataclass
 class TrainRequest:
-    """Everything a trainer plugin needs to build its trainer."""
+    """Everything a trainer plugin needs to build its trainer.
+
+    Attributes:
+        model: the patched (and, for LoRA, peft-wrapped) model.
+        tokenizer: its tokenizer, chat template set.
+        train_dataset / eval_dataset: tokenized rows (``input_ids``, ``labels``, ... per the trainer's
+            sample kinds); ``eval_dataset`` may be ``None``.
+        training: the validated ``training`` section (:class:`ftengine.core.config.TrainingConfig`).
+        output_dir: where checkpoints go.
+        callbacks: the engine's progress, metrics, checkpoint and interruption callbacks; pass them on.
+        ref_model: a frozen reference model for trainers that need one and cannot use the
+            adapter-disabled policy (full fine-tuning), else ``None``.
+        max_seq_length: the longest row in tokens (``model.max_seq_length``).
+        attn_implementation: the attention implementation the model was loaded with.
+
+    .. versionadded:: 0.1
+    """
 
     model: Any
     tokenizer: Any
@@ -191,16 +240,40 @@ class TrainRequest:
     output_dir: Path
     callbacks: list[Any] = field(default_factory=list)
     ref_model: Any = None
+    max_seq_length: int = 2048
+    attn_implementation: str = "sdpa"
+
+
+@runtime_checkable
+class TrainerPlugin(Protocol):
+    """A trainer (``register_trainers``): ``sft``, ``dpo``, ...
+
+    Attributes:
+        name: what ``training.trainer`` names.
+        sample_kinds: the :attr:`Sample.kind` values it trains on.
+
+    .. versionadded:: 0.1
+    """
+
+    name: str
+    sample_kinds: tuple[str, ...]
+
+    def create(self, request: TrainRequest) -> Any:
+        """Build a Hugging Face ``Trainer``-like object whose ``train(resume_from_checkpoint=...)``
+        runs the training."""
 
 
 @runtime_checkable
 class Exporter(Protocol):
-    """An export format (register_exporters).
+    """An export format (``register_exporters``).
 
     Attributes:
         name: ``lora``, ``merged``, ``gguf``, ...
         description: one line.
-        options_schema: a pydantic model of the options this exporter takes (or ``None``).
+        options_schema: a pydantic model of the options this exporter takes (or ``None``); the
+            ``export:`` entry of the config is validated against it before the run starts.
+
+    .. versionadded:: 0.1
     """
 
     name: str
@@ -208,13 +281,56 @@ class Exporter(Protocol):
     options_schema: Any
 
     def export(self, model: Any, tokenizer: Any, out_dir: Path, options: Any) -> list[str]:
-        """Write the export into ``out_dir`` (an empty, temporary directory the core renames when
+        """Write the export into ``out_dir`` (an empty, temporary directory the engine renames when
         this returns); return human-readable lines describing what was written."""
 
 
-@dataclass
-class Command:
-    """An extra CLI command (register_commands): a ``click.Command`` and the plugin's name."""
+@runtime_checkable
+class Command(Protocol):
+    """An extra CLI command (``register_commands``): a ``click.Command`` satisfies it.
 
-    command: Any
-    name: str = ""
+    Attributes:
+        name: the command's name; it may not shadow a core command.
+        callback: the function click calls.
+
+    .. versionadded:: 0.1
+    """
+
+    name: str
+    callback: Callable[..., Any] | None
+
+
+@functools.cache
+def protocol_members(protocol: type) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(required, optional)`` member names of a Protocol, from its body alone.
+
+    Annotated attributes and methods are members; a member with a default value in the body is optional.
+    """
+    body = vars(protocol)
+    annotated = tuple(protocol.__dict__.get("__annotations__", {}))
+    methods = tuple(n for n, v in body.items() if inspect.isfunction(v) and not n.startswith("_"))
+    required = tuple(n for n in annotated if n not in body) + methods
+    optional = tuple(n for n in annotated if n in body)
+    return required, optional
+
+
+def _nested_protocol(protocol: type, member: str) -> type | None:
+    """The Protocol an optional member is typed as (``gguf: GGUFSupport | None`` -> GGUFSupport)."""
+    hint = typing.get_type_hints(protocol).get(member)
+    for arg in typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) else (hint,):
+        if isinstance(arg, type) and getattr(arg, "_is_protocol", False):
+            return arg
+    return None
+
+
+def check_protocol(obj: Any, protocol: type) -> list[str]:
+    """What ``obj`` lacks to be a ``protocol``: required members missing, and the missing members
+    of an optional capability that is set (``gguf.tensor_name``). Empty when it conforms."""
+    required, optional = protocol_members(protocol)
+    problems = [name for name in required if not hasattr(obj, name)]
+    for name in optional:
+        value = getattr(obj, name, None)
+        nested = _nested_protocol(protocol, name) if value is not None else None
+        if nested is not None:
+            problems += [f"{name}.{missing}" for missing in check_protocol(value, nested)]
+    return problems

@@ -141,11 +141,3 @@ def test_op_lookup_prefers_available_backends_and_falls_back(monkeypatch):
     assert resolve_op("swiglu", [reference, FastBackend(True)])[0] == "reference"
     for op in OP_NAMES:
         assert callable(getattr(reference, op))
-
-
-def test_every_hook_is_documented():
-    from ftengine.core import hookspecs
-
-    for hook in plugins.KINDS.values():
-        doc = getattr(hookspecs, hook).__doc__
-        assert ":param register:" in doc and "versionadded" in doc, hook

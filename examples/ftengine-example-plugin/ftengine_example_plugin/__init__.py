@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import ftengine
-from ftengine.core.types import RowError
-from ftengine.core.types import Sample
+from ftengine.plugin import RowError
+from ftengine.plugin import Sample
+from ftengine.plugin import hookimpl
 
 
 class QAFormat:
@@ -27,6 +27,6 @@ class QAFormat:
                                 {"role": "assistant", "content": row["answer"]}])
 
 
-@ftengine.hookimpl
+@hookimpl
 def register_formats(register):
     register(QAFormat())

@@ -2,7 +2,7 @@ import pytest
 from ftengine_example_plugin import QAFormat
 
 from ftengine.core.plugins import get_registry
-from ftengine.core.types import RowError
+from ftengine.plugin import RowError
 
 
 def test_is_installed():

@@ -16,8 +16,8 @@ from pydantic import BaseModel
 from pydantic import ConfigDict
 from pydantic import field_validator
 
-from ftengine.plugins.exporters.merge import base_source
-from ftengine.plugins.exporters.merge import iter_merged_tensors
+from ftengine.plugins.exporters.merged_tensors import base_source
+from ftengine.plugins.exporters.merged_tensors import iter_merged_tensors
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KIB|MIB|GIB)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -140,3 +142,72 @@ def llama3_rope_factors(config: Any) -> torch.Tensor | None:
     blended = 1.0 / ((1 - smooth) / factor + smooth)
     divisor = torch.where(wavelen < old_context / high, torch.ones_like(freqs), blended)
     return torch.where(wavelen > old_context / low, torch.full_like(freqs, factor), divisor)
+
+
+def head_lengths(config: Any) -> dict[str, Any]:
+    """``attention.key_length`` / ``value_length`` when ``head_dim`` is set explicitly (as llama.cpp's converter)."""
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim is None:
+        return {}
+    return {"attention.key_length": int(head_dim), "attention.value_length": int(head_dim)}
+
+
+def vocab_and_head_lengths(config: Any) -> dict[str, Any]:
+    """The vocabulary size and explicit head lengths (llama.cpp's ``llama`` architecture keys beyond rope)."""
+    return {"vocab_size": int(config.vocab_size), **head_lengths(config)}
+
+
+def _text(config: Any) -> Any:
+    """The language model's config (a multimodal config keeps it as ``text_config``)."""
+    return getattr(config, "text_config", None) or config
+
+
+@dataclass(frozen=True)
+class GGUFLayout:
+    """A :class:`ftengine.core.types.GGUFSupport` described by data, for decoder-only families.
+
+    Attributes:
+        architecture: llama.cpp's architecture name.
+        permute_qk: regroup q/k rows to llama.cpp's rotary order (Llama, Mistral).
+        norm_shift: added to every ``*norm.weight`` on export (Gemma stores ``1 + w``).
+        skip: regular expressions of Hugging Face tensors not exported.
+        renames: ``(prefix, replacement)`` pairs applied before name mapping (multimodal wrappers).
+        extra_metadata: the family's own keys from the (text) config, beyond :func:`rope_metadata`.
+
+    .. versionadded:: 0.1
+    """
+
+    architecture: str
+    permute_qk: bool = False
+    norm_shift: float = 0.0
+    skip: tuple[str, ...] = ()
+    renames: tuple[tuple[str, str], ...] = ()
+    extra_metadata: Callable[[Any], dict[str, Any]] | None = None
+
+    def tensor_name(self, hf_name: str) -> str | None:
+        """llama.cpp's name for a Hugging Face tensor name (``None``: not exported)."""
+        return tensor_name(self.architecture, hf_name, self.skip, self.renames)
+
+    def tensor(self, hf_name: str, tensor: torch.Tensor, config: Any) -> torch.Tensor:
+        """The tensor in llama.cpp's layout: q/k rows regrouped (Llama), norms shifted (Gemma)."""
+        text = _text(config)
+        if self.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            return permute_rotary_rows(tensor, text.num_attention_heads)
+        if self.permute_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            return permute_rotary_rows(tensor, text.num_key_value_heads or text.num_attention_heads)
+        if self.norm_shift and hf_name.endswith("norm.weight"):
+            return tensor + self.norm_shift
+        return tensor
+
+    def metadata(self, config: Any) -> dict[str, Any]:
+        """Architecture keys without the ``{arch}.`` prefix: rope settings and the family's own."""
+        text = _text(config)
+        meta = rope_metadata(text)
+        if self.extra_metadata is not None:
+            meta.update(self.extra_metadata(text))
+        return meta
+
+    def extra_tensors(self, config: Any) -> dict[str, torch.Tensor]:
+        """Tensors llama.cpp needs that have no Hugging Face counterpart (Llama 3.1's ``rope_freqs.weight``)."""
+        factors = llama3_rope_factors(_text(config)) if self.architecture == "llama" else None
+        return {} if factors is None else {"rope_freqs.weight": factors}

@@ -63,6 +63,8 @@ class PatchTable:
         causal_lms: classes whose forward gets the fused LM-head loss.
         final_softcap: config attribute of the final logit softcap (Gemma 2/3), or ``None``.
         decoder: the attribute of a causal-LM class holding the decoder (``model``).
+
+    .. versionadded:: 0.1
     """
 
     norms: tuple[str, ...]

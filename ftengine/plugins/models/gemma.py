@@ -9,8 +9,9 @@ reuses the embedding), as llama.cpp's converter does.
 from __future__ import annotations
 
 from ftengine.plugins.models._adapter import DecoderAdapter
+from ftengine.plugins.models._gguf import GGUFLayout
+from ftengine.plugins.models._gguf import head_lengths
 from ftengine.plugins.models._patching import PatchTable
-from ftengine.plugins.models.llama import head_lengths
 
 ADAPTER = DecoderAdapter(
     name="gemma",
@@ -23,8 +24,10 @@ ADAPTER = DecoderAdapter(
         causal_lms=("GemmaForCausalLM",),
     ),
     default_chat_template="gemma",
-    gguf_architecture="gemma",
-    gguf_norm_shift=1.0,
-    gguf_skip=(r"^lm_head\.weight$",),
-    gguf_extra_metadata=head_lengths,
+    gguf=GGUFLayout(
+        architecture="gemma",
+        norm_shift=1.0,
+        skip=(r"^lm_head\.weight$",),
+        extra_metadata=head_lengths,
+    ),
 )

@@ -14,8 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 from ftengine.plugins.models._adapter import DecoderAdapter
+from ftengine.plugins.models._gguf import GGUFLayout
+from ftengine.plugins.models._gguf import head_lengths
 from ftengine.plugins.models._patching import PatchTable
-from ftengine.plugins.models.llama import head_lengths
 
 
 def gemma2_metadata(config: Any) -> dict[str, Any]:
@@ -41,8 +42,10 @@ ADAPTER = DecoderAdapter(
         final_softcap="final_logit_softcapping",
     ),
     default_chat_template="gemma-2",
-    gguf_architecture="gemma2",
-    gguf_norm_shift=1.0,
-    gguf_skip=(r"^lm_head\.weight$",),
-    gguf_extra_metadata=gemma2_metadata,
+    gguf=GGUFLayout(
+        architecture="gemma2",
+        norm_shift=1.0,
+        skip=(r"^lm_head\.weight$",),
+        extra_metadata=gemma2_metadata,
+    ),
 )

@@ -14,8 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 from ftengine.plugins.models._adapter import DecoderAdapter
+from ftengine.plugins.models._gguf import GGUFLayout
+from ftengine.plugins.models._gguf import head_lengths
 from ftengine.plugins.models._patching import PatchTable
-from ftengine.plugins.models.llama import head_lengths
 
 
 def gemma3_metadata(config: Any) -> dict[str, Any]:
@@ -42,10 +43,12 @@ ADAPTER = DecoderAdapter(
         final_softcap="final_logit_softcapping",
     ),
     default_chat_template="gemma-3",
-    gguf_architecture="gemma3",
-    gguf_norm_shift=1.0,
-    gguf_skip=(r"(^|\.)vision_tower\.", r"(^|\.)multi_modal_projector\."),
-    gguf_renames=(("model.language_model.", "model."), ("language_model.model.", "model."),
-                  ("language_model.lm_head.", "lm_head.")),
-    gguf_extra_metadata=gemma3_metadata,
+    gguf=GGUFLayout(
+        architecture="gemma3",
+        norm_shift=1.0,
+        skip=(r"(^|\.)vision_tower\.", r"(^|\.)multi_modal_projector\."),
+        renames=(("model.language_model.", "model."), ("language_model.model.", "model."),
+                 ("language_model.lm_head.", "lm_head.")),
+        extra_metadata=gemma3_metadata,
+    ),
 )

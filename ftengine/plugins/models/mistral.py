@@ -7,8 +7,9 @@ an explicit ``head_dim``. GGUF: llama.cpp runs it as ``llama`` (q/k rows regroup
 from __future__ import annotations
 
 from ftengine.plugins.models._adapter import DecoderAdapter
+from ftengine.plugins.models._gguf import GGUFLayout
+from ftengine.plugins.models._gguf import vocab_and_head_lengths
 from ftengine.plugins.models._patching import PatchTable
-from ftengine.plugins.models.llama import llama_metadata
 
 ADAPTER = DecoderAdapter(
     name="mistral",
@@ -21,7 +22,9 @@ ADAPTER = DecoderAdapter(
         causal_lms=("MistralForCausalLM",),
     ),
     default_chat_template="mistral",
-    gguf_architecture="llama",
-    gguf_permute_qk=True,
-    gguf_extra_metadata=llama_metadata,
+    gguf=GGUFLayout(
+        architecture="llama",
+        permute_qk=True,
+        extra_metadata=vocab_and_head_lengths,
+    ),
 )

@@ -8,8 +8,9 @@ window that only some checkpoints enable. GGUF: architecture ``qwen2``; q/k rows
 from __future__ import annotations
 
 from ftengine.plugins.models._adapter import DecoderAdapter
+from ftengine.plugins.models._gguf import GGUFLayout
+from ftengine.plugins.models._gguf import head_lengths
 from ftengine.plugins.models._patching import PatchTable
-from ftengine.plugins.models.llama import head_lengths
 
 ADAPTER = DecoderAdapter(
     name="qwen2",
@@ -22,6 +23,8 @@ ADAPTER = DecoderAdapter(
         causal_lms=("Qwen2ForCausalLM",),
     ),
     default_chat_template="qwen2.5",
-    gguf_architecture="qwen2",
-    gguf_extra_metadata=head_lengths,
+    gguf=GGUFLayout(
+        architecture="qwen2",
+        extra_metadata=head_lengths,
+    ),
 )

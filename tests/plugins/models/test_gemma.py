@@ -60,16 +60,16 @@ def test_gguf_names_norm_shift_and_tied_head():
     cfg = config()
     gemma = adapter("gemma")
     model = GemmaForCausalLM(cfg)
-    names = {n: gemma.gguf_tensor_name(n) for n in model.state_dict()}
+    names = {n: gemma.gguf.tensor_name(n) for n in model.state_dict()}
     assert names["lm_head.weight"] is None  # llama.cpp reuses token_embd
     assert names["model.layers.0.post_attention_layernorm.weight"] == "blk.0.ffn_norm.weight"
     exported = {n for n in names.values() if n is not None}
     assert len(exported) == len(names) - 1
     norm = torch.randn(32)
-    assert torch.equal(gemma.gguf_tensor("model.norm.weight", norm, cfg), norm + 1)
+    assert torch.equal(gemma.gguf.tensor("model.norm.weight", norm, cfg), norm + 1)
     q = torch.randn(32, 32)
-    assert gemma.gguf_tensor("model.layers.0.self_attn.q_proj.weight", q, cfg) is q
-    assert gemma.gguf_metadata(cfg)["attention.key_length"] == 8
+    assert gemma.gguf.tensor("model.layers.0.self_attn.q_proj.weight", q, cfg) is q
+    assert gemma.gguf.metadata(cfg)["attention.key_length"] == 8
 
 
 @pytest.mark.gpu

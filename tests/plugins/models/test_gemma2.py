@@ -70,17 +70,17 @@ def test_final_softcap_is_applied_by_the_fused_loss():
 def test_gguf_metadata_and_names():
     cfg = config()
     gemma2 = adapter("gemma2")
-    meta = gemma2.gguf_metadata(cfg)
+    meta = gemma2.gguf.metadata(cfg)
     assert meta["attn_logit_softcapping"] == 2.0
     assert meta["final_logit_softcapping"] == 3.0
     assert meta["attention.sliding_window"] == SEQ // 3
     assert meta["attention.key_length"] == 8
-    names = {n: gemma2.gguf_tensor_name(n) for n in Gemma2ForCausalLM(cfg).state_dict()}
+    names = {n: gemma2.gguf.tensor_name(n) for n in Gemma2ForCausalLM(cfg).state_dict()}
     assert names["model.layers.1.pre_feedforward_layernorm.weight"] == "blk.1.ffn_norm.weight"
     assert names["model.layers.1.post_feedforward_layernorm.weight"] == "blk.1.post_ffw_norm.weight"
     assert names["model.layers.1.post_attention_layernorm.weight"] == "blk.1.post_attention_norm.weight"
     assert names["lm_head.weight"] is None
-    assert torch.equal(gemma2.gguf_tensor("model.layers.1.pre_feedforward_layernorm.weight", torch.zeros(3), cfg),
+    assert torch.equal(gemma2.gguf.tensor("model.layers.1.pre_feedforward_layernorm.weight", torch.zeros(3), cfg),
                        torch.ones(3))
 
 

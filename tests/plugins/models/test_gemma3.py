@@ -81,23 +81,23 @@ def test_multimodal_model_text_path_matches_hf():
 def test_gguf_names_and_metadata():
     gemma3 = adapter("gemma3")
     cfg = multimodal_config()
-    names = {n: gemma3.gguf_tensor_name(n) for n in Gemma3ForConditionalGeneration(cfg).state_dict()}
+    names = {n: gemma3.gguf.tensor_name(n) for n in Gemma3ForConditionalGeneration(cfg).state_dict()}
     assert names["model.language_model.embed_tokens.weight"] == "token_embd.weight"
     assert names["model.language_model.layers.1.self_attn.q_norm.weight"] == "blk.1.attn_q_norm.weight"
     assert names["model.language_model.layers.1.self_attn.k_norm.weight"] == "blk.1.attn_k_norm.weight"
     assert names["model.language_model.norm.weight"] == "output_norm.weight"
     assert names["model.vision_tower.encoder.layers.0.mlp.fc1.weight"] is None
     assert names["model.multi_modal_projector.mm_soft_emb_norm.weight"] is None
-    assert gemma3.gguf_tensor_name("language_model.model.layers.0.mlp.up_proj.weight") == "blk.0.ffn_up.weight"
-    assert torch.equal(gemma3.gguf_tensor("model.language_model.layers.0.self_attn.k_norm.weight",
+    assert gemma3.gguf.tensor_name("language_model.model.layers.0.mlp.up_proj.weight") == "blk.0.ffn_up.weight"
+    assert torch.equal(gemma3.gguf.tensor("model.language_model.layers.0.self_attn.k_norm.weight",
                                           torch.zeros(2), cfg), torch.ones(2))
-    meta = gemma3.gguf_metadata(cfg)
+    meta = gemma3.gguf.metadata(cfg)
     assert meta["rope.freq_base"] == 1000000.0  # the global layers'
     assert meta["rope.scaling.type"] == "linear" and meta["rope.scaling.factor"] == 8.0
     assert meta["attention.sliding_window"] == SEQ // 3
     assert meta["attention.key_length"] == 8
     assert "final_logit_softcapping" not in meta
-    no_window = gemma3.gguf_metadata(text_config(layer_types=["full_attention", "full_attention"]))
+    no_window = gemma3.gguf.metadata(text_config(layer_types=["full_attention", "full_attention"]))
     assert "attention.sliding_window" not in no_window
 
 

@@ -48,12 +48,12 @@ MODELS = {
 
 def _write(model: torch.nn.Module, family: str, path) -> None:
     ours, cfg = adapter(family), model.config
-    arch = ours.gguf_architecture
+    arch = ours.gguf.architecture
     writer = gguf.GGUFWriter(str(path), arch)
     meta = {"context_length": cfg.max_position_embeddings, "embedding_length": cfg.hidden_size,
             "block_count": cfg.num_hidden_layers, "feed_forward_length": cfg.intermediate_size,
             "attention.head_count": cfg.num_attention_heads, "attention.head_count_kv": cfg.num_key_value_heads,
-            "attention.layer_norm_rms_epsilon": float(cfg.rms_norm_eps), **ours.gguf_metadata(cfg)}
+            "attention.layer_norm_rms_epsilon": float(cfg.rms_norm_eps), **ours.gguf.metadata(cfg)}
     for key, value in meta.items():
         kind = gguf.GGUFValueType.STRING if isinstance(value, str) else (
             gguf.GGUFValueType.FLOAT32 if isinstance(value, float) else gguf.GGUFValueType.UINT32)
@@ -61,11 +61,11 @@ def _write(model: torch.nn.Module, family: str, path) -> None:
     writer.add_tokenizer_model("none")
     writer.add_vocab_size(VOCAB)
     for hf_name, tensor in model.state_dict().items():
-        name = ours.gguf_tensor_name(hf_name)
+        name = ours.gguf.tensor_name(hf_name)
         if name is None or (cfg.tie_word_embeddings and name == "output.weight"):
             continue
-        writer.add_tensor(name, ours.gguf_tensor(hf_name, tensor.float(), cfg).numpy().astype(np.float32))
-    for name, tensor in ours.gguf_extra_tensors(cfg).items():
+        writer.add_tensor(name, ours.gguf.tensor(hf_name, tensor.float(), cfg).numpy().astype(np.float32))
+    for name, tensor in ours.gguf.extra_tensors(cfg).items():
         writer.add_tensor(name, tensor.numpy().astype(np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -70,7 +70,7 @@ def test_unpatch_restores_the_class_forwards():
 
 def test_gguf_names_cover_the_state_dict():
     model = LlamaForCausalLM(config())
-    names = {n: adapter("llama").gguf_tensor_name(n) for n in model.state_dict()}
+    names = {n: adapter("llama").gguf.tensor_name(n) for n in model.state_dict()}
     assert names["model.embed_tokens.weight"] == "token_embd.weight"
     assert names["lm_head.weight"] == "output.weight"
     assert names["model.norm.weight"] == "output_norm.weight"
@@ -82,9 +82,9 @@ def test_gguf_names_cover_the_state_dict():
     assert names["model.layers.0.mlp.up_proj.weight"] == "blk.0.ffn_up.weight"
     assert names["model.layers.0.mlp.down_proj.weight"] == "blk.0.ffn_down.weight"
     assert len(set(names.values())) == len(names)
-    assert adapter("llama").gguf_tensor_name("model.layers.0.self_attn.rotary_emb.inv_freq") is None
+    assert adapter("llama").gguf.tensor_name("model.layers.0.self_attn.rotary_emb.inv_freq") is None
     with pytest.raises(KeyError):
-        adapter("llama").gguf_tensor_name("model.layers.0.mystery.weight")
+        adapter("llama").gguf.tensor_name("model.layers.0.mystery.weight")
 
 
 def _interleaved_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
@@ -114,11 +114,11 @@ def test_gguf_qk_permutation_turns_hf_rope_into_llamacpp_rope(proj, heads):
     weight = torch.randn(heads * 8, 32)
     x = torch.randn(5, 32)
     positions = torch.arange(5)
-    exported = adapter("llama").gguf_tensor(f"model.layers.0.self_attn.{proj}.weight", weight, cfg)
+    exported = adapter("llama").gguf.tensor(f"model.layers.0.self_attn.{proj}.weight", weight, cfg)
     hf = _rotate_half_rope((x @ weight.T).view(5, heads, 8).transpose(0, 1), positions, 500000.0)  # (H, T, D)
     cpp = _interleaved_rope((x @ exported.T).view(5, heads, 8).transpose(0, 1), positions, 500000.0)
     hf_in_cpp_order = hf.transpose(0, 1).reshape(5, heads * 8)
-    hf_in_cpp_order = adapter("llama").gguf_tensor(f"model.layers.0.self_attn.{proj}.weight", hf_in_cpp_order.T, cfg).T
+    hf_in_cpp_order = adapter("llama").gguf.tensor(f"model.layers.0.self_attn.{proj}.weight", hf_in_cpp_order.T, cfg).T
     torch.testing.assert_close(cpp.transpose(0, 1).reshape(5, heads * 8), hf_in_cpp_order, atol=1e-5, rtol=1e-5)
 
 
@@ -126,14 +126,14 @@ def test_gguf_llama31_rope_factors_reproduce_hf_frequencies():
     cfg = config()
     model = LlamaForCausalLM(cfg)
     hf_inv_freq = model.model.rotary_emb.inv_freq
-    extra = adapter("llama").gguf_extra_tensors(cfg)
+    extra = adapter("llama").gguf.extra_tensors(cfg)
     base = 1.0 / 500000.0 ** (torch.arange(0, 8, 2).float() / 8)
     torch.testing.assert_close(base / extra["rope_freqs.weight"], hf_inv_freq, rtol=1e-5, atol=0)
-    assert adapter("llama").gguf_extra_tensors(config(rope_scaling=None)) == {}
+    assert adapter("llama").gguf.extra_tensors(config(rope_scaling=None)) == {}
 
 
 def test_gguf_metadata():
-    meta = adapter("llama").gguf_metadata(config(rope_scaling={"rope_type": "linear", "factor": 2.0}))
+    meta = adapter("llama").gguf.metadata(config(rope_scaling={"rope_type": "linear", "factor": 2.0}))
     assert meta == {"rope.dimension_count": 8, "rope.freq_base": 500000.0, "rope.scaling.type": "linear",
                     "rope.scaling.factor": 2.0, "vocab_size": VOCAB,
                     "attention.key_length": 8, "attention.value_length": 8}

@@ -46,12 +46,12 @@ def test_packed_sequences_match_hf():
 def test_gguf_exports_as_llama_with_explicit_head_dim():
     cfg = config()
     mistral = adapter("mistral")
-    assert mistral.gguf_architecture == "llama"
-    assert mistral.gguf_tensor_name("model.layers.1.mlp.down_proj.weight") == "blk.1.ffn_down.weight"
-    meta = mistral.gguf_metadata(cfg)
+    assert mistral.gguf.architecture == "llama"
+    assert mistral.gguf.tensor_name("model.layers.1.mlp.down_proj.weight") == "blk.1.ffn_down.weight"
+    meta = mistral.gguf.metadata(cfg)
     assert meta["attention.key_length"] == 16 and meta["rope.dimension_count"] == 16
     q = MistralForCausalLM(cfg).model.layers[0].self_attn.q_proj.weight
-    exported = mistral.gguf_tensor("model.layers.0.self_attn.q_proj.weight", q, cfg)
+    exported = mistral.gguf.tensor("model.layers.0.self_attn.q_proj.weight", q, cfg)
     assert exported.shape == q.shape and not exported.equal(q)
     assert exported[1].equal(q[8])  # head 0: row 2i+1 of the export is row D/2 + i of Hugging Face's
 

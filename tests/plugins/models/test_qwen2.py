@@ -55,7 +55,7 @@ def test_gguf_names_and_layout():
     cfg = config(tie_word_embeddings=False)
     model = Qwen2ForCausalLM(cfg)
     qwen2 = adapter("qwen2")
-    names = {n: qwen2.gguf_tensor_name(n) for n in model.state_dict()}
+    names = {n: qwen2.gguf.tensor_name(n) for n in model.state_dict()}
     assert names["model.layers.1.self_attn.q_proj.bias"] == "blk.1.attn_q.bias"
     assert names["model.layers.1.self_attn.k_proj.bias"] == "blk.1.attn_k.bias"
     assert names["model.layers.1.self_attn.v_proj.weight"] == "blk.1.attn_v.weight"
@@ -63,14 +63,14 @@ def test_gguf_names_and_layout():
     assert len(set(names.values())) == len(names)
     weight = model.model.layers[0].self_attn.q_proj.weight
     # llama.cpp runs Qwen2 with the rotate-half rope: no regrouping
-    assert qwen2.gguf_tensor("model.layers.0.self_attn.q_proj.weight", weight, cfg) is weight
-    assert qwen2.gguf_extra_tensors(cfg) == {}
+    assert qwen2.gguf.tensor("model.layers.0.self_attn.q_proj.weight", weight, cfg) is weight
+    assert qwen2.gguf.extra_tensors(cfg) == {}
 
 
 def test_gguf_metadata_yarn():
     cfg = config(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768},
                  rope_theta=1000000.0)
-    meta = adapter("qwen2").gguf_metadata(cfg)
+    meta = adapter("qwen2").gguf.metadata(cfg)
     assert meta["rope.freq_base"] == 1000000.0
     assert meta["rope.scaling.type"] == "yarn"
     assert meta["rope.scaling.factor"] == 4.0

@@ -1,6 +1,6 @@
 """Write a model as one GGUF file: metadata, vocabulary, then the tensors one at a time.
 
-Tensors stream from :func:`ftengine.plugins.exporters.merge.iter_merged_tensors` (LoRA merged,
+Tensors stream from :func:`ftengine.plugins.exporters.merged_tensors.iter_merged_tensors` (LoRA merged,
 Hugging Face names), are renamed and reshaped by the architecture's adapter and quantized. GGUF
 puts every tensor's name, shape and offset before the data, so the quantized tensors wait until
 all are done: in memory when the file is small next to the free memory, else in a scratch file
@@ -32,9 +32,9 @@ from ftengine.plugins.exporters.gguf import mixes
 from ftengine.plugins.exporters.gguf import quants
 from ftengine.plugins.exporters.gguf.tokenizer import build_vocab
 from ftengine.plugins.exporters.gguf.tokenizer import write_vocab
-from ftengine.plugins.exporters.merge import OriginalCheckpoint
-from ftengine.plugins.exporters.merge import base_source
-from ftengine.plugins.exporters.merge import iter_merged_tensors
+from ftengine.plugins.exporters.merged_tensors import OriginalCheckpoint
+from ftengine.plugins.exporters.merged_tensors import base_source
+from ftengine.plugins.exporters.merged_tensors import iter_merged_tensors
 
 BITS_PER_WEIGHT = {"f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q4_0": 4.5,
                    "q4_k_m": 4.9, "q5_k_m": 5.7, "q6_k": 6.5625}
@@ -83,20 +83,22 @@ class _Scratch:
             self.path.unlink(missing_ok=True)
 
 
-def resolve_adapter(config: Any) -> Any:
-    """The registered adapter that exports ``config.model_type`` to GGUF.
+def resolve_layout(config: Any) -> Any:
+    """The GGUF layout (:class:`ftengine.core.types.GGUFSupport`) of the adapter serving ``config.model_type``.
 
     Raises:
-        ExportError: no adapter serves the model type, or it has no GGUF architecture; the message
+        ExportError: no adapter serves the model type, or it has no ``gguf`` layout; the message
             lists the model types that can be exported.
     """
     adapter = adapter_for_model_type(config.model_type)
-    if adapter is None or getattr(adapter, "gguf_architecture", None) is None:
-        exportable = sorted(t for a in get_registry("models").values() if a.gguf_architecture for t in a.model_types)
+    layout = getattr(adapter, "gguf", None)
+    if layout is None:
+        exportable = sorted(t for a in get_registry("models").values() if getattr(a, "gguf", None)
+                            for t in a.model_types)
         raise ExportError(
             f"cannot export model type {config.model_type!r} to GGUF; supported: {', '.join(exportable) or '(none)'}"
         )
-    return adapter
+    return layout
 
 
 def common_metadata(config: Any) -> dict[str, Any]:
@@ -153,15 +155,15 @@ def _add_value(writer: GGUFWriter, key: str, value: Any) -> None:
         writer.add_key_value(key, value, GGUFValueType.get_type(value))
 
 
-def _tensors(model: Any, adapter: Any, config: Any, original: OriginalCheckpoint | None):
-    """``(gguf_name, tensor)`` in llama.cpp's layout, then the adapter's extra tensors (``rope_freqs``)."""
+def _tensors(model: Any, layout: Any, config: Any, original: OriginalCheckpoint | None):
+    """``(gguf_name, tensor)`` in llama.cpp's layout, then the layout's extra tensors (``rope_freqs``)."""
     tied = bool(getattr(getattr(config, "text_config", None) or config, "tie_word_embeddings", False))
     for hf_name, tensor in iter_merged_tensors(model, torch.float32, original):
-        name = adapter.gguf_tensor_name(hf_name)
+        name = layout.tensor_name(hf_name)
         if name is None or (tied and name == "output.weight"):
             continue
-        yield name, adapter.gguf_tensor(hf_name, tensor, config)
-    yield from adapter.gguf_extra_tensors(config).items()
+        yield name, layout.tensor(hf_name, tensor, config)
+    yield from layout.extra_tensors(config).items()
 
 
 def write_gguf(model: Any, tokenizer: Any, path: Path, quantization: str, name: str | None = None) -> list[str]:
@@ -183,7 +185,7 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quantization: str, name: 
     """
     quantization = mixes.check_quantization(quantization)
     config = model.config
-    adapter = resolve_adapter(config)
+    layout = resolve_layout(config)
     text = getattr(config, "text_config", None) or config
     vocab = build_vocab(tokenizer, int(text.vocab_size))
     path = Path(path)
@@ -194,7 +196,7 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quantization: str, name: 
 
     # A QLoRA run reads the base weights from the original 16-bit checkpoint rather than dequantize them.
     _, original, source = base_source(model)
-    arch = adapter.gguf_architecture
+    arch = layout.architecture
     n_layers = int(text.num_hidden_layers)
     tied = bool(getattr(text, "tie_word_embeddings", False))
     partial = path.with_name(path.name + ".partial")
@@ -203,7 +205,7 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quantization: str, name: 
     counts: dict[str, int] = {}
     try:
         with click.progressbar(length=len(model.state_dict()), label=f"GGUF {quantization}", file=sys.stderr) as bar:
-            for gguf_name, tensor in _tensors(model, adapter, config, original):
+            for gguf_name, tensor in _tensors(model, layout, config, original):
                 qtype = mixes.tensor_type(gguf_name, tuple(tensor.shape), quantization, n_layers, tied)
                 data = np.ascontiguousarray(quants.quantize(tensor, qtype))
                 scratch.add(data)
@@ -217,7 +219,7 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quantization: str, name: 
         if quantization not in ("f32", "f16", "bf16"):
             writer.add_quantization_version(QUANTIZATION_VERSION)
         meta = common_metadata(config)
-        meta.update(adapter.gguf_metadata(config))
+        meta.update(layout.metadata(config))
         for key, value in meta.items():
             _add_value(writer, f"{arch}.{key}", value)
         write_vocab(writer, vocab)

@@ -134,6 +134,8 @@ def iter_merged_tensors(
             quantized run); missing names fall back to the in-memory (dequantized) weights.
 
     Tied weights are yielded once (the first name, as in Hugging Face checkpoints).
+
+    .. versionadded:: 0.1
     """
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
