@@ -13,24 +13,31 @@ The Python API: thin functions over the same pipeline stages ``ftengine run`` us
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 from typing import Any
 
 from ftengine.core.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    import torch
 
 __version__ = "0.1.0"
 __all__ = ["hookimpl", "load_model", "add_lora", "get_chat_template", "load_dataset", "train", "export",
            "standardize_sharegpt", "conversation_extension"]
 
 
-def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | None = None, load_in_4bit: bool = False,
-               load_in_8bit: bool = False, full_finetuning: bool = False, trust_remote_code: bool = False,
-               attn_implementation: str = "auto", offload_embedding: bool = False) -> tuple[Any, Any]:
+def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | torch.dtype | None = None,
+               load_in_4bit: bool = False, load_in_8bit: bool = False, full_finetuning: bool = False,
+               trust_remote_code: bool = False, attn_implementation: str = "auto",
+               offload_embedding: bool = False) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer (16-bit, 4-bit NF4 or 8-bit) and patch it with the kernel ops.
 
     Args:
         name_or_path: local Hugging Face directory or hub id.
-        max_seq_length: remembered on the model as the default for :func:`load_dataset`.
-        dtype: ``"bfloat16"``, ``"float16"``, ``"float32"`` or ``None`` for the device's best.
+        max_seq_length: kept with the model (:class:`ftengine.engine.pipeline.ModelSettings`) for
+            :func:`train`'s trainers.
+        dtype: ``"bfloat16"``, ``"float16"``, ``"float32"`` (or the ``torch`` dtype, as transformers
+            takes it) or ``None`` for the device's best.
         load_in_4bit: QLoRA base (NF4, double quantization, bf16 compute).
         load_in_8bit: LLM.int8 base.
         full_finetuning: make every weight trainable (no LoRA).
@@ -55,7 +62,7 @@ def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | None 
     from ftengine.engine import pipeline
 
     model_config = validate_section(ModelConfig, dict(
-        name_or_path=name_or_path, max_seq_length=max_seq_length, dtype=dtype or "auto",
+        name_or_path=name_or_path, max_seq_length=max_seq_length, dtype=_dtype_name(dtype),
         full_finetuning=full_finetuning, trust_remote_code=trust_remote_code,
         attn_implementation=attn_implementation, offload_embedding=offload_embedding), "load_model")
     quant = validate_section(QuantizationConfig, dict(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit),
@@ -67,8 +74,16 @@ def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | None 
     loaded = pipeline.patch(pipeline.load(config))
     if full_finetuning:
         loaded = pipeline.adapt(loaded, config.lora, full_finetuning=True, gradient_checkpointing=False)
-    loaded.model.max_seq_length = max_seq_length
     return loaded.model, loaded.tokenizer
+
+
+def _dtype_name(dtype: Any) -> Any:
+    """``torch.bfloat16`` -> ``"bfloat16"``; ``None`` -> ``"auto"``; anything else as given (validated later)."""
+    if dtype is None:
+        return "auto"
+    import torch
+
+    return str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else dtype
 
 
 def add_lora(model: Any, r: int = 16, lora_alpha: float = 16, lora_dropout: float = 0.0,
@@ -93,9 +108,8 @@ def add_lora(model: Any, r: int = 16, lora_alpha: float = 16, lora_dropout: floa
                                              target_modules=target_modules, **lora_kwargs), "add_lora")
     validate_section(TrainingConfig, {"gradient_checkpointing": use_gradient_checkpointing}, "add_lora")
     adapter = pipeline.find_adapter(model.config)
-    loaded = pipeline.adapt(pipeline.LoadedModel(model, None, adapter), lora, False, use_gradient_checkpointing,
-                            random_state)
-    loaded.model.max_seq_length = getattr(model, "max_seq_length", 2048)
+    loaded = pipeline.adapt(pipeline.LoadedModel(model, None, adapter, settings=pipeline.settings_of(model)), lora,
+                            False, use_gradient_checkpointing, random_state)
     return loaded.model
 
 

@@ -52,11 +52,46 @@ log = logging.getLogger("ftengine")
 
 
 @dataclass
+class ModelSettings:
+    """What later stages need to know of how a model was loaded.
+
+    The pipeline passes it from stage to stage (:class:`LoadedModel`, then the trainer's
+    :class:`~ftengine.core.types.TrainRequest`); the Python API, which hands only the model object
+    from call to call, keeps it on the model as the one attribute :data:`SETTINGS_ATTR`.
+
+    Attributes:
+        max_seq_length: ``model.max_seq_length``: truncation and packing length, the default of
+            ``ftengine.load_dataset`` and the trainers' ``max_length``.
+        attn_implementation: ``model.attn_implementation`` as requested (``auto`` is resolved per dataset).
+        offload_embedding: ``model.offload_embedding``: the input embedding moves to CPU memory once frozen.
+    """
+
+    max_seq_length: int = 2048
+    attn_implementation: str = "auto"
+    offload_embedding: bool = False
+
+
+SETTINGS_ATTR = "ftengine_settings"
+
+
+def remember_settings(model: Any, settings: ModelSettings) -> None:
+    """Keep ``settings`` on ``model`` for the Python API's later calls."""
+    setattr(model, SETTINGS_ATTR, settings)
+
+
+def settings_of(model: Any) -> ModelSettings:
+    """The settings :func:`load` left on ``model`` (through a peft wrapper too); defaults for a model
+    loaded elsewhere."""
+    return getattr(model, SETTINGS_ATTR, None) or ModelSettings()
+
+
+@dataclass
 class LoadedModel:
     model: Any
     tokenizer: Any
     adapter: Any  # the ModelAdapter serving the model type, or None (trains unpatched)
     notes: list[str] = field(default_factory=list)
+    settings: ModelSettings = field(default_factory=ModelSettings)
 
 
 @dataclass
@@ -89,10 +124,6 @@ def resolve_dtype(dtype: str) -> torch.dtype:
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "flex_attention", "eager")
 FLEX_NEEDS_CUDA = ("model.attn_implementation: flex_attention trains on a CUDA GPU only (FlexAttention has no "
                    "backward on the CPU); use sdpa, or auto (sdpa here, flex_attention for packed rows on a GPU)")
-ATTN_REQUEST_ATTR = "ftengine_attn_implementation"
-"""Where :func:`load` leaves the requested ``model.attn_implementation`` on the model (read by the Python API)."""
-OFFLOAD_EMBEDDING_REQUEST_ATTR = "ftengine_offload_embedding"
-"""Set by :func:`load` when ``model.offload_embedding`` is on; :func:`adapt` offloads the table once it is frozen."""
 
 
 def resolve_attn_implementation(requested: str, packing: bool,
@@ -155,8 +186,7 @@ def attention_for_rows(model: Any, packed: bool) -> str:
         ConfigError: flex_attention without a CUDA GPU.
     """
     current = model.config._attn_implementation
-    requested = getattr(model, ATTN_REQUEST_ATTR, None)
-    if requested == "auto":
+    if settings_of(model).attn_implementation == "auto":
         wanted = resolve_attn_implementation("auto", packed, supported_attn_implementations(model.config))
         if wanted != current:
             model.set_attn_implementation(wanted)
@@ -259,12 +289,12 @@ def load(config: RunConfig) -> LoadedModel:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     mode = "4-bit NF4" if q.load_in_4bit else "8-bit" if q.load_in_8bit else str(dtype).replace("torch.", "")
-    setattr(model, ATTN_REQUEST_ATTR, m.attn_implementation)
-    setattr(model, OFFLOAD_EMBEDDING_REQUEST_ATTR, m.offload_embedding)
+    settings = ModelSettings(m.max_seq_length, m.attn_implementation, m.offload_embedding)
+    remember_settings(model, settings)
     notes = [f"model {m.name_or_path} ({hf_config.model_type}, {mode}, "
              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)",
              attention_note(attention, m.attn_implementation, config.data.packing)]
-    return LoadedModel(model, tokenizer, adapter, notes)
+    return LoadedModel(model, tokenizer, adapter, notes, settings)
 
 
 # ----------------------------------------------------------------------------- patch
@@ -338,7 +368,7 @@ def adapt(loaded: LoadedModel, lora: LoRAConfig, full_finetuning: bool = False,
         loaded.notes.append(f"LoRA r={lora.r} alpha={lora.lora_alpha} on {targets} "
                             f"({trainable / 1e6:.3f}M trainable parameters)")
     loaded.notes.append(f"gradient checkpointing: {enable_gradient_checkpointing(model, gradient_checkpointing)}")
-    if getattr(loaded.model, OFFLOAD_EMBEDDING_REQUEST_ATTR, False):
+    if loaded.settings.offload_embedding:
         from ftengine.engine.memory.embedding_offload import offload_input_embedding
 
         try:
@@ -415,9 +445,7 @@ def data(loaded: LoadedModel, config: RunConfig) -> tuple[Any, Any, DataReport]:
     apply_chat_template(loaded.tokenizer, template)
     loaded.notes.append(f"chat template: {template}")
     trainer = plugins.get("trainers", config.training.trainer)
-    max_seq_length = config.model.max_seq_length
-    # Trainers that tokenize themselves (dpo) truncate to the same length the data stage counted with.
-    loaded.model.max_seq_length = max_seq_length
+    max_seq_length = loaded.settings.max_seq_length
     report = DataReport()
     split_first = d.packing and not d.eval_path and d.eval_fraction > 0
     unpacked = d.model_copy(update={"packing": False}) if split_first else d
@@ -446,14 +474,20 @@ def data(loaded: LoadedModel, config: RunConfig) -> tuple[Any, Any, DataReport]:
 
 
 def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, training: TrainingConfig,
-          run_dir: RunDir, resume_from: Path | None = None, ref_model: Any = None) -> TrainResult:
-    """Stage 5: the trainer plugin runs, with the engine's progress, checkpoint and interrupt callbacks."""
+          run_dir: RunDir, resume_from: Path | None = None, ref_model: Any = None,
+          settings: ModelSettings | None = None) -> TrainResult:
+    """Stage 5: the trainer plugin runs, with the engine's progress, checkpoint and interrupt callbacks.
+
+    ``settings`` default to those :func:`load` left on the model."""
+    settings = settings or settings_of(model)
     trainer_plugin = plugins.get("trainers", training.trainer)
     progress = ProgressCallback(run_dir.metrics_path)
     interrupt = InterruptCallback()
     request = TrainRequest(model=model, tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset,
                            training=training, output_dir=run_dir.checkpoints, ref_model=ref_model,
-                           callbacks=[progress, CheckpointMarkerCallback(), interrupt])
+                           callbacks=[progress, CheckpointMarkerCallback(), interrupt],
+                           max_seq_length=settings.max_seq_length,
+                           attn_implementation=model.config._attn_implementation)
     trainer = trainer_plugin.create(request)
     from transformers.trainer_callback import PrinterCallback
 
@@ -568,7 +602,8 @@ def run(config: RunConfig, run_dir: RunDir | None = None, output_dir: str | None
                        config.training.gradient_checkpointing, config.training.seed)
         train_ds, eval_ds, report = data(loaded, config)
         atomic_write_text(run_dir.path / "data_report.json", json.dumps(report.to_dict(), indent=2) + "\n")
-        result = train(loaded.model, loaded.tokenizer, train_ds, eval_ds, config.training, run_dir, resume_from)
+        result = train(loaded.model, loaded.tokenizer, train_ds, eval_ds, config.training, run_dir, resume_from,
+                       settings=loaded.settings)
         exports = {}
         if not result.interrupted:
             loaded.model.eval()

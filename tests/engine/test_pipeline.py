@@ -176,3 +176,42 @@ def test_the_api_refuses_to_train_flex_attention_without_cuda(demo_base, tmp_pat
     with pytest.raises(ConfigError, match="flex_attention trains on a CUDA GPU only"):
         ftengine.train(model, tokenizer, dataset, max_steps=1, output_dir=str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+class RequestRecorder:
+    """A trainer plugin that records the request it gets and trains as ``sft`` does."""
+
+    name, sample_kinds = "recorder", ("conversation", "completion", "text")
+
+    def __init__(self):
+        self.requests = []
+
+    def create(self, request):
+        from ftengine.core import plugins
+
+        self.requests.append(request)
+        return plugins.get("trainers", "sft").create(request)
+
+
+def test_trainers_get_the_model_settings_in_the_request_not_on_the_model(tiny_config, demo_base):
+    import ftengine
+    from ftengine.core import plugins
+
+    recorder = RequestRecorder()
+    hooks = type("Hooks", (), {"register_trainers": ftengine.hookimpl(lambda self, register: register(recorder))})
+    regs = plugins.registries()
+    regs.add_plugin(hooks(), name="recorder-plugin")
+    try:
+        config = tiny_config(trainer="recorder", max_steps=1)
+        config.model.max_seq_length = 48
+        pipeline.run(config)
+        request = recorder.requests[-1]
+        assert request.max_seq_length == 48
+        assert request.attn_implementation == "sdpa"
+        assert not hasattr(request.model, "max_seq_length")
+        model, _ = ftengine.load_model(str(demo_base), max_seq_length=40, dtype=torch.float32)
+        assert next(model.parameters()).dtype == torch.float32
+        model = ftengine.add_lora(model, r=4, use_gradient_checkpointing=False)
+        assert pipeline.settings_of(model).max_seq_length == 40
+    finally:
+        regs.remove_plugin("recorder-plugin")

@@ -38,7 +38,7 @@ class DPOTrainerPlugin:
 
     def create(self, request: TrainRequest) -> Any:
         """A trl ``DPOTrainer`` with ``training.beta`` and ``training.loss_type``, truncating at the
-        model's ``max_seq_length`` (set by the data stage or ``ftengine.load_model``)."""
+        request's ``max_seq_length`` (the length the data stage counted with)."""
         from trl import DPOConfig
         from trl import DPOTrainer
 
@@ -47,7 +47,7 @@ class DPOTrainerPlugin:
             **common_arguments(training, str(request.output_dir), model),
             beta=training.beta,
             loss_type=[training.loss_type],
-            max_length=getattr(model, "max_seq_length", None),
+            max_length=request.max_seq_length,
             precompute_ref_log_probs=False,
         )
         peft = _is_peft(model)
