@@ -8,7 +8,8 @@ missing attribute when the plugin registers, not deep inside a run.
 A Protocol member is **required** unless the Protocol body gives it a default value; a member
 whose default is ``None`` is an **optional capability** that the engine uses when present (a
 model adapter's ``gguf`` layout, its ``routes``). An optional member typed as another Protocol
-(``gguf: GGUFSupport | None``) is checked against that Protocol when it is set.
+(``gguf: GGUFSupport | None``) is checked against that Protocol when it is set. (The Protocols are
+not ``runtime_checkable``: ``isinstance`` would demand the optional members too.)
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any
 from typing import Protocol
-from typing import runtime_checkable
 
 Message = dict[str, Any]
 """One chat turn: ``{"role": "system" | "user" | "assistant" | "tool", "content": str, ...}``.
@@ -77,7 +77,6 @@ class RowError(ValueError):
         self.field = field
 
 
-@runtime_checkable
 class DatasetFormat(Protocol):
     """A dataset format (``register_formats``).
 
@@ -127,7 +126,6 @@ class ChatTemplate:
     description: str = ""
 
 
-@runtime_checkable
 class GGUFSupport(Protocol):
     """How one architecture is written to GGUF for llama.cpp (a model adapter's optional ``gguf``).
 
@@ -155,7 +153,6 @@ class GGUFSupport(Protocol):
         ``rope_freqs.weight``), by GGUF name; ``{}`` when none."""
 
 
-@runtime_checkable
 class ModelAdapter(Protocol):
     """Support for one architecture family (``register_models``).
 
@@ -192,7 +189,6 @@ class ModelAdapter(Protocol):
         """
 
 
-@runtime_checkable
 class KernelBackend(Protocol):
     """A kernel backend (``register_kernels``). Its op functions are attributes named as in
     :data:`ftengine.core.kernels.OP_NAMES`, with the signatures documented there; it may
@@ -244,7 +240,6 @@ class TrainRequest:
     attn_implementation: str = "sdpa"
 
 
-@runtime_checkable
 class TrainerPlugin(Protocol):
     """A trainer (``register_trainers``): ``sft``, ``dpo``, ...
 
@@ -263,7 +258,6 @@ class TrainerPlugin(Protocol):
         runs the training."""
 
 
-@runtime_checkable
 class Exporter(Protocol):
     """An export format (``register_exporters``).
 
@@ -285,7 +279,6 @@ class Exporter(Protocol):
         this returns); return human-readable lines describing what was written."""
 
 
-@runtime_checkable
 class Command(Protocol):
     """An extra CLI command (``register_commands``): a ``click.Command`` satisfies it.
 

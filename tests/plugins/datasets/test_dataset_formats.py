@@ -5,6 +5,7 @@ import pytest
 from ftengine.core.types import DatasetFormat
 from ftengine.core.types import RowError
 from ftengine.core.types import Sample
+from ftengine.core.types import check_protocol
 from ftengine.plugins.datasets.formats import FORMATS
 
 BY_NAME = {fmt.name: fmt for fmt in FORMATS}
@@ -35,7 +36,7 @@ SHAPES = [
 def test_every_format_is_a_dataset_format():
     assert sorted(BY_NAME) == ["alpaca", "completion", "messages", "preference", "sharegpt", "text"]
     for fmt in FORMATS:
-        assert isinstance(fmt, DatasetFormat)
+        assert check_protocol(fmt, DatasetFormat) == []
         assert fmt.description
 
 
