@@ -339,10 +339,65 @@ def encode_sample(sample: Sample, tokenizer: Any, train_on: str) -> Encoded:
 
 def tokenize_sample(sample: Sample, tokenizer: Any, max_seq_length: int, train_on: str) -> dict[str, Any]:
     """``input_ids``/``labels`` (-100 where not trained) truncated to ``max_seq_length``."""
-    enc = encode_sample(sample, tokenizer, train_on)
+    return _row(encode_sample(sample, tokenizer, train_on), max_seq_length)
+
+
+def _row(enc: Encoded, max_seq_length: int) -> dict[str, Any]:
     labels = [t if trained else IGNORE for t, trained in zip(enc.input_ids, enc.trained, strict=True)]
-    truncated = len(enc.input_ids) > max_seq_length
-    return {"input_ids": enc.input_ids[:max_seq_length], "labels": labels[:max_seq_length], "truncated": truncated}
+    return {"input_ids": enc.input_ids[:max_seq_length], "labels": labels[:max_seq_length]}
+
+
+def encode_for_training(sample: Sample, tokenizer: Any, train_on: str) -> list[Encoded]:
+    """The sequences a sample trains as: one for a language-model sample, the chosen and the rejected
+    completion of a preference pair."""
+    if sample.kind == "preference":
+        prompt, chosen, rejected = preference_messages(sample)
+        return [encode_completion(tokenizer, prompt, chosen), encode_completion(tokenizer, prompt, rejected)]
+    return [encode_sample(sample, tokenizer, train_on)]
+
+
+def unusable(sequences: list[Encoded], max_seq_length: int) -> tuple[str, str] | None:
+    """``(problem, kind)`` when a sample would train nothing after truncation to ``max_seq_length``
+    (no trained token left in one of its sequences), else ``None``."""
+    prompt_tokens = min(e.trained.index(True) if any(e.trained) else len(e.trained) for e in sequences)
+    if len(sequences) > 1 and prompt_tokens >= max_seq_length:
+        return f"the prompt alone ({prompt_tokens} tokens) fills max_seq_length={max_seq_length}", \
+            "prompt fills max_seq_length"
+    if not all(any(e.trained[:max_seq_length]) for e in sequences):
+        return f"no trained tokens left after truncation to max_seq_length={max_seq_length}", "no trained tokens"
+    return None
+
+
+def count_sample(report: DataReport, sequences: list[Encoded], max_seq_length: int) -> None:
+    """Add one usable sample to ``report``: its tokens and trained tokens after truncation, and
+    whether truncation cut it. The run's data stage and ``ftengine data preview`` both count with it."""
+    report.samples += 1
+    report.truncated += int(any(len(e.input_ids) > max_seq_length for e in sequences))
+    for e in sequences:
+        report.tokens += min(len(e.input_ids), max_seq_length)
+        report.trained_tokens += sum(e.trained[:max_seq_length])
+
+
+def encode_and_count(samples: list[tuple[str, Sample]], tokenizer: Any, max_seq_length: int, train_on: str,
+                     on_bad_rows: str, report: DataReport) -> Iterator[tuple[Sample, list[Encoded]]]:
+    """Each usable sample with its encoded sequences, counted in ``report``.
+
+    A sample the chat template rejects, or that would train nothing after truncation, is an error
+    naming its row (or, with ``on_bad_rows="skip"``, skipped and reported).
+    """
+    for where, sample in samples:
+        try:
+            sequences = encode_for_training(sample, tokenizer, train_on)
+        except Exception as exc:  # the template's own raise_exception, or a turn it renders oddly
+            _sample_problem(where, f"the chat template cannot render it: {exc}", on_bad_rows, report,
+                            "chat template error")
+            continue
+        problem = unusable(sequences, max_seq_length)
+        if problem is not None:
+            _sample_problem(where, problem[0], on_bad_rows, report, problem[1])
+            continue
+        count_sample(report, sequences, max_seq_length)
+        yield sample, sequences
 
 
 def _sample_problem(where: str, problem: str, on_bad_rows: str, report: DataReport, kind: str) -> None:
@@ -354,33 +409,9 @@ def _sample_problem(where: str, problem: str, on_bad_rows: str, report: DataRepo
 
 def tokenize_samples(samples: list[tuple[str, Sample]], tokenizer: Any, max_seq_length: int, train_on: str,
                      on_bad_rows: str, report: DataReport) -> list[dict[str, Any]]:
-    """Tokenized rows with masked labels; counts tokens, trained tokens and truncations in ``report``.
-
-    A sample the chat template rejects, or with no trained token left after truncation, is an
-    error naming its row (or, with ``on_bad_rows="skip"``, skipped and reported).
-    """
-    out = []
-    for where, sample in samples:
-        try:
-            row = tokenize_sample(sample, tokenizer, max_seq_length, train_on)
-        except Exception as exc:  # the template's own raise_exception, or a turn it renders oddly
-            _sample_problem(where, f"the chat template cannot render it: {exc}", on_bad_rows, report,
-                            "chat template error")
-            continue
-        trained = sum(1 for label in row["labels"] if label != IGNORE)
-        if trained == 0:
-            _sample_problem(where, f"no trained tokens left after truncation to max_seq_length={max_seq_length}",
-                            on_bad_rows, report, "no trained tokens")
-            continue
-        report.truncated += int(row.pop("truncated"))
-        report.tokens += len(row["input_ids"])
-        report.trained_tokens += trained
-        out.append(row)
-    report.samples += len(out)
-    return out
-
-
-# ----------------------------------------------------------------------------- packing
+    """Tokenized rows with masked labels (:func:`encode_and_count`)."""
+    return [_row(sequences[0], max_seq_length)
+            for _, sequences in encode_and_count(samples, tokenizer, max_seq_length, train_on, on_bad_rows, report)]
 
 
 def pack_bins(lengths: list[int], max_seq_length: int) -> list[list[int]]:
@@ -475,31 +506,14 @@ def preference_rows(samples: list[tuple[str, Sample]], tokenizer: Any, max_seq_l
     """Conversational ``prompt``/``chosen``/``rejected`` rows for the DPO trainer, which applies the
     chat template itself (with ``chat_template_kwargs``: the fixed render date).
 
-    Counts tokens (chosen and rejected sequences), trained (completion) tokens and truncations in
-    ``report``; a pair whose prompt alone fills ``max_seq_length`` would have no completion token
-    left, so it is an error naming its row (or skipped and reported).
+    Counted and checked by :func:`encode_and_count` (chosen and rejected sequences; a pair whose
+    prompt alone fills ``max_seq_length`` is unusable).
     """
     out = []
-    for where, sample in samples:
+    for sample, _ in encode_and_count(samples, tokenizer, max_seq_length, "assistant", on_bad_rows, report):
         prompt, chosen, rejected = preference_messages(sample)
-        try:
-            pair = [encode_completion(tokenizer, prompt, chosen), encode_completion(tokenizer, prompt, rejected)]
-        except Exception as exc:
-            _sample_problem(where, f"the chat template cannot render it: {exc}", on_bad_rows, report,
-                            "chat template error")
-            continue
-        prompt_tokens = min(e.trained.index(True) if any(e.trained) else len(e.trained) for e in pair)
-        if prompt_tokens >= max_seq_length:
-            _sample_problem(where, f"the prompt alone ({prompt_tokens} tokens) fills max_seq_length={max_seq_length}",
-                            on_bad_rows, report, "prompt fills max_seq_length")
-            continue
-        report.truncated += int(any(len(e.input_ids) > max_seq_length for e in pair))
-        for e in pair:
-            report.tokens += min(len(e.input_ids), max_seq_length)
-            report.trained_tokens += sum(e.trained[:max_seq_length])
         out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
                     "chat_template_kwargs": {"date_string": RENDER_DATE}})
-    report.samples += len(out)
     return out
 
 

@@ -17,15 +17,14 @@ from typing import Any
 from ftengine.core import plugins
 from ftengine.core.config import RunConfig
 from ftengine.core.errors import ModelError
-from ftengine.core.types import Sample
 from ftengine.engine.data import DataReport
 from ftengine.engine.data import Encoded
-from ftengine.engine.data import encode_completion
-from ftengine.engine.data import encode_sample
+from ftengine.engine.data import count_sample
+from ftengine.engine.data import encode_for_training
 from ftengine.engine.data import load_samples
 from ftengine.engine.data import pack_bins
 from ftengine.engine.data import packing_efficiency
-from ftengine.engine.data import preference_messages
+from ftengine.engine.data import unusable
 
 ANSI_TRAINED, ANSI_RESET = "\x1b[1;32m", "\x1b[0m"
 BRACKETS = ("[[", "]]")
@@ -77,14 +76,6 @@ def load_tokenizer(config: RunConfig) -> tuple[Any, str]:
     return tokenizer, template
 
 
-def _encode(sample: Sample, tokenizer: Any, train_on: str) -> list[tuple[str, Encoded]]:
-    if sample.kind == "preference":
-        prompt, chosen, rejected = preference_messages(sample)
-        return [("chosen", encode_completion(tokenizer, prompt, chosen)),
-                ("rejected", encode_completion(tokenizer, prompt, rejected))]
-    return [("", encode_sample(sample, tokenizer, train_on))]
-
-
 def build_preview(config: RunConfig, tokenizer: Any, n: int = 3, template: str = "") -> Preview:
     """Encode every sample of ``config.data.path`` as the run would; keep the first ``n``.
     ``template`` names the chat template on ``tokenizer`` (for the statistics' heading).
@@ -104,21 +95,17 @@ def build_preview(config: RunConfig, tokenizer: Any, n: int = 3, template: str =
                         f"{sample.kind} sample")
             continue
         try:
-            sequences = _encode(sample, tokenizer, d.train_on)
+            encoded = encode_for_training(sample, tokenizer, d.train_on)
         except Exception as exc:
             report.skip(f"{where}: the chat template cannot render it: {exc}", "chat template error")
             continue
-        trained = [sum(e.trained[:max_len]) for _, e in sequences]
-        if not all(trained):
-            report.skip(f"{where}: no trained tokens left after truncation to max_seq_length={max_len}",
-                        "no trained tokens")
+        problem = unusable(encoded, max_len)
+        if problem is not None:
+            report.skip(f"{where}: {problem[0]}", problem[1])
             continue
-        report.samples += 1
-        report.truncated += int(any(len(e.input_ids) > max_len for _, e in sequences))
-        for (_, e), t in zip(sequences, trained, strict=True):
-            preview.lengths.append(len(e.input_ids))
-            report.tokens += min(len(e.input_ids), max_len)
-            report.trained_tokens += t
+        count_sample(report, encoded, max_len)
+        preview.lengths += [len(e.input_ids) for e in encoded]
+        sequences = list(zip(("chosen", "rejected") if sample.kind == "preference" else ("",), encoded, strict=True))
         if len(preview.shown) < n:
             preview.shown.append(Shown(where, sequences))
     if preview.packing:
