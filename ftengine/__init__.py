@@ -175,7 +175,6 @@ def train(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft", eval_d
     """
     from ftengine.core.config import TrainingConfig
     from ftengine.core.config import validate_section
-    from ftengine.core.errors import FtengineError
     from ftengine.engine import pipeline
     from ftengine.engine.rundir import RunDir
 
@@ -186,11 +185,7 @@ def train(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft", eval_d
     else:
         run_dir = RunDir(Path(output_dir))
         run_dir.path.mkdir(parents=True, exist_ok=True)
-    resume_from = run_dir.latest_checkpoint() if resume else None
-    if resume and resume_from is None:
-        raise FtengineError(f"{run_dir.path}: no complete checkpoint to resume from")
-    if resume_from is not None:
-        run_dir.truncate_metrics(int(resume_from.name.split("-")[1]))
+    resume_from = run_dir.resume_point() if resume else None
     return pipeline.train(model, tokenizer, dataset, eval_dataset, training, run_dir, resume_from)
 
 
@@ -198,17 +193,15 @@ def export(model: Any, tokenizer: Any, output_dir: str, format: str = "lora", ov
            **options: Any) -> Path:
     """Export with a registered exporter (``lora``, ``merged``, ``gguf``, ...) into ``output_dir``,
     written atomically. ``options`` are the exporter's (e.g. ``quantization="q4_k_m"``)."""
-    from ftengine.core.config import ExportEntry
-    from ftengine.core.config import validate_config
+    from ftengine.core.config import validate_exports
     from ftengine.engine.pipeline import export_one
 
-    validate_config({"model": {"name_or_path": "-"}, "export": [{"format": format, **options}]},
-                    source="export")
+    (entry,) = validate_exports([{"format": format, **options}], source="export")
     target = Path(output_dir)
     was_training = getattr(model, "training", False)
     model.eval()
     try:
-        export_one(model, tokenizer, ExportEntry(format=format, **options), target, overwrite)
+        export_one(model, tokenizer, entry, target, overwrite)
     finally:
         model.train(was_training)
     return target

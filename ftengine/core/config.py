@@ -313,6 +313,14 @@ def check_combinations(config: RunConfig) -> list[str]:
     return problems
 
 
+def validate_exports(entries: list[dict[str, Any]], source: str, base: RunConfig | None = None) -> list[ExportEntry]:
+    """``export:`` entries given outside a config file (``ftengine export``, the Python API), checked
+    exactly as a config's (:func:`check_plugin_names`, :func:`check_combinations`) against the run
+    they export (``base``; a LoRA run when ``None``)."""
+    raw = base.model_dump(mode="json") if base is not None else {"model": {"name_or_path": "-"}}
+    return validate_config({**raw, "export": entries}, source=source).export
+
+
 def export_options(entry: ExportEntry) -> Any:
     """The validated options object of one ``export:`` entry."""
     from ftengine.core.plugins import get

@@ -7,7 +7,7 @@ from typing import Any
 
 from ftengine.core.config import ExportEntry
 from ftengine.core.config import load_config
-from ftengine.core.config import validate_config
+from ftengine.core.config import validate_exports
 from ftengine.core.errors import FtengineError
 from ftengine.engine import pipeline
 from ftengine.engine.rundir import CHECKPOINT_MARKER
@@ -37,12 +37,9 @@ def load_for_export(source: Path, formats: tuple[str, ...], quantization: str | 
 
     run_dir, checkpoint, default_out = locate(source)
     config = load_config(run_dir.config_path)
-    entries = []
-    for name in formats:
-        options = {"quantization": quantization} if quantization and name == "gguf" else {}
-        entries.append(ExportEntry(format=name, **options))
-    validate_config({**config.model_dump(mode="json"), "export": [e.model_dump() for e in entries]},
-                    source="export options")
+    gguf_options = {"quantization": quantization} if quantization else {}
+    entries = validate_exports([{"format": name, **(gguf_options if name == "gguf" else {})} for name in formats],
+                               source="export options", base=config)
     if config.model.full_finetuning:  # the checkpoint holds the whole model
         config.model.name_or_path = str(checkpoint)
     model = pipeline.load(config).model

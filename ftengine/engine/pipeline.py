@@ -28,7 +28,6 @@ from ftengine.core.config import dump_config
 from ftengine.core.config import export_options
 from ftengine.core.errors import ConfigError
 from ftengine.core.errors import DataError
-from ftengine.core.errors import FtengineError
 from ftengine.core.errors import ModelError
 from ftengine.core.kernels import get_op
 from ftengine.core.types import TrainRequest
@@ -589,10 +588,7 @@ def run(config: RunConfig, run_dir: RunDir | None = None, output_dir: str | None
     resume_from = None
     if resume:
         assert run_dir is not None
-        resume_from = run_dir.latest_checkpoint()
-        if resume_from is None:
-            raise FtengineError(f"{run_dir.path}: no complete checkpoint to resume from")
-        run_dir.truncate_metrics(int(resume_from.name.split("-")[1]))
+        resume_from = run_dir.resume_point()
     else:
         run_dir = run_dir or new_run_dir(config, output_dir)
         atomic_write_text(run_dir.config_path, dump_config(config))

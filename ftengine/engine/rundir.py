@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ftengine.core.errors import FtengineError
+
 CHECKPOINT_MARKER = "COMPLETE"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -102,6 +104,19 @@ class RunDir:
             if match and (child / CHECKPOINT_MARKER).exists():
                 complete.append((int(match.group(1)), child))
         return max(complete)[1] if complete else None
+
+    def resume_point(self) -> Path:
+        """The checkpoint a resumed run continues from (the newest complete one); the metrics logged
+        after its step are dropped, since the resumed run logs those steps again.
+
+        Raises:
+            FtengineError: the run has no complete checkpoint.
+        """
+        checkpoint = self.latest_checkpoint()
+        if checkpoint is None:
+            raise FtengineError(f"{self.path}: no complete checkpoint to resume from")
+        self.truncate_metrics(int(_CHECKPOINT.match(checkpoint.name).group(1)))
+        return checkpoint
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():
