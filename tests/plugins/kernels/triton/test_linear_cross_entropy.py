@@ -5,8 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from ftengine.plugins.kernels import reference
-from ftengine.plugins.kernels.triton import linear_cross_entropy as lce_module
+from ftengine.plugins.kernels.triton.linear_cross_entropy import PATHS
+from ftengine.plugins.kernels.triton.linear_cross_entropy import Plan
+from ftengine.plugins.kernels.triton.linear_cross_entropy import choose_path
+from ftengine.plugins.kernels.triton.linear_cross_entropy import exp_logits_matmul
 from ftengine.plugins.kernels.triton.linear_cross_entropy import linear_cross_entropy
+from ftengine.plugins.kernels.triton.linear_cross_entropy import planned
+from ftengine.plugins.kernels.triton.linear_cross_entropy.chunks import Work
+from ftengine.plugins.kernels.triton.linear_cross_entropy.scale import scaled
 
 from ..helpers import DEVICE
 from ..helpers import DTYPES
@@ -33,30 +39,31 @@ def _compare(n_tokens, hidden_size, vocab, dtype, softcap, weight_grad, gen_seed
     _check(h, w, labels.to(DEVICE), dtype, softcap, weight_grad)
 
 
-def _record(monkeypatch, name):
-    """One entry (its row count) per run of the op's path ``name`` (``_exact_pass``, ``_fused_pass``...)."""
-    calls = []
-    path = getattr(lce_module, name)
-
-    def recording(work):
-        calls.append(work.n_rows)
-        path(work)
-
-    monkeypatch.setattr(lce_module, name, recording)
-    return calls
+def _plan(path, dtype, chunk_rows=16, vocab=300, tile_rows=128):
+    """A plan forcing ``path`` with chunks of at most ``chunk_rows`` rows of ``vocab`` logits."""
+    return Plan(chunk_bytes=chunk_rows * vocab * torch.tensor([], dtype=dtype).element_size(), tile_rows=tile_rows,
+                path=path)
 
 
-# "fused": the default (bf16: exponentials from the matmul's epilogue; fp32: the pass in two parts; fp16: two
-# passes); "pass, n parts": bf16 as on a GPU without tensor descriptors, the pass over cuBLAS' logits in n parts
-PATHS = ["fused", "pass, 1 part", "pass, 3 parts"]
+def _paths(dtype):
+    """The paths that take ``dtype`` here: ``two_pass`` for every dtype, ``one_pass`` but for fp16 (its range is too
+    narrow), ``epilogue`` for bf16 where its matmul runs (Hopper, or Triton's interpreter)."""
+    probe = torch.zeros(8, 16, dtype=dtype, device=DEVICE)
+    fits = {"two_pass": True, "one_pass": dtype != torch.float16,
+            "epilogue": exp_logits_matmul.supported(probe, probe)}
+    return [path for path in PATHS if fits[path]]
 
 
-def _take_path(monkeypatch, path):
-    """Sets the op on ``path`` (see ``PATHS``); returns the record of the fused path's runs."""
-    if path != "fused":
-        monkeypatch.setattr(lce_module.exp_logits_matmul, "supported", lambda hidden, weight: False)
-        monkeypatch.setattr(lce_module, "VOCAB_PARTS", int(path.split()[1]))
-    return _record(monkeypatch, "_fused_pass")
+def test_choose_path_by_dtype_and_device():
+    bf16 = torch.zeros(8, 16, dtype=torch.bfloat16, device=DEVICE)
+    assert choose_path(bf16.half(), bf16.half()) == "two_pass"
+    assert choose_path(bf16.float(), bf16.float()) == "one_pass"
+    assert choose_path(bf16, bf16) == ("epilogue" if exp_logits_matmul.supported(bf16, bf16) else "one_pass")
+    assert choose_path(bf16, bf16, Plan(path="two_pass")) == "two_pass"
+    with pytest.raises(ValueError, match="unknown path 'three_pass'"):
+        choose_path(bf16, bf16, Plan(path="three_pass"))
+    with pytest.raises(ValueError, match="epilogue path needs bf16"):
+        choose_path(bf16.float(), bf16.float(), Plan(path="epilogue"))
 
 
 def _check(h, w, labels, dtype, softcap, weight_grad):
@@ -81,35 +88,27 @@ def _check(h, w, labels, dtype, softcap, weight_grad):
         assert dw is None
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("dtype", "path"), [(dtype, path) for dtype in DTYPES for path in _paths(dtype)])
 @pytest.mark.parametrize("softcap", [None, 3.0])
 @pytest.mark.parametrize("weight_grad", [True, False])
-@pytest.mark.parametrize("path", PATHS)
-def test_linear_cross_entropy_matches_reference(dtype, softcap, weight_grad, path, monkeypatch):
-    vocab = 300
+def test_linear_cross_entropy_matches_reference(dtype, softcap, weight_grad, path):
     # several chunks: 37 tokens in chunks of at most 16 rows of logits (13, 13, 11)
-    monkeypatch.setattr(lce_module, "CHUNK_BYTES", 16 * vocab * torch.tensor([], dtype=dtype).element_size())
-    fused = _take_path(monkeypatch, path)
-    _compare(37, 48, vocab, dtype, softcap, weight_grad)
-    assert bool(fused) == (dtype == torch.bfloat16 and path == "fused")
+    with planned(_plan(path, dtype)):
+        _compare(37, 48, 300, dtype, softcap, weight_grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n_ignored", [0, 9, 45])
-def test_linear_cross_entropy_reads_the_logits_once(dtype, n_ignored, monkeypatch):
-    """fp32 and bf16 take the single pass over the logits (or none), with no exact recomputation."""
-    exact_passes = _record(monkeypatch, "_exact_pass")
-    monkeypatch.setattr(lce_module, "CHUNK_BYTES", 20 * 301 * dtype.itemsize)  # 3 chunks
-    monkeypatch.setattr(lce_module, "TILE_ROWS", 8)  # of 16 + 16 + the rest
-    _compare(53, 40, 301, dtype, None, True, gen_seed=4, n_ignored=n_ignored)
-    assert exact_passes == []
+def test_linear_cross_entropy_in_tiled_chunks(dtype, n_ignored):
+    """The one-pass path over three chunks in tiles of 8 rows (16 + 16 + the rest), ignored rows left out."""
+    with planned(_plan("one_pass", dtype, chunk_rows=20, vocab=301, tile_rows=8)):
+        _compare(53, 40, 301, dtype, None, True, gen_seed=4, n_ignored=n_ignored)
 
 
 @pytest.mark.parametrize("softcap", [None, 40.0])
-@pytest.mark.parametrize("path", PATHS)
-def test_linear_cross_entropy_rows_with_huge_losses(softcap, path, monkeypatch):
+@pytest.mark.parametrize("path", [path for path in _paths(torch.bfloat16) if path != "two_pass"])
+def test_linear_cross_entropy_rows_with_huge_losses(softcap, path):
     """Losses far above the shift's limit (and the epilogue's clamp), the row's maximum in a late block: exact."""
-    fused = _take_path(monkeypatch, path)
     gen = torch.Generator(device="cpu").manual_seed(5)
     n_tokens, hidden_size, vocab = 40, 32, 2500  # three blocks of the vocabulary under the interpreter
     h = randn((n_tokens, hidden_size), gen, torch.bfloat16)
@@ -121,9 +120,8 @@ def test_linear_cross_entropy_rows_with_huge_losses(softcap, path, monkeypatch):
     labels[::3] = logits[::3].argmin(dim=1)  # losses of hundreds of nats
     labels[1::3] = logits[1::3].argmax(dim=1)  # losses near 0
     labels[7] = -100
-    exact_passes = _record(monkeypatch, "_exact_pass")
-    _check(h, w, labels.to(DEVICE), torch.bfloat16, softcap, True)
-    assert exact_passes == [] and bool(fused) == (path == "fused")
+    with planned(Plan(path=path)):
+        _check(h, w, labels.to(DEVICE), torch.bfloat16, softcap, True)
     losses = F.cross_entropy(logits if softcap is None else softcap * torch.tanh(logits / softcap), labels,
                              reduction="none")
     assert losses.max() > 60  # the shift did move
@@ -131,13 +129,14 @@ def test_linear_cross_entropy_rows_with_huge_losses(softcap, path, monkeypatch):
 
 @pytest.mark.parametrize(("n_rows", "row_bytes"), [(7692, 304128), (8192, 304128), (8192, 256512), (300, 304128)])
 def test_chunk_bounds_whole_tiles_under_the_byte_limit(n_rows, row_bytes):
-    bounds = lce_module._chunk_bounds(n_rows, lce_module._rows_per_chunk(row_bytes))
+    plan = Plan()
+    bounds = plan.bounds(n_rows, plan.rows_per_chunk(row_bytes))
     sizes = [b - a for a, b in itertools.pairwise(bounds)]
     assert bounds[0] == 0 and bounds[-1] == n_rows
-    assert all(size * row_bytes <= lce_module.CHUNK_BYTES for size in sizes)
-    assert all(size % lce_module.TILE_ROWS == 0 for size in sizes[:-1])
-    assert max(sizes[:-1], default=0) - min(sizes[:-1], default=0) <= lce_module.TILE_ROWS  # near-equal
-    fewest = -(-n_rows // (lce_module.CHUNK_BYTES // row_bytes // lce_module.TILE_ROWS * lce_module.TILE_ROWS))
+    assert all(size * row_bytes <= plan.chunk_bytes for size in sizes)
+    assert all(size % plan.tile_rows == 0 for size in sizes[:-1])
+    assert max(sizes[:-1], default=0) - min(sizes[:-1], default=0) <= plan.tile_rows  # near-equal
+    fewest = -(-n_rows // (plan.chunk_bytes // row_bytes // plan.tile_rows * plan.tile_rows))
     assert len(sizes) == fewest
 
 
@@ -151,23 +150,22 @@ def test_backward_scale_is_the_fp32_product(dtype, out_dtype):
     gen = torch.Generator(device="cpu").manual_seed(3)
     x = randn((37, 61), gen, dtype).to(dtype)
     scale = torch.tensor(1 / 3, device=DEVICE)
-    out = lce_module.scaled(x, scale, out_dtype)
+    out = scaled(x, scale, out_dtype)
     want = x.float() * scale
     assert out.dtype == (out_dtype or dtype)
     torch.testing.assert_close(out.float(), want, rtol=torch.finfo(out.dtype).eps, atol=0)
 
 
 @pytest.mark.parametrize("n_labelled", [0, 5, 16, 17, 40, 53])
-def test_chunks_cover_the_labelled_rows_first_one_before_the_count(n_labelled, monkeypatch):
+def test_chunks_cover_the_labelled_rows_first_one_before_the_count(n_labelled):
     """The first chunk is taken before the count (padded when fewer rows have labels); the others follow it."""
-    monkeypatch.setattr(lce_module, "CHUNK_BYTES", 20 * 301 * 4)  # at most 20 rows
-    monkeypatch.setattr(lce_module, "TILE_ROWS", 8)  # in tiles of 8: chunks of 16 rows for 53 rows
+    plan = Plan(chunk_bytes=20 * 301 * 4, tile_rows=8)  # at most 20 rows, in tiles of 8: chunks of 16 for 53 rows
     gen = torch.Generator(device="cpu").manual_seed(7)
     labels = torch.randint(0, 301, (53,), generator=gen)
     labels[torch.randperm(53, generator=gen)[n_labelled:]] = -100
     hidden = randn((53, 4), gen, torch.float32)
-    work = lce_module._Work(hidden, torch.zeros(301, 4, device=DEVICE), labels.to(DEVICE), -100, None, True,
-                            torch.empty(0), speculate=True)
+    work = Work(hidden, torch.zeros(301, 4, device=DEVICE), labels.to(DEVICE), -100, None, True,
+                torch.empty(0), speculate=True, plan=plan)
     chunks = list(work.chunks())
     first_slice, first_rows, first_labels, first_h = chunks[0]
     assert first_slice == slice(0, 16) and first_rows.numel() == 16
@@ -184,8 +182,8 @@ def test_chunks_cover_the_labelled_rows_first_one_before_the_count(n_labelled, m
     assert work.n_valid == n_labelled and work.compact == (n_labelled < 53)
 
 
-def test_linear_cross_entropy_out_of_range_labels_count_as_zero_loss(monkeypatch):
-    """A label outside the vocabulary (not the ignore index) gets no loss and no gradient, on both paths."""
+def test_linear_cross_entropy_out_of_range_labels_count_as_zero_loss():
+    """A label outside the vocabulary (not the ignore index) gets no loss and no gradient, on every path."""
     gen = torch.Generator(device="cpu").manual_seed(6)
     h = randn((24, 32), gen, torch.bfloat16).requires_grad_(True)
     w = randn((64, 32), gen, torch.bfloat16, 0.5)
@@ -194,8 +192,8 @@ def test_linear_cross_entropy_out_of_range_labels_count_as_zero_loss(monkeypatch
     labels = labels.to(DEVICE)
     fast = linear_cross_entropy(h, w, labels)
     (fast_grad,) = torch.autograd.grad(fast, h)
-    monkeypatch.setattr(lce_module, "single_pass_suits", lambda dtype: False)
-    exact = linear_cross_entropy(h, w, labels)
+    with planned(Plan(path="two_pass")):
+        exact = linear_cross_entropy(h, w, labels)
     (exact_grad,) = torch.autograd.grad(exact, h)
     torch.testing.assert_close(fast, exact, rtol=2e-3, atol=1e-4)
     torch.testing.assert_close(fast_grad, exact_grad, rtol=2e-2, atol=2e-4)

@@ -21,9 +21,8 @@ the others, so such rows come out exact too.
 
 The matmul is persistent (one program per multiprocessor, column tiles outer and row tiles inner,
 so the programs running at once share each block of ``W`` through L2) and loads its tiles through
-tensor descriptors (the Hopper copy engine). On an H100, for 1,152 x 3584 -> 76,032: 988 us and
-675 mJ a call in a sustained loop, against 1,055 us and 765 mJ for cuBLAS' matmul followed by a
-pass over its logits (cuBLAS alone: 915 us, 656 mJ).
+tensor descriptors (the Hopper copy engine). Its time and energy against cuBLAS' matmul followed by
+a pass over the logits: benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -44,8 +43,7 @@ except ImportError:  # Triton before 3.3 has no host-side tensor descriptors
 EXP_CLAMP = tl.constexpr(64.0)
 LOG2E = tl.constexpr(1.4426950408889634)
 
-# H100, 1,152 x 3584 -> 152,064 inside the LM head (alternating rounds): 4 stages 25.71 ms, 3 stages 25.65 ms;
-# 256 x 128 tiles, warp specialization, no loop flattening, 128 x 128 tiles at two programs per SM: all slower alone
+# the tile shape and pipeline depth chosen by measurement (benchmarks/RESULTS.md, the LM head's section)
 GPU_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "num_stages": 4, "num_warps": 8}
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "num_stages": 1, "num_warps": 4}
 
