@@ -19,6 +19,15 @@ step (median of the timed steps), peak allocated and reserved GPU memory over th
 ``6*N_matmul + 12*L*d*s`` FLOPs a token (N_matmul: the projection and LM-head weights; the peak is
 the card's dense bf16 figure) and each step's loss.
 
+Mixture of experts: ``qwen3-30b-a3b`` (Qwen3-30B-A3B's shapes: 128 experts, 8 a token) trains the
+same LoRA on the attention and on every expert (PEFT's ``target_parameters`` on the fused expert
+weights; ftengine runs them through the ``lora_moe`` grouped GEMMs). ``nf4`` quantizes its attention
+only (bitsandbytes cannot hold the fused 3-D expert weights in 4-bit): the experts stay bf16, so
+``--layers`` cuts the depth to fit a card, the per-layer shapes unchanged:
+``python benchmarks/e2e.py --out e2e-moe.jsonl --only qwen3-30b-a3b:1:nf4,qwen3-30b-a3b:1:none --layers 16
+--frameworks hf,ftengine --steps 3 --warmup 1``. ``--device cpu --only qwen3-moe-tiny:1:none --seq 64``
+runs the script end to end on a CPU (no speed or memory figures worth reporting).
+
 Run on the GPU: ``python benchmarks/e2e.py --out e2e.jsonl`` (the default matrix; ``--profile``
 adds one profiled step per run: GPU time by kernel kind, the top kernels, memory at the start of
 the step, at the end of the forward and at its peak), then here:
@@ -52,6 +61,17 @@ MODELS = {
     "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, rms_norm_eps=1e-6,
                        max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=False),
+    # 128 experts, 8 a token, every layer sparse; ``--layers`` keeps the per-layer shapes and cuts the depth
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, vocab_size=151936,
+                          rms_norm_eps=1e-6, max_position_embeddings=40960, rope_theta=1000000.0,
+                          tie_word_embeddings=False),
+    # the same architecture at a size the CPU runs in seconds (``--device cpu``: checks the script end to end)
+    "qwen3-moe-tiny": dict(model_type="qwen3_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                           num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, vocab_size=512,
+                           rms_norm_eps=1e-6, max_position_embeddings=2048, tie_word_embeddings=False),
 }
 FRAMEWORKS = ("hf", "liger", "ftengine", "ftengine-offload", "ftengine-auto")
 # ftengine-offload / ftengine-auto: ftengine with those gradient checkpointing modes instead of the standard one
@@ -60,17 +80,29 @@ MATRIX = [(model, micro_batch, quant) for model in ("llama-3.1-8b", "qwen2.5-7b"
           for micro_batch in (1, 4)]
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# on the MoE models PEFT maps gate_proj/up_proj/down_proj onto the fused experts (target_parameters; gate and
+# up share one adapter of rank 2r), so both frameworks train the same per-expert LoRA
 GIB = 1024**3
 DEVICE = "cuda"
 
 
-def build_model(name: str, quant: str, framework: str):
-    """A random-weight model on the GPU in bf16 (NF4 projections for ``quant == "nf4"``)."""
+def synchronize() -> None:
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_model(name: str, quant: str, framework: str, layers: int | None = None):
+    """A random-weight model on the GPU in bf16 (NF4 projections for ``quant == "nf4"``; the experts of
+    a mixture-of-experts model stay bf16); ``layers`` overrides the depth."""
     import torch
     from transformers import AutoConfig
     from transformers import AutoModelForCausalLM
 
     spec = dict(MODELS[name])
+    if layers:
+        spec["num_hidden_layers"] = layers
     config = AutoConfig.for_model(spec.pop("model_type"), **spec)
     if framework == "liger":
         import liger_kernel.transformers as liger
@@ -108,9 +140,14 @@ def quantize_projections(model) -> None:
 
 
 def matmul_params(model) -> int:
-    """Weights that take part in matrix products: the projections (NF4 counted unpacked) and the LM head."""
+    """Weights that take part in a token's matrix products: the projections (NF4 counted unpacked), the
+    experts the token is routed to and the router, and the LM head."""
     total = model.config.vocab_size * model.config.hidden_size  # the LM head
     for layer in model.model.layers:
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is not None:
+            per_expert = (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel())
+            total += model.config.num_experts_per_tok * per_expert + layer.mlp.gate.weight.numel()
         for parent in (layer.self_attn, layer.mlp):
             for attr in TARGETS:
                 linear = getattr(parent, attr, None)
@@ -173,13 +210,13 @@ def profile_step(model, optimizer, ids) -> dict:
                 step_peak_gib=torch.cuda.max_memory_allocated() / GIB)
 
 
-def prepare(name: str, framework: str, quant: str):
+def prepare(name: str, framework: str, quant: str, layers: int | None = None):
     """``(model, optimizer, n_matmul, patched, checkpointing)``: the model with LoRA, ready to train."""
     import torch
     from peft import LoraConfig
     from peft import get_peft_model
 
-    model = build_model(name, quant, framework)
+    model = build_model(name, quant, framework, layers)
     n_matmul = matmul_params(model)
     patched, checkpointing = [], "standard (non-reentrant), transformers' own"
     if framework.startswith("ftengine"):
@@ -215,20 +252,21 @@ def train_step(model, optimizer, ids) -> float:
 
 
 def run(name: str, framework: str, micro_batch: int, quant: str, seq: int, steps: int, warmup: int,
-        profile: bool = False) -> dict:
+        profile: bool = False, layers: int | None = None) -> dict:
     import torch
 
-    model, optimizer, n_matmul, patched, checkpointing = prepare(name, framework, quant)
+    model, optimizer, n_matmul, patched, checkpointing = prepare(name, framework, quant, layers)
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, model.config.vocab_size, (micro_batch, seq), generator=g).to(DEVICE)
                for _ in range(steps + warmup)]
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    synchronize()
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     losses, times = [], []
     for ids in batches:
         start = time.perf_counter()
         loss = train_step(model, optimizer, ids)
-        torch.cuda.synchronize()
+        synchronize()
         times.append(time.perf_counter() - start)
         losses.append(round(loss, 4))
     step_s = statistics.median(times[warmup:])
@@ -236,12 +274,15 @@ def run(name: str, framework: str, micro_batch: int, quant: str, seq: int, steps
     tokens = micro_batch * seq
     cfg = model.config
     flops_per_token = 6 * n_matmul + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq
-    device = torch.cuda.get_device_name()
+    on_gpu = DEVICE == "cuda"
+    device = torch.cuda.get_device_name() if on_gpu else "cpu"
     peak = next((v for k, v in PEAK_BF16.items() if k in device), 989e12)
-    return dict(model=name, framework=framework, micro_batch=micro_batch, quant=quant, seq=seq,
+    return dict(model=name if not layers else f"{name} ({layers} layers)", framework=framework,
+                micro_batch=micro_batch, quant=quant, seq=seq,
                 tokens_per_s=tokens / step_s, step_s=step_s, mfu=flops_per_token * tokens / step_s / peak,
-                peak_alloc_gib=torch.cuda.max_memory_allocated() / GIB,
-                peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB, losses=losses, patched=patched,
+                peak_alloc_gib=torch.cuda.max_memory_allocated() / GIB if on_gpu else 0.0,
+                peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB if on_gpu else 0.0, losses=losses,
+                patched=patched,
                 checkpointing=checkpointing, checkpointed_layers=sum(
                     bool(getattr(m, "gradient_checkpointing", False)) for m in model.base_model.model.model.layers),
                 **extra)
@@ -297,7 +338,8 @@ def worker(args: argparse.Namespace) -> None:
         for name, micro_batch, quant in args.matrix:
             row = dict(model=name, framework=args.framework, micro_batch=micro_batch, quant=quant, seq=args.seq)
             try:
-                row = run(name, args.framework, micro_batch, quant, args.seq, args.steps, args.warmup, args.profile)
+                row = run(name, args.framework, micro_batch, quant, args.seq, args.steps, args.warmup, args.profile,
+                          args.layers)
             except torch.cuda.OutOfMemoryError:
                 row["error"] = "out of memory"
             except Exception as exc:  # noqa: BLE001 - one failed configuration must not stop the others
@@ -308,7 +350,8 @@ def worker(args: argparse.Namespace) -> None:
             if "profile" in row:
                 print(format_profile(row), flush=True)
             gc.collect()
-            torch.cuda.empty_cache()
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
 
 
 def environment() -> str:
@@ -322,7 +365,8 @@ def environment() -> str:
             versions += f", {extra} {importlib.metadata.version(extra)}"
         except importlib.metadata.PackageNotFoundError:
             versions += f", {extra} absent"
-    return f"{torch.cuda.get_device_name()}; {versions}; {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC"
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    return f"{device}; {versions}; {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC"
 
 
 def report(rows: list[dict], device_line: str) -> str:
@@ -354,7 +398,7 @@ def report(rows: list[dict], device_line: str) -> str:
             continue
         hf = base.get(key)
         speedup = f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if hf else ""
-        memory = f"{r['peak_alloc_gib'] / hf['peak_alloc_gib']:.3f}x" if hf else ""
+        memory = f"{r['peak_alloc_gib'] / hf['peak_alloc_gib']:.3f}x" if hf and hf['peak_alloc_gib'] else ""
         diff = f"{max(abs(a - b) for a, b in zip(r['losses'], hf['losses'], strict=False)):.4f}" if hf else ""
         losses = " ".join(f"{x:.3f}" for x in r["losses"])
         lines.append(head + f"| {r['tokens_per_s']:.0f} | {speedup} | {r['step_s']:.3f} | {r['peak_alloc_gib']:.2f} "
@@ -429,11 +473,16 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile one more step of each run (GPU time, memory)")
     parser.add_argument("--memory-segments", metavar="MODEL:MB:QUANT",
                         help="print where one ftengine-offload step's memory peaks (between layer and MLP hooks)")
+    parser.add_argument("--layers", type=int, help="decoder layers instead of the model's own (per-layer shapes kept)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: run the script end to end at tiny shapes (no speed or memory figures)")
     parser.add_argument("--framework", help=argparse.SUPPRESS)  # the worker process
     parser.add_argument("--report", type=Path, help="JSON lines to turn into the markdown table")
     parser.add_argument("--results", type=Path, help="with --report: the RESULTS.md to write the section into")
     parser.add_argument("--note", default="", help="with --report: a paragraph added under the table")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
     if args.only:
         args.matrix = [(m, int(b), q) for m, b, q in (t.split(":") for t in args.only.split(","))]
     else:
@@ -471,8 +520,10 @@ def main() -> None:
     only = ",".join(f"{m}:{b}:{q}" for m, b, q in args.matrix)
     for framework in args.frameworks.split(","):
         command = [sys.executable, __file__, "--framework", framework, "--out", str(args.out), "--only", only,
-                   "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                   "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--device", args.device]
         command += ["--profile"] if args.profile else []
+        command += ["--layers", str(args.layers)] if args.layers else []
         subprocess.run(command, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 

@@ -97,7 +97,8 @@ def add_lora(model: Any, r: int = 16, lora_alpha: float = 16, lora_dropout: floa
         use_gradient_checkpointing: ``"auto"`` (checkpoint only the layers that would not fit), ``True``,
             ``"offload"`` or ``False``.
         random_state: seed of the adapter initialisation.
-        **lora_kwargs: ``bias``, ``use_rslora``, ``use_dora``, ``init_lora_weights``, ``modules_to_save``.
+        **lora_kwargs: ``bias``, ``use_rslora``, ``use_dora``, ``init_lora_weights``, ``modules_to_save``,
+            ``target_parameters`` (peft's: fused mixture-of-experts weights by parameter name).
     """
     from ftengine.core.config import LoRAConfig
     from ftengine.core.config import TrainingConfig

@@ -66,6 +66,9 @@ class LoRAConfig(Section):
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input (0 enables fused ops).")
     target_modules: str | list[str] = Field("all-linear", description="Modules to adapt: 'all-linear' (the "
                                                                      "architecture's projections) or names.")
+    target_parameters: list[str] | None = Field(None, description="nn.Parameters to adapt (peft's "
+                                                "target_parameters), e.g. a mixture-of-experts model's fused "
+                                                "mlp.experts.gate_up_proj, mlp.experts.down_proj, mlp.gate.weight.")
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA (scaling = lora_alpha / sqrt(r)).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")

@@ -27,6 +27,13 @@ Signatures (every backend implements exactly these):
     ``geglu_tanh``: ``y = down(act(gate(x), up(x)))``.
 ``lora_qkv(x, q, k, v) -> (q_out, k_out, v_out)``
     each of q/k/v a :class:`LoRAWeights`; one read of x serves the three projections.
+``lora_moe(x, top_k_index, top_k_weights, gate_up, down, activation="swiglu") -> y``
+    a mixture-of-experts MLP: x ``(N, H)``; ``top_k_index`` ``(N, K)`` the experts each token
+    goes to, ``top_k_weights`` ``(N, K)`` their routing weights; ``gate_up`` and ``down`` are
+    :class:`LoRAWeights` whose tensors carry a leading expert dim: ``weight`` ``(E, 2I, H)`` (gate
+    rows then up rows) and ``(E, H, I)``, ``lora_a`` ``(E, r, in)``, ``lora_b`` ``(E, out, r)``.
+    ``y[n] = sum_k w[n,k] * down_e(act(gate_e(x[n]), up_e(x[n])))`` with ``e = top_k_index[n, k]``,
+    each expert's LoRA applied low-rank; ``y`` in ``x.dtype`` (the k-sum in fp32).
 ``dequantize_nf4(packed, quant_state) -> W``
     bitsandbytes' NF4 layout (double-quantized absmax included) to ``quant_state.dtype``.
 """
@@ -52,6 +59,7 @@ OP_NAMES: tuple[str, ...] = (
     "lora_linear",
     "lora_mlp",
     "lora_qkv",
+    "lora_moe",
     "dequantize_nf4",
 )
 """The fixed set of kernel ops, with the signatures in this module's docstring.

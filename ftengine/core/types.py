@@ -131,6 +131,9 @@ class GGUFSupport(Protocol):
 
     Attributes:
         architecture: llama.cpp's architecture name (``llama``, ``qwen2``, ``gemma2``, ...).
+        split_tensor: optional; ``split_tensor(hf_name, tensor) -> [(hf_name, tensor), ...]``: one
+            merged Hugging Face tensor as the tensors llama.cpp keeps apart (a mixture-of-experts
+            model's fused ``experts.gate_up_proj`` as gate and up stacks), before the name mapping.
 
     .. versionadded:: 0.1
     """

@@ -356,14 +356,15 @@ def adapt(loaded: LoadedModel, lora: LoRAConfig, full_finetuning: bool = False,
         torch.manual_seed(seed)
         peft_config = LoraConfig(
             r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-            target_modules=target_modules(lora, loaded.adapter), bias=lora.bias, use_rslora=lora.use_rslora,
+            target_modules=target_modules(lora, loaded.adapter),
+            target_parameters=lora.target_parameters, bias=lora.bias, use_rslora=lora.use_rslora,
             use_dora=lora.use_dora, init_lora_weights=lora.init_lora_weights,
             modules_to_save=lora.modules_to_save, task_type="CAUSAL_LM",
             exclude_modules=MULTIMODAL_PARTS if lora.target_modules == "all-linear" and _is_multimodal(model) else None,
         )
         model = get_peft_model(model, peft_config)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        targets = ", ".join(sorted(peft_config.target_modules))
+        targets = ", ".join(sorted(peft_config.target_modules) + list(peft_config.target_parameters or ()))
         loaded.notes.append(f"LoRA r={lora.r} alpha={lora.lora_alpha} on {targets} "
                             f"({trainable / 1e6:.3f}M trainable parameters)")
     loaded.notes.append(f"gradient checkpointing: {enable_gradient_checkpointing(model, gradient_checkpointing)}")

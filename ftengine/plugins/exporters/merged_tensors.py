@@ -116,6 +116,24 @@ def _lora_merged_weight(layer: nn.Module, base: torch.Tensor) -> torch.Tensor:
     return merged
 
 
+def _merged_parameters(wrapper: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The parameters of a module peft adapts through ``target_parameters`` (fused MoE experts, a router),
+    each plus the deltas of the ``ParamWrapper`` s nested around it (one wrapper per adapted parameter)."""
+    wrappers = {}
+    module = wrapper
+    while type(module).__name__ == "ParamWrapper":
+        wrappers[module.parameter_name] = module
+        module = module.base_layer
+    for pname, param in module.named_parameters():
+        merged = param.detach().float()
+        layer = wrappers.get(pname)
+        if layer is not None and not layer.merged:
+            for adapter in layer.active_adapters:
+                if adapter in layer.lora_A:
+                    merged = merged + layer.get_delta_weight(adapter).float().to(merged.device)
+        yield pname, merged
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -159,6 +177,11 @@ def iter_merged_tensors(
         if any(module_name.startswith(prefix + ".") for prefix in handled):
             continue
         prefix = f"{module_name}." if module_name else ""
+        if type(module).__name__ == "ParamWrapper":
+            handled.append(module_name)
+            for pname, tensor in _merged_parameters(module):
+                yield f"{prefix}{pname}", out(tensor)
+            continue
         if isinstance(module, LoraLayer):
             handled.append(module_name)
             base = module.get_base_layer()

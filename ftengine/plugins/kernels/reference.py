@@ -132,19 +132,100 @@ def _apply(x: torch.Tensor, layer: LoRAWeights) -> torch.Tensor:
     return lora_linear(x, layer.weight, layer.lora_a, layer.lora_b, layer.scaling, layer.bias, layer.quant_state)
 
 
-def lora_mlp(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, down: LoRAWeights, activation: str = "swiglu"):
-    g, u = _apply(x, gate), _apply(x, up)
+def _gated(gate: torch.Tensor, up: torch.Tensor, activation: str, what: str) -> torch.Tensor:
+    """``act(gate) * up`` for the ``lora_mlp`` / ``lora_moe`` activation names."""
     if activation == "swiglu":
-        h = swiglu(g, u)
-    elif activation in ("geglu", "geglu_tanh"):
-        h = geglu(g, u, approximate="tanh" if activation == "geglu_tanh" else "none")
-    else:
-        raise ValueError(f"unknown MLP activation {activation!r}; expected swiglu, geglu or geglu_tanh")
-    return _apply(h, down)
+        return swiglu(gate, up)
+    if activation in ("geglu", "geglu_tanh"):
+        return geglu(gate, up, approximate="tanh" if activation == "geglu_tanh" else "none")
+    raise ValueError(f"unknown {what} activation {activation!r}; expected swiglu, geglu or geglu_tanh")
+
+
+def lora_mlp(x: torch.Tensor, gate: LoRAWeights, up: LoRAWeights, down: LoRAWeights, activation: str = "swiglu"):
+    return _apply(_gated(_apply(x, gate), _apply(x, up), activation, "MLP"), down)
 
 
 def lora_qkv(x: torch.Tensor, q: LoRAWeights, k: LoRAWeights, v: LoRAWeights):
     return _apply(x, q), _apply(x, k), _apply(x, v)
+
+
+def _grouped_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` takes these operands: CPU fp32/bf16/fp16, CUDA bf16 on sm80+, and on
+    both rows and base pointers on 16-byte boundaries (a rank-4 bf16 LoRA factor is not)."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype != weight.dtype:
+        return False
+    if x.device.type == "cpu":
+        dtype_ok = x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    else:
+        dtype_ok = (x.device.type == "cuda" and x.dtype == torch.bfloat16
+                    and torch.cuda.get_device_capability(x.device) >= (8, 0))
+    size = x.element_size()
+    aligned = all(n * size % 16 == 0 for n in (x.shape[-1], weight.shape[-2]))
+    return dtype_ok and aligned and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (``_grouped_mm``'s backward needs it)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows ``offsets[e-1]:offsets[e]`` of ``x`` times ``weight[e].T``, for every expert ``e`` at once.
+
+    Args:
+        x: ``(S, in)``, rows sorted by expert.
+        weight: ``(E, out, in)``.
+        offsets: ``(E,)`` int32, the running row count after each expert.
+
+    Returns:
+        ``(S, out)``: one grouped GEMM (``torch._grouped_mm``) where the device and dtype allow it,
+        else one matmul per expert over its slice of rows (never a loop over tokens).
+    """
+    weight = weight.to(x.dtype)
+    if _grouped_mm_ok(x, weight):
+        return _ContiguousGrad.apply(torch._grouped_mm(x.contiguous(), weight.transpose(-2, -1), offs=offsets))
+    bounds = [0, *offsets.tolist()]
+    pieces = [x[bounds[e]:bounds[e + 1]] @ weight[e].t() for e in range(weight.shape[0])]
+    return torch.cat(pieces) if pieces else x.new_zeros(0, weight.shape[1])
+
+
+def _expert_linear(x: torch.Tensor, layer: LoRAWeights, offsets: torch.Tensor) -> torch.Tensor:
+    """``x_e @ W_e.T + scaling * (x_e @ A_e.T) @ B_e.T`` per expert, the LoRA kept low-rank (no ``W + BA``)."""
+    base = dequantize_nf4(layer.weight, layer.quant_state) if layer.quant_state is not None else layer.weight
+    y = grouped_linear(x, base, offsets)
+    if layer.lora_a is not None and layer.lora_b is not None:
+        low = grouped_linear(x, layer.lora_a, offsets)  # (S, r)
+        y = y + layer.scaling * grouped_linear(low, layer.lora_b.contiguous(), offsets)
+    return y
+
+
+def lora_moe(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up: LoRAWeights,
+    down: LoRAWeights,
+    activation: str = "swiglu",
+) -> torch.Tensor:
+    n_tokens, top_k = top_k_index.shape
+    n_experts = gate_up.weight.shape[0] if gate_up.quant_state is None else gate_up.quant_state.shape[0]
+    flat = top_k_index.reshape(-1)  # (S,) with S = N * K, row s is token s // K
+    order = torch.argsort(flat, stable=True)
+    offsets = torch.cumsum(torch.bincount(flat, minlength=n_experts), 0).to(torch.int32)
+    rows = x[order // top_k]  # (S, H) sorted by expert
+    gate, up = _expert_linear(rows, gate_up, offsets).chunk(2, dim=-1)  # (S, I) each
+    hidden = _gated(gate, up, activation, "MoE")
+    acc = torch.promote_types(x.dtype, torch.float32)  # the k-sum in fp32 at least
+    out = _expert_linear(hidden, down, offsets).to(acc) * top_k_weights.reshape(-1)[order].to(acc).unsqueeze(-1)
+    unsorted = torch.empty_like(out).index_copy(0, order, out)  # back to (token, k) order: a permutation, no sums
+    return unsorted.view(n_tokens, top_k, -1).sum(dim=1).to(x.dtype)  # (N, H)
 
 
 _NF4_CODE = (
@@ -191,6 +272,7 @@ class ReferenceBackend:
     lora_linear = staticmethod(lora_linear)
     lora_mlp = staticmethod(lora_mlp)
     lora_qkv = staticmethod(lora_qkv)
+    lora_moe = staticmethod(lora_moe)
     dequantize_nf4 = staticmethod(dequantize_nf4)
 
     def available(self) -> bool:

@@ -70,6 +70,22 @@ def tensor_name(
     return mapped
 
 
+def split_fused_experts(hf_name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """``experts.gate_up_proj`` ``(E, 2I, H)`` as llama.cpp's two stacks, named as its converter reads them.
+
+    transformers 5 fuses each block's expert gate and up projections (gate rows first); llama.cpp
+    keeps ``ffn_gate_exps`` and ``ffn_up_exps`` apart, each ``(E, I, H)`` in torch order.
+    ``experts.down_proj`` becomes ``experts.down_proj.weight``. Other tensors pass unchanged.
+    """
+    if hf_name.endswith(".experts.gate_up_proj"):
+        stem = hf_name[: -len("gate_up_proj")]
+        gate, up = tensor.chunk(2, dim=1)
+        return [(f"{stem}gate_proj.weight", gate), (f"{stem}up_proj.weight", up)]
+    if hf_name.endswith(".experts.down_proj"):
+        return [(f"{hf_name}.weight", tensor)]
+    return [(hf_name, tensor)]
+
+
 def permute_rotary_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     """Regroup q/k projection rows from rotate-half order to llama.cpp's interleaved pairs.
 
@@ -206,6 +222,10 @@ class GGUFLayout:
         if self.extra_metadata is not None:
             meta.update(self.extra_metadata(text))
         return meta
+
+    def split_tensor(self, hf_name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """The Hugging Face tensors llama.cpp stores apart: fused experts' ``gate_up_proj`` -> gate and up."""
+        return split_fused_experts(hf_name, tensor)
 
     def extra_tensors(self, config: Any) -> dict[str, torch.Tensor]:
         """Tensors llama.cpp needs that have no Hugging Face counterpart (Llama 3.1's ``rope_freqs.weight``)."""

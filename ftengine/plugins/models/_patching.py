@@ -30,6 +30,7 @@ from torch import nn
 from ftengine.core.kernels import FUSED_LOSS_ATTR
 from ftengine.core.kernels import LoRAWeights
 from ftengine.core.kernels import begin_forward
+from ftengine.plugins.models import _moe
 
 GetOp = Callable[[str], Callable[..., Any]]
 
@@ -44,7 +45,8 @@ ACTIVATIONS: dict[str, str] = {
 
 LOSS_ONLY_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index")
 
-USED_OPS = ("rms_norm", "rope", "swiglu", "geglu", "linear_cross_entropy", "lora_linear", "lora_mlp", "lora_qkv")
+USED_OPS = ("rms_norm", "rope", "swiglu", "geglu", "linear_cross_entropy", "lora_linear", "lora_mlp", "lora_qkv",
+            "lora_moe")
 
 _PATCHED = "_ftengine_patched"
 
@@ -63,6 +65,7 @@ class PatchTable:
         causal_lms: classes whose forward gets the fused LM-head loss.
         final_softcap: config attribute of the final logit softcap (Gemma 2/3), or ``None``.
         decoder: the attribute of a causal-LM class holding the decoder (``model``).
+        moes: sparse mixture-of-experts blocks (a ``gate`` router and fused ``experts``), run on ``lora_moe``.
 
     .. versionadded:: 0.1
     """
@@ -75,6 +78,7 @@ class PatchTable:
     attention_kwargs: tuple[tuple[str, str], ...] = ()
     final_softcap: str | None = None
     decoder: str = "model"
+    moes: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- routing of projections
@@ -254,6 +258,7 @@ def _attention_function(module: nn.Module, registry: Any) -> Callable[..., Any]:
 
 def _causal_lm_forward(get_op: GetOp, original: Callable[..., Any], softcap_attr: str | None, decoder: str):
     from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
     signature = inspect.signature(original)
     var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
@@ -271,12 +276,19 @@ def _causal_lm_forward(get_op: GetOp, original: Callable[..., Any], softcap_attr
         extra = dict(bound.arguments.get(var_keyword, {})) if var_keyword else {}
         loss_kwargs = {k: extra.pop(k) for k in LOSS_ONLY_KWARGS if k in extra}
         body = getattr(self, decoder)
+        if "output_router_logits" in inputs and inputs["output_router_logits"] is None:
+            inputs["output_router_logits"] = getattr(self.config, "output_router_logits", False)
         if "labels" in inspect.signature(body.forward).parameters:  # multimodal bodies mask with the labels
             inputs["labels"] = labels
         outputs = body(**inputs, **extra)
         hidden = outputs.last_hidden_state  # (B, T, H)
         softcap = getattr(self.config.get_text_config(), softcap_attr, None) if softcap_attr else None
         loss = causal_lm_loss(get_op, hidden, head_weight, labels, softcap, **loss_kwargs)
+        aux = _moe.aux_loss(self, outputs, inputs.get("attention_mask"))
+        if aux is not None:
+            loss = loss + self.config.router_aux_loss_coef * aux
+            return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux, router_logits=outputs.router_logits,
+                                             past_key_values=getattr(outputs, "past_key_values", None))
         return CausalLMOutputWithPast(
             loss=loss,
             logits=None,
@@ -374,6 +386,9 @@ def patch_model(model: nn.Module, get_op: GetOp, table: PatchTable) -> list[str]
                 continue
             _set_forward(module, _mlp_forward(get_op, activation))
             counts[f"mlp:{activation}"] += 1
+        elif cls in table.moes:
+            _set_forward(module, _moe.block_forward(get_op, ACTIVATIONS.get(module.experts.config.hidden_act)))
+            counts["moe"] += 1
         elif cls in table.causal_lms:
             _set_forward(module, _causal_lm_forward(get_op, type(module).forward, table.final_softcap, table.decoder))
             module.__dict__[FUSED_LOSS_ATTR] = True
@@ -388,6 +403,8 @@ def patch_model(model: nn.Module, get_op: GetOp, table: PatchTable) -> list[str]
     for key, n in sorted(counts.items()):
         if key.startswith("mlp:"):
             lines.append(f"mlp x{n} -> lora_mlp {key[4:]} ({backends['lora_mlp']})")
+    if counts["moe"]:
+        lines.append(f"moe experts x{counts['moe']} -> lora_moe grouped GEMMs ({backends['lora_moe']})")
     if counts["loss"]:
         softcap = " with final logit softcap" if table.final_softcap else ""
         lines.append(f"causal-LM loss -> linear_cross_entropy{softcap} ({backends['linear_cross_entropy']}), "
@@ -429,4 +446,8 @@ def routing_report(model: nn.Module) -> list[str]:
             seen.add(id(child))
             weights, kind = route(child)
             counts[f"fused {kind}" if weights is not None else f"peft path ({kind})"] += 1
+        experts = getattr(module, "experts", None)
+        if experts is not None:
+            weights, kind = _moe.route_experts(experts)
+            counts[f"experts fused {kind}" if weights is not None else f"experts unfused ({kind})"] += 1
     return [f"{key} x{n}" for key, n in sorted(counts.items())]
