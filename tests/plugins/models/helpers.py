@@ -112,7 +112,10 @@ def assert_equivalent(reference: Any, patched: Any, vocab: int, tol: float = 1e-
 def assert_fully_fused(family: str, patched: Any, kind: str = "lora") -> None:
     """Every projection runs through a fused op of ``kind`` (none fell back to peft's path)."""
     routes = adapter(family).routes(patched)
-    assert len(routes) == 1 and routes[0].startswith(f"fused {kind} x"), routes
+    experts = [line for line in routes if line.startswith("experts ")]  # mixture-of-experts blocks
+    assert all(line.startswith("experts fused") for line in experts), routes
+    dense = [line for line in routes if line not in experts]
+    assert len(dense) == 1 and dense[0].startswith(f"fused {kind} x"), routes
 
 
 def assert_num_items_in_batch(reference: Any, patched: Any, vocab: int, tol: float = 1e-5) -> None:

@@ -93,3 +93,35 @@ def test_gguf_names_and_metadata():
     meta = ours.gguf.metadata(cfg)
     assert meta["expert_count"] == 4 and meta["expert_used_count"] == 2
     assert meta["expert_feed_forward_length"] == 32 and meta["attention.key_length"] == 16
+
+
+def test_run_config_target_parameters_reach_peft():
+    """``lora.target_parameters`` (the run config's / ``add_lora``'s) adapts exactly the named fused parameters."""
+    from ftengine.core.config import LoRAConfig
+    from ftengine.core.config import validate_section
+    from ftengine.engine import pipeline
+
+    lora = validate_section(LoRAConfig, {"r": 4, "target_modules": ["q_proj"],
+                                         "target_parameters": ["mlp.gate.weight", "mlp.experts.down_proj"]}, "lora")
+    loaded = pipeline.adapt(pipeline.LoadedModel(Qwen3MoeForCausalLM(config(mlp_only_layers=[])), None,
+                                                 adapter("qwen3_moe")), lora, gradient_checkpointing=False)
+    trained = {n.split(".lora_")[0].removeprefix("base_model.model.") for n, p in loaded.model.named_parameters()
+               if p.requires_grad}
+    layer = "model.layers.0"
+    assert {f"{layer}.self_attn.q_proj", f"{layer}.mlp.gate", f"{layer}.mlp.experts"} <= trained
+    wrapped = loaded.model.base_model.model.model.layers[0].mlp.experts
+    assert wrapped.parameter_name == "down_proj" and type(wrapped.base_layer).__name__ == "Qwen3MoeExperts"
+    assert any("mlp.gate.weight" in note for note in loaded.notes)
+
+
+@pytest.mark.gpu
+def test_bf16_on_gpu_as_close_to_fp32_as_hf(monkeypatch):
+    """bf16 on the GPU (``torch._grouped_mm``): loss, LoRA gradients (experts included) and logits as close to
+    the fp32 truth as transformers + peft in bf16."""
+    from .helpers import GPU_SIZES
+    from .helpers import assert_bf16_as_close_as_hf
+
+    use_backend(monkeypatch, "triton")
+    sizes = {**GPU_SIZES, "moe_intermediate_size": 128, "num_experts": 8, "num_experts_per_tok": 2,
+             "mlp_only_layers": [], "output_router_logits": True, "router_aux_loss_coef": 0.01}
+    assert_bf16_as_close_as_hf(Qwen3MoeForCausalLM, config(**sizes), "qwen3_moe")
