@@ -53,6 +53,13 @@ def _factors(wrapper: nn.Module, n_experts: int) -> tuple[LoRAWeights | None, st
     ), "lora"
 
 
+def base_experts(experts: nn.Module) -> nn.Module:
+    """transformers' experts module under any peft ``ParamWrapper`` s around it."""
+    while type(experts).__name__ == "ParamWrapper":
+        experts = experts.base_layer
+    return experts
+
+
 def route_experts(experts: nn.Module) -> tuple[tuple[LoRAWeights, LoRAWeights] | None, str]:
     """``((gate_up, down), kind)`` for ``lora_moe``, or ``(None, reason)`` to call the experts module instead.
 

@@ -387,7 +387,11 @@ def patch_model(model: nn.Module, get_op: GetOp, table: PatchTable) -> list[str]
             _set_forward(module, _mlp_forward(get_op, activation))
             counts[f"mlp:{activation}"] += 1
         elif cls in table.moes:
-            _set_forward(module, _moe.block_forward(get_op, ACTIVATIONS.get(module.experts.config.hidden_act)))
+            hidden_act = _moe.base_experts(module.experts).config.hidden_act
+            if ACTIVATIONS.get(hidden_act) is None:
+                skipped.append(f"MoE {cls}: activation {hidden_act!r} has no fused op (left as is)")
+                continue
+            _set_forward(module, _moe.block_forward(get_op, ACTIVATIONS[hidden_act]))
             counts["moe"] += 1
         elif cls in table.causal_lms:
             _set_forward(module, _causal_lm_forward(get_op, type(module).forward, table.final_softcap, table.decoder))

@@ -49,3 +49,27 @@ def test_gguf_layout():
     assert ours.gguf.tensor_name("model.layers.1.mlp.experts.down_proj.weight") == "blk.1.ffn_down_exps.weight"
     meta = ours.gguf.metadata(cfg)
     assert meta["expert_count"] == 4 and meta["expert_used_count"] == 2
+
+
+def test_patching_after_lora_is_attached():
+    """Patched after peft wrapped the experts: the blocks still run ``lora_moe``, with the same logits."""
+    import torch
+    from peft import LoraConfig
+    from peft import get_peft_model
+
+    from ftengine.core.kernels import get_op
+
+    cfg = config()
+    cfg._experts_implementation = "eager"
+    torch.manual_seed(0)
+    model = get_peft_model(MixtralForCausalLM(cfg), LoraConfig(r=4, init_lora_weights=False,
+                                                               target_modules=list(adapter("mixtral").default_target_modules)))
+    model.eval()
+    ids = torch.randint(0, VOCAB, (1, 10))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        lines = adapter("mixtral").patch(model, get_op)
+        after = model(input_ids=ids).logits
+    assert any("lora_moe" in line for line in lines), lines
+    assert "experts fused lora x2" in adapter("mixtral").routes(model)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
