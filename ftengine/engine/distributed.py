@@ -193,8 +193,12 @@ def memory_plan(parameters: int, trainable: int, dtype_bytes: int, world_size: i
     A trained weight costs its value, its gradient and AdamW's two moments in the model's dtype
     (``4 * dtype_bytes``); LoRA weights are kept in fp32 by peft (16 bytes). A frozen weight costs
     its stored bytes only.
+
+    Args:
+        parameters: the base model's parameters.
+        trainable: the trained ones: LoRA's (added to the base), or ``parameters`` in full fine-tuning.
     """
-    frozen = parameters - trainable if not full_finetuning else 0
+    frozen = 0 if full_finetuning else parameters
     per_trained = 4 * dtype_bytes if full_finetuning else 16
     total = int(frozen * weight_bytes_per_parameter(dtype_bytes, load_in_4bit, load_in_8bit)
                 + trainable * per_trained)
@@ -203,12 +207,11 @@ def memory_plan(parameters: int, trainable: int, dtype_bytes: int, world_size: i
 
 def count_parameters(hf_config: Any) -> int:
     """Parameters of the model ``hf_config`` describes, counted on the meta device (nothing allocated)."""
-    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights():
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters())  # a tied embedding counts once
 
 
 def lora_parameters(hf_config: Any, r: int) -> int:

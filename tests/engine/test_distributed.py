@@ -121,3 +121,181 @@ def test_ddp_two_processes_train_like_one_and_export_the_same(demo_base, tmp_pat
     for name, value in trained.items():
         key = name.replace(".default", "")
         torch.testing.assert_close(state[key], value.detach(), atol=1e-4, rtol=1e-3)
+
+
+INJECT = '''
+import os
+import time
+
+if os.environ.get("WORLD_SIZE"):
+    from ftengine.engine import progress
+
+    original = progress.ProgressCallback.on_log
+    mode, rank, step = os.environ["INJECT"].split(":")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if mode == "fail" and os.environ["RANK"] == rank and state.global_step == int(step):
+            raise RuntimeError("injected failure")
+        original(self, args, state, control, logs=logs, **kwargs)
+        if mode == "slow":
+            time.sleep(float(step))
+
+    progress.ProgressCallback.on_log = on_log
+'''
+
+
+def injecting(tmp_path, monkeypatch, what):
+    """A ``sitecustomize`` for the launched ranks: ``slow:-:seconds`` sleeps after each logged step,
+    ``fail:rank:step`` raises on one rank at one step."""
+    folder = tmp_path / "inject"
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(INJECT)
+    monkeypatch.setenv("INJECT", what)
+    return str(folder)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_then_resume_continues_exactly(demo_base, tmp_path, monkeypatch):
+    raw = raw_config(demo_base, tmp_path, max_steps=8, save_steps=2)
+    proc = launch_cli([str(write_yaml(raw, tmp_path / "config.yaml"))], tmp_path,
+                      extra_pythonpath=injecting(tmp_path, monkeypatch, "slow:-:1.0"), wait=False)
+    deadline = time.time() + 500
+    while time.time() < deadline:
+        runs = list((tmp_path / "runs").glob("tiny-*"))
+        if runs and len(RunDir(runs[0]).read_metrics()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "resume with: ftengine run --resume" in err
+    run = RunDir(runs[0])
+    assert run.status()["status"] == "interrupted"
+    cut = run.latest_checkpoint()
+    stopped_at = int(cut.name.split("-")[1])
+    assert 3 <= stopped_at < 8 and len(run.read_metrics()) == stopped_at
+
+    monkeypatch.delenv("INJECT")
+    code, out, err = launch_cli(["--resume", str(run.path)], tmp_path)
+    assert code == 0, err[-3000:]
+    assert run.status()["status"] == "completed"
+    single = one_process_twin(raw)
+    got = losses(run.path)
+    assert [s for s, _ in got] == list(range(1, 9))
+    for (_, a), (_, b) in zip(got, single.train.losses, strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_a_dying_rank_stops_every_rank_with_its_error_on_one_line(demo_base, tmp_path, monkeypatch):
+    raw = raw_config(demo_base, tmp_path, max_steps=50, save_steps=1)
+    start = time.time()
+    code, out, err = launch_cli([str(write_yaml(raw, tmp_path / "config.yaml"))], tmp_path,
+                                extra_pythonpath=injecting(tmp_path, monkeypatch, "fail:1:3"))
+    assert code == 1
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == ["error: rank 1: RuntimeError: injected failure"], err[-3000:]
+    (path,) = (tmp_path / "runs").glob("tiny-*")
+    run = RunDir(path)
+    assert run.status()["status"] == "failed" and "rank 1" in run.status()["error"]
+    checkpoint = run.latest_checkpoint()
+    assert checkpoint.name == "checkpoint-2" and (checkpoint / CHECKPOINT_MARKER).exists()
+    assert time.time() - start < 300
+
+
+def test_gpus_beyond_the_visible_ones_is_one_line_before_anything_starts(demo_base, tmp_path):
+    from click.testing import CliRunner
+
+    from ftengine.cli import main
+
+    config = write_yaml(raw_config(demo_base, tmp_path, processes=1), tmp_path / "config.yaml")
+    result = CliRunner().invoke(main, ["run", "--gpus", "2", str(config)])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == "error: --gpus 2: only 0 CUDA GPU(s) visible"
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("key, value, problem", [
+    ("quantization", {"load_in_8bit": True}, "distributed.strategy: fsdp cannot shard an 8-bit"),
+    ("model", {"offload_embedding": True}, "model.offload_embedding: the input embedding cannot stay"),
+])
+def test_a_strategy_that_cannot_serve_the_request_is_a_config_error(demo_base, tmp_path, key, value, problem):
+    raw = raw_config(demo_base, tmp_path)
+    raw["distributed"]["strategy"] = "fsdp"
+    raw.setdefault(key, {}).update(value)
+    with pytest.raises(ConfigError, match=problem):
+        validate_config(raw)
+
+
+def test_strategy_choice(demo_base, tmp_path):
+    from ftengine.engine.pipeline import load_model_config
+
+    hf_config = load_model_config(str(demo_base))
+    config = validate_config(raw_config(demo_base, tmp_path))
+    assert distributed.choose_strategy(config, hf_config, 2, memory=2**30, on_gpu=True)[0] == "ddp"
+    assert distributed.choose_strategy(config, hf_config, 2, memory=2**20, on_gpu=True)[0] == "fsdp"
+    assert distributed.choose_strategy(config, hf_config, 2, memory=2**20, on_gpu=False)[0] == "ddp"
+    fsdp = validate_config({**raw_config(demo_base, tmp_path), "distributed": {"num_processes": 2,
+                                                                               "strategy": "fsdp"}})
+    with pytest.raises(ConfigError, match="fsdp needs CUDA GPUs"):
+        distributed.choose_strategy(fsdp, hf_config, 2, on_gpu=False)
+    assert distributed.choose_strategy(fsdp, hf_config, 2, on_gpu=True)[1].startswith("fsdp over 2 processes (nccl")
+
+
+def test_memory_plan_counts_the_model_and_its_lora_weights(tiny_config):
+    """The plan's parameter counts against the model peft actually builds."""
+    config = tiny_config()
+    loaded = pipeline.load_adapted(config)
+    hf_config = loaded.model.config
+    total = sum(p.numel() for p in loaded.model.parameters())
+    trainable = sum(p.numel() for p in loaded.model.parameters() if p.requires_grad)
+    assert distributed.lora_parameters(hf_config, config.lora.r) == trainable
+    assert distributed.count_parameters(hf_config) == total - trainable
+    plan = distributed.memory_plan(total - trainable, trainable, 2, 4)
+    assert plan.replicated_bytes == (total - trainable) * 2 + trainable * 16
+    assert plan.sharded_bytes == -(-plan.replicated_bytes // 4)
+    nf4 = distributed.memory_plan(8_000_000_000, 0, 2, 2, load_in_4bit=True)
+    assert 0.5 * 8e9 < nf4.replicated_bytes < 0.51 * 8e9
+
+
+def test_resume_needs_the_same_processes_and_strategy(tmp_path):
+    distributed.write_checkpoint_info(tmp_path, 2, "ddp")
+    distributed.check_resume(tmp_path, 2, "ddp")
+    with pytest.raises(FtengineError, match="written by 2 process.*resumed with 4; resume with --gpus 2"):
+        distributed.check_resume(tmp_path, 4, "ddp")
+    with pytest.raises(FtengineError, match="set distributed.strategy: ddp"):
+        distributed.check_resume(tmp_path, 2, "fsdp")
+    single = tmp_path / "single"
+    single.mkdir()
+    with pytest.raises(FtengineError, match="written by 1 process"):
+        distributed.check_resume(single, 2, "ddp")
+
+
+def test_nccl_missing_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)
+    with pytest.raises(FtengineError, match="needs NCCL, which this PyTorch build lacks"):
+        distributed.check_backend()
+
+
+def test_other_ranks_write_nothing_to_the_run_directory(tmp_path):
+    reader = RunDir(tmp_path, writer=False)
+    reader.set_status("running")
+    reader.write_text("config.yaml", "model: {}\n")
+    reader.truncate_metrics(0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_first_failing_rank_with_an_error_is_reported():
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    def failure(rank, message, timestamp, exitcode=1):
+        f = ProcessFailure.__new__(ProcessFailure)
+        f.local_rank, f.pid, f.exitcode, f.error_file = rank, 1, exitcode, ""
+        f.message, f.timestamp = message, timestamp
+        return f
+
+    stopped = failure(0, "To enable traceback see: ...", 5, exitcode=-15)
+    assert first_failure({0: stopped, 1: failure(1, {"message": "RuntimeError: boom"}, 9)}) == \
+        "rank 1: RuntimeError: boom"
+    assert first_failure({0: stopped}) == "rank 0: stopped by SIGTERM"
