@@ -142,8 +142,6 @@ def launch_run(config: Any, gpus: int | None, run_dir: RunDir | None, output_dir
     except LaunchInterrupted as exc:
         raise LaunchInterrupted(f"{exc}; resume with: ftengine run --resume {run_dir.path}") from None
     except LaunchFailed as exc:
-        state = run_dir.status()
-        if state.get("status") != "failed":
-            run_dir.set_status("failed", error=str(exc))
+        run_dir.set_status("failed", error=str(exc))  # the first failure, not another rank's consequence of it
         raise
     return run_dir
