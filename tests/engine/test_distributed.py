@@ -79,10 +79,10 @@ def losses(run_dir):
 
 
 def test_ddp_two_processes_train_like_one_and_export_the_same(demo_base, tmp_path):
-    """One epoch on 2 processes: the loss curve of one process with the same global batch, every
-    sample seen once, one run directory written by rank 0, exports equal to one process's export
-    of the same weights."""
-    raw = raw_config(demo_base, tmp_path, max_steps=-1, num_train_epochs=1)
+    """One epoch on 2 processes (gradient checkpointing on): the loss curve of one process with the
+    same global batch, every sample seen once, one run directory written by rank 0, exports equal
+    to one process's export of the same weights."""
+    raw = raw_config(demo_base, tmp_path, max_steps=-1, num_train_epochs=1, gradient_checkpointing=True)
     raw["export"] = [{"format": "lora"}, {"format": "merged", "dtype": "float16"}]
     code, out, err = launch_cli([str(write_yaml(raw, tmp_path / "config.yaml"))], tmp_path)
     assert code == 0, err[-3000:]
