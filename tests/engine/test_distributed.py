@@ -8,6 +8,7 @@ rank are marked ``slow``.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -299,3 +300,57 @@ def test_the_first_failing_rank_with_an_error_is_reported():
     assert first_failure({0: stopped, 1: failure(1, {"message": "RuntimeError: boom"}, 9)}) == \
         "rank 1: RuntimeError: boom"
     assert first_failure({0: stopped}) == "rank 0: stopped by SIGTERM"
+
+
+@pytest.mark.slow
+def test_fsdp_sharded_weights_gathered_to_rank_0_export_like_one_process(demo_base, tmp_path):
+    raw = raw_config(demo_base, tmp_path)
+    raw["export"] = [{"format": "lora"}, {"format": "merged", "dtype": "float16"},
+                     {"format": "gguf", "quantization": "f16"}]
+    config = write_yaml(raw, tmp_path / "config.yaml")
+    worker = Path(__file__).parent / "fsdp_export_worker.py"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(worker), str(config), str(tmp_path / "out")], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    gathered, reference = tmp_path / "out" / "gathered", tmp_path / "out" / "reference"
+    for name, file in (("lora", "adapter_model.safetensors"), ("merged", "model.safetensors")):
+        ours, theirs = load_file(gathered / name / file), load_file(reference / name / file)
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    (ours,) = (gathered / "gguf").glob("*.gguf")
+    (theirs,) = (reference / "gguf").glob("*.gguf")
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_fsdp_on_two_gpus_trains_like_one_checkpoints_sharded_and_resumes(demo_base, tmp_path):
+    raw = raw_config(demo_base, tmp_path, max_steps=4, save_steps=2, gradient_checkpointing=True)
+    raw["distributed"]["strategy"] = "fsdp"
+    raw["export"] = [{"format": "lora"}]
+    code, out, err = launch_cli([str(write_yaml(raw, tmp_path / "config.yaml"))], tmp_path)
+    assert code == 0, err[-3000:]
+    (path,) = (tmp_path / "runs").glob("tiny-*")
+    run = RunDir(path)
+    assert any("fsdp over 2 processes (nccl" in n for n in run.status()["summary"]["notes"])
+    checkpoint = run.latest_checkpoint()
+    assert any(p.is_dir() and p.name.startswith("pytorch_model_fsdp") for p in checkpoint.iterdir())  # DCP shards
+    single = one_process_twin(raw)
+    full = losses(path)
+    for (_, a), (_, b) in zip(full, single.train.losses, strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+    exported = load_file(path / "exports" / "lora" / "adapter_model.safetensors")
+    reference = load_file(single.run_dir.exports / "lora" / "adapter_model.safetensors")
+    assert exported.keys() == reference.keys()
+    for key in exported:
+        torch.testing.assert_close(exported[key], reference[key], atol=1e-4, rtol=1e-3)
+
+    # resume from the sharded checkpoint-2: steps 3 and 4 again, as before
+    (checkpoint / CHECKPOINT_MARKER).unlink()
+    shutil.rmtree(path / "exports")
+    code, out, err = launch_cli(["--resume", str(path)], tmp_path)
+    assert code == 0, err[-3000:]
+    for (_, a), (_, b) in zip(losses(path), full, strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
