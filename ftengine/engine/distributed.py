@@ -326,6 +326,20 @@ def trainer_arguments(strategy: str, model: Any, reshard_after_forward: bool = T
     }
 
 
+def api_trainer_arguments(strategy: str, model: Any) -> dict[str, Any]:
+    """:func:`trainer_arguments` for the Python API's ``ftengine.train`` under a launcher.
+
+    Raises:
+        ConfigError: an unknown strategy, or fsdp on CPU processes.
+    """
+    if strategy not in ("ddp", "fsdp"):
+        raise ConfigError(f"train: strategy must be ddp or fsdp, got {strategy!r}")
+    if strategy == "fsdp" and not torch.cuda.is_available():
+        raise ConfigError("train: strategy fsdp needs CUDA GPUs (accelerate shards models across GPU processes "
+                          "only); CPU processes train with ddp")
+    return trainer_arguments(strategy, model)
+
+
 # ----------------------------------------------------------------------------- checkpoints and exports
 
 
@@ -358,6 +372,19 @@ def is_sharded(model: Any) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def exports_here(model: Any) -> bool:
+    """Whether this process writes the Python API's export of ``model``: rank 0 of a DDP job (the
+    model is the same on every rank) or a single process.
+
+    Raises:
+        FtengineError: an FSDP-sharded model (``ftengine run`` gathers it to rank 0 for its exports).
+    """
+    if _initialized() and is_sharded(model):
+        raise FtengineError("export: the model is sharded by FSDP across the processes; export it from "
+                            "`ftengine run` (its export stage gathers the weights to rank 0) or train with ddp")
+    return is_main_process()
 
 
 def gather_state_dict(model: Any, trainable_only: bool) -> dict[str, torch.Tensor] | None:

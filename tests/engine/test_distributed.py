@@ -354,3 +354,27 @@ def test_fsdp_on_two_gpus_trains_like_one_checkpoints_sharded_and_resumes(demo_b
     assert code == 0, err[-3000:]
     for (_, a), (_, b) in zip(losses(path), full, strict=True):
         assert a == pytest.approx(b, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_the_python_api_under_torchrun_trains_data_parallel(demo_base, tmp_path):
+    from ftengine.demo import ASSETS
+
+    worker = Path(__file__).parent / "api_worker.py"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    args = [str(worker), str(demo_base), str(ASSETS / "data.jsonl")]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           *args, str(tmp_path / "two"), "2"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = subprocess.run([sys.executable, *args, str(tmp_path / "one"), "4"], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    two, one = losses(tmp_path / "two" / "run"), losses(tmp_path / "one" / "run")
+    assert [s for s, _ in two] == [1, 2, 3]  # rank 0 alone wrote the metrics
+    for (_, a), (_, b) in zip(two, one, strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+    ours = load_file(tmp_path / "two" / "lora" / "adapter_model.safetensors")
+    theirs = load_file(tmp_path / "one" / "lora" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], atol=1e-4, rtol=1e-3)
