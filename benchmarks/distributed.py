@@ -18,9 +18,9 @@ checkpointing), both with gradient checkpointing of every layer, AdamW, SDPA. Pe
 tokens/s (every rank's tokens over the median step time), each rank's peak allocated memory, the
 losses. A run that fails (out of memory, an unsupported combination) is a row with its error.
 
-On the GPUs (4 H100s; about 8 minutes for the default list, ``--only`` splits it):
-``python benchmarks/distributed.py --out distributed.jsonl``; then
-``python benchmarks/distributed.py --report distributed.jsonl`` prints the markdown table.
+On 4 GPUs, in two commands of about 6-8 minutes each (16 launches in all):
+``python benchmarks/distributed.py --out distributed.jsonl --part 1`` and the same with ``--part 2``;
+then ``python benchmarks/distributed.py --report distributed.jsonl`` prints the markdown table.
 On the CPU at a tiny shape, world size 1 and 2 over gloo: ``python benchmarks/distributed.py --tiny``.
 """
 
@@ -57,6 +57,8 @@ CONFIGS = {
     "qlora-70b-fsdp-2": ("llama-3-70b", "lora", "nf4", "fsdp", 2, 1),
 }
 # the CPU check of the script (bitsandbytes quantizes Params4bit on the move to a GPU: NF4 is GPU-only here)
+PARTS = {1: ["lora-8b-ddp-1", "lora-8b-ddp-2", "lora-8b-ddp-4", "lora-8b-fsdp-2"],
+         2: ["lora-8b-fsdp-4", "full-8b-fsdp-2", "full-8b-fsdp-4", "qlora-70b-fsdp-2"]}
 TINY = {f"tiny-{training}-{strategy}-{n}": ("tiny", training, "none", strategy, n, 2)
         for training in ("lora", "full") for strategy in ("ddp", "fsdp") for n in (1, 2)}
 FRAMEWORKS = ("hf", "ftengine")
@@ -268,6 +270,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("distributed.jsonl"), help="JSON lines appended here")
     parser.add_argument("--only", help="comma-separated configuration names (default: all)")
+    parser.add_argument("--part", type=int, choices=sorted(PARTS), help="half of the GPU list (each under 10 min)")
     parser.add_argument("--frameworks", default=",".join(FRAMEWORKS))
     parser.add_argument("--tiny", action="store_true", help="tiny shape on CPU processes over gloo")
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default 2048; 64 with --tiny)")
@@ -285,7 +288,8 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    names = args.only.split(",") if args.only else list(TINY if args.tiny else CONFIGS)
+    names = args.only.split(",") if args.only else PARTS[args.part] if args.part else list(TINY if args.tiny
+                                                                                            else CONFIGS)
     failed = sum(launch(name, framework, args) != 0 for name in names for framework in args.frameworks.split(","))
     print(report([json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]))
     sys.exit(1 if failed else 0)
