@@ -160,15 +160,19 @@ def load_dataset(path: str, tokenizer: Any, format: str = "auto", max_seq_length
 
 
 def train(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft", eval_dataset: Any = None,
-          output_dir: str | None = None, resume: bool = False, **training_kwargs: Any) -> Any:
+          output_dir: str | None = None, resume: bool = False, strategy: str = "ddp", **training_kwargs: Any) -> Any:
     """Train with a registered trainer; checkpoints, ``metrics.jsonl`` and ``loss.png`` go to a run directory.
 
     A model loaded with ``attn_implementation="auto"`` trains packed rows with flex_attention on a CUDA GPU.
+    Under ``torchrun`` / ``accelerate launch`` every process calls it with its own copy of the model:
+    they share rank 0's run directory and train data-parallel with ``strategy`` (``ddp``, or ``fsdp``
+    on GPUs).
 
     Args:
         trainer: ``sft``, ``dpo``, ...
         output_dir: the run directory (default: a new ``runs/api-<timestamp>``).
         resume: continue from the latest checkpoint in ``output_dir``.
+        strategy: with several processes: ``ddp`` or ``fsdp`` (``distributed.strategy``).
         **training_kwargs: ``training:`` config keys (``max_steps``, ``learning_rate``, ...).
 
     Returns:
@@ -176,18 +180,24 @@ def train(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft", eval_d
     """
     from ftengine.core.config import TrainingConfig
     from ftengine.core.config import validate_section
+    from ftengine.engine import distributed
     from ftengine.engine import pipeline
     from ftengine.engine.rundir import RunDir
 
     training = validate_section(TrainingConfig, dict(trainer=trainer, **training_kwargs), "train")
     pipeline.attention_for_rows(model, "position_ids" in getattr(dataset, "column_names", ()))
+    rank = distributed.rank_info()
+    distributed.init_process_group(rank)
     if output_dir is None:
-        run_dir = RunDir.create("runs", "api")
+        run_dir = distributed.broadcast_from_main(lambda: RunDir.create("runs", "api"))
     else:
         run_dir = RunDir(Path(output_dir))
         run_dir.path.mkdir(parents=True, exist_ok=True)
+    run_dir.writer = rank.is_main
     resume_from = run_dir.resume_point() if resume else None
-    return pipeline.train(model, tokenizer, dataset, eval_dataset, training, run_dir, resume_from)
+    arguments = distributed.api_trainer_arguments(strategy, model) if rank.distributed else None
+    return pipeline.train(model, tokenizer, dataset, eval_dataset, training, run_dir, resume_from,
+                          strategy=strategy if rank.distributed else "single", trainer_arguments=arguments)
 
 
 def export(model: Any, tokenizer: Any, output_dir: str, format: str = "lora", overwrite: bool = False,
@@ -195,10 +205,13 @@ def export(model: Any, tokenizer: Any, output_dir: str, format: str = "lora", ov
     """Export with a registered exporter (``lora``, ``merged``, ``gguf``, ...) into ``output_dir``,
     written atomically. ``options`` are the exporter's (e.g. ``quantization="q4_k_m"``)."""
     from ftengine.core.config import validate_exports
+    from ftengine.engine import distributed
     from ftengine.engine.pipeline import export_one
 
     (entry,) = validate_exports([{"format": format, **options}], source="export")
     target = Path(output_dir)
+    if not distributed.exports_here(model):  # another rank of a data-parallel job: rank 0 writes it
+        return target
     was_training = getattr(model, "training", False)
     model.eval()
     try:

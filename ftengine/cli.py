@@ -60,9 +60,15 @@ def setup_logging(debug: bool) -> None:
 
 
 def fail(exc: BaseException, debug: bool) -> None:
+    """One line on stderr and exit 1. A rank of several names itself; under ``--gpus`` it leaves the
+    line to the launcher, which reports the first failing rank's."""
+    from ftengine.engine import distributed
+
+    distributed.record_error(exc)
     if debug:
         raise exc
-    click.echo(f"error: {exc}", err=True)
+    if not os.environ.get(distributed.ENV_LAUNCHED):
+        click.echo(f"error: {distributed.error_line(exc)}", err=True)
     sys.exit(EXIT_ERROR)
 
 
@@ -87,6 +93,9 @@ def print_summary(result: Any) -> None:
     memory = f"CPU RSS {_gib(mem['cpu_rss_gib'])}"
     if "gpu_allocated_gib" in mem:
         memory += f", GPU {_gib(mem['gpu_allocated_gib'])} allocated / {_gib(mem['gpu_reserved_gib'])} reserved"
+    for rank, peak in enumerate(mem.get("ranks", [])):
+        gpu = f", GPU {_gib(peak['gpu_allocated_gib'])} allocated" if "gpu_allocated_gib" in peak else ""
+        memory += f"; rank {rank}: CPU RSS {_gib(peak['cpu_rss_gib'])}{gpu}"
     rows.append(("peak memory", memory))
     trained = d.trained_tokens / max(d.tokens, 1)
     rows.append(("data", f"{d.samples} samples from {d.rows} rows ({d.format}); {d.skipped} skipped, "
@@ -114,54 +123,87 @@ def print_summary(result: Any) -> None:
                                                                               "checkpoint.")
 @click.option("--demo", "demo_kind", type=click.Choice(["sft", "dpo"]), default=None,
               help="Run the built-in demo: sft (the default without CONFIG) or dpo.")
+@click.option("--gpus", type=click.IntRange(min=1), default=None,
+              help="Train on N GPUs of this machine (DDP or FSDP2, see distributed.strategy): ftengine launches "
+                   "the N processes through torchrun itself.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
 def run(config: str | None, output_dir: str | None, resume_dir: str | None, demo_kind: str | None,
-        debug: bool) -> None:
+        gpus: int | None, debug: bool) -> None:
     """Train as CONFIG says (a YAML run config), or the built-in demo when no CONFIG is given (--demo dpo: the
-    DPO demo)."""
+    DPO demo). Under torchrun or accelerate launch every process runs it, data-parallel."""
     setup_logging(debug)
     quiet_libraries()
     from ftengine.core.config import load_config
+    from ftengine.engine import distributed
     from ftengine.engine import pipeline
     from ftengine.engine.rundir import RunDir
 
     if demo_kind and (config or resume_dir):
         fail(FtengineError("--demo runs the built-in demo: give it without CONFIG or --resume"), debug)
     demo = config is None and resume_dir is None
+    rank = distributed.rank_info()
     try:
+        run_dir = None
         if resume_dir:
             run_dir = RunDir(Path(resume_dir))
             if not run_dir.config_path.exists():
                 raise FtengineError(f"{resume_dir}: not a run directory (no config.yaml)")
             cfg = load_config(run_dir.config_path)
-            click.echo(f"resuming {run_dir.path}", err=True)
-            result = pipeline.run(cfg, run_dir=run_dir, resume=True)
-        else:
-            if demo:
-                from ftengine.demo import demo_config
+            if rank.is_main:
+                click.echo(f"resuming {run_dir.path}", err=True)
+        elif demo:
+            from ftengine.demo import demo_config
 
-                kind = demo_kind or "sft"
-                what = "DPO with LoRA" if kind == "dpo" else "LoRA"
-                click.echo(f"ftengine demo: {what} on a tiny Qwen2-architecture model (random initial weights), "
-                           "on the CPU", err=True)
-                cfg = demo_config(kind)
-            else:
-                cfg = load_config(config)
-            result = pipeline.run(cfg, output_dir=output_dir)
+            kind = demo_kind or "sft"
+            what = "DPO with LoRA" if kind == "dpo" else "LoRA"
+            click.echo(f"ftengine demo: {what} on a tiny Qwen2-architecture model (random initial weights), "
+                       "on the CPU", err=True)
+            cfg = demo_config(kind)
+        else:
+            cfg = load_config(config)
+        if not rank.distributed and (gpus or cfg.distributed.num_processes > 1):
+            from ftengine.engine.launch import LaunchInterrupted
+            from ftengine.engine.launch import launch_run
+
+            try:
+                run_dir = launch_run(cfg, gpus, run_dir, output_dir, debug)
+            except LaunchInterrupted as exc:
+                click.echo(f"interrupted: {exc}", err=True)
+                sys.exit(EXIT_INTERRUPTED)
+            if demo and (run_dir.exports / "merged").is_dir():
+                _demo_answer(run_dir.exports / "merged")
+            return
+        if gpus:
+            raise FtengineError(f"--gpus {gpus}: this process is already one of {rank.world_size} launched by "
+                                "torchrun / accelerate launch; leave --gpus out")
+        if os.environ.get(distributed.ENV_RUN_DIR) and not resume_dir:
+            run_dir = RunDir(Path(os.environ[distributed.ENV_RUN_DIR]))
+        result = pipeline.run(cfg, run_dir=run_dir, output_dir=output_dir, resume=resume_dir is not None)
     except (FtengineError, FileExistsError) as exc:
         fail(exc, debug)
         return
+    except Exception as exc:
+        distributed.record_error(exc)
+        raise
+    finally:
+        distributed.shutdown()
+    if not rank.is_main:
+        sys.exit(EXIT_INTERRUPTED if result.train.interrupted else 0)
     print_summary(result)
     if result.train.interrupted:
         click.echo(f"interrupted at step {result.train.steps}; checkpoint: {result.train.checkpoint}\n"
                    f"resume with: ftengine run --resume {result.run_dir.path}", err=True)
         sys.exit(EXIT_INTERRUPTED)
     if demo and "merged" in result.exports:
-        from ftengine.demo import PROMPT
-        from ftengine.demo import ask
+        _demo_answer(result.exports["merged"][0])
 
-        answer = ask(result.exports["merged"][0])
-        click.echo(f"\nthe merged model, reloaded with transformers:\n  Q: {PROMPT}\n  A: {answer}")
+
+def _demo_answer(merged: Path) -> None:
+    from ftengine.demo import PROMPT
+    from ftengine.demo import ask
+
+    answer = ask(merged)
+    click.echo(f"\nthe merged model, reloaded with transformers:\n  Q: {PROMPT}\n  A: {answer}")
 
 
 @main.command()

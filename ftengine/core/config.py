@@ -124,6 +124,21 @@ class TrainingConfig(Section):
     loss_type: str = Field("sigmoid", description="DPO: trl loss type (sigmoid, ipo, hinge, ...).")
 
 
+class DistributedConfig(Section):
+    num_processes: int = Field(1, gt=0, description="Processes to train on, one per GPU (on a CPU host: CPU "
+                                                   "processes over gloo); above 1, `ftengine run` launches them "
+                                                   "through torchrun itself (the same as --gpus N). Under an "
+                                                   "outer torchrun / accelerate launch the launcher decides.")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="ddp: every process holds the whole model, gradients of the trained weights are "
+                            "all-reduced (LoRA / QLoRA); fsdp: FSDP2, every decoder layer's weights, gradients and "
+                            "optimizer state sharded across the processes (full fine-tuning, models that do not fit "
+                            "one GPU); auto: ddp if the model's training state fits one device, else fsdp.")
+    fsdp_reshard_after_forward: bool = Field(True, description="fsdp: free each layer's gathered weights after its "
+                                                               "forward (less memory; gathered again for the "
+                                                               "backward).")
+
+
 class ExportEntry(BaseModel):
     """One export; keys other than ``format`` are the exporter's own options."""
 
@@ -145,6 +160,7 @@ class RunConfig(Section):
     export: list[ExportEntry] = Field(default_factory=lambda: [ExportEntry(format="lora"),
                                                                ExportEntry(format="merged")])
     output: OutputConfig = Field(default_factory=OutputConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
 
 _TYPE_WORDS = {
@@ -313,6 +329,13 @@ def check_combinations(config: RunConfig) -> list[str]:
         problems.append("model.offload_embedding: full fine-tuning trains the embedding, which must stay on the GPU")
     if config.model.full_finetuning and any(e.format == "lora" for e in config.export):
         problems.append("export: 'lora' needs LoRA training; model.full_finetuning is true (use merged or gguf)")
+    if config.distributed.strategy == "fsdp":
+        if config.quantization.load_in_8bit:
+            problems.append("distributed.strategy: fsdp cannot shard an 8-bit (LLM.int8) base; use ddp, or "
+                            "quantization.load_in_4bit")
+        if config.model.offload_embedding:
+            problems.append("model.offload_embedding: the input embedding cannot stay in CPU memory while fsdp "
+                            "shards it; turn it off or use distributed.strategy: ddp")
     return problems
 
 

@@ -241,6 +241,9 @@ class TrainRequest:
     ref_model: Any = None
     max_seq_length: int = 2048
     attn_implementation: str = "sdpa"
+    trainer_arguments: dict[str, Any] = field(default_factory=dict)
+    """Extra ``transformers.TrainingArguments`` keywords the engine sets (the multi-process strategy:
+    ``ddp_*``, ``fsdp``, ``fsdp_config``); a trainer passes them on as they are."""
 
 
 class TrainerPlugin(Protocol):

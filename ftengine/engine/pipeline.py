@@ -31,6 +31,7 @@ from ftengine.core.errors import DataError
 from ftengine.core.errors import ModelError
 from ftengine.core.kernels import get_op
 from ftengine.core.types import TrainRequest
+from ftengine.engine import distributed
 from ftengine.engine.data import DataReport
 from ftengine.engine.data import load_samples
 from ftengine.engine.data import pack
@@ -44,7 +45,6 @@ from ftengine.engine.progress import InterruptCallback
 from ftengine.engine.progress import ProgressCallback
 from ftengine.engine.rundir import RunDir
 from ftengine.engine.rundir import atomic_directory
-from ftengine.engine.rundir import atomic_write_text
 from ftengine.engine.templates import apply_chat_template
 
 log = logging.getLogger("ftengine")
@@ -244,7 +244,10 @@ def find_adapter(hf_config: Any, adapter_name: str | None = None) -> Any:
     return adapter
 
 
-def quantization_config(load_in_4bit: bool, load_in_8bit: bool, quant: Any = None) -> Any:
+def quantization_config(load_in_4bit: bool, load_in_8bit: bool, quant: Any = None,
+                        quant_storage: torch.dtype | None = None) -> Any:
+    """bitsandbytes' config; ``quant_storage``: the dtype the packed 4-bit weights are stored as (a
+    float dtype lets FSDP shard them with the other weights)."""
     if not (load_in_4bit or load_in_8bit):
         return None
     from transformers import BitsAndBytesConfig
@@ -256,11 +259,13 @@ def quantization_config(load_in_4bit: bool, load_in_8bit: bool, quant: Any = Non
         bnb_4bit_quant_type=getattr(quant, "bnb_4bit_quant_type", "nf4"),
         bnb_4bit_use_double_quant=getattr(quant, "bnb_4bit_use_double_quant", True),
         bnb_4bit_compute_dtype=getattr(torch, getattr(quant, "bnb_4bit_compute_dtype", "bfloat16")),
+        **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}),
     )
 
 
-def load(config: RunConfig) -> LoadedModel:
-    """Stage 1: the model (16-bit, 4-bit NF4 or 8-bit) and its tokenizer."""
+def load(config: RunConfig, strategy: str = "single") -> LoadedModel:
+    """Stage 1: the model (16-bit, 4-bit NF4 or 8-bit) and its tokenizer; for ``strategy`` fsdp the
+    4-bit weights are stored in the compute dtype so they shard with the rest."""
     from transformers import AutoModelForCausalLM
     from transformers import AutoTokenizer
 
@@ -272,7 +277,8 @@ def load(config: RunConfig) -> LoadedModel:
     attention = choose_attn_implementation(m.attn_implementation, config.data.packing, hf_config)
     kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=m.trust_remote_code, revision=m.revision,
                                   attn_implementation=attention)
-    bnb = quantization_config(q.load_in_4bit, q.load_in_8bit, q)
+    storage = getattr(torch, q.bnb_4bit_compute_dtype) if strategy == "fsdp" else None
+    bnb = quantization_config(q.load_in_4bit, q.load_in_8bit, q, storage)
     if bnb is not None:
         kwargs["quantization_config"] = bnb
     if torch.cuda.is_available():
@@ -475,19 +481,23 @@ def data(loaded: LoadedModel, config: RunConfig) -> tuple[Any, Any, DataReport]:
 
 def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, training: TrainingConfig,
           run_dir: RunDir, resume_from: Path | None = None, ref_model: Any = None,
-          settings: ModelSettings | None = None) -> TrainResult:
+          settings: ModelSettings | None = None, strategy: str = "single",
+          trainer_arguments: dict[str, Any] | None = None) -> TrainResult:
     """Stage 5: the trainer plugin runs, with the engine's progress, checkpoint and interrupt callbacks.
 
-    ``settings`` default to those :func:`load` left on the model."""
+    ``settings`` default to those :func:`load` left on the model; ``strategy`` and
+    ``trainer_arguments``: see :mod:`ftengine.engine.distributed`."""
     settings = settings or settings_of(model)
     trainer_plugin = plugins.get("trainers", training.trainer)
-    progress = ProgressCallback(run_dir.metrics_path)
+    progress = ProgressCallback(run_dir.metrics_path, main=run_dir.writer)
     interrupt = InterruptCallback()
+    markers = CheckpointMarkerCallback(distributed.rank_info().world_size, strategy)
     request = TrainRequest(model=model, tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset,
                            training=training, output_dir=run_dir.checkpoints, ref_model=ref_model,
-                           callbacks=[progress, CheckpointMarkerCallback(), interrupt],
+                           callbacks=[progress, markers, interrupt],
                            max_seq_length=settings.max_seq_length,
-                           attn_implementation=model.config._attn_implementation)
+                           attn_implementation=model.config._attn_implementation,
+                           trainer_arguments=trainer_arguments or {})
     trainer = trainer_plugin.create(request)
     from transformers.trainer_callback import PrinterCallback
 
@@ -582,33 +592,81 @@ def new_run_dir(config: RunConfig, output_dir: str | None) -> RunDir:
     return RunDir.create(output_dir or config.output.dir, name)
 
 
+def load_adapted(config: RunConfig, strategy: str = "single") -> LoadedModel:
+    """Stages 1-3: the model loaded, patched and adapted as ``config`` says."""
+    return adapt(patch(load(config, strategy)), config.lora, config.model.full_finetuning,
+                 config.training.gradient_checkpointing, config.training.seed)
+
+
+def model_for_export(loaded: LoadedModel, config: RunConfig) -> Any:
+    """The model the exporters read: the trained one, or, after FSDP training, an unsharded copy on
+    rank 0 holding the trained weights gathered from every rank (``None`` on the other ranks)."""
+    if not distributed.is_sharded(loaded.model):
+        return loaded.model if distributed.is_main_process() else None
+    state = distributed.gather_state_dict(loaded.model, trainable_only=not config.model.full_finetuning)
+    if state is None:
+        return None
+    unsharded = load_adapted(config).model
+    distributed.load_gathered(unsharded, state)
+    return unsharded
+
+
 def run(config: RunConfig, run_dir: RunDir | None = None, output_dir: str | None = None,
         resume: bool = False) -> RunResult:
-    """A whole run. With ``resume`` the run continues in ``run_dir`` from its latest checkpoint."""
+    """A whole run. With ``resume`` the run continues in ``run_dir`` from its latest checkpoint.
+
+    Under torchrun / accelerate launch (several ranks) every rank calls it: they share rank 0's run
+    directory, which only rank 0 writes, and rank 0 alone exports.
+    """
     preflight(config)
+    rank = distributed.rank_info()
+    distributed.init_process_group(rank)
+    strategy, trainer_arguments = "single", {}
     resume_from = None
     if resume:
         assert run_dir is not None
+    else:
+        run_dir = run_dir or distributed.broadcast_from_main(lambda: new_run_dir(config, output_dir))
+    run_dir.writer = rank.is_main
+    notes = []
+    if rank.distributed:
+        if config.distributed.num_processes > 1 and config.distributed.num_processes != rank.world_size:
+            raise ConfigError(f"distributed.num_processes: {config.distributed.num_processes}, but the launcher "
+                              f"started {rank.world_size} processes")
+        hf_config = load_model_config(config.model.name_or_path, config.model.trust_remote_code, config.model.revision)
+        strategy, line = distributed.choose_strategy(config, hf_config, rank.world_size)
+        notes.append(f"distributed: {line}")
+    if resume:
+        checkpoint = run_dir.latest_checkpoint()
+        if checkpoint is not None:
+            distributed.check_resume(checkpoint, rank.world_size, strategy)
         resume_from = run_dir.resume_point()
     else:
-        run_dir = run_dir or new_run_dir(config, output_dir)
-        atomic_write_text(run_dir.config_path, dump_config(config))
+        run_dir.write_text(run_dir.config_path.name, dump_config(config))
     run_dir.set_status("running", started=time.strftime("%Y-%m-%dT%H:%M:%S"))
     try:
-        loaded = adapt(patch(load(config)), config.lora, config.model.full_finetuning,
-                       config.training.gradient_checkpointing, config.training.seed)
+        loaded = load_adapted(config, strategy)
+        loaded.notes += notes
+        if rank.distributed:
+            trainer_arguments = distributed.trainer_arguments(strategy, loaded.model,
+                                                              config.distributed.fsdp_reshard_after_forward)
         train_ds, eval_ds, report = data(loaded, config)
-        atomic_write_text(run_dir.path / "data_report.json", json.dumps(report.to_dict(), indent=2) + "\n")
+        run_dir.write_text("data_report.json", json.dumps(report.to_dict(), indent=2) + "\n")
         result = train(loaded.model, loaded.tokenizer, train_ds, eval_ds, config.training, run_dir, resume_from,
-                       settings=loaded.settings)
+                       settings=loaded.settings, strategy=strategy, trainer_arguments=trainer_arguments)
+        memory = peak_memory()
+        ranks = distributed.gather_objects(memory)
+        if rank.distributed:
+            memory["ranks"] = ranks
         exports = {}
         if not result.interrupted:
-            loaded.model.eval()
-            exports = export(loaded.model, loaded.tokenizer, config.export, run_dir.exports)
+            exported = model_for_export(loaded, config)
+            if exported is not None:
+                exported.eval()
+                exports = export(exported, loaded.tokenizer, config.export, run_dir.exports)
     except BaseException as exc:
         run_dir.set_status("failed", error=f"{type(exc).__name__}: {exc}")
         raise
-    memory = peak_memory()
     summary = {"steps": result.steps, "first_loss": result.first_loss, "last_loss": result.last_loss,
                "wall_seconds": round(result.wall_seconds, 2), "memory": memory, "notes": loaded.notes,
                "data": report.to_dict(), "exports": {k: str(v[0]) for k, v in exports.items()}}

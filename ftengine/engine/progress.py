@@ -1,5 +1,10 @@
 """Training callbacks the engine adds to every trainer: progress bar and metrics, checkpoint
-completion markers, and a clean stop on Ctrl-C / SIGTERM (a checkpoint is saved first)."""
+completion markers, and a clean stop on Ctrl-C / SIGTERM (a checkpoint is saved first).
+
+With several processes every rank runs them: rank 0 alone writes and prints; tokens/s counts every
+rank's tokens (the trainer gathers them) and the line shows each rank's peak memory; a signal
+that reaches any rank stops all of them after the same step.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from ftengine.engine import distributed
 from ftengine.engine.rundir import CHECKPOINT_MARKER
 
 
@@ -20,12 +26,30 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def peak_device_memory_gib() -> float:
+    """This process's peak memory: allocated on its GPU, else its peak resident set (CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
+
+
+def rank_memory_text(peaks: list[float]) -> str:
+    """``1.20 GiB`` for one process, ``1.20/1.21 GiB (ranks 0/1)`` for several."""
+    values = "/".join(f"{p:.2f}" for p in peaks)
+    return f"{values} GiB" + (f" (ranks {'/'.join(str(r) for r in range(len(peaks)))})" if len(peaks) > 1 else "")
+
+
 class ProgressCallback(TrainerCallback):
-    """A progress line (step, loss, tokens/s, ETA) and one ``metrics.jsonl`` record per log."""
+    """A progress line (step, loss, tokens/s, peak memory, ETA) and one ``metrics.jsonl`` record per log."""
 
     _RESERVED = ("learning_rate", "grad_norm", "epoch", "num_input_tokens_seen")
 
-    def __init__(self, metrics_path: Path, stream: Any = None):
+    def __init__(self, metrics_path: Path, stream: Any = None, main: bool = True):
+        self.main = main
         self.metrics_path = metrics_path
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
@@ -42,8 +66,11 @@ class ProgressCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs:
             return
+        peaks = distributed.gather_objects(round(peak_device_memory_gib(), 3))
+        if not self.main:
+            return
         now = time.perf_counter()
-        tokens = state.num_input_tokens_seen
+        tokens = state.num_input_tokens_seen  # every rank's (the trainer gathers them)
         tokens_per_second = (tokens - self._last_tokens) / max(now - self._last_time, 1e-9)
         self._last_time, self._last_tokens = now, tokens
         record = {
@@ -55,6 +82,7 @@ class ProgressCallback(TrainerCallback):
             "epoch": round(float(state.epoch or 0.0), 4),
             "tokens_seen": int(tokens),
             "elapsed_seconds": round(now - self._start, 3),
+            "peak_memory_gib": peaks if len(peaks) > 1 else peaks[0],
         }
         # The trainer's own metrics too (DPO's rewards/*, logps/*, ...), under their names.
         record.update({k: float(v) for k, v in logs.items()
@@ -66,7 +94,7 @@ class ProgressCallback(TrainerCallback):
         remaining = max(state.max_steps - state.global_step, 0)
         eta = (now - self._start) / max(done, 1) * remaining
         line = (f"step {state.global_step}/{state.max_steps} | loss {record['loss']:.4f} | "
-                f"{tokens_per_second:,.0f} tok/s | ETA {_clock(eta)}")
+                f"{tokens_per_second:,.0f} tok/s | peak {rank_memory_text(peaks)} | ETA {_clock(eta)}")
         if self.tty:
             width = 24
             filled = int(width * state.global_step / max(state.max_steps, 1))
@@ -76,14 +104,20 @@ class ProgressCallback(TrainerCallback):
         self.stream.flush()
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.tty:
+        if self.tty and self.main:
             self.stream.write("\n")
             self.stream.flush()
 
 
 class CheckpointMarkerCallback(TrainerCallback):
     """Saves the final step too, and marks a checkpoint complete once the trainer has written all of
-    its files (a checkpoint without the marker is never resumed from or exported)."""
+    its files (a checkpoint without the marker is never resumed from or exported). With several
+    processes rank 0 writes the marker once every rank has written its part, and records the number
+    of processes and the strategy (a resume must use the same)."""
+
+    def __init__(self, world_size: int = 1, strategy: str = "single"):
+        self.world_size = world_size
+        self.strategy = strategy
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.max_steps > 0 and state.global_step >= state.max_steps:
@@ -91,8 +125,10 @@ class CheckpointMarkerCallback(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):
+        distributed.barrier()  # every rank's shard, RNG state and optimizer state written
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if checkpoint.is_dir():
+        if state.is_world_process_zero and checkpoint.is_dir():
+            distributed.write_checkpoint_info(checkpoint, self.world_size, self.strategy)
             (checkpoint / CHECKPOINT_MARKER).write_text(f"{state.global_step}\n")
 
 
@@ -124,7 +160,9 @@ class InterruptCallback(TrainerCallback):
         self._previous.clear()
 
     def _stop_if_interrupted(self, control):
-        if self.interrupted:
+        # every rank asks the others, so all stop after the same step (a collective: called at the same points)
+        if distributed.any_rank(self.interrupted):
+            self.interrupted = True
             control.should_save = True
             control.should_training_stop = True
         return control

@@ -4,6 +4,9 @@
 directory that does not say ``completed`` never looks finished. Exports are written into a
 temporary sibling and renamed into place when complete; checkpoints count only once they carry
 the ``COMPLETE`` marker written after every file of the checkpoint.
+
+With several processes all of them share one run directory and only rank 0 writes to it: the
+others hold a ``RunDir`` with ``writer=False``, whose writing methods do nothing.
 """
 
 from __future__ import annotations
@@ -53,10 +56,16 @@ def atomic_directory(final: Path, overwrite: bool = False) -> Iterator[Path]:
 
 
 class RunDir:
-    """One run's directory."""
+    """One run's directory (``writer=False``: read it, never write; the other ranks of a job)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, writer: bool = True):
         self.path = Path(path)
+        self.writer = writer
+
+    def write_text(self, name: str, text: str) -> None:
+        """Write a file of the run directory atomically (rank 0 only)."""
+        if self.writer:
+            atomic_write_text(self.path / name, text)
 
     @classmethod
     def create(cls, parent: str | Path, name: str) -> RunDir:
@@ -90,6 +99,8 @@ class RunDir:
         return json.loads(path.read_text()) if path.exists() else {}
 
     def set_status(self, status: str, **fields: Any) -> None:
+        if not self.writer:
+            return
         state = self.status()
         state.update(fields, status=status, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
         atomic_write_text(self.path / "run.json", json.dumps(state, indent=2, default=str) + "\n")
@@ -125,13 +136,15 @@ class RunDir:
 
     def truncate_metrics(self, last_step: int) -> None:
         """Drop logged steps after ``last_step`` (a resumed run logs them again)."""
+        if not self.writer:
+            return
         kept = [m for m in self.read_metrics() if m.get("step", 0) <= last_step]
         atomic_write_text(self.metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
 
     def plot_loss(self) -> Path | None:
         """Write ``loss.png`` from ``metrics.jsonl``."""
         metrics = [m for m in self.read_metrics() if "loss" in m]
-        if not metrics:
+        if not metrics or not self.writer:
             return None
         import matplotlib
 

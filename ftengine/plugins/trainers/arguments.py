@@ -18,12 +18,13 @@ def precision_flags(model: Any) -> dict[str, bool]:
     return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
 
 
-def common_arguments(training: Any, output_dir: str, model: Any) -> dict[str, Any]:
+def common_arguments(training: Any, output_dir: str, model: Any, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Keyword arguments for a ``transformers.TrainingArguments`` subclass (trl's SFTConfig, ...).
 
     Gradient checkpointing is applied by the pipeline's adapt stage, so the trainer's own switch
     stays off; progress and metrics come from the core's callbacks, so the trainer's bar and
-    reporting integrations are off.
+    reporting integrations are off. ``extra`` (the engine's ``TrainRequest.trainer_arguments``: the
+    multi-process strategy) is added last.
     """
     return dict(
         output_dir=output_dir,
@@ -53,4 +54,5 @@ def common_arguments(training: Any, output_dir: str, model: Any) -> dict[str, An
         dataloader_num_workers=0,
         gradient_checkpointing=False,
         **precision_flags(model),
+        **(extra or {}),
     )

@@ -44,7 +44,7 @@ class DPOTrainerPlugin:
 
         model, tokenizer, training = request.model, request.tokenizer, request.training
         args = DPOConfig(
-            **common_arguments(training, str(request.output_dir), model),
+            **common_arguments(training, str(request.output_dir), model, request.trainer_arguments),
             beta=training.beta,
             loss_type=[training.loss_type],
             max_length=request.max_seq_length,

@@ -36,7 +36,7 @@ class SFTTrainerPlugin:
 
         tokenizer = request.tokenizer
         args = SFTConfig(
-            **common_arguments(request.training, str(request.output_dir), request.model),
+            **common_arguments(request.training, str(request.output_dir), request.model, request.trainer_arguments),
             dataset_kwargs={"skip_prepare_dataset": True},
             packing=False,
         )

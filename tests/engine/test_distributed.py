@@ -1,0 +1,380 @@
+"""Training on several processes: CPU processes over gloo, launched by ``ftengine run`` itself
+(``distributed.num_processes``), compared with one process training the same global batch.
+
+Each launch costs a few interpreter start-ups, so the checks of one launch are combined; the
+fast representative (DDP, one epoch, exports) runs by default, interruption, resume and a dying
+rank are marked ``slow``.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from ftengine.core.config import validate_config
+from ftengine.core.errors import ConfigError
+from ftengine.core.errors import FtengineError
+from ftengine.engine import distributed
+from ftengine.engine import pipeline
+from ftengine.engine.export_source import load_for_export
+from ftengine.engine.launch import first_failure
+from ftengine.engine.rundir import CHECKPOINT_MARKER
+from ftengine.engine.rundir import RunDir
+
+ROOT = Path(__file__).parents[2]
+
+
+def raw_config(base, tmp_path, processes=2, **training):
+    from ftengine.demo import ASSETS
+
+    return {
+        "model": {"name_or_path": str(base), "max_seq_length": 64, "dtype": "float32"},
+        "lora": {"r": 8, "lora_alpha": 16},
+        "data": {"path": str(ASSETS / "data.jsonl"), "format": "messages", "chat_template": "chatml",
+                 "max_rows": 48},
+        "training": {"max_steps": 6, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
+                     "learning_rate": 1e-3, "logging_steps": 1, "save_steps": 100, "gradient_checkpointing": False,
+                     "seed": 7, **training},
+        "export": [],
+        "output": {"dir": str(tmp_path / "runs"), "name": "tiny"},
+        "distributed": {"num_processes": processes},
+    }
+
+
+def one_process_twin(raw, processes=2):
+    """The same run in this process, each optimizer step on the same global batch."""
+    single = json.loads(json.dumps(raw))
+    single["training"]["per_device_train_batch_size"] *= processes
+    single["distributed"]["num_processes"] = 1
+    single["output"]["name"] = "single"
+    return pipeline.run(validate_config(single))
+
+
+def launch_cli(args, tmp_path, extra_pythonpath=None, wait=True):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [extra_pythonpath, str(ROOT)])),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "ftengine", "run", *args], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return proc
+    out, err = proc.communicate(timeout=600)
+    return proc.returncode, out, err
+
+
+def write_yaml(raw, path):
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def losses(run_dir):
+    return [(m["step"], m["loss"]) for m in RunDir(run_dir).read_metrics()]
+
+
+def test_ddp_two_processes_train_like_one_and_export_the_same(demo_base, tmp_path):
+    """One epoch on 2 processes (gradient checkpointing on): the loss curve of one process with the
+    same global batch, every sample seen once, one run directory written by rank 0, exports equal
+    to one process's export of the same weights."""
+    raw = raw_config(demo_base, tmp_path, max_steps=-1, num_train_epochs=1, gradient_checkpointing=True)
+    raw["export"] = [{"format": "lora"}, {"format": "merged", "dtype": "float16"}]
+    code, out, err = launch_cli([str(write_yaml(raw, tmp_path / "config.yaml"))], tmp_path)
+    assert code == 0, err[-3000:]
+    (run,) = (tmp_path / "runs").glob("tiny-*")
+    single = one_process_twin(raw)
+
+    got, expected = losses(run), single.train.losses
+    assert [s for s, _ in got] == [s for s, _ in expected] == list(range(1, 13))  # 48 samples / 4 a step
+    for (_, a), (_, b) in zip(got, expected, strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+    metrics = RunDir(run).read_metrics()
+    report = json.loads((run / "data_report.json").read_text())
+    # every sample once: the tokens all ranks saw in the epoch are the dataset's tokens
+    assert metrics[-1]["tokens_seen"] == report["tokens"] == single.run_dir.read_metrics()[-1]["tokens_seen"]
+    assert all(len(m["peak_memory_gib"]) == 2 for m in metrics)
+    status = json.loads((run / "run.json").read_text())
+    assert status["status"] == "completed" and len(status["summary"]["memory"]["ranks"]) == 2
+    assert any(n.startswith("distributed: ddp over 2 processes (gloo") for n in status["summary"]["notes"])
+    assert "rank 0:" in out and "rank 1:" in out and out.count("run directory") == 1
+    checkpoint = RunDir(run).latest_checkpoint()
+    assert json.loads((checkpoint / distributed.CHECKPOINT_INFO).read_text()) == {"world_size": 2, "strategy": "ddp"}
+    assert sorted(p.name for p in checkpoint.glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
+
+    # the exports of rank 0 == one process exporting the checkpoint's weights
+    model, tokenizer, _, _ = load_for_export(checkpoint, ("lora",), None)
+    pipeline.export(model, tokenizer, validate_config(raw).export, tmp_path / "again")
+    for name, file in (("lora", "adapter_model.safetensors"), ("merged", "model.safetensors")):
+        ours, theirs = load_file(run / "exports" / name / file), load_file(tmp_path / "again" / name / file)
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    # and the adapter trained on 2 processes is the adapter trained on one, to float rounding
+    single_model = single.model
+    state = load_file(run / "exports" / "lora" / "adapter_model.safetensors")
+    trained = {k: v for k, v in single_model.named_parameters() if v.requires_grad}
+    assert len(trained) == len(state)
+    for name, value in trained.items():
+        key = name.replace(".default", "")
+        torch.testing.assert_close(state[key], value.detach(), atol=1e-4, rtol=1e-3)
+
+
+INJECT = '''
+import os
+import time
+
+if os.environ.get("WORLD_SIZE"):
+    from ftengine.engine import progress
+
+    original = progress.ProgressCallback.on_log
+    mode, rank, step = os.environ["INJECT"].split(":")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if mode == "fail" and os.environ["RANK"] == rank and state.global_step == int(step):
+            raise RuntimeError("injected failure")
+        original(self, args, state, control, logs=logs, **kwargs)
+        if mode == "slow":
+            time.sleep(float(step))
+
+    progress.ProgressCallback.on_log = on_log
+'''
+
+
+def injecting(tmp_path, monkeypatch, what):
+    """A ``sitecustomize`` for the launched ranks: ``slow:-:seconds`` sleeps after each logged step,
+    ``fail:rank:step`` raises on one rank at one step."""
+    folder = tmp_path / "inject"
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(INJECT)
+    monkeypatch.setenv("INJECT", what)
+    return str(folder)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_then_resume_continues_exactly(demo_base, tmp_path, monkeypatch):
+    raw = raw_config(demo_base, tmp_path, max_steps=8, save_steps=2)
+    proc = launch_cli([str(write_yaml(raw, tmp_path / "config.yaml"))], tmp_path,
+                      extra_pythonpath=injecting(tmp_path, monkeypatch, "slow:-:1.0"), wait=False)
+    deadline = time.time() + 500
+    while time.time() < deadline:
+        runs = list((tmp_path / "runs").glob("tiny-*"))
+        if runs and len(RunDir(runs[0]).read_metrics()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "resume with: ftengine run --resume" in err
+    run = RunDir(runs[0])
+    assert run.status()["status"] == "interrupted"
+    cut = run.latest_checkpoint()
+    stopped_at = int(cut.name.split("-")[1])
+    assert 3 <= stopped_at < 8 and len(run.read_metrics()) == stopped_at
+
+    monkeypatch.delenv("INJECT")
+    code, out, err = launch_cli(["--resume", str(run.path)], tmp_path)
+    assert code == 0, err[-3000:]
+    assert run.status()["status"] == "completed"
+    single = one_process_twin(raw)
+    got = losses(run.path)
+    assert [s for s, _ in got] == list(range(1, 9))
+    for (_, a), (_, b) in zip(got, single.train.losses, strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_a_dying_rank_stops_every_rank_with_its_error_on_one_line(demo_base, tmp_path, monkeypatch):
+    raw = raw_config(demo_base, tmp_path, max_steps=50, save_steps=1)
+    start = time.time()
+    code, out, err = launch_cli([str(write_yaml(raw, tmp_path / "config.yaml"))], tmp_path,
+                                extra_pythonpath=injecting(tmp_path, monkeypatch, "fail:1:3"))
+    assert code == 1
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == ["error: rank 1: RuntimeError: injected failure"], err[-3000:]
+    (path,) = (tmp_path / "runs").glob("tiny-*")
+    run = RunDir(path)
+    assert run.status()["status"] == "failed" and "rank 1" in run.status()["error"]
+    checkpoint = run.latest_checkpoint()
+    assert checkpoint.name == "checkpoint-2" and (checkpoint / CHECKPOINT_MARKER).exists()
+    assert time.time() - start < 300
+
+
+def test_gpus_beyond_the_visible_ones_is_one_line_before_anything_starts(demo_base, tmp_path):
+    from click.testing import CliRunner
+
+    from ftengine.cli import main
+
+    config = write_yaml(raw_config(demo_base, tmp_path, processes=1), tmp_path / "config.yaml")
+    result = CliRunner().invoke(main, ["run", "--gpus", "2", str(config)])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == "error: --gpus 2: only 0 CUDA GPU(s) visible"
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("key, value, problem", [
+    ("quantization", {"load_in_8bit": True}, "distributed.strategy: fsdp cannot shard an 8-bit"),
+    ("model", {"offload_embedding": True}, "model.offload_embedding: the input embedding cannot stay"),
+])
+def test_a_strategy_that_cannot_serve_the_request_is_a_config_error(demo_base, tmp_path, key, value, problem):
+    raw = raw_config(demo_base, tmp_path)
+    raw["distributed"]["strategy"] = "fsdp"
+    raw.setdefault(key, {}).update(value)
+    with pytest.raises(ConfigError, match=problem):
+        validate_config(raw)
+
+
+def test_strategy_choice(demo_base, tmp_path):
+    from ftengine.engine.pipeline import load_model_config
+
+    hf_config = load_model_config(str(demo_base))
+    config = validate_config(raw_config(demo_base, tmp_path))
+    assert distributed.choose_strategy(config, hf_config, 2, memory=2**30, on_gpu=True)[0] == "ddp"
+    assert distributed.choose_strategy(config, hf_config, 2, memory=2**20, on_gpu=True)[0] == "fsdp"
+    assert distributed.choose_strategy(config, hf_config, 2, memory=2**20, on_gpu=False)[0] == "ddp"
+    fsdp = validate_config({**raw_config(demo_base, tmp_path), "distributed": {"num_processes": 2,
+                                                                               "strategy": "fsdp"}})
+    with pytest.raises(ConfigError, match="fsdp needs CUDA GPUs"):
+        distributed.choose_strategy(fsdp, hf_config, 2, on_gpu=False)
+    assert distributed.choose_strategy(fsdp, hf_config, 2, on_gpu=True)[1].startswith("fsdp over 2 processes (nccl")
+
+
+def test_memory_plan_counts_the_model_and_its_lora_weights(tiny_config):
+    """The plan's parameter counts against the model peft actually builds."""
+    config = tiny_config()
+    loaded = pipeline.load_adapted(config)
+    hf_config = loaded.model.config
+    total = sum(p.numel() for p in loaded.model.parameters())
+    trainable = sum(p.numel() for p in loaded.model.parameters() if p.requires_grad)
+    assert distributed.lora_parameters(hf_config, config.lora.r) == trainable
+    assert distributed.count_parameters(hf_config) == total - trainable
+    plan = distributed.memory_plan(total - trainable, trainable, 2, 4)
+    assert plan.replicated_bytes == (total - trainable) * 2 + trainable * 16
+    assert plan.sharded_bytes == -(-plan.replicated_bytes // 4)
+    nf4 = distributed.memory_plan(8_000_000_000, 0, 2, 2, load_in_4bit=True)
+    assert 0.5 * 8e9 < nf4.replicated_bytes < 0.51 * 8e9
+
+
+def test_resume_needs_the_same_processes_and_strategy(tmp_path):
+    distributed.write_checkpoint_info(tmp_path, 2, "ddp")
+    distributed.check_resume(tmp_path, 2, "ddp")
+    with pytest.raises(FtengineError, match="written by 2 process.*resumed with 4; resume with --gpus 2"):
+        distributed.check_resume(tmp_path, 4, "ddp")
+    with pytest.raises(FtengineError, match="set distributed.strategy: ddp"):
+        distributed.check_resume(tmp_path, 2, "fsdp")
+    single = tmp_path / "single"
+    single.mkdir()
+    with pytest.raises(FtengineError, match="written by 1 process"):
+        distributed.check_resume(single, 2, "ddp")
+
+
+def test_nccl_missing_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)
+    with pytest.raises(FtengineError, match="needs NCCL, which this PyTorch build lacks"):
+        distributed.check_backend()
+
+
+def test_other_ranks_write_nothing_to_the_run_directory(tmp_path):
+    reader = RunDir(tmp_path, writer=False)
+    reader.set_status("running")
+    reader.write_text("config.yaml", "model: {}\n")
+    reader.truncate_metrics(0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_first_failing_rank_with_an_error_is_reported():
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    def failure(rank, message, timestamp, exitcode=1):
+        f = ProcessFailure.__new__(ProcessFailure)
+        f.local_rank, f.pid, f.exitcode, f.error_file = rank, 1, exitcode, ""
+        f.message, f.timestamp = message, timestamp
+        return f
+
+    stopped = failure(0, "To enable traceback see: ...", 5, exitcode=-15)
+    assert first_failure({0: stopped, 1: failure(1, {"message": "RuntimeError: boom"}, 9)}) == \
+        "rank 1: RuntimeError: boom"
+    assert first_failure({0: stopped}) == "rank 0: stopped by SIGTERM"
+
+
+@pytest.mark.slow
+def test_fsdp_sharded_weights_gathered_to_rank_0_export_like_one_process(demo_base, tmp_path):
+    raw = raw_config(demo_base, tmp_path)
+    raw["export"] = [{"format": "lora"}, {"format": "merged", "dtype": "float16"},
+                     {"format": "gguf", "quantization": "f16"}]
+    config = write_yaml(raw, tmp_path / "config.yaml")
+    worker = Path(__file__).parent / "fsdp_export_worker.py"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(worker), str(config), str(tmp_path / "out")], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    gathered, reference = tmp_path / "out" / "gathered", tmp_path / "out" / "reference"
+    for name, file in (("lora", "adapter_model.safetensors"), ("merged", "model.safetensors")):
+        ours, theirs = load_file(gathered / name / file), load_file(reference / name / file)
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    (ours,) = (gathered / "gguf").glob("*.gguf")
+    (theirs,) = (reference / "gguf").glob("*.gguf")
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_fsdp_on_two_gpus_trains_like_one_checkpoints_sharded_and_resumes(demo_base, tmp_path):
+    raw = raw_config(demo_base, tmp_path, max_steps=4, save_steps=2, gradient_checkpointing=True)
+    raw["distributed"]["strategy"] = "fsdp"
+    raw["export"] = [{"format": "lora"}]
+    code, out, err = launch_cli([str(write_yaml(raw, tmp_path / "config.yaml"))], tmp_path)
+    assert code == 0, err[-3000:]
+    (path,) = (tmp_path / "runs").glob("tiny-*")
+    run = RunDir(path)
+    assert any("fsdp over 2 processes (nccl" in n for n in run.status()["summary"]["notes"])
+    checkpoint = run.latest_checkpoint()
+    assert any(p.is_dir() and p.name.startswith("pytorch_model_fsdp") for p in checkpoint.iterdir())  # DCP shards
+    single = one_process_twin(raw)
+    full = losses(path)
+    for (_, a), (_, b) in zip(full, single.train.losses, strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+    exported = load_file(path / "exports" / "lora" / "adapter_model.safetensors")
+    reference = load_file(single.run_dir.exports / "lora" / "adapter_model.safetensors")
+    assert exported.keys() == reference.keys()
+    for key in exported:
+        torch.testing.assert_close(exported[key], reference[key], atol=1e-4, rtol=1e-3)
+
+    # resume from the sharded checkpoint-2: steps 3 and 4 again, as before
+    (checkpoint / CHECKPOINT_MARKER).unlink()
+    shutil.rmtree(path / "exports")
+    code, out, err = launch_cli(["--resume", str(path)], tmp_path)
+    assert code == 0, err[-3000:]
+    for (_, a), (_, b) in zip(losses(path), full, strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_the_python_api_under_torchrun_trains_data_parallel(demo_base, tmp_path):
+    from ftengine.demo import ASSETS
+
+    worker = Path(__file__).parent / "api_worker.py"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    args = [str(worker), str(demo_base), str(ASSETS / "data.jsonl")]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           *args, str(tmp_path / "two"), "2"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = subprocess.run([sys.executable, *args, str(tmp_path / "one"), "4"], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    two, one = losses(tmp_path / "two" / "run"), losses(tmp_path / "one" / "run")
+    assert [s for s, _ in two] == [1, 2, 3]  # rank 0 alone wrote the metrics
+    for (_, a), (_, b) in zip(two, one, strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+    ours = load_file(tmp_path / "two" / "lora" / "adapter_model.safetensors")
+    theirs = load_file(tmp_path / "one" / "lora" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], atol=1e-4, rtol=1e-3)
