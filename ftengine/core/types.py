@@ -139,6 +139,7 @@ class GGUFSupport(Protocol):
     """
 
     architecture: str
+    split_tensor: Callable[[str, Any], list[tuple[str, Any]]] | None = None
 
     def tensor_name(self, hf_name: str) -> str | None:
         """llama.cpp's name for a Hugging Face tensor name (``None``: not exported)."""
@@ -227,6 +228,8 @@ class TrainRequest:
             adapter-disabled policy (full fine-tuning), else ``None``.
         max_seq_length: the longest row in tokens (``model.max_seq_length``).
         attn_implementation: the attention implementation the model was loaded with.
+        trainer_arguments: extra ``transformers.TrainingArguments`` keywords the engine sets (the
+            multi-process strategy: ``ddp_*``, ``fsdp``, ``fsdp_config``); pass them on as they are.
 
     .. versionadded:: 0.1
     """
@@ -242,8 +245,6 @@ class TrainRequest:
     max_seq_length: int = 2048
     attn_implementation: str = "sdpa"
     trainer_arguments: dict[str, Any] = field(default_factory=dict)
-    """Extra ``transformers.TrainingArguments`` keywords the engine sets (the multi-process strategy:
-    ``ddp_*``, ``fsdp``, ``fsdp_config``); a trainer passes them on as they are."""
 
 
 class TrainerPlugin(Protocol):

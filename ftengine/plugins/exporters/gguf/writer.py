@@ -158,7 +158,7 @@ def _add_value(writer: GGUFWriter, key: str, value: Any) -> None:
 def _tensors(model: Any, layout: Any, config: Any, original: OriginalCheckpoint | None):
     """``(gguf_name, tensor)`` in llama.cpp's layout, then the layout's extra tensors (``rope_freqs``)."""
     tied = bool(getattr(getattr(config, "text_config", None) or config, "tie_word_embeddings", False))
-    split = getattr(layout, "split_tensor", lambda hf_name, tensor: [(hf_name, tensor)])
+    split = getattr(layout, "split_tensor", None) or (lambda hf_name, tensor: [(hf_name, tensor)])
     for merged_name, merged in iter_merged_tensors(model, torch.float32, original):
         for hf_name, tensor in split(merged_name, merged):
             name = layout.tensor_name(hf_name)
