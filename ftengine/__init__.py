@@ -178,13 +178,21 @@ def train(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft", eval_d
     Returns:
         A :class:`ftengine.engine.pipeline.TrainResult`.
     """
+    from ftengine.core import plugins
+    from ftengine.core.config import RunConfig
     from ftengine.core.config import TrainingConfig
     from ftengine.core.config import validate_section
+    from ftengine.core.errors import ConfigError
     from ftengine.engine import distributed
     from ftengine.engine import pipeline
+    from ftengine.engine import preflight
     from ftengine.engine.rundir import RunDir
 
     training = validate_section(TrainingConfig, dict(trainer=trainer, **training_kwargs), "train")
+    plugins.get("trainers", trainer)  # an unknown name fails before any run directory exists
+    problems = preflight.trainer_argument_problems(RunConfig(model={"name_or_path": "-"}, training=training))
+    if problems:
+        raise ConfigError("train: " + "; ".join(problems))
     pipeline.attention_for_rows(model, "position_ids" in getattr(dataset, "column_names", ()))
     rank = distributed.rank_info()
     distributed.init_process_group(rank)
@@ -194,10 +202,11 @@ def train(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft", eval_d
         run_dir = RunDir(Path(output_dir))
         run_dir.path.mkdir(parents=True, exist_ok=True)
     run_dir.writer = rank.is_main
-    resume_from = run_dir.resume_point() if resume else None
-    arguments = distributed.api_trainer_arguments(strategy, model) if rank.distributed else None
-    return pipeline.train(model, tokenizer, dataset, eval_dataset, training, run_dir, resume_from,
-                          strategy=strategy if rank.distributed else "single", trainer_arguments=arguments)
+    with run_dir.lock("training"):
+        resume_from = run_dir.resume_point() if resume else None
+        arguments = distributed.api_trainer_arguments(strategy, model) if rank.distributed else None
+        return pipeline.train(model, tokenizer, dataset, eval_dataset, training, run_dir, resume_from,
+                              strategy=strategy if rank.distributed else "single", trainer_arguments=arguments)
 
 
 def export(model: Any, tokenizer: Any, output_dir: str, format: str = "lora", overwrite: bool = False,

@@ -60,16 +60,32 @@ def setup_logging(debug: bool) -> None:
 
 
 def fail(exc: BaseException, debug: bool) -> None:
-    """One line on stderr and exit 1. A rank of several names itself; under ``--gpus`` it leaves the
-    line to the launcher, which reports the first failing rank's."""
+    """One line on stderr (the traceback only with ``--debug``) and exit 1. A rank of several names itself;
+    under ``--gpus`` it leaves the line to the launcher, which reports the first failing rank's."""
     from ftengine.engine import distributed
 
     distributed.record_error(exc)
     if debug:
         raise exc
     if not os.environ.get(distributed.ENV_LAUNCHED):
-        click.echo(f"error: {distributed.error_line(exc)}", err=True)
+        if isinstance(exc, (FtengineError, FileExistsError)):
+            click.echo(f"error: {distributed.error_line(exc)}", err=True)
+        else:
+            from ftengine.engine.failures import error_line
+
+            click.echo(f"error: {error_line(exc)} (run with --debug for the traceback)", err=True)
     sys.exit(EXIT_ERROR)
+
+
+def interrupted_twice(exc: KeyboardInterrupt) -> None:
+    """A second Ctrl-C stops at once: say where the last complete checkpoint is, exit 130."""
+    checkpoint, run_dir = getattr(exc, "checkpoint", None), getattr(exc, "run_dir", None)
+    if checkpoint is not None:
+        where = f"; last complete checkpoint: {checkpoint}; resume with: ftengine run --resume {run_dir}"
+    else:
+        where = "; no checkpoint was complete" if run_dir is not None else ""
+    click.echo(f"\nstopped at once by a second interrupt{where}", err=True)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 @click.group(cls=FtengineGroup)
@@ -179,17 +195,23 @@ def run(config: str | None, output_dir: str | None, resume_dir: str | None, demo
         if os.environ.get(distributed.ENV_RUN_DIR) and not resume_dir:
             run_dir = RunDir(Path(os.environ[distributed.ENV_RUN_DIR]))
         result = pipeline.run(cfg, run_dir=run_dir, output_dir=output_dir, resume=resume_dir is not None)
-    except (FtengineError, FileExistsError) as exc:
+    except KeyboardInterrupt as exc:
+        interrupted_twice(exc)
+        return
+    except Exception as exc:  # noqa: BLE001 - every failure is one line; --debug shows the traceback
         fail(exc, debug)
         return
-    except Exception as exc:
-        distributed.record_error(exc)
-        raise
     finally:
         distributed.shutdown()
     if not rank.is_main:
         sys.exit(EXIT_INTERRUPTED if result.train.interrupted else 0)
     print_summary(result)
+    if result.failed_exports:
+        for name, error in result.failed_exports.items():
+            click.echo(f"export {name} failed: {error}\n  redo it with: ftengine export {result.run_dir.path} "
+                       f"--format {name}   (or: ftengine run --resume {result.run_dir.path})", err=True)
+        click.echo("training completed; the exports above did not", err=True)
+        sys.exit(EXIT_ERROR)
     if result.train.interrupted:
         click.echo(f"interrupted at step {result.train.steps}; checkpoint: {result.train.checkpoint}\n"
                    f"resume with: ftengine run --resume {result.run_dir.path}", err=True)
@@ -262,13 +284,11 @@ def export(source: str, formats: tuple[str, ...], quantization: str | None, outp
     """Export a finished run directory or one of its checkpoints."""
     setup_logging(debug)
     quiet_libraries()
-    from ftengine.engine.export_source import load_for_export
-    from ftengine.engine.pipeline import export as export_stage
+    from ftengine.engine.export_source import export_run
 
     try:
-        model, tokenizer, entries, default_out = load_for_export(Path(source), formats, quantization)
-        results = export_stage(model, tokenizer, entries, Path(output) if output else default_out, overwrite)
-    except (FtengineError, FileExistsError) as exc:
+        results = export_run(Path(source), formats, quantization, Path(output) if output else None, overwrite)
+    except Exception as exc:  # noqa: BLE001 - every failure is one line; --debug shows the traceback
         fail(exc, debug)
         return
     for name, (path, lines) in results.items():
@@ -300,7 +320,7 @@ def preview(config: str, count: int, debug: bool) -> None:
             raise FtengineError(f"{config}: data.path is not set")
         tokenizer, template = previewing.load_tokenizer(cfg)
         result = previewing.build_preview(cfg, tokenizer, count, template)
-    except FtengineError as exc:
+    except Exception as exc:  # noqa: BLE001 - every failure is one line; --debug shows the traceback
         fail(exc, debug)
         return
     color = click.get_text_stream("stdout").isatty() and not os.environ.get("NO_COLOR")

@@ -85,6 +85,7 @@ def test_model_type_no_plugin_serves(tmp_path):
     model = tmp_path / "weird-model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "weirdformer", "hidden_size": 8}))
+    (model / "tokenizer_config.json").write_text("{}")
     path = write_config(tmp_path, model, ASSETS / "data.jsonl")
     assert_one_line_error(cli("run", str(path)), "model type 'weirdformer' is served by no ftengine plugin",
                           "qwen2")
@@ -167,3 +168,73 @@ def test_summary_reports_eval_data_and_its_skipped_rows(tiny_config, tmp_path, c
     print_summary(pipeline.run(config))
     out = capsys.readouterr().out
     assert "eval data" in out and "1 samples; 1 skipped (first: " in out and "eval.jsonl: row 2" in out
+
+
+def test_an_infinite_learning_rate_is_refused_before_anything_runs(tmp_path, demo_base):
+    from ftengine.demo import ASSETS
+
+    path = write_config(tmp_path, demo_base, ASSETS / "data.jsonl")
+    path.write_text(path.read_text() + "training:\n  learning_rate: .inf\n  warmup_steps: .nan\n")
+    result = cli("run", str(path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "training.learning_rate: expected a finite number, got inf" in result.stderr
+    assert "training.warmup_steps" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_second_interrupt_exits_130_naming_the_last_checkpoint(tmp_path, monkeypatch):
+    from ftengine.core.errors import StoppedAtOnce
+    from ftengine.engine import pipeline
+
+    def stopped(*args, **kwargs):
+        raise StoppedAtOnce(tmp_path / "run", tmp_path / "run" / "checkpoints" / "checkpoint-3")
+
+    monkeypatch.setattr(pipeline, "run", stopped)
+    monkeypatch.setattr("ftengine.core.config.load_config", lambda path: None)
+    result = cli("run", str(tmp_path / "config.yaml"))
+    assert result.returncode == 130 and "Traceback" not in result.stderr
+    assert "stopped at once by a second interrupt; last complete checkpoint: " in result.stderr
+    assert f"ftengine run --resume {tmp_path / 'run'}" in result.stderr
+
+
+def test_a_failed_export_keeps_the_training_and_says_how_to_redo_it(tiny_config, monkeypatch):
+    from ftengine.core.config import ExportEntry
+    from ftengine.core.plugins import get
+    from ftengine.engine import pipeline
+
+    config = tiny_config(max_steps=2)
+    config.export = [ExportEntry(format="lora"), ExportEntry(format="merged")]
+    merged = type(get("exporters", "merged"))
+
+    def broken(self, model, tokenizer, out_dir, options):
+        raise RuntimeError("the disk went away")
+
+    monkeypatch.setattr(merged, "export", broken)
+    monkeypatch.setattr("ftengine.core.config.load_config", lambda path: config)
+    result = cli("run", "config.yaml")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "export merged failed: RuntimeError: the disk went away" in result.stderr
+    run_path = result.stdout.split("run directory")[1].split()[0]
+    assert f"redo it with: ftengine export {run_path} --format merged" in result.stderr
+    from ftengine.engine.rundir import RunDir
+
+    state = RunDir(run_path).status()
+    assert state["status"] == "exports_failed" and state["training"] == "completed"
+    assert list(state["exports_done"]) == ["lora"]
+
+    monkeypatch.undo()
+    resumed = pipeline.run(config, run_dir=RunDir(run_path), resume=True)
+    assert list(resumed.exports) == ["merged"] and resumed.run_dir.status()["status"] == "completed"
+    assert set(resumed.run_dir.status()["summary"]["exports"]) == {"lora", "merged"}
+
+
+def test_an_unknown_trainer_in_the_api_leaves_no_run_directory(tmp_path, monkeypatch):
+    import ftengine
+    from ftengine.core.errors import PluginError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PluginError, match="sftt"):
+        ftengine.train(None, None, None, trainer="sftt", output_dir=str(tmp_path / "run"))
+    with pytest.raises(PluginError):
+        ftengine.train(None, None, None, trainer="sftt")
+    assert list(tmp_path.iterdir()) == []

@@ -10,6 +10,7 @@ schema.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,13 @@ from pydantic import BaseModel
 from pydantic import ConfigDict
 from pydantic import Field
 from pydantic import ValidationError
+from pydantic import field_validator
 
 from ftengine.core.errors import ConfigError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -48,6 +50,8 @@ class ModelConfig(Section):
     adapter: str | None = Field(None, description="Model adapter (architecture plugin) to use; default: the one "
                                                   "serving the model's config.model_type.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub repository.")
+    allow_pickle: bool = Field(False, description="Allow loading weights from pickle files (.bin/.pt), which can run "
+                                                  "code when read; by default only safetensors weights load.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
 
 
@@ -102,7 +106,7 @@ class DataConfig(Section):
 
 class TrainingConfig(Section):
     trainer: str = Field("sft", description="Trainer name (sft, dpo, ...).")
-    max_steps: int = Field(-1, description="Optimizer steps; -1 = run num_train_epochs.")
+    max_steps: int = Field(-1, ge=-1, description="Optimizer steps; -1 = run num_train_epochs.")
     num_train_epochs: float = Field(1.0, gt=0, description="Epochs when max_steps is -1.")
     per_device_train_batch_size: int = Field(2, gt=0, description="Micro-batch size.")
     gradient_accumulation_steps: int = Field(4, gt=0, description="Micro-batches per optimizer step.")
@@ -115,13 +119,18 @@ class TrainingConfig(Section):
     seed: int = Field(3407, description="Random seed (weights init of adapters, data order, dropout).")
     logging_steps: int = Field(1, gt=0, description="Log metrics every N steps.")
     save_steps: int = Field(100, gt=0, description="Checkpoint every N steps.")
-    save_total_limit: int | None = Field(2, description="Keep at most N checkpoints (None: all).")
+    save_total_limit: int | None = Field(2, ge=1, description="Keep at most N checkpoints (None: all).")
     gradient_checkpointing: bool | Literal["offload", "auto"] = Field(
         "auto", description="auto (default: recompute only the layers whose activations would not fit in GPU "
                             "memory), true (recompute every layer), offload (every layer, inputs in CPU RAM) or false.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (needs eval data).")
     beta: float = Field(0.1, gt=0, description="DPO: the KL penalty strength.")
     loss_type: str = Field("sigmoid", description="DPO: trl loss type (sigmoid, ipo, hinge, ...).")
+    on_nonfinite: Literal["stop", "skip_step"] = Field(
+        "stop", description="A non-finite loss, gradient norm or learning rate: stop the run at once, keeping the "
+                            "last good checkpoint (stop), or skip that optimizer step (skip_step).")
+    max_nonfinite_steps: int = Field(10, ge=0, description="skip_step: the run stops once more steps than this "
+                                                           "were skipped.")
 
 
 class DistributedConfig(Section):
@@ -150,6 +159,14 @@ class OutputConfig(Section):
     dir: str = Field("runs", description="Parent directory of run directories.")
     name: str | None = Field(None, description="Run name; default: the model directory's name.")
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or value in (".", "..") or "/" in value or "\\" in value
+                                  or "\0" in value):
+            raise ValueError("a plain directory name (no '/', '\\', '..' or empty name)")
+        return value
+
 
 class RunConfig(Section):
     model: ModelConfig
@@ -165,7 +182,7 @@ class RunConfig(Section):
 
 _TYPE_WORDS = {
     "int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
-    "dict": "a mapping", "list": "a list", "literal": "one of",
+    "dict": "a mapping", "list": "a list", "literal": "one of", "finite": "a finite number",
 }
 
 
@@ -208,6 +225,11 @@ def _expected(err: dict[str, Any]) -> str:
     kind = err["type"]
     if kind == "literal_error":
         return err["ctx"]["expected"]
+    if kind == "value_error":
+        return str(err["ctx"]["error"])
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if kind in bounds:
+        return f"a value {bounds[kind]} {next(iter(err['ctx'].values()))}"
     return next((word for key, word in _TYPE_WORDS.items() if kind.startswith(key)), err["msg"])
 
 
@@ -254,17 +276,29 @@ def _problems(raw: Any, source: str, lines: list[str]) -> ConfigError:
     return ConfigError(f"{source}: {len(lines)} problem(s):\n  " + "\n  ".join(lines))
 
 
+def non_finite_values(raw: Any, path: tuple[Any, ...] = ()) -> list[str]:
+    """Every ``inf`` / ``nan`` number anywhere in a raw config (exporter options included), by key path."""
+    if isinstance(raw, float) and not math.isfinite(raw):
+        return [f"{_path(path)}: expected a finite number, got {raw!r} (float)"]
+    if isinstance(raw, dict):
+        return [line for key, value in raw.items() for line in non_finite_values(value, (*path, key))]
+    if isinstance(raw, list):
+        return [line for i, value in enumerate(raw) for line in non_finite_values(value, (*path, i))]
+    return []
+
+
 def validate_config(raw: Any, source: str = "config") -> RunConfig:
     """Validate a config mapping; a :class:`ConfigError` listing every problem otherwise."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections (model, data, training, ...), "
                           f"got {type(raw).__name__}")
+    non_finite = non_finite_values(raw)
     try:
         config = RunConfig.model_validate(raw)
     except ValidationError as exc:
-        lines = _format_errors(exc.errors()) + check_plugin_names(raw)
+        lines = non_finite + _format_errors(exc.errors()) + check_plugin_names(raw)
         raise _problems(raw, source, sorted(dict.fromkeys(lines))) from None
-    problems = check_plugin_names(raw) + check_combinations(config)
+    problems = non_finite + check_plugin_names(raw) + check_combinations(config)
     if problems:
         raise _problems(raw, source, problems)
     return config
@@ -336,6 +370,13 @@ def check_combinations(config: RunConfig) -> list[str]:
         if config.model.offload_embedding:
             problems.append("model.offload_embedding: the input embedding cannot stay in CPU memory while fsdp "
                             "shards it; turn it off or use distributed.strategy: ddp")
+    if config.training.max_steps == 0:
+        problems.append("training.max_steps: expected -1 (run num_train_epochs) or a positive number of steps, got 0")
+    if config.training.eval_steps and not (config.data.eval_path or config.data.eval_fraction > 0):
+        problems.append("training.eval_steps: evaluation needs eval data; set data.eval_path or data.eval_fraction")
+    formats = [e.format for e in config.export]
+    for name in sorted({f for f in formats if formats.count(f) > 1}):
+        problems.append(f"export: {name!r} is listed twice; each format writes exports/{name}, give it once")
     return problems
 
 

@@ -48,3 +48,24 @@ class HostMemoryError(FtengineError, MemoryError):
 
     .. versionadded:: 0.1
     """
+
+
+class NonFiniteError(FtengineError):
+    """Training produced a non-finite loss, gradient norm, learning rate or weight; or an export was
+    asked to write non-finite weights."""
+
+
+class RunLockedError(FtengineError):
+    """Another process is training or exporting in the same run directory."""
+
+
+class DiskFullError(FtengineError):
+    """A write ran out of disk space (the message names the path, the bytes free and needed)."""
+
+
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second interrupt stopped a run at once; ``run_dir`` and its last complete ``checkpoint`` (or None)."""
+
+    def __init__(self, run_dir: object, checkpoint: object):
+        super().__init__(f"{run_dir}: stopped at once; last complete checkpoint: {checkpoint}")
+        self.run_dir, self.checkpoint = run_dir, checkpoint

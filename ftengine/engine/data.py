@@ -111,13 +111,18 @@ def _read_jsonl(path: Path, on_bad_rows: str, report: DataReport) -> Iterator[Ro
             if not line.strip():
                 continue
             try:
-                yield Row(str(path), number, json.loads(line))
+                value = json.loads(line)
             except json.JSONDecodeError as exc:
                 reason = f"{path}: line {number}: not valid JSON ({exc.msg} at column {exc.colno})"
-                if on_bad_rows == "error":
-                    raise DataError(reason + "; fix the line or set data.on_bad_rows: skip") from None
-                report.rows += 1
-                report.skip(reason, "not valid JSON")
+            except RecursionError:
+                reason = f"{path}: line {number}: JSON nested too deeply to read"
+            else:
+                yield Row(str(path), number, value)
+                continue
+            if on_bad_rows == "error":
+                raise DataError(reason + "; fix the line or set data.on_bad_rows: skip")
+            report.rows += 1
+            report.skip(reason, "not valid JSON")
 
 
 def _read_with_datasets(path: Path) -> Iterator[Row]:
@@ -210,7 +215,7 @@ def convert_rows(rows: list[Row], fmt: Any, on_bad_rows: str, report: DataReport
             samples.append((row.where, fmt.convert(row.value)))
         except RowError as exc:
             where = row.where + (f": field {exc.field!r}" if exc.field else "")
-            reason = f"{where}: {exc} (format {fmt.name})"
+            reason = one_line(f"{where}: {exc} (format {fmt.name})")
             if on_bad_rows == "error":
                 raise DataError(reason + "; fix the row or set data.on_bad_rows: skip") from None
             report.skip(reason, "not an object" if not isinstance(row.value, dict) else _problem_kind(exc))
@@ -400,8 +405,13 @@ def encode_and_count(samples: list[tuple[str, Sample]], tokenizer: Any, max_seq_
         yield sample, sequences
 
 
+def one_line(text: str) -> str:
+    """A message quoting row data on one line: line breaks and other control characters escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _sample_problem(where: str, problem: str, on_bad_rows: str, report: DataReport, kind: str) -> None:
-    reason = f"{where}: {problem}"
+    reason = one_line(f"{where}: {problem}")
     if on_bad_rows == "error":
         raise DataError(reason + "; fix the row or set data.on_bad_rows: skip") from None
     report.skip(reason, kind)

@@ -6,12 +6,14 @@ from pathlib import Path
 from typing import Any
 
 from ftengine.core.config import ExportEntry
+from ftengine.core.config import RunConfig
 from ftengine.core.config import load_config
 from ftengine.core.config import validate_exports
 from ftengine.core.errors import FtengineError
 from ftengine.engine import pipeline
 from ftengine.engine.rundir import CHECKPOINT_MARKER
 from ftengine.engine.rundir import RunDir
+from ftengine.engine.rundir import remove_leftovers
 
 
 def locate(source: Path) -> tuple[RunDir, Path, Path]:
@@ -30,16 +32,12 @@ def locate(source: Path) -> tuple[RunDir, Path, Path]:
     raise FtengineError(f"{source}: neither a run directory (with config.yaml) nor one of its checkpoints")
 
 
-def load_for_export(source: Path, formats: tuple[str, ...], quantization: str | None
-                    ) -> tuple[Any, Any, list[ExportEntry], Path]:
-    """The trained model and tokenizer of ``source``, the export entries, and the default output."""
+def load_checkpoint(config: RunConfig, checkpoint: Path) -> tuple[Any, Any]:
+    """The model of a run's checkpoint (the base with its adapter, or the whole fine-tuned model) and
+    its tokenizer, in eval mode."""
     from transformers import AutoTokenizer
 
-    run_dir, checkpoint, default_out = locate(source)
-    config = load_config(run_dir.config_path)
-    gguf_options = {"quantization": quantization} if quantization else {}
-    entries = validate_exports([{"format": name, **(gguf_options if name == "gguf" else {})} for name in formats],
-                               source="export options", base=config)
+    config = config.model_copy(deep=True)
     if config.model.full_finetuning:  # the checkpoint holds the whole model
         config.model.name_or_path = str(checkpoint)
     model = pipeline.load(config).model
@@ -49,4 +47,28 @@ def load_for_export(source: Path, formats: tuple[str, ...], quantization: str | 
         model = PeftModel.from_pretrained(model, str(checkpoint))
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
     model.eval()
+    return model, tokenizer
+
+
+def load_for_export(source: Path, formats: tuple[str, ...], quantization: str | None
+                    ) -> tuple[Any, Any, list[ExportEntry], Path]:
+    """The trained model and tokenizer of ``source``, the export entries, and the default output."""
+    run_dir, checkpoint, default_out = locate(source)
+    config = load_config(run_dir.config_path)
+    gguf_options = {"quantization": quantization} if quantization else {}
+    entries = validate_exports([{"format": name, **(gguf_options if name == "gguf" else {})} for name in formats],
+                               source="export options", base=config)
+    model, tokenizer = load_checkpoint(config, checkpoint)
     return model, tokenizer, entries, default_out
+
+
+def export_run(source: Path, formats: tuple[str, ...], quantization: str | None, output: Path | None = None,
+               overwrite: bool = False) -> dict[str, tuple[Path, list[str]]]:
+    """``ftengine export``: the run's checkpoint exported while holding the run directory's lock
+    (no training or other export writes into it meanwhile)."""
+    run_dir, _, _ = locate(source)
+    with run_dir.lock("export"):
+        model, tokenizer, entries, default_out = load_for_export(source, formats, quantization)
+        out = output or default_out
+        remove_leftovers(out)
+        return pipeline.export(model, tokenizer, entries, out, overwrite)

@@ -6,6 +6,7 @@ Python API (``ftengine.load_model`` ...) both call them.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -28,7 +29,10 @@ from ftengine.core.config import dump_config
 from ftengine.core.config import export_options
 from ftengine.core.errors import ConfigError
 from ftengine.core.errors import DataError
+from ftengine.core.errors import ExportError
 from ftengine.core.errors import ModelError
+from ftengine.core.errors import NonFiniteError
+from ftengine.core.errors import StoppedAtOnce
 from ftengine.core.kernels import get_op
 from ftengine.core.types import TrainRequest
 from ftengine.engine import distributed
@@ -36,9 +40,15 @@ from ftengine.engine.data import DataReport
 from ftengine.engine.data import load_samples
 from ftengine.engine.data import pack
 from ftengine.engine.data import preference_rows
-from ftengine.engine.data import resolve_files
 from ftengine.engine.data import split_eval
 from ftengine.engine.data import tokenize_samples
+from ftengine.engine.failures import directory_bytes
+from ftengine.engine.failures import disk_full
+from ftengine.engine.failures import error_line
+from ftengine.engine.failures import export_size_estimate
+from ftengine.engine.failures import is_disk_full
+from ftengine.engine.guard import NonFiniteGuard
+from ftengine.engine.guard import first_non_finite
 from ftengine.engine.memory import checkpointing
 from ftengine.engine.progress import CheckpointMarkerCallback
 from ftengine.engine.progress import InterruptCallback
@@ -102,6 +112,7 @@ class TrainResult:
     interrupted: bool
     checkpoint: str | None
     losses: list[tuple[int, float]] = field(default_factory=list)
+    skipped_steps: list[int] = field(default_factory=list)  # steps dropped by training.on_nonfinite: skip_step
 
 
 # ----------------------------------------------------------------------------- load
@@ -216,6 +227,10 @@ def load_model_config(name_or_path: str, trust_remote_code: bool = False, revisi
         return AutoConfig.from_pretrained(str(path) if path.exists() else name_or_path,
                                           trust_remote_code=trust_remote_code, revision=revision)
     except (ValueError, KeyError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelError(f"{name_or_path}: its code lives in the model repository (config.json auto_map); set "
+                             f"model.trust_remote_code: true (trust_remote_code=True in Python) only for a "
+                             f"repository you trust") from None
         model_type = _model_type_of(path)
         served = sorted(t for a in plugins.get_registry("models").values() for t in a.model_types)
         if model_type:
@@ -278,6 +293,8 @@ def load(config: RunConfig, strategy: str = "single") -> LoadedModel:
     kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=m.trust_remote_code, revision=m.revision,
                                   attn_implementation=attention)
     storage = getattr(torch, q.bnb_4bit_compute_dtype) if strategy == "fsdp" else None
+    if not m.allow_pickle:
+        kwargs["use_safetensors"] = True
     bnb = quantization_config(q.load_in_4bit, q.load_in_8bit, q, storage)
     if bnb is not None:
         kwargs["quantization_config"] = bnb
@@ -287,7 +304,9 @@ def load(config: RunConfig, strategy: str = "single") -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=m.trust_remote_code, revision=m.revision)
     except OSError as exc:
-        raise ModelError(f"{m.name_or_path}: cannot load the model ({exc})") from None
+        hint = "" if m.allow_pickle else ("; only safetensors weights load unless model.allow_pickle: true (pickle "
+                                          "files can run code when loaded)")
+        raise ModelError(f"{m.name_or_path}: cannot load the model ({str(exc).splitlines()[0]}){hint}") from None
     # bitsandbytes repacks 4-bit weights for inference on an eval-mode forward; training needs
     # train mode from the first forward on.
     model.train()
@@ -492,13 +511,16 @@ def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, tra
     progress = ProgressCallback(run_dir.metrics_path, main=run_dir.writer)
     interrupt = InterruptCallback()
     markers = CheckpointMarkerCallback(distributed.rank_info().world_size, strategy)
+    guard = NonFiniteGuard(training.on_nonfinite, training.max_nonfinite_steps)
+    # The guard comes last: it vetoes the saves the others ask for once a step went non-finite.
     request = TrainRequest(model=model, tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset,
                            training=training, output_dir=run_dir.checkpoints, ref_model=ref_model,
-                           callbacks=[progress, markers, interrupt],
+                           callbacks=[progress, markers, interrupt, guard],
                            max_seq_length=settings.max_seq_length,
                            attn_implementation=model.config._attn_implementation,
                            trainer_arguments=trainer_arguments or {})
     trainer = trainer_plugin.create(request)
+    guard.watch(trainer)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # the engine's ProgressCallback reports instead
@@ -510,9 +532,12 @@ def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, tra
         interrupt.restore()
         checkpointing.release_host_buffers(model)
     wall = time.perf_counter() - start
-    losses = [(m["step"], m["loss"]) for m in run_dir.read_metrics() if "loss" in m]
+    losses = [(m["step"], m["loss"]) for m in run_dir.read_metrics() if m.get("loss") is not None]
     run_dir.plot_loss()
     latest = run_dir.latest_checkpoint()
+    if guard.failure is not None:
+        raise NonFiniteError(f"{guard.failure}; training stopped, nothing of that step was saved; last good "
+                             f"checkpoint: {latest or 'none'}")
     return TrainResult(
         steps=trainer.state.global_step,
         first_loss=losses[0][1] if losses else None,
@@ -521,6 +546,7 @@ def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, tra
         interrupted=interrupt.interrupted,
         checkpoint=str(latest) if latest else None,
         losses=losses,
+        skipped_steps=guard.skipped,
     )
 
 
@@ -528,11 +554,25 @@ def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, tra
 
 
 def export_one(model: Any, tokenizer: Any, entry: ExportEntry, target: Path, overwrite: bool = False) -> list[str]:
-    """One exporter writes ``target`` atomically: into a temporary sibling renamed when complete."""
+    """One exporter writes ``target`` atomically: into a temporary sibling renamed when complete.
+
+    Raises:
+        ExportError: a weight holds inf or nan (named; nothing is written), or the disk filled up
+            (the path, the bytes free and about how many the export needs).
+    """
     exporter = plugins.get("exporters", entry.format)
     options = export_options(entry)
-    with atomic_directory(target, overwrite=overwrite) as staging:
-        lines = exporter.export(model, tokenizer, staging, options)
+    bad = first_non_finite(model.named_parameters())
+    if bad is not None:
+        raise ExportError(f"export {entry.format}: refusing to write non-finite weights: tensor {bad} holds inf or "
+                          f"nan values")
+    try:
+        with atomic_directory(target, overwrite=overwrite) as staging:
+            lines = exporter.export(model, tokenizer, staging, options)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise disk_full(exc, target, export_size_estimate(model, entry.format)) from None
     # the exporter wrote into a staging directory, renamed to ``target`` once complete
     return [line.replace(str(staging), str(target)) for line in lines]
 
@@ -544,18 +584,38 @@ def export(model: Any, tokenizer: Any, entries: list[ExportEntry], out_root: Pat
             for e in entries}
 
 
+def export_each(model: Any, tokenizer: Any, entries: list[ExportEntry], run_dir: RunDir
+                ) -> tuple[dict[str, tuple[Path, list[str]]], dict[str, str]]:
+    """Stage 6 of a run: every export is tried, one failing does not stop the others. Each finished
+    one is recorded in ``run.json`` at once (a resumed run redoes only the missing ones).
+
+    Returns:
+        ``(done, failed)``: ``{format: (path, lines)}`` and ``{format: error message}``.
+    """
+    done: dict[str, tuple[Path, list[str]]] = {}
+    failed: dict[str, str] = {}
+    for entry in entries:
+        target = run_dir.exports / entry.format
+        try:
+            done[entry.format] = (target, export_one(model, tokenizer, entry, target, overwrite=True))
+        except Exception as exc:  # noqa: BLE001 - reported per export, the others still run
+            failed[entry.format] = error_line(exc)
+            log.error("export %s failed: %s", entry.format, failed[entry.format])
+            continue
+        recorded = run_dir.status().get("exports_done", {})
+        run_dir.set_status("running", exports_done={**recorded, entry.format: str(target)})
+    return done, failed
+
+
 # ----------------------------------------------------------------------------- a whole run
 
 
-def preflight(config: RunConfig) -> None:
-    """Checks that need no run directory: the model path and type, the attention implementation, the data files."""
-    hf_config = load_model_config(config.model.name_or_path, config.model.trust_remote_code, config.model.revision)
-    choose_attn_implementation(config.model.attn_implementation, config.data.packing, hf_config, training=True)
-    if not config.data.path:
-        raise DataError("data.path: required for a run")
-    resolve_files(config.data.path)
-    if config.data.eval_path:
-        resolve_files(config.data.eval_path)
+def preflight(config: RunConfig) -> list[str]:
+    """Every check that needs no weights and no run directory, all problems in one error
+    (:mod:`ftengine.engine.preflight`); returns the warnings."""
+    from ftengine.engine import preflight as checks
+
+    return checks.check(config)
 
 
 def peak_memory() -> dict[str, float]:
@@ -585,6 +645,7 @@ class RunResult:
     memory: dict[str, float]
     model: Any = None
     tokenizer: Any = None
+    failed_exports: dict[str, str] = field(default_factory=dict)  # format -> error line
 
 
 def new_run_dir(config: RunConfig, output_dir: str | None) -> RunDir:
@@ -613,22 +674,31 @@ def model_for_export(loaded: LoadedModel, config: RunConfig) -> Any:
 
 def run(config: RunConfig, run_dir: RunDir | None = None, output_dir: str | None = None,
         resume: bool = False) -> RunResult:
-    """A whole run. With ``resume`` the run continues in ``run_dir`` from its latest checkpoint.
+    """A whole run, holding the run directory's lock. With ``resume`` the run continues in ``run_dir``
+    from its latest checkpoint, or, when its training had finished, writes the exports still missing.
 
     Under torchrun / accelerate launch (several ranks) every rank calls it: they share rank 0's run
-    directory, which only rank 0 writes, and rank 0 alone exports.
+    directory, which only rank 0 writes (and locks), and rank 0 alone exports.
+
+    Raises:
+        FtengineError: a preflight problem (before any run directory exists), or a failure of the
+            run (recorded in ``run.json`` as ``failed`` with the same line). A failed export is not
+            raised: the result lists it and the status says ``exports_failed``.
     """
     preflight(config)
     rank = distributed.rank_info()
     distributed.init_process_group(rank)
-    strategy, trainer_arguments = "single", {}
-    resume_from = None
     if resume:
         assert run_dir is not None
     else:
         run_dir = run_dir or distributed.broadcast_from_main(lambda: new_run_dir(config, output_dir))
     run_dir.writer = rank.is_main
-    notes = []
+    with run_dir.lock("training"):
+        return _run_locked(config, run_dir, resume, rank)
+
+
+def _run_locked(config: RunConfig, run_dir: RunDir, resume: bool, rank: Any) -> RunResult:
+    strategy, trainer_arguments, notes = "single", {}, []
     if rank.distributed:
         if config.distributed.num_processes > 1 and config.distributed.num_processes != rank.world_size:
             raise ConfigError(f"distributed.num_processes: {config.distributed.num_processes}, but the launcher "
@@ -636,40 +706,83 @@ def run(config: RunConfig, run_dir: RunDir | None = None, output_dir: str | None
         hf_config = load_model_config(config.model.name_or_path, config.model.trust_remote_code, config.model.revision)
         strategy, line = distributed.choose_strategy(config, hf_config, rank.world_size)
         notes.append(f"distributed: {line}")
-    if resume:
+    state = run_dir.status() if resume else {}
+    trained = state.get("training") == "completed" and run_dir.latest_checkpoint() is not None
+    resume_from = None
+    if resume and not trained:
         checkpoint = run_dir.latest_checkpoint()
         if checkpoint is not None:
             distributed.check_resume(checkpoint, rank.world_size, strategy)
         resume_from = run_dir.resume_point()
-    else:
+    elif not resume:
         run_dir.write_text(run_dir.config_path.name, dump_config(config))
-    run_dir.set_status("running", started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    run_dir.set_status("running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), error=None)
     try:
-        loaded = load_adapted(config, strategy)
-        loaded.notes += notes
-        if rank.distributed:
-            trainer_arguments = distributed.trainer_arguments(strategy, loaded.model,
-                                                              config.distributed.fsdp_reshard_after_forward)
-        train_ds, eval_ds, report = data(loaded, config)
-        run_dir.write_text("data_report.json", json.dumps(report.to_dict(), indent=2) + "\n")
-        result = train(loaded.model, loaded.tokenizer, train_ds, eval_ds, config.training, run_dir, resume_from,
-                       settings=loaded.settings, strategy=strategy, trainer_arguments=trainer_arguments)
-        memory = peak_memory()
-        ranks = distributed.gather_objects(memory)
-        if rank.distributed:
-            memory["ranks"] = ranks
-        exports = {}
-        if not result.interrupted:
-            exported = model_for_export(loaded, config)
-            if exported is not None:
-                exported.eval()
-                exports = export(exported, loaded.tokenizer, config.export, run_dir.exports)
+        if trained:
+            model, tokenizer, result, report, notes = _finished_training(config, run_dir, state)
+            memory = peak_memory()
+            exported = model if rank.is_main else None
+        else:
+            loaded = load_adapted(config, strategy)
+            loaded.notes += notes
+            if rank.distributed:
+                trainer_arguments = distributed.trainer_arguments(strategy, loaded.model,
+                                                                  config.distributed.fsdp_reshard_after_forward)
+            train_ds, eval_ds, report = data(loaded, config)
+            run_dir.write_text("data_report.json", json.dumps(report.to_dict(), indent=2) + "\n")
+            result = train(loaded.model, loaded.tokenizer, train_ds, eval_ds, config.training, run_dir, resume_from,
+                           settings=loaded.settings, strategy=strategy, trainer_arguments=trainer_arguments)
+            memory = peak_memory()
+            ranks = distributed.gather_objects(memory)
+            if rank.distributed:
+                memory["ranks"] = ranks
+            model, tokenizer, notes = loaded.model, loaded.tokenizer, loaded.notes
+            exported = None if result.interrupted else model_for_export(loaded, config)
+    except KeyboardInterrupt:
+        latest = run_dir.latest_checkpoint()
+        run_dir.set_status("interrupted", error="stopped at once by a second interrupt",
+                           checkpoint=str(latest) if latest else None)
+        raise StoppedAtOnce(run_dir.path, latest) from None
     except BaseException as exc:
-        run_dir.set_status("failed", error=f"{type(exc).__name__}: {exc}")
-        raise
+        if not is_disk_full(exc):
+            run_dir.set_status("failed", error=error_line(exc))
+            raise
+        # A checkpoint needs about as much as the last complete one took.
+        full = disk_full(exc, run_dir.path, directory_bytes(run_dir.latest_checkpoint() or run_dir.path))
+        run_dir.set_status("failed", error=str(full))
+        raise full from None
     summary = {"steps": result.steps, "first_loss": result.first_loss, "last_loss": result.last_loss,
-               "wall_seconds": round(result.wall_seconds, 2), "memory": memory, "notes": loaded.notes,
-               "data": report.to_dict(), "exports": {k: str(v[0]) for k, v in exports.items()}}
-    run_dir.set_status("interrupted" if result.interrupted else "completed", summary=summary,
-                       checkpoint=result.checkpoint)
-    return RunResult(run_dir, result, report, loaded.notes, exports, memory, loaded.model, loaded.tokenizer)
+               "wall_seconds": round(result.wall_seconds, 2), "memory": memory, "notes": notes,
+               "data": report.to_dict(), "skipped_steps": result.skipped_steps}
+    if result.interrupted:
+        run_dir.set_status("interrupted", summary=summary, checkpoint=result.checkpoint)
+        return RunResult(run_dir, result, report, notes, {}, memory, model, tokenizer)
+    run_dir.set_status("running", training="completed", summary=summary, checkpoint=result.checkpoint)
+    done = {k: v for k, v in state.get("exports_done", {}).items() if Path(v).is_dir()} if trained else {}
+    run_dir.set_status("running", exports_done=done)
+    exports: dict[str, tuple[Path, list[str]]] = {}
+    failed: dict[str, str] = {}
+    if exported is not None:  # rank 0 (the only rank of a single-process run) exports
+        exported.eval()
+        todo = [e for e in config.export if e.format not in done]
+        exports, failed = export_each(exported, tokenizer, todo, run_dir)
+    summary["exports"] = {**done, **{k: str(v[0]) for k, v in exports.items()}}
+    run_dir.set_status("exports_failed" if failed else "completed", summary=summary, export_errors=failed)
+    return RunResult(run_dir, result, report, notes, exports, memory, model, tokenizer, failed_exports=failed)
+
+
+def _finished_training(config: RunConfig, run_dir: RunDir, state: dict[str, Any]
+                       ) -> tuple[Any, Any, TrainResult, DataReport, list[str]]:
+    """A run whose training finished before: its final checkpoint loaded back, for the missing exports."""
+    from ftengine.engine.export_source import load_checkpoint
+
+    checkpoint = run_dir.latest_checkpoint()
+    model, tokenizer = load_checkpoint(config, checkpoint)
+    summary = state.get("summary", {})
+    result = TrainResult(steps=summary.get("steps", 0), first_loss=summary.get("first_loss"),
+                         last_loss=summary.get("last_loss"), wall_seconds=0.0, interrupted=False,
+                         checkpoint=str(checkpoint), skipped_steps=summary.get("skipped_steps", []))
+    known = DataReport.__dataclass_fields__
+    report = DataReport(**{k: v for k, v in summary.get("data", {}).items() if k in known})
+    notes = [*summary.get("notes", []), f"training had finished: exports from {checkpoint}"]
+    return model, tokenizer, result, report, notes

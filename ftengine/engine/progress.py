@@ -8,7 +8,6 @@ that reaches any rank stops all of them after the same step.
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import time
@@ -19,6 +18,8 @@ from transformers import TrainerCallback
 
 from ftengine.engine import distributed
 from ftengine.engine.rundir import CHECKPOINT_MARKER
+from ftengine.engine.rundir import append_jsonl
+from ftengine.engine.rundir import finite_or_none
 
 
 def _clock(seconds: float) -> str:
@@ -75,25 +76,27 @@ class ProgressCallback(TrainerCallback):
         self._last_time, self._last_tokens = now, tokens
         record = {
             "step": state.global_step,
-            "loss": float(logs["loss"]),
-            "learning_rate": float(logs.get("learning_rate", 0.0)),
+            "loss": logs["loss"],
+            "learning_rate": logs.get("learning_rate", 0.0),
             "tokens_per_second": round(tokens_per_second, 1),
-            "grad_norm": float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None,
+            "grad_norm": logs.get("grad_norm"),
             "epoch": round(float(state.epoch or 0.0), 4),
             "tokens_seen": int(tokens),
             "elapsed_seconds": round(now - self._start, 3),
             "peak_memory_gib": peaks if len(peaks) > 1 else peaks[0],
         }
         # The trainer's own metrics too (DPO's rewards/*, logps/*, ...), under their names.
-        record.update({k: float(v) for k, v in logs.items()
+        record.update({k: v for k, v in logs.items()
                        if k not in record and k not in self._RESERVED and isinstance(v, (int, float))})
-        self.losses.append((record["step"], record["loss"]))
-        with self.metrics_path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        record = {k: finite_or_none(v) for k, v in record.items()}
+        if record["loss"] is not None:
+            self.losses.append((record["step"], record["loss"]))
+        append_jsonl(self.metrics_path, record)
         done = state.global_step - self._start_step
         remaining = max(state.max_steps - state.global_step, 0)
         eta = (now - self._start) / max(done, 1) * remaining
-        line = (f"step {state.global_step}/{state.max_steps} | loss {record['loss']:.4f} | "
+        loss = f"{record['loss']:.4f}" if record["loss"] is not None else "non-finite"
+        line = (f"step {state.global_step}/{state.max_steps} | loss {loss} | "
                 f"{tokens_per_second:,.0f} tok/s | peak {rank_memory_text(peaks)} | ETA {_clock(eta)}")
         if self.tty:
             width = 24

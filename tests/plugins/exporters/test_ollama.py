@@ -11,6 +11,7 @@ import jinja2
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from ftengine.core.errors import ExportError
 from ftengine.core.plugins import get_registry
 from ftengine.plugins.exporters.gguf.ollama import GO_TEMPLATES
 from ftengine.plugins.exporters.gguf.ollama import modelfile
@@ -129,5 +130,28 @@ def test_modelfile_for_an_unknown_template_says_so():
 
 
 def test_modelfile_refuses_unquotable_text():
-    with pytest.raises(ValueError, match='cannot contain """'):
+    with pytest.raises(ExportError, match='cannot contain """'):
         modelfile("m.gguf", "chatml", [], system='say """hi"""')
+
+
+@pytest.mark.parametrize("parameters", [{"temperature": "0.7\nADAPTER ./evil.gguf"}, {"top_p\nFROM x": 1},
+                                        {"temperature": float("nan")}])
+def test_no_directive_injection_through_parameters(parameters):
+    from ftengine.plugins.exporters.gguf.exporter import GGUFOptions
+
+    with pytest.raises(ValueError, match="PARAMETER"):
+        GGUFOptions(parameters=parameters)
+    if all(k.isidentifier() for k in parameters) and isinstance(next(iter(parameters.values())), str):
+        with pytest.raises(ExportError, match="one-line printable"):
+            modelfile("m.gguf", "chatml", [], parameters=parameters)
+
+
+def test_stop_tokens_and_system_cannot_start_a_directive():
+    text, _ = modelfile("m.gguf", "chatml", ["</s>\nFROM ./evil.gguf"], system="be brief\nFROM ./evil.gguf")
+    directives = [line.split()[0] for line in text.splitlines() if line and not line.startswith((" ", "#"))]
+    # Every line that starts a directive is one the exporter wrote: the injected FROM stays inside quotes.
+    assert text.count('"""') % 2 == 0
+    outside = text.split('"""')[0::2]
+    assert sum(part.count("FROM") for part in outside) == 1
+    assert 'PARAMETER stop """</s>\nFROM ./evil.gguf"""' in text
+    assert directives[0] == "FROM"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,9 @@ from ftengine.core.plugins import get_registry
 from ftengine.plugins.exporters.gguf import mixes
 from ftengine.plugins.exporters.gguf.ollama import modelfile
 from ftengine.plugins.exporters.gguf.writer import write_gguf
+
+PARAMETER_NAME = re.compile(r"[a-z][a-z0-9_]*")
+"""An Ollama ``PARAMETER`` name: a value from the config can never start another Modelfile directive."""
 
 
 class GGUFOptions(BaseModel):
@@ -33,6 +38,25 @@ class GGUFOptions(BaseModel):
     parameters: dict[str, float | int | str] = Field(
         default_factory=dict, description="extra Ollama PARAMETER values (override temperature, top_p, ...)"
     )
+
+    @field_validator("system")
+    @classmethod
+    def _quotable(cls, value: str | None) -> str | None:
+        if value is not None and ('"""' in value or "\0" in value):
+            raise ValueError('the Modelfile SYSTEM prompt cannot contain """ or a NUL character')
+        return value
+
+    @field_validator("parameters")
+    @classmethod
+    def _plain_parameters(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key, item in value.items():
+            if not PARAMETER_NAME.fullmatch(key):
+                raise ValueError(f"Ollama PARAMETER name {key!r}: expected lowercase letters, digits and _")
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"Ollama PARAMETER {key}: expected a finite number, got {item!r}")
+            if isinstance(item, str) and (not item.strip() or any(not c.isprintable() for c in item)):
+                raise ValueError(f"Ollama PARAMETER {key}: expected a one-line printable value, got {item!r}")
+        return value
 
     @field_validator("quantization")
     @classmethod

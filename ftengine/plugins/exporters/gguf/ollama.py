@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ftengine.core.errors import ExportError
+
 _SYSTEM_FIRST_USER = '{{- $system := .System }}'
 """Prelude of templates that fold the system prompt into the first user turn (Llama 2, Mistral, Gemma)."""
 
@@ -161,10 +163,24 @@ DEFAULT_PARAMETERS: dict[str, Any] = {"temperature": 0.7, "top_p": 0.9, "repeat_
 
 
 def _quote(text: str) -> str:
-    """A Modelfile string: triple-quoted (Ollama reads it verbatim up to the closing ``\"\"\"``)."""
-    if '"""' in text:
-        raise ValueError('a Modelfile value cannot contain """')
+    """A Modelfile string: triple-quoted (Ollama reads it verbatim up to the closing ``\"\"\"``), so a
+    value can hold any text but that closing quote, which would end it and start a directive."""
+    if '"""' in text or "\0" in text:
+        raise ExportError(f'a Modelfile value cannot contain """ or a NUL character: {text[:80]!r}')
     return f'"""{text}"""'
+
+
+def _token(text: str) -> str:
+    """A stop token: bare when it is one printable word, triple-quoted otherwise."""
+    return text if text and all(c.isprintable() and not c.isspace() and c != '"' for c in text) else _quote(text)
+
+
+def _value(key: str, value: Any) -> str:
+    """A ``PARAMETER`` value on one line (numbers as they are, strings without line breaks)."""
+    text = str(value)
+    if not text or any(not c.isprintable() for c in text):
+        raise ExportError(f"Ollama PARAMETER {key}: expected a one-line printable value, got {value!r}")
+    return text
 
 
 def modelfile(
@@ -201,11 +217,11 @@ def modelfile(
         shown = repr(template_name) if template_name else "the tokenizer's own template"
         note = (f"no Ollama TEMPLATE for {shown}; Ollama falls back to the chat template in the GGUF file "
                 f"(known templates: {', '.join(GO_TEMPLATES)})")
-        lines += [f"# {note}", ""]
+        lines += [f"# {' '.join(note.splitlines())}", ""]
     if system:
         lines += [f"SYSTEM {_quote(system)}", ""]
     for stop in dict.fromkeys(stop_tokens):
-        lines.append(f"PARAMETER stop {_quote(stop) if any(c.isspace() for c in stop) else stop}")
+        lines.append(f"PARAMETER stop {_token(stop)}")
     for key, value in {**DEFAULT_PARAMETERS, **(parameters or {})}.items():
-        lines.append(f"PARAMETER {key} {value}")
+        lines.append(f"PARAMETER {key} {_value(key, value)}")
     return "\n".join(lines) + "\n", note

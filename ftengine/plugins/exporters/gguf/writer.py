@@ -168,6 +168,12 @@ def _tensors(model: Any, layout: Any, config: Any, original: OriginalCheckpoint 
     yield from layout.extra_tensors(config).items()
 
 
+def metadata_text(text: str, limit: int = 256) -> str:
+    """A GGUF string from a user's path or name: printable characters only, bounded, never empty."""
+    clean = "".join(c if c.isprintable() else "_" for c in text)[:limit].strip()
+    return clean or "model"
+
+
 def write_gguf(model: Any, tokenizer: Any, path: Path, quantization: str, name: str | None = None) -> list[str]:
     """Write ``model`` and ``tokenizer`` as a GGUF file.
 
@@ -216,7 +222,7 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quantization: str, name: 
                 bar.update(1)
 
         writer = GGUFWriter(partial, arch)
-        writer.add_name(name or Path(str(getattr(config, "_name_or_path", "") or "model")).name or "model")
+        writer.add_name(metadata_text(name or Path(str(getattr(config, "_name_or_path", "") or "model")).name))
         writer.add_file_type(int(mixes.QUANTIZATIONS[quantization][1]))
         if quantization not in ("f32", "f16", "bf16"):
             writer.add_quantization_version(QUANTIZATION_VERSION)

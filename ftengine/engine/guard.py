@@ -1,0 +1,111 @@
+"""The numerical guard: a non-finite loss, gradient norm, learning rate or weight never becomes a
+"completed" run.
+
+Each optimizer step is checked before it is taken: the micro-batch losses (recorded on the device,
+no extra synchronisation per micro-batch), the total gradient norm and the learning rate. A bad step
+never reaches the weights: its gradients are dropped, so the optimizer leaves every parameter as it
+was. With ``training.on_nonfinite: stop`` (the default) the run then stops without saving, keeping
+the last good checkpoint; with ``skip_step`` it goes on, until more than
+``training.max_nonfinite_steps`` steps were skipped. After each step the trainable weights are
+checked too (an update that overflowed them stops the run whatever the setting).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+log = logging.getLogger("ftengine")
+
+
+def first_non_finite(named_tensors: Any) -> str | None:
+    """The name of the first floating-point tensor holding an ``inf`` or ``nan``, else ``None``."""
+    for name, tensor in named_tensors:
+        if tensor is None or not torch.is_floating_point(tensor) or tensor.device.type == "meta":
+            continue
+        if not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Checks every optimizer step; see the module docstring.
+
+    Args:
+        on_nonfinite: ``stop`` or ``skip_step``.
+        max_nonfinite_steps: with ``skip_step``, how many steps may be skipped before the run stops.
+    """
+
+    def __init__(self, on_nonfinite: str = "stop", max_nonfinite_steps: int = 10):
+        self.on_nonfinite = on_nonfinite
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.failure: str | None = None
+        self.skipped: list[int] = []
+        self._bad_loss: torch.Tensor | None = None
+
+    def watch(self, trainer: Any) -> None:
+        """Record every micro-batch loss ``trainer.training_step`` returns (a flag on the device)."""
+        training_step = trainer.training_step
+
+        def checked_training_step(*args: Any, **kwargs: Any) -> Any:
+            loss = training_step(*args, **kwargs)
+            bad = ~torch.isfinite(loss.detach()).all()
+            self._bad_loss = bad if self._bad_loss is None else self._bad_loss | bad
+            return loss
+
+        trainer.training_step = checked_training_step
+
+    def _problem(self, model: Any, optimizer: Any) -> str | None:
+        if self._bad_loss is not None and bool(self._bad_loss):
+            return "loss"
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads and not math.isfinite(float(torch.nn.utils.get_total_norm(grads))):
+            return "gradient norm"
+        if optimizer is not None and any(not math.isfinite(float(group["lr"])) for group in optimizer.param_groups):
+            return "learning rate"
+        return None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        what = self._problem(model, optimizer)
+        self._bad_loss = None
+        if what is None:
+            return control
+        step = state.global_step + 1
+        for param in model.parameters():  # the optimizer skips parameters without a gradient
+            param.grad = None
+        self.skipped.append(step)
+        log.warning("non-finite %s at step %d: step skipped, weights unchanged", what, step)
+        if self.on_nonfinite == "stop":
+            self.failure = f"non-finite {what} at step {step}"
+        elif len(self.skipped) > self.max_nonfinite_steps:
+            self.failure = (f"non-finite {what} at step {step}: {len(self.skipped)} steps skipped, more than "
+                            f"training.max_nonfinite_steps={self.max_nonfinite_steps}")
+        return self._stop_if_failed(control)
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.failure is None:
+            trainable = ((n, p) for n, p in model.named_parameters() if p.requires_grad)
+            name = first_non_finite(trainable)
+            if name is not None:
+                self.failure = f"non-finite weight {name} after step {state.global_step + 1}"
+        return self._stop_if_failed(control)
+
+    def _stop_if_failed(self, control):
+        if self.failure is not None:
+            control.should_training_stop = True
+            control.should_save = False
+        return control
+
+    # Other callbacks (the final step's save, a Ctrl-C) may ask for a checkpoint: never of a failed run.
+    def on_step_end(self, args, state, control, **kwargs):
+        return self._stop_if_failed(control)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return self._stop_if_failed(control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        return self._stop_if_failed(control)
