@@ -238,3 +238,20 @@ def test_an_unknown_trainer_in_the_api_leaves_no_run_directory(tmp_path, monkeyp
     with pytest.raises(PluginError):
         ftengine.train(None, None, None, trainer="sftt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_out_of_memory_at_adapter_creation_is_one_line(tmp_path, demo_base, monkeypatch):
+    import torch
+
+    from ftengine.demo import ASSETS
+    from ftengine.engine import pipeline
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(pipeline, "adapt", out_of_memory)
+    path = write_config(tmp_path, demo_base, ASSETS / "data.jsonl")
+    assert_one_line_error(cli("run", str(path)), "out of memory (OutOfMemoryError: CUDA out of memory",
+                          "per_device_train_batch_size", "--debug")
+    (run,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run / "run.json").read_text())["error"].startswith("out of memory")

@@ -11,8 +11,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import sys
+import time
 from pathlib import Path
+
+import torch
 
 KILLED = 137
 
@@ -33,14 +37,17 @@ def _is_write(event: str, args: tuple) -> str | None:
     return None
 
 
-def in_child(func, root: Path, fault: str, at: int, log: Path) -> int:
+def in_child(func, root: Path, fault: str, at: int, log: Path, timeout: float = 300) -> int:
     """Run ``func()`` in a forked child; the ``at``-th write under ``root`` (1-based; 0 = none)
     kills it or raises ENOSPC. Each write seen is appended to ``log`` (one JSON line) first.
-    Returns the child's exit status (0 ok, 1 exception, 137 killed)."""
+    Returns the child's exit status (0 ok, 1 exception, 137 killed); a child still running after
+    ``timeout`` seconds is killed and raises ``TimeoutError``."""
     pid = os.fork()
     if pid == 0:  # the child
         status = 1
         try:
+            # The parent's OpenMP thread team does not exist here: one thread keeps torch out of it.
+            torch.set_num_threads(1)
             os.environ["FTENGINE_FAULT"], os.environ["FTENGINE_FAULT_AT"] = fault, str(at)
             seen = [0]
             prefix = str(root)
@@ -65,8 +72,15 @@ def in_child(func, root: Path, fault: str, at: int, log: Path) -> int:
                 handle.write(f"{type(exc).__name__}: {exc}")
         finally:
             os._exit(status)
-    _, code = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(code)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, code = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(code)
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise TimeoutError(f"the child process did not finish in {timeout} s")
 
 
 def writes(log: Path) -> list[dict]:

@@ -181,6 +181,7 @@ def test_two_processes_cannot_use_one_run_directory(config, tmp_path):
     pid = os.fork()
     if pid == 0:
         try:
+            torch.set_num_threads(1)
             hold()
         finally:
             os._exit(0)
