@@ -182,7 +182,7 @@ def test_an_infinite_learning_rate_is_refused_before_anything_runs(tmp_path, dem
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_second_interrupt_exits_130_naming_the_last_checkpoint(tmp_path, monkeypatch):
+def test_a_second_interrupt_exits_130_naming_the_last_checkpoint(tiny_config, tmp_path, monkeypatch):
     from ftengine.core.errors import StoppedAtOnce
     from ftengine.engine import pipeline
 
@@ -190,7 +190,8 @@ def test_a_second_interrupt_exits_130_naming_the_last_checkpoint(tmp_path, monke
         raise StoppedAtOnce(tmp_path / "run", tmp_path / "run" / "checkpoints" / "checkpoint-3")
 
     monkeypatch.setattr(pipeline, "run", stopped)
-    monkeypatch.setattr("ftengine.core.config.load_config", lambda path: None)
+    config = tiny_config()
+    monkeypatch.setattr("ftengine.core.config.load_config", lambda path: config)
     result = cli("run", str(tmp_path / "config.yaml"))
     assert result.returncode == 130 and "Traceback" not in result.stderr
     assert "stopped at once by a second interrupt; last complete checkpoint: " in result.stderr
