@@ -74,6 +74,7 @@ def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | torch
     loaded = pipeline.patch(pipeline.load(config))
     if full_finetuning:
         loaded = pipeline.adapt(loaded, config.lora, full_finetuning=True, gradient_checkpointing=False)
+    loaded.tokenizer.model_max_length = max_seq_length  # load_dataset's default truncation length
     return loaded.model, loaded.tokenizer
 
 
@@ -122,15 +123,17 @@ def get_chat_template(tokenizer: Any, chat_template: str = "chatml") -> Any:
     return apply_chat_template(tokenizer, chat_template)
 
 
-def load_dataset(path: str, tokenizer: Any, format: str = "auto", max_seq_length: int = 2048,
+def load_dataset(data: Any, tokenizer: Any, format: str = "auto", max_seq_length: int | None = None,
                  trainer: str = "sft", **data_kwargs: Any) -> Any:
     """Read, convert and tokenize a dataset with labels masked to the trained tokens.
 
     Args:
-        path: a .jsonl/.json/.parquet/.csv file, a directory or glob of them, or a hub dataset id.
+        data: a .jsonl/.json/.parquet/.csv file, a directory or glob of them, a hub dataset id, or the
+            rows themselves: a ``datasets.Dataset``, a pandas ``DataFrame`` or a list of dicts.
         tokenizer: the tokenizer (with its chat template, see :func:`get_chat_template`).
         format: a registered format name or ``"auto"``.
-        max_seq_length: truncation length.
+        max_seq_length: truncation length; default: the ``max_seq_length`` given to :func:`load_model`
+            (kept as the tokenizer's ``model_max_length``), else 2048.
         trainer: the trainer the data is for (``sft`` tokenizes with masked labels; ``dpo`` gives
             conversational prompt/chosen/rejected rows).
         **data_kwargs: other ``data:`` config keys (``columns``, ``train_on``, ``on_bad_rows``, ...).
@@ -144,16 +147,22 @@ def load_dataset(path: str, tokenizer: Any, format: str = "auto", max_seq_length
     from ftengine.engine import pipeline
     from ftengine.engine.data import DataReport
 
-    data = validate_section(DataConfig, dict(path=path, format=format, **data_kwargs), "load_dataset")
-    if data.format != "auto":
-        plugins.get("formats", data.format)
-    if getattr(tokenizer, "chat_template", None) is None:
-        get_chat_template(tokenizer, data.chat_template or "chatml")
-    elif data.chat_template:
-        get_chat_template(tokenizer, data.chat_template)
+    path = data if isinstance(data, (str, Path)) else None
+    config = validate_section(DataConfig, dict(path=str(path) if path else None, format=format, **data_kwargs),
+                              "load_dataset")
+    if config.format != "auto":
+        plugins.get("formats", config.format)
+    if pipeline.needs_chat_template(data, config):
+        if getattr(tokenizer, "chat_template", None) is None:
+            get_chat_template(tokenizer, config.chat_template or "chatml")
+        elif config.chat_template:
+            get_chat_template(tokenizer, config.chat_template)
+    if max_seq_length is None:
+        limit = getattr(tokenizer, "model_max_length", None)
+        max_seq_length = limit if isinstance(limit, int) and 0 < limit < 10**7 else 2048
     report = DataReport()
     kinds = plugins.get("trainers", trainer).sample_kinds
-    rows = pipeline.prepare_dataset(path, tokenizer, data, max_seq_length, kinds, report)
+    rows = pipeline.prepare_dataset(data, tokenizer, config, max_seq_length, kinds, report)
     dataset = pipeline.to_dataset(rows)
     dataset.ftengine_report = report
     return dataset
@@ -185,6 +194,9 @@ def train(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft", eval_d
     from ftengine.engine.rundir import RunDir
 
     training = validate_section(TrainingConfig, dict(trainer=trainer, **training_kwargs), "train")
+    dataset = _prepared(dataset, tokenizer, trainer)
+    if eval_dataset is not None:
+        eval_dataset = _prepared(eval_dataset, tokenizer, trainer)
     pipeline.attention_for_rows(model, "position_ids" in getattr(dataset, "column_names", ()))
     rank = distributed.rank_info()
     distributed.init_process_group(rank)
@@ -198,6 +210,22 @@ def train(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft", eval_d
     arguments = distributed.api_trainer_arguments(strategy, model) if rank.distributed else None
     return pipeline.train(model, tokenizer, dataset, eval_dataset, training, run_dir, resume_from,
                           strategy=strategy if rank.distributed else "single", trainer_arguments=arguments)
+
+
+def _prepared(dataset: Any, tokenizer: Any, trainer: str) -> Any:
+    """``dataset`` as the trainer takes it: rows not yet tokenized (text, messages, ...) go through
+    :func:`load_dataset`; preference rows are always converted (conversational pairs convert to themselves)."""
+    from ftengine.core import plugins
+
+    columns = getattr(dataset, "column_names", None)
+    if "preference" not in plugins.get("trainers", trainer).sample_kinds and columns and "input_ids" in columns:
+        if "labels" not in columns:
+            from ftengine.core.errors import DataError
+
+            raise DataError("train: the dataset has input_ids but no labels; pass untokenized rows (text, "
+                            "messages, ...) or rows from ftengine.load_dataset")
+        return dataset
+    return load_dataset(dataset, tokenizer, trainer=trainer)
 
 
 def export(model: Any, tokenizer: Any, output_dir: str, format: str = "lora", overwrite: bool = False,

@@ -13,6 +13,7 @@ import re
 import time
 from dataclasses import dataclass
 from dataclasses import field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,16 @@ from ftengine.core.errors import ModelError
 from ftengine.core.kernels import get_op
 from ftengine.core.types import TrainRequest
 from ftengine.engine import distributed
+from ftengine.engine.data import DETECT_ROWS
 from ftengine.engine.data import DataReport
+from ftengine.engine.data import detect_format
 from ftengine.engine.data import load_samples
 from ftengine.engine.data import pack
 from ftengine.engine.data import preference_rows
+from ftengine.engine.data import read_rows
+from ftengine.engine.data import rename_columns
 from ftengine.engine.data import resolve_files
+from ftengine.engine.data import source_name
 from ftengine.engine.data import split_eval
 from ftengine.engine.data import tokenize_samples
 from ftengine.engine.memory import checkpointing
@@ -403,7 +409,25 @@ def choose_chat_template(tokenizer: Any, name: str | None, adapter: Any) -> str:
     return "chatml"
 
 
-def prepare_dataset(path: str, tokenizer: Any, data: DataConfig, max_seq_length: int, sample_kinds: tuple[str, ...],
+def needs_chat_template(path: Any, data: DataConfig) -> bool:
+    """Whether the rows need a chat template: a configured ``data.chat_template`` is always applied; otherwise
+    not when the rows' format (named, or detected on the first rows) says ``needs_chat_template = False``
+    (raw text, segments), so a tokenizer lacking the default template's tokens still trains on them."""
+    if data.chat_template:
+        return True
+    name = data.format
+    if name == "auto":
+        rows = list(islice(read_rows(path, split=data.split, subset=data.subset), DETECT_ROWS))
+        for row in rows:
+            row.value = rename_columns(row.value, data.columns)
+        try:
+            name = detect_format(rows, plugins.get_registry("formats"))
+        except DataError:
+            return True  # the data stage reports it with the rows' full context
+    return getattr(plugins.get("formats", name), "needs_chat_template", True)
+
+
+def prepare_dataset(path: Any, tokenizer: Any, data: DataConfig, max_seq_length: int, sample_kinds: tuple[str, ...],
                     report: DataReport) -> list[Any]:
     """Rows -> samples -> rows for the trainer: tokenized with masked labels (and packed when
     ``data.packing``) for language-model trainers, conversational preference pairs for DPO.
@@ -416,8 +440,8 @@ def prepare_dataset(path: str, tokenizer: Any, data: DataConfig, max_seq_length:
         log.info("data format: detected %r", report.format)
     wrong = sorted({s.kind for _, s in samples} - set(sample_kinds))
     if wrong:
-        raise DataError(f"{path}: format {report.format!r} gives {', '.join(wrong)} samples, which this trainer does "
-                        f"not train on (it takes {', '.join(sample_kinds)})")
+        raise DataError(f"{source_name(path)}: format {report.format!r} gives {', '.join(wrong)} samples, which "
+                        f"this trainer does not train on (it takes {', '.join(sample_kinds)})")
     if "preference" in sample_kinds:
         if data.packing:
             raise DataError("data.packing: preference pairs are not packed; set it to false for this trainer")
@@ -427,7 +451,7 @@ def prepare_dataset(path: str, tokenizer: Any, data: DataConfig, max_seq_length:
         if data.packing:
             rows = pack(rows, max_seq_length, report)
     if report.skipped:
-        log.warning("%s: %d bad row(s) skipped, e.g. %s", path, report.skipped, report.skip_reasons[0])
+        log.warning("%s: %d bad row(s) skipped, e.g. %s", source_name(path), report.skipped, report.skip_reasons[0])
     return rows
 
 
@@ -447,9 +471,12 @@ def data(loaded: LoadedModel, config: RunConfig) -> tuple[Any, Any, DataReport]:
     if not d.path:
         raise DataError("data.path: required for a run (a .jsonl/.json/.parquet/.csv file, directory, glob or "
                         "hub dataset id)")
-    template = choose_chat_template(loaded.tokenizer, d.chat_template, loaded.adapter)
-    apply_chat_template(loaded.tokenizer, template)
-    loaded.notes.append(f"chat template: {template}")
+    if needs_chat_template(d.path, d):
+        template = choose_chat_template(loaded.tokenizer, d.chat_template, loaded.adapter)
+        apply_chat_template(loaded.tokenizer, template)
+        loaded.notes.append(f"chat template: {template}")
+    else:
+        loaded.notes.append("chat template: none (the format is template-free)")
     trainer = plugins.get("trainers", config.training.trainer)
     max_seq_length = loaded.settings.max_seq_length
     report = DataReport()

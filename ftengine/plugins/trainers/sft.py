@@ -19,7 +19,7 @@ def has_fused_loss(model: Any) -> bool:
 
 class SFTTrainerPlugin:
     name = "sft"
-    sample_kinds = ("conversation", "completion", "text")
+    sample_kinds = ("conversation", "completion", "text", "segments")
 
     def create(self, request: TrainRequest) -> Any:
         from transformers import Trainer
