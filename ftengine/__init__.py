@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     import torch
 
 __version__ = "0.1.0"
-__all__ = ["hookimpl", "load_model", "add_lora", "get_chat_template", "load_dataset", "train", "export",
-           "standardize_sharegpt", "conversation_extension"]
+__all__ = ["hookimpl", "load_model", "add_lora", "get_chat_template", "load_dataset", "train", "make_trainer",
+           "export", "standardize_sharegpt", "conversation_extension", "to_sharegpt"]
 
 
 def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | torch.dtype | None = None,
@@ -212,6 +212,36 @@ def train(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft", eval_d
                           strategy=strategy if rank.distributed else "single", trainer_arguments=arguments)
 
 
+def make_trainer(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft", eval_dataset: Any = None,
+                 output_dir: str = "outputs", callbacks: list[Any] | None = None, ref_model: Any = None,
+                 **training_kwargs: Any) -> Any:
+    """The registered trainer's object (trl's ``SFTTrainer``, ``DPOTrainer``, ...) set up as :func:`train` sets
+    it up (fused loss, ftengine's checkpointing and precision), for a caller that runs ``.train()`` itself.
+
+    Args:
+        dataset: rows from :func:`load_dataset`, or untokenized rows (tokenized here).
+        output_dir: where the trainer writes its checkpoints.
+        callbacks: extra ``transformers.TrainerCallback`` objects.
+        ref_model: the DPO reference model (default: the adapter disabled, or a frozen copy).
+        **training_kwargs: ``training:`` config keys.
+    """
+    from ftengine.core import plugins
+    from ftengine.core.config import TrainingConfig
+    from ftengine.core.config import validate_section
+    from ftengine.core.types import TrainRequest
+    from ftengine.engine import pipeline
+
+    training = validate_section(TrainingConfig, dict(trainer=trainer, **training_kwargs), "make_trainer")
+    dataset = _prepared(dataset, tokenizer, trainer)
+    if eval_dataset is not None:
+        eval_dataset = _prepared(eval_dataset, tokenizer, trainer)
+    pipeline.attention_for_rows(model, "position_ids" in getattr(dataset, "column_names", ()))
+    request = TrainRequest(model=model, tokenizer=tokenizer, train_dataset=dataset, eval_dataset=eval_dataset,
+                           training=training, output_dir=Path(output_dir), ref_model=ref_model,
+                           callbacks=list(callbacks or []))
+    return plugins.get("trainers", trainer).create(request)
+
+
 def _prepared(dataset: Any, tokenizer: Any, trainer: str) -> Any:
     """``dataset`` as the trainer takes it: rows not yet tokenized (text, messages, ...) go through
     :func:`load_dataset`; preference rows are always converted (conversational pairs convert to themselves)."""
@@ -249,12 +279,22 @@ def export(model: Any, tokenizer: Any, output_dir: str, format: str = "lora", ov
     return target
 
 
-def standardize_sharegpt(data: Any) -> Any:
-    """ShareGPT rows (``conversations`` with from/value) as OpenAI ``messages`` rows; a list of dicts or
-    a ``datasets.Dataset`` in, the same kind out."""
+def standardize_sharegpt(data: Any, column: str = "messages") -> Any:
+    """ShareGPT rows (``conversations`` with from/value) as OpenAI role/content rows under ``column``
+    (``"conversations"`` keeps the name); a list of dicts or a ``datasets.Dataset`` in, the same kind out."""
     from ftengine.engine.conversations import standardize_sharegpt as standardize
 
-    return standardize(data)
+    return standardize(data, column)
+
+
+def to_sharegpt(data: Any, merged_prompt: str, output_column_name: str, conversation_extension: int = 1,
+                seed: int = 3407) -> Any:
+    """Rows of any columns as ShareGPT conversations: ``merged_prompt`` (``{column}`` fields, ``[[optional
+    parts]]``) as the human turn, ``output_column_name`` as the answer; ``conversation_extension`` rows per
+    conversation."""
+    from ftengine.engine.conversations import to_sharegpt as convert
+
+    return convert(data, merged_prompt, output_column_name, conversation_extension, seed)
 
 
 def conversation_extension(data: Any, n: int, seed: int = 3407) -> Any:

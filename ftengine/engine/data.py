@@ -330,7 +330,7 @@ def sample_text_and_spans(sample: Sample, tokenizer: Any, train_on: str) -> tupl
     if sample.kind == "conversation":
         return conversation_spans(tokenizer, sample.messages, train_on)
     if sample.kind == "text":
-        text = sample.text + eos
+        text = sample.text if eos and sample.text.endswith(eos) else sample.text + eos
         return text, [(0, len(text))]
     if sample.kind == "completion":
         prompt = sample.prompt if isinstance(sample.prompt, str) else render(tokenizer, sample.prompt, True)
