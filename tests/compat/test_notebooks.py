@@ -19,7 +19,7 @@ def run_notebook(name, monkeypatch, tmp_path, **names):
 
 
 def trained_text(tokenizer, row):
-    return tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != -100])
+    return tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100])
 
 
 def losses(trainer):
@@ -50,7 +50,7 @@ def test_llama31_conversational_notebook(tiny_llama, sharegpt_file, monkeypatch,
     # train_on_responses_only: exactly each assistant answer and its <|eot_id|> carry loss.
     rows = [json.loads(line)["conversations"] for line in sharegpt_file.read_text().splitlines()]
     assert len(trainer.train_dataset) == len(rows)
-    for row, convo in zip(trainer.train_dataset, rows):
+    for row, convo in zip(trainer.train_dataset, rows, strict=True):
         expected = "".join(t["value"] + "<|eot_id|>" for t in convo if t["from"] == "gpt")
         assert trained_text(tokenizer, row) == expected
     history = losses(trainer)
@@ -94,7 +94,7 @@ def test_qwen25_sharegpt_notebook_and_gguf(tiny_llama, alpaca_file, monkeypatch,
     trainer, tokenizer, dataset = ns["trainer"], ns["tokenizer"], ns["dataset"]
     # to_sharegpt stitched two rows per conversation; the mapped template read from/value turns.
     assert all(len(c) == 4 for c in dataset["conversations"])
-    for row, convo in zip(trainer.train_dataset, dataset["conversations"]):
+    for row, convo in zip(trainer.train_dataset, dataset["conversations"], strict=True):
         expected = "".join(t["value"] + "<|im_end|>\n" for t in convo if t["from"] == "gpt")
         assert trained_text(tokenizer, row) == expected
     first = dataset["conversations"][0][0]["value"]

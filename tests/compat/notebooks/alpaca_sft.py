@@ -1,3 +1,4 @@
+# ruff: noqa: E402, E501, I001, B905, F821  (kept as the notebooks are written: imports where they are used)
 # The Alpaca notebook (instruction/input/output rows in a prompt template with the EOS appended), saving
 # the adapter and the merged 16-bit model; the import changed to ftengine.compat.
 from ftengine.compat import FastLanguageModel
@@ -45,7 +46,6 @@ from datasets import load_dataset
 dataset = load_dataset("json", data_files=DATA_FILE, split="train")  # noqa: F821
 dataset = dataset.map(formatting_prompts_func, batched=True)
 
-from transformers import TrainingArguments
 from trl import SFTConfig
 from trl import SFTTrainer
 

@@ -1,3 +1,4 @@
+# ruff: noqa: E402, E501, I001, B905, F821  (kept as the notebooks are written: imports where they are used)
 # The DPO notebook (Zephyr style): prompt/chosen/rejected strings, trl's DPOTrainer with beta and
 # lengths; the import changed to ftengine.compat.
 from ftengine.compat import FastLanguageModel

@@ -1,3 +1,4 @@
+# ruff: noqa: E402, E501, I001, B905, F821  (kept as the notebooks are written: imports where they are used)
 # The Llama-3.1 conversational notebook (ShareGPT data, Llama 3.1 template, responses only), with the
 # import changed to ftengine.compat; MODEL_NAME and DATA_FILE stand for the hub ids, small step counts.
 from ftengine.compat import FastLanguageModel

@@ -1,3 +1,4 @@
+# ruff: noqa: E402, E501, I001, B905, F821  (kept as the notebooks are written: imports where they are used)
 # The Qwen2.5 conversational notebook: ShareGPT rows mapped onto the template (mapping=), a conversation
 # built with to_sharegpt, responses only; then GGUF saving. The import changed to ftengine.compat.
 from ftengine.compat import FastLanguageModel
