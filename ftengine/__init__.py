@@ -12,6 +12,8 @@ The Python API: thin functions over the same pipeline stages ``ftengine run`` us
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 from typing import Any
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 __all__ = ["hookimpl", "load_model", "add_lora", "get_chat_template", "load_dataset", "train", "make_trainer",
-           "export", "standardize_sharegpt", "conversation_extension", "to_sharegpt"]
+           "export", "generate", "standardize_sharegpt", "conversation_extension", "to_sharegpt"]
 
 
 def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | torch.dtype | None = None,
@@ -33,9 +35,12 @@ def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | torch
     """Load a causal LM and its tokenizer (16-bit, 4-bit NF4 or 8-bit) and patch it with the kernel ops.
 
     Args:
-        name_or_path: local Hugging Face directory or hub id.
+        name_or_path: local Hugging Face directory or hub id; a LoRA adapter directory (peft's, as the
+            ``lora`` export writes it) loads its base model with the adapter on, as peft's
+            ``AutoPeftModelForCausalLM`` does.
         max_seq_length: kept with the model (:class:`ftengine.engine.pipeline.ModelSettings`) for
-            :func:`train`'s trainers.
+            :func:`train`'s trainers, and as the tokenizer's ``model_max_length``, the default of
+            :func:`load_dataset`.
         dtype: ``"bfloat16"``, ``"float16"``, ``"float32"`` (or the ``torch`` dtype, as transformers
             takes it) or ``None`` for the device's best.
         load_in_4bit: QLoRA base (NF4, double quantization, bf16 compute).
@@ -61,6 +66,9 @@ def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | torch
     from ftengine.core.errors import ConfigError
     from ftengine.engine import pipeline
 
+    adapter_dir = _adapter_directory(name_or_path)
+    if adapter_dir is not None:
+        name_or_path = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
     model_config = validate_section(ModelConfig, dict(
         name_or_path=name_or_path, max_seq_length=max_seq_length, dtype=_dtype_name(dtype),
         full_finetuning=full_finetuning, trust_remote_code=trust_remote_code,
@@ -72,6 +80,13 @@ def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | torch
     if problems:
         raise ConfigError("load_model: " + "; ".join(problems))
     loaded = pipeline.patch(pipeline.load(config))
+    if adapter_dir is not None:
+        from peft import PeftModel
+        from transformers import AutoTokenizer
+
+        loaded.model = PeftModel.from_pretrained(loaded.model, str(adapter_dir), is_trainable=True)
+        if (adapter_dir / "tokenizer_config.json").exists():
+            loaded.tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     if full_finetuning:
         loaded = pipeline.adapt(loaded, config.lora, full_finetuning=True, gradient_checkpointing=False)
     loaded.tokenizer.model_max_length = max_seq_length  # load_dataset's default truncation length
@@ -85,6 +100,11 @@ def _dtype_name(dtype: Any) -> Any:
     import torch
 
     return str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else dtype
+
+
+def _adapter_directory(name_or_path: str) -> Path | None:
+    path = Path(name_or_path).expanduser()
+    return path if (path / "adapter_config.json").exists() and not (path / "config.json").exists() else None
 
 
 def add_lora(model: Any, r: int = 16, lora_alpha: float = 16, lora_dropout: float = 0.0,
@@ -277,6 +297,36 @@ def export(model: Any, tokenizer: Any, output_dir: str, format: str = "lora", ov
     finally:
         model.train(was_training)
     return target
+
+
+def generate(model: Any, tokenizer: Any, messages: str | list[Any], stream: bool = False, max_new_tokens: int = 256,
+             temperature: float = 0.7, top_p: float = 1.0, min_p: float = 0.0,
+             system: str | None = None) -> str | list[str] | Iterator[str]:
+    """Answer with the model (KV cache on, the patched forward, eval mode for the call).
+
+    Args:
+        messages: a prompt string, one conversation (a list of ``{"role", "content"}`` dicts), or a list of
+            prompts / conversations generated as one left-padded batch.
+        stream: yield the answer's text piece by piece (one prompt or conversation only).
+        temperature: 0 for greedy decoding; ``top_p`` and ``min_p`` filter the sampled tokens.
+        system: a system message put first where the conversation has none.
+
+    Returns:
+        The answer; a list of answers for a batch; an iterator of text pieces with ``stream``.
+    """
+    from ftengine.engine import generation
+
+    sampling = generation.Sampling(max_new_tokens, temperature, top_p, min_p)
+    batch = isinstance(messages, list) and bool(messages) and not isinstance(messages[0], dict)
+    if batch:
+        if stream:
+            raise ValueError("generate: stream=True takes one prompt or conversation, not a batch")
+        return generation.generate_batch(model, tokenizer, [generation.as_conversation(m, system) for m in messages],
+                                         sampling)
+    conversation = generation.as_conversation(messages, system)
+    if stream:
+        return generation.generate_stream(model, tokenizer, conversation, sampling)
+    return generation.generate_batch(model, tokenizer, [conversation], sampling)[0]
 
 
 def standardize_sharegpt(data: Any, column: str = "messages") -> Any:
