@@ -88,6 +88,9 @@ def print_summary(result: Any) -> None:
     rows = [("run directory", str(result.run_dir.path)), ("steps", str(t.steps))]
     if t.first_loss is not None:
         rows.append(("loss", f"{t.first_loss:.4f} -> {t.last_loss:.4f} (first -> last logged)"))
+    if t.eval_losses:
+        rows.append(("eval loss", f"{t.eval_losses[0][1]:.4f} -> {t.eval_losses[-1][1]:.4f} "
+                                  f"({len(t.eval_losses)} evaluations)"))
     rows.append(("wall time", f"{t.wall_seconds:.1f} s training"))
     mem = result.memory
     memory = f"CPU RSS {_gib(mem['cpu_rss_gib'])}"

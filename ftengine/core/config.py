@@ -120,6 +120,14 @@ class TrainingConfig(Section):
         "auto", description="auto (default: recompute only the layers whose activations would not fit in GPU "
                             "memory), true (recompute every layer), offload (every layer, inputs in CPU RAM) or false.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (needs eval data).")
+    early_stopping_patience: int | None = Field(None, gt=0, description="Stop after N evaluations without "
+                                                                        "improvement of metric_for_best_model.")
+    metric_for_best_model: str | None = Field(None, description="Metric that picks the best checkpoint (eval_loss "
+                                                                "when early stopping or load_best_model_at_end is on).")
+    load_best_model_at_end: bool = Field(False, description="End with the best checkpoint's weights (save_steps must "
+                                                            "be a multiple of eval_steps).")
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] | list[Literal["tensorboard", "wandb", "mlflow"]] = \
+        Field("none", description="Also log through transformers' integrations (the package must be installed).")
     beta: float = Field(0.1, gt=0, description="DPO: the KL penalty strength.")
     loss_type: str = Field("sigmoid", description="DPO: trl loss type (sigmoid, ipo, hinge, ...).")
 
@@ -329,6 +337,13 @@ def check_combinations(config: RunConfig) -> list[str]:
         problems.append("model.full_finetuning: a quantized base cannot be fully fine-tuned; use LoRA (QLoRA)")
     if config.model.full_finetuning and config.model.offload_embedding:
         problems.append("model.offload_embedding: full fine-tuning trains the embedding, which must stay on the GPU")
+    t = config.training
+    if (t.early_stopping_patience or t.load_best_model_at_end) and not t.eval_steps:
+        problems.append("training.eval_steps: early_stopping_patience and load_best_model_at_end need evaluations; "
+                        "set eval_steps (and data.eval_path or data.eval_fraction)")
+    elif t.load_best_model_at_end and t.save_steps % t.eval_steps:
+        problems.append(f"training.save_steps: load_best_model_at_end needs it to be a multiple of eval_steps "
+                        f"({t.eval_steps}), got {t.save_steps}")
     if config.model.full_finetuning and any(e.format == "lora" for e in config.export):
         problems.append("export: 'lora' needs LoRA training; model.full_finetuning is true (use merged or gguf)")
     if config.distributed.strategy == "fsdp":

@@ -108,6 +108,7 @@ class TrainResult:
     interrupted: bool
     checkpoint: str | None
     losses: list[tuple[int, float]] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- load
@@ -519,10 +520,14 @@ def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, tra
     progress = ProgressCallback(run_dir.metrics_path, main=run_dir.writer)
     interrupt = InterruptCallback()
     markers = CheckpointMarkerCallback(distributed.rank_info().world_size, strategy)
+    callbacks = [progress, markers, interrupt]
+    if training.early_stopping_patience:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=training.early_stopping_patience))
     request = TrainRequest(model=model, tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset,
                            training=training, output_dir=run_dir.checkpoints, ref_model=ref_model,
-                           callbacks=[progress, markers, interrupt],
-                           max_seq_length=settings.max_seq_length,
+                           callbacks=callbacks, max_seq_length=settings.max_seq_length,
                            attn_implementation=model.config._attn_implementation,
                            trainer_arguments=trainer_arguments or {})
     trainer = trainer_plugin.create(request)
@@ -537,7 +542,9 @@ def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, tra
         interrupt.restore()
         checkpointing.release_host_buffers(model)
     wall = time.perf_counter() - start
-    losses = [(m["step"], m["loss"]) for m in run_dir.read_metrics() if "loss" in m]
+    metrics = run_dir.read_metrics()
+    losses = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    eval_losses = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
     run_dir.plot_loss()
     latest = run_dir.latest_checkpoint()
     return TrainResult(
@@ -548,6 +555,7 @@ def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, tra
         interrupted=interrupt.interrupted,
         checkpoint=str(latest) if latest else None,
         losses=losses,
+        eval_losses=eval_losses,
     )
 
 
@@ -695,6 +703,7 @@ def run(config: RunConfig, run_dir: RunDir | None = None, output_dir: str | None
         run_dir.set_status("failed", error=f"{type(exc).__name__}: {exc}")
         raise
     summary = {"steps": result.steps, "first_loss": result.first_loss, "last_loss": result.last_loss,
+               "last_eval_loss": result.eval_losses[-1][1] if result.eval_losses else None,
                "wall_seconds": round(result.wall_seconds, 2), "memory": memory, "notes": loaded.notes,
                "data": report.to_dict(), "exports": {k: str(v[0]) for k, v in exports.items()}}
     run_dir.set_status("interrupted" if result.interrupted else "completed", summary=summary,

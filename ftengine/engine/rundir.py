@@ -142,7 +142,7 @@ class RunDir:
         atomic_write_text(self.metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
 
     def plot_loss(self) -> Path | None:
-        """Write ``loss.png`` from ``metrics.jsonl``."""
+        """Write ``loss.png`` from ``metrics.jsonl``: the training loss, and the eval loss where there is one."""
         metrics = [m for m in self.read_metrics() if "loss" in m]
         if not metrics or not self.writer:
             return None
@@ -151,10 +151,15 @@ class RunDir:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        evaluations = [m for m in self.read_metrics() if "eval_loss" in m]
         fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-        ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], marker="." if len(metrics) < 60 else None)
+        ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], marker="." if len(metrics) < 60 else None,
+                label="train")
+        if evaluations:
+            ax.plot([m["step"] for m in evaluations], [m["eval_loss"] for m in evaluations], marker="o", label="eval")
+            ax.legend()
         ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
+        ax.set_ylabel("loss")
         ax.set_title(self.path.name)
         ax.grid(alpha=0.3)
         fig.tight_layout()
