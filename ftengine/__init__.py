@@ -234,7 +234,7 @@ def train(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft", eval_d
 
 def make_trainer(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft", eval_dataset: Any = None,
                  output_dir: str = "outputs", callbacks: list[Any] | None = None, ref_model: Any = None,
-                 **training_kwargs: Any) -> Any:
+                 max_seq_length: int | None = None, **training_kwargs: Any) -> Any:
     """The registered trainer's object (trl's ``SFTTrainer``, ``DPOTrainer``, ...) set up as :func:`train` sets
     it up (fused loss, ftengine's checkpointing and precision), for a caller that runs ``.train()`` itself.
 
@@ -243,6 +243,7 @@ def make_trainer(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft",
         output_dir: where the trainer writes its checkpoints.
         callbacks: extra ``transformers.TrainerCallback`` objects.
         ref_model: the DPO reference model (default: the adapter disabled, or a frozen copy).
+        max_seq_length: the trainer's longest row (default: :func:`load_model`'s).
         **training_kwargs: ``training:`` config keys.
     """
     from ftengine.core import plugins
@@ -258,7 +259,9 @@ def make_trainer(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft",
     pipeline.attention_for_rows(model, "position_ids" in getattr(dataset, "column_names", ()))
     request = TrainRequest(model=model, tokenizer=tokenizer, train_dataset=dataset, eval_dataset=eval_dataset,
                            training=training, output_dir=Path(output_dir), ref_model=ref_model,
-                           callbacks=list(callbacks or []))
+                           callbacks=list(callbacks or []),
+                           max_seq_length=max_seq_length or pipeline.settings_of(model).max_seq_length,
+                           attn_implementation=model.config._attn_implementation)
     return plugins.get("trainers", trainer).create(request)
 
 

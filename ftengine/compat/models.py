@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -14,8 +15,9 @@ import ftengine
 from ftengine.compat._arguments import strict
 from ftengine.compat.saving import attach_saving_methods
 from ftengine.core.errors import ConfigError
+from ftengine.engine.pipeline import remember_settings
+from ftengine.engine.pipeline import settings_of
 
-_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 SINGLE_DEVICE_MAPS = (None, "sequential", "auto", "cuda", "cuda:0", {"": 0})
 """``device_map`` values meaning what ftengine does anyway: the whole model on the one GPU (or the CPU)."""
 CHECKPOINTING = {True: True, False: False, "unsloth": "offload", "offload": "offload", "auto": "auto"}
@@ -24,15 +26,6 @@ CHECKPOINTING = {True: True, False: False, "unsloth": "offload", "offload": "off
 def is_bf16_supported() -> bool:
     """Whether the CUDA GPU computes in bfloat16 (False on the CPU)."""
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def _dtype_name(dtype: Any) -> str | None:
-    if dtype is None or isinstance(dtype, str):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ConfigError(f"FastLanguageModel.from_pretrained: dtype must be None, torch.bfloat16, torch.float16 or "
-                          f"torch.float32, got {dtype!r}")
-    return _DTYPES[dtype]
 
 
 @contextlib.contextmanager
@@ -88,7 +81,7 @@ class FastLanguageModel:
             load_in_4bit = load_in_8bit = False
         with _hub_token(token):
             model, tokenizer = ftengine.load_model(
-                model_name, max_seq_length=max_seq_length, dtype=_dtype_name(dtype), load_in_4bit=load_in_4bit,
+                model_name, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
                 load_in_8bit=load_in_8bit, full_finetuning=full_finetuning, trust_remote_code=trust_remote_code,
                 attn_implementation=attn_implementation)
         attach_saving_methods(model)
@@ -115,7 +108,7 @@ class FastLanguageModel:
             raise ConfigError(f"FastLanguageModel.get_peft_model: use_gradient_checkpointing must be True, False, "
                               f"'unsloth', 'offload' or 'auto', got {use_gradient_checkpointing!r}")
         if max_seq_length is not None:
-            model.max_seq_length = max_seq_length
+            remember_settings(model, dataclasses.replace(settings_of(model), max_seq_length=max_seq_length))
         peft_model = ftengine.add_lora(
             model, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
             use_gradient_checkpointing=CHECKPOINTING[use_gradient_checkpointing], random_state=random_state,

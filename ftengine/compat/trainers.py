@@ -20,6 +20,7 @@ from trl.trainer.sft_trainer import SFTTrainer as TrlSFTTrainer
 import ftengine
 from ftengine.compat._arguments import strict
 from ftengine.core.errors import ConfigError
+from ftengine.engine.pipeline import settings_of
 
 TRAINING_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "max_steps",
                  "num_train_epochs", "lr_scheduler_type", "weight_decay", "optim", "max_grad_norm", "seed",
@@ -77,8 +78,7 @@ def _sft(model: Any, args: Any = None, data_collator: Any = None, train_dataset:
     if tokenizer is None:
         raise ConfigError("SFTTrainer: pass tokenizer= (or processing_class=)")
     text_field = dataset_text_field or getattr(args, "dataset_text_field", None) or "text"
-    max_length = max_seq_length or getattr(args, "max_length", None) or getattr(model, "max_seq_length", 2048)
-    model.max_seq_length = max_length
+    max_length = max_seq_length or getattr(args, "max_length", None) or settings_of(model).max_seq_length
     packing = bool(packing if packing is not None else getattr(args, "packing", False))
     datasets = []
     texts = None
@@ -97,7 +97,7 @@ def _sft(model: Any, args: Any = None, data_collator: Any = None, train_dataset:
             datasets.append(ftengine.load_dataset(dataset, tokenizer, max_seq_length=max_length, packing=packing))
     trainer = ftengine.make_trainer(model, tokenizer, datasets[0], "sft", eval_dataset=datasets[1],
                                     output_dir=getattr(args, "output_dir", None) or "outputs", callbacks=callbacks,
-                                    **training_keys(args))
+                                    max_seq_length=max_length, **training_keys(args))
     if texts is not None:
         _TEXTS[trainer] = (texts, max_length)
     return trainer
@@ -111,14 +111,14 @@ def _dpo(model: Any, ref_model: Any = None, args: Any = None, data_collator: Any
     tokenizer = tokenizer if tokenizer is not None else processing_class
     if tokenizer is None:
         raise ConfigError("DPOTrainer: pass tokenizer= (or processing_class=)")
-    model.max_seq_length = max_length or getattr(args, "max_length", None) or getattr(model, "max_seq_length", 1024)
+    max_length = max_length or getattr(args, "max_length", None) or settings_of(model).max_seq_length
     keys = training_keys(args)
     keys["beta"] = beta if beta is not None else getattr(args, "beta", 0.1)
     arg_loss = getattr(args, "loss_type", None)
     keys["loss_type"] = loss_type or (arg_loss[0] if isinstance(arg_loss, list) else arg_loss) or "sigmoid"
     return ftengine.make_trainer(model, tokenizer, train_dataset, "dpo", eval_dataset=eval_dataset,
                                  output_dir=getattr(args, "output_dir", None) or "outputs", callbacks=callbacks,
-                                 ref_model=ref_model, **keys)
+                                 ref_model=ref_model, max_seq_length=max_length, **keys)
 
 
 class SFTTrainer(TrlSFTTrainer):
