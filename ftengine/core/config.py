@@ -290,6 +290,22 @@ def validate_section(section: type[Section], values: dict[str, Any], name: str) 
         raise ConfigError(f"{name}: " + "; ".join(lines)) from None
 
 
+HUB_OPTIONS = ("push_to_hub", "private")
+"""Keys every ``export:`` entry takes besides its exporter's own: upload the export to this Hub
+repository (``owner/name``; the token from ``HF_TOKEN`` or the saved login), privately or not."""
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+
+def _hub_problems(i: int, entry: dict[str, Any]) -> list[str]:
+    problems = []
+    repo = entry.get("push_to_hub")
+    if repo is not None and not (isinstance(repo, str) and HUB_REPO_ID.match(repo) and ".." not in repo):
+        problems.append(f"export[{i}].push_to_hub: expected a Hub repository id 'owner/name', got {repo!r}")
+    if "private" in entry and not isinstance(entry["private"], bool):
+        problems.append(f"export[{i}].private: expected true or false, got {entry['private']!r}")
+    return problems
+
+
 def check_plugin_names(raw: dict[str, Any]) -> list[str]:
     """Every plugin-provided name in a raw config that no plugin registered, and every invalid
     exporter option. Works on the raw mapping so these are reported together with schema errors."""
@@ -317,14 +333,15 @@ def check_plugin_names(raw: dict[str, Any]) -> list[str]:
         if not isinstance(entry, dict):
             continue
         check(f"export[{i}].format", entry.get("format"), "exporters")
+        problems += _hub_problems(i, entry)
         exporter = exporters.get(entry.get("format"))
         if exporter is not None and exporter.options_schema is not None:
-            options = {k: v for k, v in entry.items() if k != "format"}
+            options = {k: v for k, v in entry.items() if k != "format" and k not in HUB_OPTIONS}
             try:
                 exporter.options_schema.model_validate(options)
             except ValidationError as exc:
                 errs = [dict(e, loc=("export", i, *e["loc"])) for e in exc.errors()]
-                problems += _format_errors(errs, fields=list(exporter.options_schema.model_fields))
+                problems += _format_errors(errs, fields=[*exporter.options_schema.model_fields, *HUB_OPTIONS])
     return problems
 
 
@@ -369,9 +386,10 @@ def export_options(entry: ExportEntry) -> Any:
     from ftengine.core.plugins import get
 
     exporter = get("exporters", entry.format)
+    options = {k: v for k, v in (entry.model_extra or {}).items() if k not in HUB_OPTIONS}
     if exporter.options_schema is None:
-        return entry.model_extra or {}
-    return exporter.options_schema.model_validate(entry.model_extra or {})
+        return options
+    return exporter.options_schema.model_validate(options)
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -3,13 +3,11 @@ model card, and the checks that let a bad push fail before any training."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
+from ftengine.core.config import HUB_REPO_ID as REPO_ID
 from ftengine.core.errors import ConfigError
-
-REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 
 
 def resolve_token(token: str | None) -> str | None:
@@ -54,7 +52,7 @@ def model_card(repo_id: str, base_model: str | None, export_format: str, details
 
 def push_folder(folder: Path, repo_id: str, token: str | None = None, private: bool | None = None,
                 card: str | None = None) -> str:
-    """Create ``repo_id`` if needed and upload ``folder`` (with ``card`` as its README.md) in one commit.
+    """Create ``repo_id`` if needed and upload ``folder`` in one commit, ``card`` written as its README.md.
 
     Returns:
         The repository's URL.
@@ -65,10 +63,22 @@ def push_folder(folder: Path, repo_id: str, token: str | None = None, private: b
     from huggingface_hub import HfApi
 
     resolved = check_push(repo_id, token, "push_to_hub")
-    if card is not None and not (folder / "README.md").exists():
+    if card is not None:  # in place of a library's template card (peft writes one)
         (folder / "README.md").write_text(card, encoding="utf-8")
     api = HfApi(token=resolved)
     url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
                       commit_message="Upload model fine-tuned with ftengine")
     return str(url)
+
+
+def push_export(target: Path, entry: Any, details: dict[str, Any] | None = None) -> str | None:
+    """Upload the export at ``target`` if its ``export:`` entry says ``push_to_hub``; the line to report."""
+    extra = entry.model_extra or {}
+    repo_id = extra.get("push_to_hub")
+    if not repo_id:
+        return None
+    base_model = (details or {}).get("base model")
+    url = push_folder(target, repo_id, private=extra.get("private"),
+                      card=model_card(repo_id, base_model, entry.format, details or {}))
+    return f"pushed to {url}"

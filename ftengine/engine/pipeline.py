@@ -33,6 +33,7 @@ from ftengine.core.errors import ModelError
 from ftengine.core.kernels import get_op
 from ftengine.core.types import TrainRequest
 from ftengine.engine import distributed
+from ftengine.engine import hub
 from ftengine.engine.data import DETECT_ROWS
 from ftengine.engine.data import DataReport
 from ftengine.engine.data import detect_format
@@ -562,28 +563,47 @@ def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, tra
 # ----------------------------------------------------------------------------- export
 
 
-def export_one(model: Any, tokenizer: Any, entry: ExportEntry, target: Path, overwrite: bool = False) -> list[str]:
-    """One exporter writes ``target`` atomically: into a temporary sibling renamed when complete."""
+def export_one(model: Any, tokenizer: Any, entry: ExportEntry, target: Path, overwrite: bool = False,
+               card: dict[str, Any] | None = None) -> list[str]:
+    """One exporter writes ``target`` atomically: into a temporary sibling renamed when complete; then,
+    with ``push_to_hub``, the directory is uploaded with a model card listing ``card``."""
     exporter = plugins.get("exporters", entry.format)
     options = export_options(entry)
+    repo_id = (entry.model_extra or {}).get("push_to_hub")
+    if repo_id:
+        hub.check_push(repo_id, None, f"export {entry.format}: push_to_hub")
     with atomic_directory(target, overwrite=overwrite) as staging:
         lines = exporter.export(model, tokenizer, staging, options)
     # the exporter wrote into a staging directory, renamed to ``target`` once complete
-    return [line.replace(str(staging), str(target)) for line in lines]
+    lines = [line.replace(str(staging), str(target)) for line in lines]
+    pushed = hub.push_export(target, entry, card)
+    return lines + ([pushed] if pushed else [])
 
 
 def export(model: Any, tokenizer: Any, entries: list[ExportEntry], out_root: Path,
-           overwrite: bool = False) -> dict[str, tuple[Path, list[str]]]:
-    """Stage 6: each exporter writes into ``out_root/<name>``."""
-    return {e.format: (out_root / e.format, export_one(model, tokenizer, e, out_root / e.format, overwrite))
+           overwrite: bool = False, card: dict[str, Any] | None = None) -> dict[str, tuple[Path, list[str]]]:
+    """Stage 6: each exporter writes into ``out_root/<name>`` (and uploads it where the entry says so)."""
+    return {e.format: (out_root / e.format, export_one(model, tokenizer, e, out_root / e.format, overwrite, card))
             for e in entries}
+
+
+def model_card_details(config: RunConfig, result: TrainResult) -> dict[str, Any]:
+    """What a pushed export's model card lists: base model, data, settings, final loss."""
+    return {"base model": config.model.name_or_path, "data": config.data.path, "trainer": config.training.trainer,
+            "method": "full fine-tuning" if config.model.full_finetuning else
+            f"LoRA r={config.lora.r} alpha={config.lora.lora_alpha}" + (" (4-bit base)"
+                                                                       if config.quantization.load_in_4bit else ""),
+            "steps": result.steps, "learning rate": config.training.learning_rate,
+            "max_seq_length": config.model.max_seq_length,
+            "final loss": None if result.last_loss is None else round(result.last_loss, 4)}
 
 
 # ----------------------------------------------------------------------------- a whole run
 
 
 def preflight(config: RunConfig) -> None:
-    """Checks that need no run directory: the model path and type, the attention implementation, the data files."""
+    """Checks that need no run directory: the model path and type, the attention implementation, the data files,
+    and a Hub token for every export pushed."""
     hf_config = load_model_config(config.model.name_or_path, config.model.trust_remote_code, config.model.revision)
     choose_attn_implementation(config.model.attn_implementation, config.data.packing, hf_config, training=True)
     if not config.data.path:
@@ -591,6 +611,10 @@ def preflight(config: RunConfig) -> None:
     resolve_files(config.data.path)
     if config.data.eval_path:
         resolve_files(config.data.eval_path)
+    for i, entry in enumerate(config.export):
+        repo_id = (entry.model_extra or {}).get("push_to_hub")
+        if repo_id:
+            hub.check_push(repo_id, None, f"export[{i}].push_to_hub")
 
 
 def peak_memory() -> dict[str, float]:
@@ -698,7 +722,8 @@ def run(config: RunConfig, run_dir: RunDir | None = None, output_dir: str | None
             exported = model_for_export(loaded, config)
             if exported is not None:
                 exported.eval()
-                exports = export(exported, loaded.tokenizer, config.export, run_dir.exports)
+                exports = export(exported, loaded.tokenizer, config.export, run_dir.exports,
+                                 card=model_card_details(config, result))
     except BaseException as exc:
         run_dir.set_status("failed", error=f"{type(exc).__name__}: {exc}")
         raise
