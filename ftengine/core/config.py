@@ -238,8 +238,6 @@ def _format_errors(errors: list[dict[str, Any]], fields: list[str] | None = None
             prefix = f"{parent}." if parent else ""
             if close:
                 lines.append(f"{path}: unknown key; did you mean {prefix}{close[0]}?")
-            elif not known:
-                lines.append(f"{path}: unknown key; {parent or 'this'} takes no options")
             else:
                 lines.append(f"{path}: unknown key; expected one of: {', '.join(prefix + k for k in known)}")
         elif kind == "missing":

@@ -93,6 +93,7 @@ def test_train_tokenizes_untokenized_rows(demo_base, tmp_path):
                        output_dir=str(tmp_path / "run2"), max_steps=1)
 
 
-def test_an_option_less_exporter_says_it_takes_none():
-    with pytest.raises(ConfigError, match=r"export\[0\]\.quantization: unknown key; export\[0\] takes no options"):
+def test_an_option_less_exporter_lists_the_keys_it_takes():
+    with pytest.raises(ConfigError, match=r"export\[0\]\.quantization: unknown key; expected one of: "
+                                          r"export\[0\]\.push_to_hub, export\[0\]\.private$"):
         validate_config({"model": {"name_or_path": "-"}, "export": [{"format": "lora", "quantization": "q8_0"}]})
