@@ -12,6 +12,8 @@ The Python API: thin functions over the same pipeline stages ``ftengine run`` us
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 from typing import Any
@@ -22,8 +24,8 @@ if TYPE_CHECKING:
     import torch
 
 __version__ = "0.1.0"
-__all__ = ["hookimpl", "load_model", "add_lora", "get_chat_template", "load_dataset", "train", "export",
-           "standardize_sharegpt", "conversation_extension"]
+__all__ = ["hookimpl", "load_model", "add_lora", "get_chat_template", "load_dataset", "train", "make_trainer",
+           "export", "generate", "standardize_sharegpt", "conversation_extension", "to_sharegpt"]
 
 
 def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | torch.dtype | None = None,
@@ -33,9 +35,12 @@ def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | torch
     """Load a causal LM and its tokenizer (16-bit, 4-bit NF4 or 8-bit) and patch it with the kernel ops.
 
     Args:
-        name_or_path: local Hugging Face directory or hub id.
+        name_or_path: local Hugging Face directory or hub id; a LoRA adapter directory (peft's, as the
+            ``lora`` export writes it) loads its base model with the adapter on, as peft's
+            ``AutoPeftModelForCausalLM`` does.
         max_seq_length: kept with the model (:class:`ftengine.engine.pipeline.ModelSettings`) for
-            :func:`train`'s trainers.
+            :func:`train`'s trainers, and as the tokenizer's ``model_max_length``, the default of
+            :func:`load_dataset`.
         dtype: ``"bfloat16"``, ``"float16"``, ``"float32"`` (or the ``torch`` dtype, as transformers
             takes it) or ``None`` for the device's best.
         load_in_4bit: QLoRA base (NF4, double quantization, bf16 compute).
@@ -61,6 +66,9 @@ def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | torch
     from ftengine.core.errors import ConfigError
     from ftengine.engine import pipeline
 
+    adapter_dir = _adapter_directory(name_or_path)
+    if adapter_dir is not None:
+        name_or_path = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
     model_config = validate_section(ModelConfig, dict(
         name_or_path=name_or_path, max_seq_length=max_seq_length, dtype=_dtype_name(dtype),
         full_finetuning=full_finetuning, trust_remote_code=trust_remote_code,
@@ -72,8 +80,16 @@ def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | torch
     if problems:
         raise ConfigError("load_model: " + "; ".join(problems))
     loaded = pipeline.patch(pipeline.load(config))
+    if adapter_dir is not None:
+        from peft import PeftModel
+        from transformers import AutoTokenizer
+
+        loaded.model = PeftModel.from_pretrained(loaded.model, str(adapter_dir), is_trainable=True)
+        if (adapter_dir / "tokenizer_config.json").exists():
+            loaded.tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     if full_finetuning:
         loaded = pipeline.adapt(loaded, config.lora, full_finetuning=True, gradient_checkpointing=False)
+    loaded.tokenizer.model_max_length = max_seq_length  # load_dataset's default truncation length
     return loaded.model, loaded.tokenizer
 
 
@@ -84,6 +100,11 @@ def _dtype_name(dtype: Any) -> Any:
     import torch
 
     return str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else dtype
+
+
+def _adapter_directory(name_or_path: str) -> Path | None:
+    path = Path(name_or_path).expanduser()
+    return path if (path / "adapter_config.json").exists() and not (path / "config.json").exists() else None
 
 
 def add_lora(model: Any, r: int = 16, lora_alpha: float = 16, lora_dropout: float = 0.0,
@@ -122,15 +143,17 @@ def get_chat_template(tokenizer: Any, chat_template: str = "chatml") -> Any:
     return apply_chat_template(tokenizer, chat_template)
 
 
-def load_dataset(path: str, tokenizer: Any, format: str = "auto", max_seq_length: int = 2048,
+def load_dataset(data: Any, tokenizer: Any, format: str = "auto", max_seq_length: int | None = None,
                  trainer: str = "sft", **data_kwargs: Any) -> Any:
     """Read, convert and tokenize a dataset with labels masked to the trained tokens.
 
     Args:
-        path: a .jsonl/.json/.parquet/.csv file, a directory or glob of them, or a hub dataset id.
+        data: a .jsonl/.json/.parquet/.csv file, a directory or glob of them, a hub dataset id, or the
+            rows themselves: a ``datasets.Dataset``, a pandas ``DataFrame`` or a list of dicts.
         tokenizer: the tokenizer (with its chat template, see :func:`get_chat_template`).
         format: a registered format name or ``"auto"``.
-        max_seq_length: truncation length.
+        max_seq_length: truncation length; default: the ``max_seq_length`` given to :func:`load_model`
+            (kept as the tokenizer's ``model_max_length``), else 2048.
         trainer: the trainer the data is for (``sft`` tokenizes with masked labels; ``dpo`` gives
             conversational prompt/chosen/rejected rows).
         **data_kwargs: other ``data:`` config keys (``columns``, ``train_on``, ``on_bad_rows``, ...).
@@ -144,16 +167,22 @@ def load_dataset(path: str, tokenizer: Any, format: str = "auto", max_seq_length
     from ftengine.engine import pipeline
     from ftengine.engine.data import DataReport
 
-    data = validate_section(DataConfig, dict(path=path, format=format, **data_kwargs), "load_dataset")
-    if data.format != "auto":
-        plugins.get("formats", data.format)
-    if getattr(tokenizer, "chat_template", None) is None:
-        get_chat_template(tokenizer, data.chat_template or "chatml")
-    elif data.chat_template:
-        get_chat_template(tokenizer, data.chat_template)
+    path = data if isinstance(data, (str, Path)) else None
+    config = validate_section(DataConfig, dict(path=str(path) if path else None, format=format, **data_kwargs),
+                              "load_dataset")
+    if config.format != "auto":
+        plugins.get("formats", config.format)
+    if pipeline.needs_chat_template(data, config):
+        if getattr(tokenizer, "chat_template", None) is None:
+            get_chat_template(tokenizer, config.chat_template or "chatml")
+        elif config.chat_template:
+            get_chat_template(tokenizer, config.chat_template)
+    if max_seq_length is None:
+        limit = getattr(tokenizer, "model_max_length", None)
+        max_seq_length = limit if isinstance(limit, int) and 0 < limit < 10**7 else 2048
     report = DataReport()
     kinds = plugins.get("trainers", trainer).sample_kinds
-    rows = pipeline.prepare_dataset(path, tokenizer, data, max_seq_length, kinds, report)
+    rows = pipeline.prepare_dataset(data, tokenizer, config, max_seq_length, kinds, report)
     dataset = pipeline.to_dataset(rows)
     dataset.ftengine_report = report
     return dataset
@@ -193,6 +222,9 @@ def train(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft", eval_d
     problems = preflight.trainer_argument_problems(RunConfig(model={"name_or_path": "-"}, training=training))
     if problems:
         raise ConfigError("train: " + "; ".join(problems))
+    dataset = _prepared(dataset, tokenizer, trainer)
+    if eval_dataset is not None:
+        eval_dataset = _prepared(eval_dataset, tokenizer, trainer)
     pipeline.attention_for_rows(model, "position_ids" in getattr(dataset, "column_names", ()))
     rank = distributed.rank_info()
     distributed.init_process_group(rank)
@@ -207,6 +239,55 @@ def train(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft", eval_d
         arguments = distributed.api_trainer_arguments(strategy, model) if rank.distributed else None
         return pipeline.train(model, tokenizer, dataset, eval_dataset, training, run_dir, resume_from,
                               strategy=strategy if rank.distributed else "single", trainer_arguments=arguments)
+
+
+def make_trainer(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft", eval_dataset: Any = None,
+                 output_dir: str = "outputs", callbacks: list[Any] | None = None, ref_model: Any = None,
+                 max_seq_length: int | None = None, **training_kwargs: Any) -> Any:
+    """The registered trainer's object (trl's ``SFTTrainer``, ``DPOTrainer``, ...) set up as :func:`train` sets
+    it up (fused loss, ftengine's checkpointing and precision), for a caller that runs ``.train()`` itself.
+
+    Args:
+        dataset: rows from :func:`load_dataset`, or untokenized rows (tokenized here).
+        output_dir: where the trainer writes its checkpoints.
+        callbacks: extra ``transformers.TrainerCallback`` objects.
+        ref_model: the DPO reference model (default: the adapter disabled, or a frozen copy).
+        max_seq_length: the trainer's longest row (default: :func:`load_model`'s).
+        **training_kwargs: ``training:`` config keys.
+    """
+    from ftengine.core import plugins
+    from ftengine.core.config import TrainingConfig
+    from ftengine.core.config import validate_section
+    from ftengine.core.types import TrainRequest
+    from ftengine.engine import pipeline
+
+    training = validate_section(TrainingConfig, dict(trainer=trainer, **training_kwargs), "make_trainer")
+    dataset = _prepared(dataset, tokenizer, trainer)
+    if eval_dataset is not None:
+        eval_dataset = _prepared(eval_dataset, tokenizer, trainer)
+    pipeline.attention_for_rows(model, "position_ids" in getattr(dataset, "column_names", ()))
+    request = TrainRequest(model=model, tokenizer=tokenizer, train_dataset=dataset, eval_dataset=eval_dataset,
+                           training=training, output_dir=Path(output_dir), ref_model=ref_model,
+                           callbacks=list(callbacks or []),
+                           max_seq_length=max_seq_length or pipeline.settings_of(model).max_seq_length,
+                           attn_implementation=model.config._attn_implementation)
+    return plugins.get("trainers", trainer).create(request)
+
+
+def _prepared(dataset: Any, tokenizer: Any, trainer: str) -> Any:
+    """``dataset`` as the trainer takes it: rows not yet tokenized (text, messages, ...) go through
+    :func:`load_dataset`; preference rows are always converted (conversational pairs convert to themselves)."""
+    from ftengine.core import plugins
+
+    columns = getattr(dataset, "column_names", None)
+    if "preference" not in plugins.get("trainers", trainer).sample_kinds and columns and "input_ids" in columns:
+        if "labels" not in columns:
+            from ftengine.core.errors import DataError
+
+            raise DataError("train: the dataset has input_ids but no labels; pass untokenized rows (text, "
+                            "messages, ...) or rows from ftengine.load_dataset")
+        return dataset
+    return load_dataset(dataset, tokenizer, trainer=trainer)
 
 
 def export(model: Any, tokenizer: Any, output_dir: str, format: str = "lora", overwrite: bool = False,
@@ -230,12 +311,52 @@ def export(model: Any, tokenizer: Any, output_dir: str, format: str = "lora", ov
     return target
 
 
-def standardize_sharegpt(data: Any) -> Any:
-    """ShareGPT rows (``conversations`` with from/value) as OpenAI ``messages`` rows; a list of dicts or
-    a ``datasets.Dataset`` in, the same kind out."""
+def generate(model: Any, tokenizer: Any, messages: str | list[Any], stream: bool = False, max_new_tokens: int = 256,
+             temperature: float = 0.7, top_p: float = 1.0, min_p: float = 0.0,
+             system: str | None = None) -> str | list[str] | Iterator[str]:
+    """Answer with the model (KV cache on, the patched forward, eval mode for the call).
+
+    Args:
+        messages: a prompt string, one conversation (a list of ``{"role", "content"}`` dicts), or a list of
+            prompts / conversations generated as one left-padded batch.
+        stream: yield the answer's text piece by piece (one prompt or conversation only).
+        temperature: 0 for greedy decoding; ``top_p`` and ``min_p`` filter the sampled tokens.
+        system: a system message put first where the conversation has none.
+
+    Returns:
+        The answer; a list of answers for a batch; an iterator of text pieces with ``stream``.
+    """
+    from ftengine.engine import generation
+
+    sampling = generation.Sampling(max_new_tokens, temperature, top_p, min_p)
+    batch = isinstance(messages, list) and bool(messages) and not isinstance(messages[0], dict)
+    if batch:
+        if stream:
+            raise ValueError("generate: stream=True takes one prompt or conversation, not a batch")
+        return generation.generate_batch(model, tokenizer, [generation.as_conversation(m, system) for m in messages],
+                                         sampling)
+    conversation = generation.as_conversation(messages, system)
+    if stream:
+        return generation.generate_stream(model, tokenizer, conversation, sampling)
+    return generation.generate_batch(model, tokenizer, [conversation], sampling)[0]
+
+
+def standardize_sharegpt(data: Any, column: str = "messages") -> Any:
+    """ShareGPT rows (``conversations`` with from/value) as OpenAI role/content rows under ``column``
+    (``"conversations"`` keeps the name); a list of dicts or a ``datasets.Dataset`` in, the same kind out."""
     from ftengine.engine.conversations import standardize_sharegpt as standardize
 
-    return standardize(data)
+    return standardize(data, column)
+
+
+def to_sharegpt(data: Any, merged_prompt: str, output_column_name: str, conversation_extension: int = 1,
+                seed: int = 3407) -> Any:
+    """Rows of any columns as ShareGPT conversations: ``merged_prompt`` (``{column}`` fields, ``[[optional
+    parts]]``) as the human turn, ``output_column_name`` as the answer; ``conversation_extension`` rows per
+    conversation."""
+    from ftengine.engine.conversations import to_sharegpt as convert
+
+    return convert(data, merged_prompt, output_column_name, conversation_extension, seed)
 
 
 def conversation_extension(data: Any, n: int, seed: int = 3407) -> Any:

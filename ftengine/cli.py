@@ -14,7 +14,7 @@ import click
 
 from ftengine.core.errors import FtengineError
 
-CORE_COMMANDS = ("run", "init", "plugins", "export", "config-schema", "data")
+CORE_COMMANDS = ("run", "init", "plugins", "export", "config-schema", "data", "chat", "generate")
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
 
 
@@ -104,6 +104,9 @@ def print_summary(result: Any) -> None:
     rows = [("run directory", str(result.run_dir.path)), ("steps", str(t.steps))]
     if t.first_loss is not None:
         rows.append(("loss", f"{t.first_loss:.4f} -> {t.last_loss:.4f} (first -> last logged)"))
+    if t.eval_losses:
+        rows.append(("eval loss", f"{t.eval_losses[0][1]:.4f} -> {t.eval_losses[-1][1]:.4f} "
+                                  f"({len(t.eval_losses)} evaluations)"))
     rows.append(("wall time", f"{t.wall_seconds:.1f} s training"))
     mem = result.memory
     memory = f"CPU RSS {_gib(mem['cpu_rss_gib'])}"
@@ -293,6 +296,100 @@ def export(source: str, formats: tuple[str, ...], quantization: str | None, outp
         return
     for name, (path, lines) in results.items():
         click.echo(f"{name}: {path}: " + "; ".join(lines))
+
+
+def sampling_options(command: Any) -> Any:
+    """The sampling flags ``chat`` and ``generate`` share."""
+    for option in reversed([
+        click.option("--temperature", type=click.FloatRange(min=0), default=0.7, show_default=True,
+                     help="0 decodes greedily."),
+        click.option("--top-p", type=click.FloatRange(0, 1), default=1.0, show_default=True),
+        click.option("--min-p", type=click.FloatRange(0, 1), default=0.0, show_default=True),
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True),
+        click.option("--system", help="System message put first in every conversation."),
+        click.option("--debug", is_flag=True, help="Show full tracebacks."),
+    ]):
+        command = option(command)
+    return command
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True))
+@sampling_options
+def chat(source: str, temperature: float, top_p: float, min_p: float, max_new_tokens: int, system: str | None,
+         debug: bool) -> None:
+    """Talk to SOURCE (a run directory or checkpoint, a model or LoRA directory, or a .gguf file) with its chat
+    template, the answer streamed. /reset starts over, /exit (or end of input) quits."""
+    setup_logging(debug)
+    quiet_libraries()
+    from ftengine.engine.generation import Sampling
+    from ftengine.engine.generation import as_conversation
+    from ftengine.engine.generation import open_chat
+
+    try:
+        backend = open_chat(source)
+    except FtengineError as exc:
+        fail(exc, debug)
+        return
+    sampling = Sampling(max_new_tokens, temperature, top_p, min_p)
+    click.echo(f"chatting with {backend.description}; /reset starts over, /exit quits", err=True)
+    history: list[dict[str, Any]] = []
+    stdin = click.get_text_stream("stdin")
+    while True:
+        click.echo("> ", nl=False, err=True)
+        line = stdin.readline()
+        if not line or line.strip() == "/exit":
+            break
+        text = line.strip()
+        if text == "/reset":
+            history = []
+            click.echo("(conversation reset)", err=True)
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        pieces = []
+        for piece in backend.stream(as_conversation(history, system), sampling):
+            pieces.append(piece)
+            click.echo(piece, nl=False)
+        click.echo()
+        history.append({"role": "assistant", "content": "".join(pieces).strip()})
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True))
+@click.option("--input", "input_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help='JSONL of {"prompt": ...} or {"messages": [...]} rows.')
+@click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False),
+              help="JSONL written: each input row with its \"completion\".")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@sampling_options
+def generate(source: str, input_path: str, output_path: str, batch_size: int, temperature: float, top_p: float,
+             min_p: float, max_new_tokens: int, system: str | None, debug: bool) -> None:
+    """Complete every prompt of --input with SOURCE (as for chat), in left-padded batches, into --output."""
+    setup_logging(debug)
+    quiet_libraries()
+    from ftengine.engine.generation import Sampling
+    from ftengine.engine.generation import as_conversation
+    from ftengine.engine.generation import open_chat
+    from ftengine.engine.generation import read_prompts
+    from ftengine.engine.rundir import atomic_write_text
+
+    try:
+        rows = read_prompts(Path(input_path))
+        backend = open_chat(source)
+    except FtengineError as exc:
+        fail(exc, debug)
+        return
+    sampling = Sampling(max_new_tokens, temperature, top_p, min_p)
+    lines = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        answers = backend.batch([as_conversation(c, system) for _, c in chunk], sampling)
+        lines += [json.dumps({**row, "completion": answer}) for (row, _), answer in zip(chunk, answers, strict=True)]
+        click.echo(f"{min(start + batch_size, len(rows))}/{len(rows)} prompts", err=True)
+    atomic_write_text(Path(output_path), "".join(line + "\n" for line in lines))
+    click.echo(f"wrote {len(lines)} completions to {output_path}")
 
 
 @main.group()

@@ -124,6 +124,14 @@ class TrainingConfig(Section):
         "auto", description="auto (default: recompute only the layers whose activations would not fit in GPU "
                             "memory), true (recompute every layer), offload (every layer, inputs in CPU RAM) or false.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (needs eval data).")
+    early_stopping_patience: int | None = Field(None, gt=0, description="Stop after N evaluations without "
+                                                                        "improvement of metric_for_best_model.")
+    metric_for_best_model: str | None = Field(None, description="Metric that picks the best checkpoint (eval_loss "
+                                                                "when early stopping or load_best_model_at_end is on).")
+    load_best_model_at_end: bool = Field(False, description="End with the best checkpoint's weights (save_steps must "
+                                                            "be a multiple of eval_steps).")
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] | list[Literal["tensorboard", "wandb", "mlflow"]] = \
+        Field("none", description="Also log through transformers' integrations (the package must be installed).")
     beta: float = Field(0.1, gt=0, description="DPO: the KL penalty strength.")
     loss_type: str = Field("sigmoid", description="DPO: trl loss type (sigmoid, ipo, hinge, ...).")
     on_nonfinite: Literal["stop", "skip_step"] = Field(
@@ -314,6 +322,22 @@ def validate_section(section: type[Section], values: dict[str, Any], name: str) 
         raise ConfigError(f"{name}: " + "; ".join(lines)) from None
 
 
+HUB_OPTIONS = ("push_to_hub", "private")
+"""Keys every ``export:`` entry takes besides its exporter's own: upload the export to this Hub
+repository (``owner/name``; the token from ``HF_TOKEN`` or the saved login), privately or not."""
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+
+def _hub_problems(i: int, entry: dict[str, Any]) -> list[str]:
+    problems = []
+    repo = entry.get("push_to_hub")
+    if repo is not None and not (isinstance(repo, str) and HUB_REPO_ID.match(repo) and ".." not in repo):
+        problems.append(f"export[{i}].push_to_hub: expected a Hub repository id 'owner/name', got {repo!r}")
+    if "private" in entry and not isinstance(entry["private"], bool):
+        problems.append(f"export[{i}].private: expected true or false, got {entry['private']!r}")
+    return problems
+
+
 def check_plugin_names(raw: dict[str, Any]) -> list[str]:
     """Every plugin-provided name in a raw config that no plugin registered, and every invalid
     exporter option. Works on the raw mapping so these are reported together with schema errors."""
@@ -341,14 +365,15 @@ def check_plugin_names(raw: dict[str, Any]) -> list[str]:
         if not isinstance(entry, dict):
             continue
         check(f"export[{i}].format", entry.get("format"), "exporters")
+        problems += _hub_problems(i, entry)
         exporter = exporters.get(entry.get("format"))
         if exporter is not None and exporter.options_schema is not None:
-            options = {k: v for k, v in entry.items() if k != "format"}
+            options = {k: v for k, v in entry.items() if k != "format" and k not in HUB_OPTIONS}
             try:
                 exporter.options_schema.model_validate(options)
             except ValidationError as exc:
                 errs = [dict(e, loc=("export", i, *e["loc"])) for e in exc.errors()]
-                problems += _format_errors(errs, fields=list(exporter.options_schema.model_fields))
+                problems += _format_errors(errs, fields=[*exporter.options_schema.model_fields, *HUB_OPTIONS])
     return problems
 
 
@@ -361,6 +386,13 @@ def check_combinations(config: RunConfig) -> list[str]:
         problems.append("model.full_finetuning: a quantized base cannot be fully fine-tuned; use LoRA (QLoRA)")
     if config.model.full_finetuning and config.model.offload_embedding:
         problems.append("model.offload_embedding: full fine-tuning trains the embedding, which must stay on the GPU")
+    t = config.training
+    if (t.early_stopping_patience or t.load_best_model_at_end) and not t.eval_steps:
+        problems.append("training.eval_steps: early_stopping_patience and load_best_model_at_end need evaluations; "
+                        "set eval_steps (and data.eval_path or data.eval_fraction)")
+    elif t.load_best_model_at_end and t.save_steps % t.eval_steps:
+        problems.append(f"training.save_steps: load_best_model_at_end needs it to be a multiple of eval_steps "
+                        f"({t.eval_steps}), got {t.save_steps}")
     if config.model.full_finetuning and any(e.format == "lora" for e in config.export):
         problems.append("export: 'lora' needs LoRA training; model.full_finetuning is true (use merged or gguf)")
     if config.distributed.strategy == "fsdp":
@@ -393,9 +425,10 @@ def export_options(entry: ExportEntry) -> Any:
     from ftengine.core.plugins import get
 
     exporter = get("exporters", entry.format)
+    options = {k: v for k, v in (entry.model_extra or {}).items() if k not in HUB_OPTIONS}
     if exporter.options_schema is None:
-        return entry.model_extra or {}
-    return exporter.options_schema.model_validate(entry.model_extra or {})
+        return options
+    return exporter.options_schema.model_validate(options)
 
 
 def load_config(path: str | Path) -> RunConfig:

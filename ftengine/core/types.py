@@ -41,7 +41,9 @@ class Sample:
       * ``prompt`` + ``completion``: only the completion is trained;
       * ``text``: raw text, every token trained (continued pretraining);
       * ``prompt`` + ``chosen`` + ``rejected``: a preference triple (DPO); each is a string or a
-        message list.
+        message list;
+      * ``segments``: ``(text, trained)`` pieces joined as they are, no chat template; only the
+        pieces marked trained carry loss.
 
     .. versionadded:: 0.1
     """
@@ -52,10 +54,14 @@ class Sample:
     text: str | None = None
     chosen: str | list[Message] | None = None
     rejected: str | list[Message] | None = None
+    segments: list[tuple[str, bool]] | None = None
 
     @property
     def kind(self) -> str:
-        """``preference``, ``conversation``, ``text`` or ``completion``: what a trainer's ``sample_kinds`` lists."""
+        """``segments``, ``preference``, ``conversation``, ``text`` or ``completion``: what a trainer's
+        ``sample_kinds`` lists."""
+        if self.segments is not None:
+            return "segments"
         if self.chosen is not None or self.rejected is not None:
             return "preference"
         if self.messages is not None:

@@ -11,6 +11,7 @@ their optional ``to_messages`` capability, so a plugin that overrides a format c
 from __future__ import annotations
 
 import random
+import re
 from typing import Any
 from typing import TypeVar
 
@@ -47,7 +48,7 @@ def _row_error(index: int, error: RowError) -> RowError:
     return RowError(f"row {index}: {error}", field=error.field)
 
 
-def standardize_sharegpt(data: Data) -> Data:
+def standardize_sharegpt(data: Data, column: str = "messages") -> Data:
     """Rewrite ShareGPT rows as ``messages`` rows (``human`` -> ``user``, ``gpt`` -> ``assistant``, ...).
 
     Each row's ``conversations`` (or ``from``/``value`` ``messages``) becomes a ``messages`` list of
@@ -56,9 +57,11 @@ def standardize_sharegpt(data: Data) -> Data:
 
     Args:
         data: a list of row dicts or a ``datasets.Dataset``.
+        column: the field the ``{"role", "content"}`` turns go to (``"conversations"`` keeps the name).
 
     Returns:
-        The same kind of object as ``data``, with a ``messages`` field and no ``conversations``.
+        The same kind of object as ``data``, with a ``column`` field and no ``conversations`` (unless
+        ``column`` is ``"conversations"``).
 
     Raises:
         RowError: a row that is not a ShareGPT conversation; the message starts with ``row <i>:``.
@@ -72,7 +75,7 @@ def standardize_sharegpt(data: Data) -> Data:
             messages = sharegpt.to_messages(row)
         except RowError as error:
             raise _row_error(i, error) from error
-        out.append({**{k: v for k, v in row.items() if k != "conversations"}, "messages": messages})
+        out.append({**{k: v for k, v in row.items() if k not in ("conversations", "messages")}, column: messages})
     return _from_rows(out) if is_dataset else out
 
 
@@ -120,6 +123,63 @@ def conversation_extension(data: Data, n: int, seed: int = 3407) -> Data:
         for j in others:
             messages += [m for m in conversations[j] if m["role"] != "system"]
         out.append({"messages": messages})
+    return _from_rows(out) if is_dataset else out
+
+
+_extend = conversation_extension  # to_sharegpt's argument of that name hides the function
+
+OPTIONAL_PART = re.compile(r"\[\[(.*?)\]\]", re.DOTALL)
+FIELD = re.compile(r"\{(\w+)\}")
+
+
+def _merge(prompt: str, row: dict[str, Any], index: int) -> str:
+    """``prompt`` with each ``{column}`` filled from ``row``; a ``[[...]]`` part is dropped when a column
+    it names is empty or missing."""
+    def fill(part: str) -> str:
+        def value(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in row:
+                raise RowError(f"row {index}: merged_prompt names column {name!r}, which the row lacks "
+                               f"(columns: {', '.join(map(str, row))})", field=name)
+            return "" if row[name] is None else str(row[name])
+
+        return FIELD.sub(value, part)
+
+    def optional(match: re.Match[str]) -> str:
+        part = match.group(1)
+        names = FIELD.findall(part)
+        return fill(part) if all(str(row.get(n) or "").strip() for n in names) else ""
+
+    return fill(OPTIONAL_PART.sub(optional, prompt))
+
+
+def to_sharegpt(data: Data, merged_prompt: str, output_column_name: str, conversation_extension: int = 1,
+                seed: int = 3407) -> Data:
+    """Turn single-turn rows of any columns into ShareGPT conversations.
+
+    Each row becomes a ``human`` turn, ``merged_prompt`` with each ``{column}`` filled in (a part in
+    ``[[...]]`` is left out when a column it names is empty, e.g. an Alpaca row without ``input``),
+    and a ``gpt`` turn, the row's ``output_column_name``. With ``conversation_extension`` above 1,
+    that many rows are stitched into each conversation (see :func:`conversation_extension`).
+
+    Returns:
+        The same kind of object as ``data``, one ``{"conversations": [...]}`` row per input row.
+
+    Raises:
+        RowError: a row lacking a column the prompt or the output names; the message starts with ``row <i>:``.
+    """
+    rows, is_dataset = _as_rows(data)
+    out = []
+    for i, row in enumerate(rows):
+        if row.get(output_column_name) is None:
+            raise RowError(f"row {i}: no output column {output_column_name!r} (columns: {', '.join(map(str, row))})",
+                           field=output_column_name)
+        out.append({"conversations": [{"from": "human", "value": _merge(merged_prompt, row, i)},
+                                      {"from": "gpt", "value": str(row[output_column_name])}]})
+    if conversation_extension > 1:
+        out = [{"conversations": [{"from": {"user": "human", "assistant": "gpt"}.get(m["role"], m["role"]),
+                                   "value": m["content"]} for m in r["messages"]]}
+               for r in _extend(out, conversation_extension, seed)]
     return _from_rows(out) if is_dataset else out
 
 

@@ -137,14 +137,47 @@ def _read_with_datasets(path: Path) -> Iterator[Row]:
         yield Row(str(path), number, row)
 
 
-def read_rows(path: str, *, split: str = "train", subset: str | None = None, on_bad_rows: str = "error",
+IN_MEMORY = "data"
+"""What errors call rows passed as Python objects rather than a path (``data: row 3: ...``)."""
+
+
+def source_name(path: Any) -> str:
+    """How messages name a dataset: its path, or ``data`` for rows passed as Python objects."""
+    return str(path) if isinstance(path, (str, Path)) else IN_MEMORY
+
+
+def in_memory_rows(data: Any) -> list[Any] | None:
+    """The rows of a ``datasets.Dataset``, a pandas ``DataFrame`` or a list of dicts; ``None`` for a path.
+
+    Raises:
+        DataError: an object that is neither a path nor one of those.
+    """
+    if isinstance(data, (str, Path)):
+        return None
+    if isinstance(data, (list, tuple)):
+        return list(data)
+    if hasattr(data, "to_dict") and hasattr(data, "columns") and hasattr(data, "iloc"):  # pandas DataFrame
+        return data.to_dict(orient="records")
+    if hasattr(data, "to_list") and hasattr(data, "column_names"):  # datasets.Dataset
+        return data.to_list()
+    raise DataError(f"expected a dataset path, a datasets.Dataset, a pandas DataFrame or a list of dicts, "
+                    f"got {type(data).__name__}")
+
+
+def read_rows(path: Any, *, split: str = "train", subset: str | None = None, on_bad_rows: str = "error",
               report: DataReport | None = None) -> Iterator[Row]:
-    """Every row of a local file / directory / glob, or of a hub dataset split.
+    """Every row of a local file / directory / glob, of a hub dataset split, or of rows passed as a
+    ``datasets.Dataset``, a pandas ``DataFrame`` or a list of dicts.
 
     JSON Lines files are read line by line, so a bad line is reported with its number (and, with
     ``on_bad_rows="skip"``, counted in ``report`` and skipped).
     """
     report = report if report is not None else DataReport()
+    rows = in_memory_rows(path)
+    if rows is not None:
+        for number, row in enumerate(rows, start=1):
+            yield Row(IN_MEMORY, number, row)
+        return
     files = resolve_files(path)
     if files is None:
         import datasets
@@ -222,7 +255,7 @@ def convert_rows(rows: list[Row], fmt: Any, on_bad_rows: str, report: DataReport
     return samples
 
 
-def load_samples(path: str, data: Any, report: DataReport) -> list[tuple[str, Sample]]:
+def load_samples(path: Any, data: Any, report: DataReport) -> list[tuple[str, Sample]]:
     """Rows of ``path`` -> samples, as ``data`` (a :class:`~ftengine.core.config.DataConfig`) says:
     read, cut to ``max_rows``, columns renamed, format detected or named, converted.
 
@@ -239,7 +272,7 @@ def load_samples(path: str, data: Any, report: DataReport) -> list[tuple[str, Sa
         row.value = rename_columns(row.value, data.columns)
     report.rows += len(rows)
     if not rows:
-        raise DataError(f"{path}: no rows")
+        raise DataError(f"{source_name(path)}: no rows")
     formats = plugins.get_registry("formats")
     if data.format == "auto":
         name = detect_format(rows, formats)
@@ -302,12 +335,19 @@ def sample_text_and_spans(sample: Sample, tokenizer: Any, train_on: str) -> tupl
     if sample.kind == "conversation":
         return conversation_spans(tokenizer, sample.messages, train_on)
     if sample.kind == "text":
-        text = sample.text + eos
+        text = sample.text if eos and sample.text.endswith(eos) else sample.text + eos
         return text, [(0, len(text))]
     if sample.kind == "completion":
         prompt = sample.prompt if isinstance(sample.prompt, str) else render(tokenizer, sample.prompt, True)
         text = prompt + sample.completion + eos
         return text, [(0, len(text))] if train_on == "all" else [(len(prompt), len(text))]
+    if sample.kind == "segments":
+        spans, text = [], ""
+        for piece, trained in sample.segments:
+            if trained:
+                spans.append((len(text), len(text) + len(piece)))
+            text += piece
+        return text, spans
     raise DataError(f"a {sample.kind} sample cannot be tokenized for language-model training")
 
 
@@ -337,7 +377,7 @@ def encode_text(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> Enco
 
 
 def encode_sample(sample: Sample, tokenizer: Any, train_on: str) -> Encoded:
-    """Render and tokenize a language-model sample (conversation, completion or text)."""
+    """Render and tokenize a language-model sample (conversation, completion, text or segments)."""
     text, spans = sample_text_and_spans(sample, tokenizer, train_on)
     return encode_text(tokenizer, text, spans)
 

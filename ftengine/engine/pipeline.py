@@ -14,6 +14,7 @@ import re
 import time
 from dataclasses import dataclass
 from dataclasses import field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,16 @@ from ftengine.core.errors import StoppedAtOnce
 from ftengine.core.kernels import get_op
 from ftengine.core.types import TrainRequest
 from ftengine.engine import distributed
+from ftengine.engine import hub
+from ftengine.engine.data import DETECT_ROWS
 from ftengine.engine.data import DataReport
+from ftengine.engine.data import detect_format
 from ftengine.engine.data import load_samples
 from ftengine.engine.data import pack
 from ftengine.engine.data import preference_rows
+from ftengine.engine.data import read_rows
+from ftengine.engine.data import rename_columns
+from ftengine.engine.data import source_name
 from ftengine.engine.data import split_eval
 from ftengine.engine.data import tokenize_samples
 from ftengine.engine.failures import directory_bytes
@@ -113,6 +120,7 @@ class TrainResult:
     checkpoint: str | None
     losses: list[tuple[int, float]] = field(default_factory=list)
     skipped_steps: list[int] = field(default_factory=list)  # steps dropped by training.on_nonfinite: skip_step
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- load
@@ -422,7 +430,25 @@ def choose_chat_template(tokenizer: Any, name: str | None, adapter: Any) -> str:
     return "chatml"
 
 
-def prepare_dataset(path: str, tokenizer: Any, data: DataConfig, max_seq_length: int, sample_kinds: tuple[str, ...],
+def needs_chat_template(path: Any, data: DataConfig) -> bool:
+    """Whether the rows need a chat template: a configured ``data.chat_template`` is always applied; otherwise
+    not when the rows' format (named, or detected on the first rows) says ``needs_chat_template = False``
+    (raw text, segments), so a tokenizer lacking the default template's tokens still trains on them."""
+    if data.chat_template:
+        return True
+    name = data.format
+    if name == "auto":
+        rows = list(islice(read_rows(path, split=data.split, subset=data.subset), DETECT_ROWS))
+        for row in rows:
+            row.value = rename_columns(row.value, data.columns)
+        try:
+            name = detect_format(rows, plugins.get_registry("formats"))
+        except DataError:
+            return True  # the data stage reports it with the rows' full context
+    return getattr(plugins.get("formats", name), "needs_chat_template", True)
+
+
+def prepare_dataset(path: Any, tokenizer: Any, data: DataConfig, max_seq_length: int, sample_kinds: tuple[str, ...],
                     report: DataReport) -> list[Any]:
     """Rows -> samples -> rows for the trainer: tokenized with masked labels (and packed when
     ``data.packing``) for language-model trainers, conversational preference pairs for DPO.
@@ -435,8 +461,8 @@ def prepare_dataset(path: str, tokenizer: Any, data: DataConfig, max_seq_length:
         log.info("data format: detected %r", report.format)
     wrong = sorted({s.kind for _, s in samples} - set(sample_kinds))
     if wrong:
-        raise DataError(f"{path}: format {report.format!r} gives {', '.join(wrong)} samples, which this trainer does "
-                        f"not train on (it takes {', '.join(sample_kinds)})")
+        raise DataError(f"{source_name(path)}: format {report.format!r} gives {', '.join(wrong)} samples, which "
+                        f"this trainer does not train on (it takes {', '.join(sample_kinds)})")
     if "preference" in sample_kinds:
         if data.packing:
             raise DataError("data.packing: preference pairs are not packed; set it to false for this trainer")
@@ -446,7 +472,7 @@ def prepare_dataset(path: str, tokenizer: Any, data: DataConfig, max_seq_length:
         if data.packing:
             rows = pack(rows, max_seq_length, report)
     if report.skipped:
-        log.warning("%s: %d bad row(s) skipped, e.g. %s", path, report.skipped, report.skip_reasons[0])
+        log.warning("%s: %d bad row(s) skipped, e.g. %s", source_name(path), report.skipped, report.skip_reasons[0])
     return rows
 
 
@@ -466,9 +492,12 @@ def data(loaded: LoadedModel, config: RunConfig) -> tuple[Any, Any, DataReport]:
     if not d.path:
         raise DataError("data.path: required for a run (a .jsonl/.json/.parquet/.csv file, directory, glob or "
                         "hub dataset id)")
-    template = choose_chat_template(loaded.tokenizer, d.chat_template, loaded.adapter)
-    apply_chat_template(loaded.tokenizer, template)
-    loaded.notes.append(f"chat template: {template}")
+    if needs_chat_template(d.path, d):
+        template = choose_chat_template(loaded.tokenizer, d.chat_template, loaded.adapter)
+        apply_chat_template(loaded.tokenizer, template)
+        loaded.notes.append(f"chat template: {template}")
+    else:
+        loaded.notes.append("chat template: none (the format is template-free)")
     trainer = plugins.get("trainers", config.training.trainer)
     max_seq_length = loaded.settings.max_seq_length
     report = DataReport()
@@ -512,11 +541,15 @@ def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, tra
     interrupt = InterruptCallback()
     markers = CheckpointMarkerCallback(distributed.rank_info().world_size, strategy)
     guard = NonFiniteGuard(training.on_nonfinite, training.max_nonfinite_steps)
-    # The guard comes last: it vetoes the saves the others ask for once a step went non-finite.
+    callbacks = [progress, markers, interrupt]
+    if training.early_stopping_patience:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=training.early_stopping_patience))
+    callbacks.append(guard)  # last: it vetoes the saves the others ask for once a step went non-finite
     request = TrainRequest(model=model, tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset,
                            training=training, output_dir=run_dir.checkpoints, ref_model=ref_model,
-                           callbacks=[progress, markers, interrupt, guard],
-                           max_seq_length=settings.max_seq_length,
+                           callbacks=callbacks, max_seq_length=settings.max_seq_length,
                            attn_implementation=model.config._attn_implementation,
                            trainer_arguments=trainer_arguments or {})
     trainer = trainer_plugin.create(request)
@@ -532,7 +565,9 @@ def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, tra
         interrupt.restore()
         checkpointing.release_host_buffers(model)
     wall = time.perf_counter() - start
-    losses = [(m["step"], m["loss"]) for m in run_dir.read_metrics() if m.get("loss") is not None]
+    metrics = run_dir.read_metrics()
+    losses = [(m["step"], m["loss"]) for m in metrics if m.get("loss") is not None]
+    eval_losses = [(m["step"], m["eval_loss"]) for m in metrics if m.get("eval_loss") is not None]
     run_dir.plot_loss()
     latest = run_dir.latest_checkpoint()
     if guard.failure is not None:
@@ -547,14 +582,17 @@ def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, tra
         checkpoint=str(latest) if latest else None,
         losses=losses,
         skipped_steps=guard.skipped,
+        eval_losses=eval_losses,
     )
 
 
 # ----------------------------------------------------------------------------- export
 
 
-def export_one(model: Any, tokenizer: Any, entry: ExportEntry, target: Path, overwrite: bool = False) -> list[str]:
-    """One exporter writes ``target`` atomically: into a temporary sibling renamed when complete.
+def export_one(model: Any, tokenizer: Any, entry: ExportEntry, target: Path, overwrite: bool = False,
+               card: dict[str, Any] | None = None) -> list[str]:
+    """One exporter writes ``target`` atomically: into a temporary sibling renamed when complete; then,
+    with ``push_to_hub``, the directory is uploaded with a model card listing ``card``.
 
     Raises:
         ExportError: a weight holds inf or nan (named; nothing is written), or the disk filled up
@@ -562,6 +600,9 @@ def export_one(model: Any, tokenizer: Any, entry: ExportEntry, target: Path, ove
     """
     exporter = plugins.get("exporters", entry.format)
     options = export_options(entry)
+    repo_id = (entry.model_extra or {}).get("push_to_hub")
+    if repo_id:
+        hub.check_push(repo_id, None, f"export {entry.format}: push_to_hub")
     bad = first_non_finite(model.named_parameters())
     if bad is not None:
         raise ExportError(f"export {entry.format}: refusing to write non-finite weights: tensor {bad} holds inf or "
@@ -574,18 +615,20 @@ def export_one(model: Any, tokenizer: Any, entry: ExportEntry, target: Path, ove
             raise
         raise disk_full(exc, target, export_size_estimate(model, entry.format)) from None
     # the exporter wrote into a staging directory, renamed to ``target`` once complete
-    return [line.replace(str(staging), str(target)) for line in lines]
+    lines = [line.replace(str(staging), str(target)) for line in lines]
+    pushed = hub.push_export(target, entry, card)
+    return lines + ([pushed] if pushed else [])
 
 
 def export(model: Any, tokenizer: Any, entries: list[ExportEntry], out_root: Path,
-           overwrite: bool = False) -> dict[str, tuple[Path, list[str]]]:
-    """Stage 6: each exporter writes into ``out_root/<name>``."""
-    return {e.format: (out_root / e.format, export_one(model, tokenizer, e, out_root / e.format, overwrite))
+           overwrite: bool = False, card: dict[str, Any] | None = None) -> dict[str, tuple[Path, list[str]]]:
+    """Stage 6: each exporter writes into ``out_root/<name>`` (and uploads it where the entry says so)."""
+    return {e.format: (out_root / e.format, export_one(model, tokenizer, e, out_root / e.format, overwrite, card))
             for e in entries}
 
 
-def export_each(model: Any, tokenizer: Any, entries: list[ExportEntry], run_dir: RunDir
-                ) -> tuple[dict[str, tuple[Path, list[str]]], dict[str, str]]:
+def export_each(model: Any, tokenizer: Any, entries: list[ExportEntry], run_dir: RunDir,
+                card: dict[str, Any] | None = None) -> tuple[dict[str, tuple[Path, list[str]]], dict[str, str]]:
     """Stage 6 of a run: every export is tried, one failing does not stop the others. Each finished
     one is recorded in ``run.json`` at once (a resumed run redoes only the missing ones).
 
@@ -597,7 +640,7 @@ def export_each(model: Any, tokenizer: Any, entries: list[ExportEntry], run_dir:
     for entry in entries:
         target = run_dir.exports / entry.format
         try:
-            done[entry.format] = (target, export_one(model, tokenizer, entry, target, overwrite=True))
+            done[entry.format] = (target, export_one(model, tokenizer, entry, target, overwrite=True, card=card))
         except Exception as exc:  # noqa: BLE001 - reported per export, the others still run
             failed[entry.format] = error_line(exc)
             log.error("export %s failed: %s", entry.format, failed[entry.format])
@@ -607,15 +650,31 @@ def export_each(model: Any, tokenizer: Any, entries: list[ExportEntry], run_dir:
     return done, failed
 
 
+def model_card_details(config: RunConfig, result: TrainResult) -> dict[str, Any]:
+    """What a pushed export's model card lists: base model, data, settings, final loss."""
+    return {"base model": config.model.name_or_path, "data": config.data.path, "trainer": config.training.trainer,
+            "method": "full fine-tuning" if config.model.full_finetuning else
+            f"LoRA r={config.lora.r} alpha={config.lora.lora_alpha}" + (" (4-bit base)"
+                                                                       if config.quantization.load_in_4bit else ""),
+            "steps": result.steps, "learning rate": config.training.learning_rate,
+            "max_seq_length": config.model.max_seq_length,
+            "final loss": None if result.last_loss is None else round(result.last_loss, 4)}
+
+
 # ----------------------------------------------------------------------------- a whole run
 
 
 def preflight(config: RunConfig) -> list[str]:
     """Every check that needs no weights and no run directory, all problems in one error
-    (:mod:`ftengine.engine.preflight`); returns the warnings."""
+    (:mod:`ftengine.engine.preflight`), then a Hub token for every export pushed; returns the warnings."""
     from ftengine.engine import preflight as checks
 
-    return checks.check(config)
+    warnings = checks.check(config)
+    for i, entry in enumerate(config.export):
+        repo_id = (entry.model_extra or {}).get("push_to_hub")
+        if repo_id:
+            hub.check_push(repo_id, None, f"export[{i}].push_to_hub")
+    return warnings
 
 
 def peak_memory() -> dict[str, float]:
@@ -752,6 +811,7 @@ def _run_locked(config: RunConfig, run_dir: RunDir, resume: bool, rank: Any) -> 
         run_dir.set_status("failed", error=str(full))
         raise full from None
     summary = {"steps": result.steps, "first_loss": result.first_loss, "last_loss": result.last_loss,
+               "last_eval_loss": result.eval_losses[-1][1] if result.eval_losses else None,
                "wall_seconds": round(result.wall_seconds, 2), "memory": memory, "notes": notes,
                "data": report.to_dict(), "skipped_steps": result.skipped_steps}
     if result.interrupted:
@@ -765,7 +825,7 @@ def _run_locked(config: RunConfig, run_dir: RunDir, resume: bool, rank: Any) -> 
     if exported is not None:  # rank 0 (the only rank of a single-process run) exports
         exported.eval()
         todo = [e for e in config.export if e.format not in done]
-        exports, failed = export_each(exported, tokenizer, todo, run_dir)
+        exports, failed = export_each(exported, tokenizer, todo, run_dir, card=model_card_details(config, result))
     summary["exports"] = {**done, **{k: str(v[0]) for k, v in exports.items()}}
     run_dir.set_status("exports_failed" if failed else "completed", summary=summary, export_errors=failed)
     return RunResult(run_dir, result, report, notes, exports, memory, model, tokenizer, failed_exports=failed)

@@ -45,7 +45,8 @@ def rank_memory_text(peaks: list[float]) -> str:
 
 
 class ProgressCallback(TrainerCallback):
-    """A progress line (step, loss, tokens/s, peak memory, ETA) and one ``metrics.jsonl`` record per log."""
+    """A progress line (step, loss, tokens/s, peak memory, ETA) and one ``metrics.jsonl`` record per log;
+    evaluations get a line and a record of their own (``eval_loss`` and the other ``eval_*`` metrics)."""
 
     _RESERVED = ("learning_rate", "grad_norm", "epoch", "num_input_tokens_seen")
 
@@ -64,7 +65,22 @@ class ProgressCallback(TrainerCallback):
         self._last_tokens = state.num_input_tokens_seen
         self._start_step = state.global_step
 
+    def _evaluation(self, state, logs) -> None:
+        """An evaluation's metrics (``eval_loss``, ``eval_*``) as their own ``metrics.jsonl`` record and line."""
+        if not self.main:
+            return
+        record = {"step": state.global_step, **{k: finite_or_none(float(v)) for k, v in logs.items()
+                                                 if k.startswith("eval_") and isinstance(v, (int, float))}}
+        append_jsonl(self.metrics_path, record)
+        shown = " | ".join(f"{k} {v:.4f}" for k, v in record.items() if k != "step" and v is not None
+                           and not k.endswith(("_runtime", "_per_second")))
+        self.stream.write(("\n" if self.tty else "") + f"step {state.global_step}/{state.max_steps} | {shown}\n")
+        self.stream.flush()
+
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and any(k.startswith("eval_") for k in logs):
+            self._evaluation(state, logs)
+            return
         if not logs or "loss" not in logs:
             return
         peaks = distributed.gather_objects(round(peak_device_memory_gib(), 3))

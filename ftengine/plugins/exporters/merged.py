@@ -95,9 +95,7 @@ def _clean_config(model: Any, dtype: torch.dtype) -> Any:
     for attr in ("quantization_config", "_pre_quantization_dtype"):
         if hasattr(config, attr):
             delattr(config, attr)
-    config.torch_dtype = dtype
-    if hasattr(config, "dtype"):
-        config.dtype = dtype
+    config.dtype = dtype  # transformers' current key (``torch_dtype`` is deprecated)
     return config
 
 

@@ -22,9 +22,9 @@ def common_arguments(training: Any, output_dir: str, model: Any, extra: dict[str
     """Keyword arguments for a ``transformers.TrainingArguments`` subclass (trl's SFTConfig, ...).
 
     Gradient checkpointing is applied by the pipeline's adapt stage, so the trainer's own switch
-    stays off; progress and metrics come from the core's callbacks, so the trainer's bar and
-    reporting integrations are off. ``extra`` (the engine's ``TrainRequest.trainer_arguments``: the
-    multi-process strategy) is added last.
+    stays off; progress and metrics come from the core's callbacks, so the trainer's bar is off and
+    its reporting integrations only those ``training.report_to`` names. ``extra`` (the engine's
+    ``TrainRequest.trainer_arguments``: the multi-process strategy) is added last.
     """
     return dict(
         output_dir=output_dir,
@@ -47,7 +47,11 @@ def common_arguments(training: Any, output_dir: str, model: Any, extra: dict[str
         save_total_limit=training.save_total_limit,
         eval_strategy="steps" if training.eval_steps else "no",
         eval_steps=training.eval_steps,
-        report_to="none",
+        report_to=getattr(training, "report_to", "none"),
+        load_best_model_at_end=getattr(training, "load_best_model_at_end", False),
+        metric_for_best_model=getattr(training, "metric_for_best_model", None) or (
+            "eval_loss" if getattr(training, "early_stopping_patience", None)
+            or getattr(training, "load_best_model_at_end", False) else None),
         disable_tqdm=True,
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",

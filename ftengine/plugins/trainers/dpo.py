@@ -40,7 +40,7 @@ class DPOTrainerPlugin:
         """A trl ``DPOTrainer`` with ``training.beta`` and ``training.loss_type``, truncating at the
         request's ``max_seq_length`` (the length the data stage counted with)."""
         from trl import DPOConfig
-        from trl import DPOTrainer
+        from trl.trainer.dpo_trainer import DPOTrainer  # the class itself, whoever replaced trl.DPOTrainer
 
         model, tokenizer, training = request.model, request.tokenizer, request.training
         args = DPOConfig(

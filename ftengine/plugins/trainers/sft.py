@@ -19,12 +19,12 @@ def has_fused_loss(model: Any) -> bool:
 
 class SFTTrainerPlugin:
     name = "sft"
-    sample_kinds = ("conversation", "completion", "text")
+    sample_kinds = ("conversation", "completion", "text", "segments")
 
     def create(self, request: TrainRequest) -> Any:
         from transformers import Trainer
         from trl import SFTConfig
-        from trl import SFTTrainer
+        from trl.trainer.sft_trainer import SFTTrainer  # the class itself, whoever replaced trl.SFTTrainer
 
         class ModelLossSFTTrainer(SFTTrainer):
             """Takes the loss from the model's forward when a model adapter fused it

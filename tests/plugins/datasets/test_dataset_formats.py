@@ -23,6 +23,8 @@ SHAPES = [
     ("messages", {"messages": CONV}),
     ("messages", {"messages": CONV, "text": "rendered copy", "id": 7}),
     ("messages", {"messages": CONV, "conversations": CONV}),
+    ("segments", {"segments": [{"text": "Q: hi\n", "label": False}, {"text": "A: hello", "label": True}]}),
+    ("segments", {"segments": [{"text": "A: hello", "label": True}], "text": "A: hello"}),
     ("text", {"text": "Once upon a time."}),
     ("text", {"text": "Once upon a time.", "meta": {"source": "web"}, "id": 3}),
     ("completion", {"prompt": "The capital of France is", "completion": " Paris."}),
@@ -34,7 +36,7 @@ SHAPES = [
 
 
 def test_every_format_is_a_dataset_format():
-    assert sorted(BY_NAME) == ["alpaca", "completion", "messages", "preference", "sharegpt", "text"]
+    assert sorted(BY_NAME) == ["alpaca", "completion", "messages", "preference", "segments", "sharegpt", "text"]
     for fmt in FORMATS:
         assert check_protocol(fmt, DatasetFormat) == []
         assert fmt.description

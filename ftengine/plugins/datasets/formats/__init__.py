@@ -9,7 +9,9 @@ from ftengine.plugins.datasets.formats.alpaca import AlpacaFormat
 from ftengine.plugins.datasets.formats.completion import CompletionFormat
 from ftengine.plugins.datasets.formats.messages import MessagesFormat
 from ftengine.plugins.datasets.formats.preference import PreferenceFormat
+from ftengine.plugins.datasets.formats.segments import SegmentsFormat
 from ftengine.plugins.datasets.formats.sharegpt import ShareGPTFormat
 from ftengine.plugins.datasets.formats.text import TextFormat
 
-FORMATS = (MessagesFormat(), AlpacaFormat(), ShareGPTFormat(), TextFormat(), CompletionFormat(), PreferenceFormat())
+FORMATS = (MessagesFormat(), AlpacaFormat(), ShareGPTFormat(), TextFormat(), CompletionFormat(), PreferenceFormat(),
+           SegmentsFormat())

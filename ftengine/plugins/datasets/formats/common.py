@@ -11,7 +11,7 @@ MESSAGE_ROLES = ("system", "user", "assistant", "tool")
 
 # Keys that mark a row as one of the structured formats; ``text`` rows must have none of them.
 STRUCTURED_KEYS = frozenset(
-    {"messages", "conversations", "instruction", "output", "prompt", "completion", "chosen", "rejected"}
+    {"messages", "conversations", "instruction", "output", "prompt", "completion", "chosen", "rejected", "segments"}
 )
 
 

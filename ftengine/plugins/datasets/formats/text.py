@@ -15,6 +15,7 @@ class TextFormat:
 
     name = "text"
     description = 'Raw text: {"text": ...} (continued pretraining)'
+    needs_chat_template = False
 
     def detect(self, row: dict[str, Any]) -> bool:
         """True for a string ``text`` in a row with no conversation, instruction or preference fields."""

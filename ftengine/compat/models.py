@@ -1,0 +1,137 @@
+"""``FastLanguageModel`` / ``FastModel``: Unsloth's loader names over :func:`ftengine.load_model` and
+:func:`ftengine.add_lora`."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+import ftengine
+from ftengine.compat._arguments import strict
+from ftengine.compat.saving import attach_saving_methods
+from ftengine.core.errors import ConfigError
+from ftengine.engine.pipeline import remember_settings
+from ftengine.engine.pipeline import settings_of
+
+SINGLE_DEVICE_MAPS = (None, "sequential", "auto", "cuda", "cuda:0", {"": 0})
+"""``device_map`` values meaning what ftengine does anyway: the whole model on the one GPU (or the CPU)."""
+CHECKPOINTING = {True: True, False: False, "unsloth": "offload", "offload": "offload", "auto": "auto"}
+
+
+def is_bf16_supported() -> bool:
+    """Whether the CUDA GPU computes in bfloat16 (False on the CPU)."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+@contextlib.contextmanager
+def _hub_token(token: str | None) -> Iterator[None]:
+    """``token`` as the Hugging Face token while the model downloads (huggingface_hub reads ``HF_TOKEN``)."""
+    if token is None:
+        yield
+        return
+    previous = os.environ.get("HF_TOKEN")
+    os.environ["HF_TOKEN"] = token
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("HF_TOKEN", None)
+        else:
+            os.environ["HF_TOKEN"] = previous
+
+
+class FastLanguageModel:
+    """Unsloth's ``FastLanguageModel``: ``from_pretrained``, ``get_peft_model``, ``for_inference`` and
+    ``for_training``, each a call of ftengine's Python API; the models it returns carry
+    ``save_pretrained_merged``, ``save_pretrained_gguf``, ``push_to_hub_merged`` and ``push_to_hub_gguf``."""
+
+    @staticmethod
+    @strict
+    def from_pretrained(model_name: str, max_seq_length: int = 2048, dtype: Any = None, load_in_4bit: bool = True,
+                        load_in_8bit: bool = False, full_finetuning: bool = False, token: str | None = None,
+                        device_map: Any = "sequential", rope_scaling: dict[str, Any] | None = None,
+                        trust_remote_code: bool = False, fix_tokenizer: bool = True,
+                        attn_implementation: str = "auto") -> tuple[Any, Any]:
+        """:func:`ftengine.load_model` (patched with the kernel ops), the QLoRA default included.
+
+        Args:
+            model_name: local Hugging Face directory or hub id.
+            dtype: ``None`` (the device's best), ``torch.bfloat16``, ``torch.float16`` or ``torch.float32``.
+            token: Hugging Face token for gated or private models.
+            device_map: ftengine places the whole model on the GPU (or the CPU); only the values that
+                mean that are taken.
+            rope_scaling: only ``None``: ftengine trains at the model's own context length.
+            fix_tokenizer: a pad token is always set (the EOS when the tokenizer has none).
+
+        Raises:
+            ConfigError: an unknown argument (with a did-you-mean), or a value ftengine does not support.
+        """
+        if rope_scaling is not None:
+            raise ConfigError("FastLanguageModel.from_pretrained: rope_scaling is not supported; ftengine trains at "
+                              "the model's own context length (set max_seq_length within it)")
+        if not any(device_map == value for value in SINGLE_DEVICE_MAPS):
+            raise ConfigError(f"FastLanguageModel.from_pretrained: device_map={device_map!r} is not supported; "
+                              f"ftengine puts the whole model on one GPU (use 'sequential', 'auto' or None)")
+        if full_finetuning:
+            load_in_4bit = load_in_8bit = False
+        with _hub_token(token):
+            model, tokenizer = ftengine.load_model(
+                model_name, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
+                load_in_8bit=load_in_8bit, full_finetuning=full_finetuning, trust_remote_code=trust_remote_code,
+                attn_implementation=attn_implementation)
+        attach_saving_methods(model)
+        return model, tokenizer
+
+    @staticmethod
+    @strict
+    def get_peft_model(model: Any, r: int = 16, target_modules: str | list[str] = "all-linear",
+                       lora_alpha: float = 16, lora_dropout: float = 0.0, bias: str = "none",
+                       use_gradient_checkpointing: bool | str = "unsloth", random_state: int = 3407,
+                       use_rslora: bool = False, loftq_config: dict[str, Any] | None = None,
+                       max_seq_length: int | None = None, modules_to_save: list[str] | None = None,
+                       init_lora_weights: bool | str = True) -> Any:
+        """:func:`ftengine.add_lora`; ``use_gradient_checkpointing="unsloth"`` is ftengine's ``"offload"``.
+
+        Raises:
+            ConfigError: an unknown argument, a LoftQ config (use ``init_lora_weights="loftq"``), or an
+                unknown checkpointing mode.
+        """
+        if loftq_config:
+            raise ConfigError("FastLanguageModel.get_peft_model: loftq_config is not supported; pass "
+                              "init_lora_weights='loftq' for peft's default LoftQ settings")
+        if use_gradient_checkpointing not in CHECKPOINTING:
+            raise ConfigError(f"FastLanguageModel.get_peft_model: use_gradient_checkpointing must be True, False, "
+                              f"'unsloth', 'offload' or 'auto', got {use_gradient_checkpointing!r}")
+        if max_seq_length is not None:
+            remember_settings(model, dataclasses.replace(settings_of(model), max_seq_length=max_seq_length))
+        peft_model = ftengine.add_lora(
+            model, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
+            use_gradient_checkpointing=CHECKPOINTING[use_gradient_checkpointing], random_state=random_state,
+            bias=bias, use_rslora=use_rslora, modules_to_save=modules_to_save, init_lora_weights=init_lora_weights)
+        attach_saving_methods(peft_model)
+        return peft_model
+
+    @staticmethod
+    @strict
+    def for_inference(model: Any) -> Any:
+        """Eval mode with the KV cache on (what :func:`ftengine.generate` uses)."""
+        model.eval()
+        model.config.use_cache = True
+        return model
+
+    @staticmethod
+    @strict
+    def for_training(model: Any) -> Any:
+        """Back to train mode after :meth:`for_inference` (checkpointing stays as ``get_peft_model`` set it)."""
+        model.train()
+        model.config.use_cache = False
+        return model
+
+
+class FastModel(FastLanguageModel):
+    """Unsloth's newer name for the same loader."""

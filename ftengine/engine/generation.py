@@ -1,0 +1,207 @@
+"""Talking to a model: chat-template prompts, sampling with the KV cache, streaming, left-padded batches;
+and opening what a user points at (a run directory, a model or LoRA directory, a GGUF file) for it.
+
+The model is the patched model ftengine trains (its forward with the kernel ops), put in eval mode
+for the call and back as it was afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ftengine.core.errors import FtengineError
+from ftengine.core.errors import ModelError
+from ftengine.core.types import Message
+
+
+@dataclass
+class Sampling:
+    """How tokens are drawn; ``temperature`` 0 is greedy."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        if self.temperature <= 0:
+            return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p,
+                "min_p": self.min_p or None, "max_new_tokens": self.max_new_tokens}
+
+
+def as_conversation(prompt: str | list[Message], system: str | None = None) -> list[Message]:
+    """A prompt string as a one-turn conversation; ``system`` first unless the conversation has one."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system and not (messages and messages[0].get("role") == "system"):
+        messages = [{"role": "system", "content": system}, *messages]
+    return messages
+
+
+def render_prompt(tokenizer: Any, messages: list[Message]) -> str:
+    """The text the model continues: the chat template with the generation prompt, or the bare user
+    text for a tokenizer without a template."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n".join(m["content"] for m in messages if isinstance(m.get("content"), str))
+
+
+class _EvalMode:
+    """Eval mode and the KV cache on for a call; the training mode and the cache flag back afterwards."""
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def __enter__(self) -> None:
+        self.training = self.model.training
+        self.use_cache = getattr(self.model.config, "use_cache", True)
+        self.model.eval()
+        self.model.config.use_cache = True
+
+    def __exit__(self, *exc: Any) -> None:
+        self.model.config.use_cache = self.use_cache
+        self.model.train(self.training)
+
+
+def _inputs(model: Any, tokenizer: Any, prompts: list[str]) -> dict[str, torch.Tensor]:
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation appends on the right: every row's last token must be real
+    try:
+        batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _special_ids(tokenizer: Any) -> dict[str, Any]:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return {"pad_token_id": pad, "eos_token_id": tokenizer.eos_token_id}
+
+
+def generate_batch(model: Any, tokenizer: Any, conversations: list[list[Message]], sampling: Sampling) -> list[str]:
+    """One completion per conversation, generated as one left-padded batch."""
+    inputs = _inputs(model, tokenizer, [render_prompt(tokenizer, c) for c in conversations])
+    with _EvalMode(model), torch.no_grad():
+        out = model.generate(**inputs, use_cache=True, **_special_ids(tokenizer), **sampling.generate_kwargs())
+    new = out[:, inputs["input_ids"].shape[1]:]
+    return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def generate_stream(model: Any, tokenizer: Any, messages: list[Message], sampling: Sampling) -> Iterator[str]:
+    """The completion's text piece by piece as it is generated (transformers' ``TextIteratorStreamer``)."""
+    from transformers import TextIteratorStreamer
+
+    inputs = _inputs(model, tokenizer, [render_prompt(tokenizer, messages)])
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with _EvalMode(model), torch.no_grad():
+                model.generate(**inputs, use_cache=True, streamer=streamer, **_special_ids(tokenizer),
+                               **sampling.generate_kwargs())
+        except BaseException as exc:  # re-raised in the caller's thread
+            errors.append(exc)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    yield from streamer
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+# ----------------------------------------------------------------------------- backends
+
+
+class TransformersChat:
+    """A transformers model (ftengine-patched) and its tokenizer."""
+
+    def __init__(self, model: Any, tokenizer: Any, description: str):
+        self.model, self.tokenizer, self.description = model, tokenizer, description
+
+    def stream(self, messages: list[Message], sampling: Sampling) -> Iterator[str]:
+        return generate_stream(self.model, self.tokenizer, messages, sampling)
+
+    def batch(self, conversations: list[list[Message]], sampling: Sampling) -> list[str]:
+        return generate_batch(self.model, self.tokenizer, conversations, sampling)
+
+
+class LlamaCppChat:
+    """A GGUF file run by llama.cpp (``llama_cpp``), with the chat template the file carries."""
+
+    def __init__(self, path: Path, n_ctx: int = 4096):
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise ModelError(f"{path}: a GGUF file needs llama-cpp-python (pip install llama-cpp-python)") from None
+        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, verbose=False)
+        self.description = f"{path.name} (llama.cpp)"
+
+    def _options(self, sampling: Sampling) -> dict[str, Any]:
+        return {"max_tokens": sampling.max_new_tokens, "temperature": max(sampling.temperature, 0.0),
+                "top_p": sampling.top_p, "min_p": sampling.min_p, **({"top_k": 1} if sampling.temperature <= 0
+                                                                      else {})}
+
+    def stream(self, messages: list[Message], sampling: Sampling) -> Iterator[str]:
+        for chunk in self.llm.create_chat_completion(messages=messages, stream=True, **self._options(sampling)):
+            piece = chunk["choices"][0]["delta"].get("content")
+            if piece:
+                yield piece
+
+    def batch(self, conversations: list[list[Message]], sampling: Sampling) -> list[str]:
+        return [self.llm.create_chat_completion(messages=c, **self._options(sampling))["choices"][0]["message"]
+                ["content"].strip() for c in conversations]
+
+
+def open_chat(path: str | Path) -> TransformersChat | LlamaCppChat:
+    """What ``ftengine chat`` / ``generate`` talk to: a GGUF file (llama.cpp), a run directory or one of
+    its checkpoints (the trained adapter on its base), or a model or LoRA directory.
+
+    Raises:
+        FtengineError: a path that is none of these.
+    """
+    import ftengine
+
+    source = Path(path)
+    if source.is_file() and source.suffix == ".gguf":
+        return LlamaCppChat(source)
+    if not source.is_dir():
+        raise FtengineError(f"{path}: expected a run directory, a model or LoRA directory, or a .gguf file")
+    if (source / "config.yaml").exists() or source.name.startswith("checkpoint-"):
+        from ftengine.engine.export_source import load_for_export
+
+        model, tokenizer, _, _ = load_for_export(source, (), None)
+        return TransformersChat(model, tokenizer, f"{source} (latest checkpoint)")
+    model, tokenizer = ftengine.load_model(str(source))
+    return TransformersChat(model, tokenizer, str(source))
+
+
+def read_prompts(path: Path) -> list[tuple[dict[str, Any], list[Message]]]:
+    """``{"prompt": str}`` or ``{"messages": [...]}`` rows of a JSONL file, each with its conversation.
+
+    Raises:
+        FtengineError: a line that is not such a row (naming file and line).
+    """
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise FtengineError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
+        prompt = row.get("messages", row.get("prompt")) if isinstance(row, dict) else None
+        if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt))):
+            raise FtengineError(f"{path}: line {number}: expected a 'prompt' string or a 'messages' list")
+        rows.append((row, as_conversation(prompt)))
+    return rows

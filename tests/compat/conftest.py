@@ -1,0 +1,70 @@
+"""Fixtures of the compat tests: a tiny Llama-3.1-style model and the notebooks' datasets."""
+
+import json
+
+import pytest
+
+from ftengine.demo import ASSETS
+
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                   "<|end_of_text|>", "<|finetune_right_pad_id|>"]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A random 2-layer Llama (hidden 64) with the demo's BPE plus Llama 3's special tokens."""
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import LlamaConfig
+    from transformers import LlamaForCausalLM
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer.from_file(str(ASSETS / "tokenizer" / "tokenizer.json"))
+    bpe.add_special_tokens(LLAMA3_SPECIALS)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|begin_of_text|>",
+                                        eos_token="<|end_of_text|>", pad_token="<|finetune_right_pad_id|>")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+def demo_conversations():
+    rows = [json.loads(line) for line in (ASSETS / "data.jsonl").read_text().splitlines() if line.strip()]
+    return [r["messages"] for r in rows]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def sharegpt_file(tmp_path):
+    names = {"user": "human", "assistant": "gpt", "system": "system"}
+    rows = [{"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in c]}
+            for c in demo_conversations()[:24]]
+    return write_jsonl(tmp_path / "sharegpt.jsonl", rows)
+
+
+@pytest.fixture
+def alpaca_file(tmp_path):
+    rows = []
+    for i, convo in enumerate(demo_conversations()[:24]):
+        user = next(m["content"] for m in convo if m["role"] == "user")
+        answer = next(m["content"] for m in convo if m["role"] == "assistant")
+        rows.append({"instruction": user, "input": "in one sentence" if i % 2 else "", "output": answer})
+    return write_jsonl(tmp_path / "alpaca.jsonl", rows)
+
+
+@pytest.fixture
+def preference_file(tmp_path):
+    rows = [json.loads(line) for line in (ASSETS / "preference.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if all(isinstance(r[k], str) for k in ("prompt", "chosen", "rejected"))][:16]
+    return write_jsonl(tmp_path / "preference.jsonl", rows)
