@@ -11,9 +11,16 @@ from ftengine.core.errors import ConfigError
 from ftengine.engine import pipeline
 
 
+def with_eval(config, **training):
+    """``config`` with 2% of its data held out and ``training`` keys set, validated again."""
+    raw = config.model_dump(mode="json")
+    raw["data"]["eval_fraction"] = 0.02
+    raw["training"].update(training)
+    return validate_config(raw)
+
+
 def test_eval_loss_reaches_metrics_summary_and_plot(tiny_config, capsys):
-    config = tiny_config(eval_steps=2, max_steps=4)
-    config.data.eval_fraction = 0.02
+    config = with_eval(tiny_config(max_steps=4), eval_steps=2)
     result = pipeline.run(config)
     records = result.run_dir.read_metrics()
     evals = [r for r in records if "eval_loss" in r]
@@ -45,9 +52,8 @@ def test_early_stopping_needs_evaluations():
 
 
 def test_early_stopping_stops(tiny_config):
-    config = tiny_config(eval_steps=1, max_steps=30, save_steps=1, early_stopping_patience=1,
-                         load_best_model_at_end=True, learning_rate=0.5)
-    config.data.eval_fraction = 0.02
+    config = with_eval(tiny_config(max_steps=30, save_steps=1, learning_rate=0.5), eval_steps=1,
+                       early_stopping_patience=1, load_best_model_at_end=True)
     result = pipeline.run(config)
     evals = [loss for _, loss in result.train.eval_losses]
     # stopped once an evaluation did not improve on the best so far
