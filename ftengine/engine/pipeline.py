@@ -6,6 +6,7 @@ Python API (``ftengine.load_model`` ...) both call them.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -527,21 +528,35 @@ def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, tra
 # ----------------------------------------------------------------------------- export
 
 
-def export_one(model: Any, tokenizer: Any, entry: ExportEntry, target: Path, overwrite: bool = False) -> list[str]:
-    """One exporter writes ``target`` atomically: into a temporary sibling renamed when complete."""
+def export_one(model: Any, tokenizer: Any, entry: ExportEntry, target: Path, overwrite: bool = False,
+               calibration: Any = None) -> list[str]:
+    """One exporter writes ``target`` atomically: into a temporary sibling renamed when complete.
+
+    ``calibration`` (the run's training rows) goes to exporters whose ``export`` takes it.
+    """
     exporter = plugins.get("exporters", entry.format)
     options = export_options(entry)
+    extra = {"calibration": calibration} if "calibration" in inspect.signature(exporter.export).parameters else {}
     with atomic_directory(target, overwrite=overwrite) as staging:
-        lines = exporter.export(model, tokenizer, staging, options)
+        lines = exporter.export(model, tokenizer, staging, options, **extra)
     # the exporter wrote into a staging directory, renamed to ``target`` once complete
     return [line.replace(str(staging), str(target)) for line in lines]
 
 
+def export_names(entries: list[ExportEntry]) -> list[str]:
+    """Directory names of the entries: the format, then ``<format>-2``, ``-3``... for repeated formats."""
+    names, seen = [], {}
+    for entry in entries:
+        seen[entry.format] = seen.get(entry.format, 0) + 1
+        names.append(entry.format if seen[entry.format] == 1 else f"{entry.format}-{seen[entry.format]}")
+    return names
+
+
 def export(model: Any, tokenizer: Any, entries: list[ExportEntry], out_root: Path,
-           overwrite: bool = False) -> dict[str, tuple[Path, list[str]]]:
-    """Stage 6: each exporter writes into ``out_root/<name>``."""
-    return {e.format: (out_root / e.format, export_one(model, tokenizer, e, out_root / e.format, overwrite))
-            for e in entries}
+           overwrite: bool = False, calibration: Any = None) -> dict[str, tuple[Path, list[str]]]:
+    """Stage 6: each exporter writes into ``out_root/<name>`` (:func:`export_names`)."""
+    return {name: (out_root / name, export_one(model, tokenizer, e, out_root / name, overwrite, calibration))
+            for name, e in zip(export_names(entries), entries, strict=True)}
 
 
 # ----------------------------------------------------------------------------- a whole run
@@ -663,7 +678,7 @@ def run(config: RunConfig, run_dir: RunDir | None = None, output_dir: str | None
             exported = model_for_export(loaded, config)
             if exported is not None:
                 exported.eval()
-                exports = export(exported, loaded.tokenizer, config.export, run_dir.exports)
+                exports = export(exported, loaded.tokenizer, config.export, run_dir.exports, calibration=train_ds)
     except BaseException as exc:
         run_dir.set_status("failed", error=f"{type(exc).__name__}: {exc}")
         raise

@@ -199,6 +199,13 @@ def test_q5_k_m_and_q6_k_mixes():
 
 def test_unknown_quantization_names_the_choices():
     with pytest.raises(ExportError, match="q4_k_m") as info:
-        mixes.check_quantization("q3_k_s")
-    assert "q3_k_s" in str(info.value)
+        mixes.check_quantization("q3_k_xl")
+    assert "q3_k_xl" in str(info.value)
     assert mixes.check_quantization("Q4_K_M") == "q4_k_m"
+
+
+def test_aliases():
+    assert mixes.check_quantization("not_quantized") == "f16"
+    assert mixes.check_quantization("fast_quantized") == "q8_0"
+    assert mixes.check_quantization("quantized") == "q4_k_m"
+    assert mixes.check_quantization("Q4_K") == "q4_k_m"
