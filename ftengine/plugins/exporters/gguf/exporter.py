@@ -84,7 +84,7 @@ def _template(tokenizer: Any, name: str | None) -> Any | None:
     return None
 
 
-def _gguf_name_of(model: Any) -> Any:
+def gguf_name_of(model: Any) -> Any:
     """Checkpoint weight name -> GGUF tensor name, as the file holds them (the tied output is token_embd)."""
     layout = resolve_layout(model.config)
     text = getattr(model.config, "text_config", None) or model.config
@@ -115,7 +115,7 @@ def importance_matrix(model: Any, tokenizer: Any, options: GGUFOptions, calibrat
                           "file (an export during a training run uses a sample of its training data)")
     text = getattr(model.config, "text_config", None) or model.config
     chunk = min(options.imatrix_chunk_size, int(getattr(text, "max_position_embeddings", 0) or 1 << 30))
-    computed = collect(model, rows, _gguf_name_of(model), chunk, options.imatrix_chunks, source)
+    computed = collect(model, rows, gguf_name_of(model), chunk, options.imatrix_chunks, source)
     path = computed.save(out_dir / "imatrix.gguf")
     return computed, [f"importance matrix: {computed.chunk_count} chunk(s) of {chunk} tokens from {source}, "
                       f"saved as {path}"]
