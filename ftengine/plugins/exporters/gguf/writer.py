@@ -286,7 +286,7 @@ def write_ggufs(
                      f"llama.cpp architecture {layout.architecture}")
     lines.append(f"base weights: {source}")
     if imatrix is not None:
-        lines.append(f"importance matrix: {len(imatrix.sums)} entries, used for {used_imatrix} tensor(s)")
+        lines.append(f"imatrix: {len(imatrix.sums)} entries, used for {used_imatrix} tensor(s)")
     lines += [f"note: {note}" for note in vocab.notes]
     return lines
 
