@@ -31,6 +31,7 @@ from gguf import GGUFWriter
 from torch import nn
 
 from ftengine.core.errors import ExportError
+from ftengine.plugins.exporters.merged_tensors import checkpoint_layer_name
 
 
 @dataclass
@@ -162,18 +163,6 @@ class ImportanceMatrix:
         return out
 
 
-def _layer_name(module_name: str) -> str | None:
-    """The checkpoint name of a linear layer from its module name inside a (peft) model, or None for
-    adapter-internal layers (LoRA matrices, the frozen copy of a fully trained module)."""
-    parts = module_name.split(".")
-    if any(p.startswith("lora_") for p in parts) or "original_module" in parts:
-        return None
-    if "modules_to_save" in parts:
-        i = parts.index("modules_to_save")
-        parts = parts[:i] + parts[i + 2 :]
-    return ".".join(p for p in parts if p != "base_layer")
-
-
 def collect(
     model: nn.Module,
     rows: Iterable[Sequence[int]],
@@ -224,7 +213,7 @@ def collect(
     for module_name, module in base.named_modules():
         if not isinstance(module, nn.Linear):
             continue
-        layer = _layer_name(module_name)
+        layer = checkpoint_layer_name(module_name)
         name = gguf_name(f"{layer}.weight") if layer is not None else None
         if name is not None:
             handles.append(module.register_forward_pre_hook(hook(name)))
