@@ -79,14 +79,8 @@ def _llama_cpp_quantize(llama_cpp, source: Path, target: Path, quantization: str
                         imatrix: ImportanceMatrix | None) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quantization.upper()}")
-    keep = []
-    if imatrix is not None:
-        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix.sums) + 1))()
-        for entry, name in zip(entries, sorted(imatrix.sums), strict=False):
-            values = np.ascontiguousarray(imatrix.importance(name).numpy(), dtype=np.float32)
-            keep.append(values)
-            entry.name, entry.size = name.encode(), values.size
-            entry.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    entries = imatrix.llama_cpp_entries(llama_cpp) if imatrix is not None else None
+    if entries is not None:
         params.imatrix = entries
     if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
         raise RuntimeError(f"llama_model_quantize failed for {quantization}")

@@ -149,15 +149,8 @@ def _llama_cpp_quantize(source, target, quantization: str, imatrix=None) -> None
     null-terminated array of per-tensor mean squared activations."""
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = {**FTYPES, **NEW_FTYPES}[quantization]
-    keep = []
-    if imatrix is not None:
-        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix.sums) + 1))()
-        for entry, name in zip(entries, sorted(imatrix.sums), strict=False):
-            values = np.ascontiguousarray(imatrix.importance(name).numpy(), dtype=np.float32)
-            keep.append(values)
-            entry.name = name.encode()
-            entry.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-            entry.size = values.size
+    entries = imatrix.llama_cpp_entries(llama_cpp) if imatrix is not None else None
+    if entries is not None:
         params.imatrix = entries
     assert llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) == 0
 

@@ -15,6 +15,7 @@ Files are read and written in llama.cpp's two formats:
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from collections.abc import Callable
 from collections.abc import Iterable
@@ -57,6 +58,19 @@ class ImportanceMatrix:
         if name not in self.sums or not self.counts.get(name):
             return None
         return (self.sums[name] / self.counts[name]).float()
+
+    def llama_cpp_entries(self, llama_cpp: Any) -> Any:
+        """The means as llama-cpp-python's null-terminated ``llama_model_imatrix_data`` array, for
+        ``llama_model_quantize_params.imatrix`` (llama.cpp's own quantizer with this matrix). The
+        arrays it points into are kept alive on the returned object."""
+        entries = (llama_cpp.llama_model_imatrix_data * (len(self.sums) + 1))()
+        entries.values = []
+        for entry, name in zip(entries, sorted(self.sums), strict=False):
+            values = np.ascontiguousarray(self.importance(name).numpy(), dtype=np.float32)
+            entries.values.append(values)
+            entry.name, entry.size = name.encode(), values.size
+            entry.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        return entries
 
     def save(self, path: Path) -> Path:
         """Write llama.cpp's GGUF imatrix format (legacy ``.dat`` when ``path`` ends in ``.dat``)."""
