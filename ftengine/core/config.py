@@ -378,5 +378,12 @@ def dump_config(config: RunConfig) -> str:
 
 
 def config_schema() -> dict[str, Any]:
-    """JSON schema of the run config (``ftengine config-schema``)."""
-    return RunConfig.model_json_schema()
+    """JSON schema of the run config (``ftengine config-schema``), with each registered exporter's options
+    (the keys an ``export:`` entry takes besides ``format``) under ``exporter_options``."""
+    from ftengine.core.plugins import get_registry
+
+    schema = RunConfig.model_json_schema()
+    schema["exporter_options"] = {name: exporter.options_schema.model_json_schema()
+                                  for name, exporter in sorted(get_registry("exporters").items())
+                                  if exporter.options_schema is not None}
+    return schema

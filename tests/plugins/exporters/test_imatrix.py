@@ -21,6 +21,7 @@ from transformers import LlamaForCausalLM
 from transformers import PreTrainedTokenizerFast
 
 from ftengine.core.config import ExportEntry
+from ftengine.core.config import config_schema
 from ftengine.core.errors import ExportError
 from ftengine.engine.pipeline import export_names
 from ftengine.plugins.exporters.gguf import writer as writer_module
@@ -183,3 +184,9 @@ def test_several_types_merge_once(tmp_path, monkeypatch):
 def test_repeated_export_formats_get_their_own_directories():
     entries = [ExportEntry(format="gguf"), ExportEntry(format="lora"), ExportEntry(format="gguf")]
     assert export_names(entries) == ["gguf", "lora", "gguf-2"]
+
+
+def test_config_schema_shows_the_gguf_options():
+    gguf = config_schema()["exporter_options"]["gguf"]["properties"]
+    assert {"quantization", "imatrix", "imatrix_data", "imatrix_chunks"} <= set(gguf)
+    assert "iq4_xs" in gguf["quantization"]["description"]
