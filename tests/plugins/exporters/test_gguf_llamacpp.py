@@ -219,7 +219,7 @@ def test_new_mixes_match_llama_cpp_quantizer(setups, quantization):
     assert _logit_error(ours, setup["logits"]) <= 1.15 * _logit_error(theirs, setup["logits"]) + 1e-3
 
 
-@pytest.mark.parametrize("quantization", ["q4_k_m", "q3_k_s"])
+@pytest.mark.parametrize("quantization", ["q4_k_m", pytest.param("q3_k_s", marks=pytest.mark.slow)])
 def test_imatrix_export_matches_llama_cpp_quantizer_with_the_same_imatrix(setups, quantization):
     """Our imatrix of the model's activations, used by our quantizers and by llama.cpp's: the same tensor
     types, an importance-weighted error at most llama.cpp's, and lower than without the imatrix."""
