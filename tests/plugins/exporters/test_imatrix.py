@@ -190,3 +190,24 @@ def test_config_schema_shows_the_gguf_options():
     gguf = config_schema()["exporter_options"]["gguf"]["properties"]
     assert {"quantization", "imatrix", "imatrix_data", "imatrix_chunks"} <= set(gguf)
     assert "iq4_xs" in gguf["quantization"]["description"]
+
+
+def test_run_exports_gguf_with_an_imatrix_of_its_training_data(demo_base, tmp_path):
+    """A whole run: the gguf entry's imatrix comes from the run's own training rows; a second gguf entry
+    gets its own directory."""
+    from ftengine.core.config import validate_config
+    from ftengine.demo import demo_config
+    from ftengine.engine.pipeline import run
+
+    raw = demo_config().model_dump(mode="json")
+    raw["training"].update(max_steps=2, save_steps=100, logging_steps=1)
+    raw["export"] = [{"format": "gguf", "quantization": ["iq4_nl", "q8_0"], "imatrix": True, "imatrix_chunks": 2,
+                      "imatrix_chunk_size": 64},
+                     {"format": "gguf", "quantization": "q4_0"}]
+    result = run(validate_config(raw), output_dir=str(tmp_path))
+    exports = result.run_dir.exports
+    assert sorted(p.name for p in exports.iterdir()) == ["gguf", "gguf-2"]
+    imatrix = ImportanceMatrix.load(exports / "gguf" / "imatrix.gguf")
+    assert imatrix.datasets == ["training data"] and imatrix.chunk_count == 2
+    assert (exports / "gguf" / "iq4_nl" / "model-iq4_nl.gguf").exists()
+    assert (exports / "gguf-2" / "model-q4_0.gguf").exists()
