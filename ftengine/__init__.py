@@ -291,9 +291,10 @@ def _prepared(dataset: Any, tokenizer: Any, trainer: str) -> Any:
 
 
 def export(model: Any, tokenizer: Any, output_dir: str, format: str = "lora", overwrite: bool = False,
-           **options: Any) -> Path:
+           calibration: Any = None, **options: Any) -> Path:
     """Export with a registered exporter (``lora``, ``merged``, ``gguf``, ...) into ``output_dir``,
-    written atomically. ``options`` are the exporter's (e.g. ``quantization="q4_k_m"``)."""
+    written atomically. ``options`` are the exporter's (e.g. ``quantization="q4_k_m"``); ``calibration``
+    (training rows: a dataset or list of dicts with ``input_ids`` or text) feeds ``imatrix=True``."""
     from ftengine.core.config import validate_exports
     from ftengine.engine import distributed
     from ftengine.engine.pipeline import export_one
@@ -305,7 +306,7 @@ def export(model: Any, tokenizer: Any, output_dir: str, format: str = "lora", ov
     was_training = getattr(model, "training", False)
     model.eval()
     try:
-        export_one(model, tokenizer, entry, target, overwrite)
+        export_one(model, tokenizer, entry, target, overwrite, calibration)
     finally:
         model.train(was_training)
     return target

@@ -278,7 +278,7 @@ def config_schema_cmd() -> None:
 @click.argument("source", type=click.Path(exists=True, file_okay=False))
 @click.option("--format", "formats", multiple=True, required=True, help="Exporter name (lora, merged, gguf...); "
                                                                       "repeat for several.")
-@click.option("--quant", "quantization", help="GGUF quantization (q8_0, q4_k_m, ...).")
+@click.option("--quant", "quantization", help="GGUF quantization (q8_0, q4_k_m, ...; comma-separated for several).")
 @click.option("--output", type=click.Path(file_okay=False), help="Output directory (default: SOURCE/exports).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")

@@ -406,9 +406,6 @@ def check_combinations(config: RunConfig) -> list[str]:
         problems.append("training.max_steps: expected -1 (run num_train_epochs) or a positive number of steps, got 0")
     if config.training.eval_steps and not (config.data.eval_path or config.data.eval_fraction > 0):
         problems.append("training.eval_steps: evaluation needs eval data; set data.eval_path or data.eval_fraction")
-    formats = [e.format for e in config.export]
-    for name in sorted({f for f in formats if formats.count(f) > 1}):
-        problems.append(f"export: {name!r} is listed twice; each format writes exports/{name}, give it once")
     return problems
 
 
@@ -452,5 +449,12 @@ def dump_config(config: RunConfig) -> str:
 
 
 def config_schema() -> dict[str, Any]:
-    """JSON schema of the run config (``ftengine config-schema``)."""
-    return RunConfig.model_json_schema()
+    """JSON schema of the run config (``ftengine config-schema``), with each registered exporter's options
+    (the keys an ``export:`` entry takes besides ``format``) under ``exporter_options``."""
+    from ftengine.core.plugins import get_registry
+
+    schema = RunConfig.model_json_schema()
+    schema["exporter_options"] = {name: exporter.options_schema.model_json_schema()
+                                  for name, exporter in sorted(get_registry("exporters").items())
+                                  if exporter.options_schema is not None}
+    return schema

@@ -55,7 +55,9 @@ def load_for_export(source: Path, formats: tuple[str, ...], quantization: str | 
     """The trained model and tokenizer of ``source``, the export entries, and the default output."""
     run_dir, checkpoint, default_out = locate(source)
     config = load_config(run_dir.config_path)
-    gguf_options = {"quantization": quantization} if quantization else {}
+    several = quantization is not None and "," in quantization
+    choice = [q.strip() for q in quantization.split(",")] if several else quantization
+    gguf_options = {"quantization": choice} if quantization else {}
     entries = validate_exports([{"format": name, **(gguf_options if name == "gguf" else {})} for name in formats],
                                source="export options", base=config)
     model, tokenizer = load_checkpoint(config, checkpoint)

@@ -7,6 +7,7 @@ Python API (``ftengine.load_model`` ...) both call them.
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import logging
 import os
@@ -590,9 +591,10 @@ def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, tra
 
 
 def export_one(model: Any, tokenizer: Any, entry: ExportEntry, target: Path, overwrite: bool = False,
-               card: dict[str, Any] | None = None) -> list[str]:
+               card: dict[str, Any] | None = None, calibration: Any = None) -> list[str]:
     """One exporter writes ``target`` atomically: into a temporary sibling renamed when complete; then,
-    with ``push_to_hub``, the directory is uploaded with a model card listing ``card``.
+    with ``push_to_hub``, the directory is uploaded with a model card listing ``card``. ``calibration``
+    (the run's training rows) goes to exporters whose ``export`` takes it.
 
     Raises:
         ExportError: a weight holds inf or nan (named; nothing is written), or the disk filled up
@@ -607,9 +609,10 @@ def export_one(model: Any, tokenizer: Any, entry: ExportEntry, target: Path, ove
     if bad is not None:
         raise ExportError(f"export {entry.format}: refusing to write non-finite weights: tensor {bad} holds inf or "
                           f"nan values")
+    extra = {"calibration": calibration} if "calibration" in inspect.signature(exporter.export).parameters else {}
     try:
         with atomic_directory(target, overwrite=overwrite) as staging:
-            lines = exporter.export(model, tokenizer, staging, options)
+            lines = exporter.export(model, tokenizer, staging, options, **extra)
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
@@ -620,33 +623,49 @@ def export_one(model: Any, tokenizer: Any, entry: ExportEntry, target: Path, ove
     return lines + ([pushed] if pushed else [])
 
 
+def export_names(entries: list[ExportEntry]) -> list[str]:
+    """Directory names of the entries: the format, then ``<format>-2``, ``-3``... for repeated formats."""
+    names, seen = [], {}
+    for entry in entries:
+        seen[entry.format] = seen.get(entry.format, 0) + 1
+        names.append(entry.format if seen[entry.format] == 1 else f"{entry.format}-{seen[entry.format]}")
+    return names
+
+
 def export(model: Any, tokenizer: Any, entries: list[ExportEntry], out_root: Path,
-           overwrite: bool = False, card: dict[str, Any] | None = None) -> dict[str, tuple[Path, list[str]]]:
-    """Stage 6: each exporter writes into ``out_root/<name>`` (and uploads it where the entry says so)."""
-    return {e.format: (out_root / e.format, export_one(model, tokenizer, e, out_root / e.format, overwrite, card))
-            for e in entries}
+           overwrite: bool = False, card: dict[str, Any] | None = None, calibration: Any = None
+           ) -> dict[str, tuple[Path, list[str]]]:
+    """Stage 6: each exporter writes into ``out_root/<name>`` (:func:`export_names`; and uploads it where the
+    entry says so)."""
+    return {name: (out_root / name, export_one(model, tokenizer, e, out_root / name, overwrite, card, calibration))
+            for name, e in zip(export_names(entries), entries, strict=True)}
 
 
-def export_each(model: Any, tokenizer: Any, entries: list[ExportEntry], run_dir: RunDir,
-                card: dict[str, Any] | None = None) -> tuple[dict[str, tuple[Path, list[str]]], dict[str, str]]:
-    """Stage 6 of a run: every export is tried, one failing does not stop the others. Each finished
-    one is recorded in ``run.json`` at once (a resumed run redoes only the missing ones).
+def export_each(model: Any, tokenizer: Any, entries: list[ExportEntry], run_dir: RunDir, skip: Any = (),
+                card: dict[str, Any] | None = None, calibration: Any = None
+                ) -> tuple[dict[str, tuple[Path, list[str]]], dict[str, str]]:
+    """Stage 6 of a run: every export not in ``skip`` (names from :func:`export_names`) is tried, one
+    failing does not stop the others. Each finished one is recorded in ``run.json`` at once (a resumed
+    run redoes only the missing ones).
 
     Returns:
-        ``(done, failed)``: ``{format: (path, lines)}`` and ``{format: error message}``.
+        ``(done, failed)``: ``{name: (path, lines)}`` and ``{name: error message}``.
     """
     done: dict[str, tuple[Path, list[str]]] = {}
     failed: dict[str, str] = {}
-    for entry in entries:
-        target = run_dir.exports / entry.format
+    for name, entry in zip(export_names(entries), entries, strict=True):
+        if name in skip:
+            continue
+        target = run_dir.exports / name
         try:
-            done[entry.format] = (target, export_one(model, tokenizer, entry, target, overwrite=True, card=card))
+            done[name] = (target, export_one(model, tokenizer, entry, target, overwrite=True, card=card,
+                                             calibration=calibration))
         except Exception as exc:  # noqa: BLE001 - reported per export, the others still run
-            failed[entry.format] = error_line(exc)
-            log.error("export %s failed: %s", entry.format, failed[entry.format])
+            failed[name] = error_line(exc)
+            log.error("export %s failed: %s", name, failed[name])
             continue
         recorded = run_dir.status().get("exports_done", {})
-        run_dir.set_status("running", exports_done={**recorded, entry.format: str(target)})
+        run_dir.set_status("running", exports_done={**recorded, name: str(target)})
     return done, failed
 
 
@@ -776,6 +795,7 @@ def _run_locked(config: RunConfig, run_dir: RunDir, resume: bool, rank: Any) -> 
     elif not resume:
         run_dir.write_text(run_dir.config_path.name, dump_config(config))
     run_dir.set_status("running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), error=None)
+    train_ds = None  # the training rows: the default calibration text of exports that take one
     try:
         if trained:
             model, tokenizer, result, report, notes = _finished_training(config, run_dir, state)
@@ -824,8 +844,8 @@ def _run_locked(config: RunConfig, run_dir: RunDir, resume: bool, rank: Any) -> 
     failed: dict[str, str] = {}
     if exported is not None:  # rank 0 (the only rank of a single-process run) exports
         exported.eval()
-        todo = [e for e in config.export if e.format not in done]
-        exports, failed = export_each(exported, tokenizer, todo, run_dir, card=model_card_details(config, result))
+        exports, failed = export_each(exported, tokenizer, config.export, run_dir, skip=done,
+                                      card=model_card_details(config, result), calibration=train_ds)
     summary["exports"] = {**done, **{k: str(v[0]) for k, v in exports.items()}}
     run_dir.set_status("exports_failed" if failed else "completed", summary=summary, export_errors=failed)
     return RunResult(run_dir, result, report, notes, exports, memory, model, tokenizer, failed_exports=failed)

@@ -78,7 +78,7 @@ def test_unregistered_names_list_choices(section, key, kind):
 def test_exporter_options_validated_by_the_exporter():
     message = problems({**MINIMAL, "export": [{"format": "merged", "dtype": "int3", "max_shard": "1GB"},
                                               {"format": "zip"}]})
-    assert "export[0].dtype: expected 'bfloat16' or 'float16', got 'int3'" in message
+    assert "export[0].dtype: expected 'bfloat16', 'float16' or 'nf4', got 'int3'" in message
     assert "export[0].max_shard: unknown key; did you mean export[0].max_shard_size?" in message
     assert "export[1].format: 'zip' is not a registered exporter; choices:" in message
 

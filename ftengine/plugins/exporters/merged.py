@@ -14,10 +14,14 @@ from typing import Literal
 import torch
 from pydantic import BaseModel
 from pydantic import ConfigDict
+from pydantic import Field
 from pydantic import field_validator
 
 from ftengine.plugins.exporters.merged_tensors import base_source
 from ftengine.plugins.exporters.merged_tensors import iter_merged_tensors
+from ftengine.plugins.exporters.nf4 import linear_weight_names
+from ftengine.plugins.exporters.nf4 import quantization_config
+from ftengine.plugins.exporters.nf4 import quantize_tensors
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KIB|MIB|GIB)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -35,8 +39,10 @@ def parse_size(text: str | int) -> int:
 
 class MergedOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    dtype: Literal["bfloat16", "float16"] = "bfloat16"
-    max_shard_size: str = "5GB"
+    dtype: Literal["bfloat16", "float16", "nf4"] = Field(
+        "bfloat16", description="bfloat16 / float16, or nf4: bitsandbytes 4-bit linear layers (requantized after "
+        "the merge, lossy; the rest in bfloat16) that transformers loads as a 4-bit model")
+    max_shard_size: str = Field("5GB", description="largest safetensors shard")
 
     @field_validator("max_shard_size")
     @classmethod
@@ -105,13 +111,22 @@ class MergedExporter:
     options_schema = MergedOptions
 
     def export(self, model: Any, tokenizer: Any, out_dir: Path, options: MergedOptions) -> list[str]:
-        dtype = getattr(torch, options.dtype)
+        nf4 = options.dtype == "nf4"
+        dtype = torch.bfloat16 if nf4 else getattr(torch, options.dtype)
         base, original, source = base_source(model)
         writer = _ShardWriter(out_dir, parse_size(options.max_shard_size))
-        for name, tensor in iter_merged_tensors(model, dtype, original):
-            writer.add(name, tensor)
+        quantized = linear_weight_names(model) if nf4 else set()
+        for name, tensor in iter_merged_tensors(model, torch.float32 if nf4 else dtype, original):
+            if name in quantized:
+                for part, value in quantize_tensors(name, tensor, dtype):
+                    writer.add(part, value)
+            else:
+                writer.add(name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
         files = writer.finish()
-        _clean_config(base, dtype).save_pretrained(str(out_dir))
+        config = _clean_config(base, dtype)
+        if nf4:
+            config.quantization_config = quantization_config(dtype)
+        config.save_pretrained(str(out_dir))
         generation = getattr(base, "generation_config", None)
         if generation is not None:
             generation = copy.deepcopy(generation)

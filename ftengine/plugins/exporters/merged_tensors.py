@@ -134,6 +134,18 @@ def _merged_parameters(wrapper: nn.Module) -> Iterator[tuple[str, torch.Tensor]]
         yield pname, merged
 
 
+def checkpoint_layer_name(module_name: str) -> str | None:
+    """The checkpoint name of a layer from its module name inside a (peft) model, or ``None`` for
+    adapter-internal layers (LoRA matrices, the frozen copy of a fully trained module)."""
+    parts = module_name.split(".")
+    if any(p.startswith("lora_") for p in parts) or "original_module" in parts:
+        return None
+    if "modules_to_save" in parts:
+        i = parts.index("modules_to_save")
+        parts = parts[:i] + parts[i + 2 :]
+    return ".".join(p for p in parts if p != "base_layer")
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 

@@ -89,7 +89,7 @@ def test_gguf_exporter_is_registered_with_a_strict_schema():
     with pytest.raises(ValidationError, match="outtype"):
         exporter.options_schema(outtype="f16")
     with pytest.raises(ValidationError, match="q4_k_m"):
-        exporter.options_schema(quantization="q2_k")
+        exporter.options_schema(quantization="q2_k_xl")
 
 
 def test_export_writes_gguf_and_modelfile(tmp_path):
@@ -155,7 +155,7 @@ def test_unexportable_inputs_fail_before_writing(tmp_path, make, message):
 
 def test_unknown_quantization_and_short_disk_fail_before_writing(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="q4_k_m"):
-        GGUFExporter().export(_llama(), _byte_level(), tmp_path, {"quantization": "q3_k_l"})
+        GGUFExporter().export(_llama(), _byte_level(), tmp_path, {"quantization": "q3_k_xl"})
 
     class Usage:
         free = 1000
@@ -184,11 +184,11 @@ def test_interrupted_export_leaves_no_file(tmp_path, monkeypatch, scratch_file):
     quantize = writer_module.quants.quantize
     calls = []
 
-    def interrupted(tensor, qtype):
+    def interrupted(tensor, qtype, **kwargs):
         calls.append(qtype)
         if len(calls) == 5:
             raise KeyboardInterrupt
-        return quantize(tensor, qtype)
+        return quantize(tensor, qtype, **kwargs)
 
     monkeypatch.setattr(writer_module.quants, "quantize", interrupted)
     if scratch_file:

@@ -29,6 +29,8 @@ from transformers import Qwen2Config
 from transformers import Qwen2ForCausalLM
 
 from ftengine.plugins.exporters.gguf.exporter import GGUFExporter
+from ftengine.plugins.exporters.gguf.exporter import gguf_name_of
+from ftengine.plugins.exporters.gguf.imatrix import collect
 from ftengine.plugins.exporters.gguf.tokenizer import GPT4O_SPLIT
 from ftengine.plugins.exporters.gguf.tokenizer import LLAMA3_SPLIT
 from ftengine.plugins.exporters.gguf.tokenizer import QWEN2_SPLIT
@@ -60,6 +62,14 @@ FTYPES = {
     "q5_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M,
     "q6_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K,
 }
+NEW_FTYPES = {
+    "q5_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_1,
+    "q2_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q2_K,
+    "q3_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_M,
+    "iq4_xs": llama_cpp.LLAMA_FTYPE_MOSTLY_IQ4_XS,
+    "q3_k_s": llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_S,
+}
+"""One mix per new type family, checked on the Llama model only."""
 FLOAT_TOLERANCE = {"f32": 1e-3, "f16": 1e-2, "bf16": 1e-2}
 """Relative RMS logit error allowed for the unquantized types."""
 
@@ -134,14 +144,20 @@ def _logit_error(path, reference) -> float:
     return float(np.sqrt((diff**2).mean() / (ref**2).mean()))
 
 
-def _llama_cpp_quantize(source, target, quantization: str) -> None:
+def _llama_cpp_quantize(source, target, quantization: str, imatrix=None) -> None:
+    """llama.cpp's llama-quantize on ``source``, with ``imatrix`` (an ImportanceMatrix) passed as its
+    null-terminated array of per-tensor mean squared activations."""
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = FTYPES[quantization]
+    params.ftype = {**FTYPES, **NEW_FTYPES}[quantization]
+    entries = imatrix.llama_cpp_entries(llama_cpp) if imatrix is not None else None
+    if entries is not None:
+        params.imatrix = entries
     assert llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) == 0
 
 
-def _tensor_errors(reference, ours, theirs) -> tuple[float, float, int, int]:
-    """Squared error of each file's dequantized tensors against the F32 ones, and identical-tensor counts."""
+def _tensor_errors(reference, ours, theirs, imatrix=None) -> tuple[float, float, int, int]:
+    """Squared error of each file's dequantized tensors against the F32 ones (weighted by the importance
+    of each column when an imatrix is given), and identical-tensor counts."""
     weights = {t.name: t for t in GGUFReader(reference).tensors}
     mine = {t.name: t for t in GGUFReader(ours).tensors}
     other = {t.name: t for t in GGUFReader(theirs).tensors}
@@ -153,8 +169,10 @@ def _tensor_errors(reference, ours, theirs) -> tuple[float, float, int, int]:
         assert mine[name].tensor_type == other[name].tensor_type, name  # the same mix as llama-quantize
         a = gguf_quants.dequantize(mine[name].data, mine[name].tensor_type).reshape(-1)
         b = gguf_quants.dequantize(other[name].data, other[name].tensor_type).reshape(-1)
-        ours_sse += float(((a - x) ** 2).sum())
-        theirs_sse += float(((b - x) ** 2).sum())
+        importance = imatrix.importance(name) if imatrix is not None else None
+        w = 1.0 if importance is None else np.tile(importance.numpy(), x.size // importance.numel())
+        ours_sse += float((w * (a - x) ** 2).sum())
+        theirs_sse += float((w * (b - x) ** 2).sum())
         identical += bool(np.array_equal(np.asarray(mine[name].data), np.asarray(other[name].data)))
     return ours_sse, theirs_sse, identical, len(weights)
 
@@ -186,6 +204,38 @@ def test_quantized_exports_match_llama_cpp_quantizer(setups, arch, quantization)
     ours_error = _logit_error(ours, setup["logits"])
     theirs_error = _logit_error(theirs, setup["logits"])
     assert ours_error <= 1.15 * theirs_error + 1e-3, (ours_error, theirs_error)
+
+
+@pytest.mark.parametrize("quantization", ["q5_1", "q2_k", "q3_k_m", "iq4_xs"])
+def test_new_mixes_match_llama_cpp_quantizer(setups, quantization):
+    """Tensor types as llama-quantize picks them, errors at most its own, logits as close to transformers'."""
+    setup = setups["llama"]
+    ours = setup["dir"] / f"ours-{quantization}.gguf"
+    theirs = setup["dir"] / f"llama-cpp-{quantization}.gguf"
+    write_gguf(setup["model"], setup["tokenizer"], ours, quantization)
+    _llama_cpp_quantize(setup["f32"], theirs, quantization)
+    ours_sse, theirs_sse, _, _ = _tensor_errors(setup["f32"], ours, theirs)
+    assert ours_sse <= 1.01 * theirs_sse, (ours_sse, theirs_sse)
+    assert _logit_error(ours, setup["logits"]) <= 1.15 * _logit_error(theirs, setup["logits"]) + 1e-3
+
+
+@pytest.mark.parametrize("quantization", ["q4_k_m", pytest.param("q3_k_s", marks=pytest.mark.slow)])
+def test_imatrix_export_matches_llama_cpp_quantizer_with_the_same_imatrix(setups, quantization):
+    """Our imatrix of the model's activations, used by our quantizers and by llama.cpp's: the same tensor
+    types, an importance-weighted error at most llama.cpp's, and lower than without the imatrix."""
+    setup = setups["llama"]
+    rows = [ids * 4 for ids in PROMPTS]
+    imatrix = collect(setup["model"], rows, gguf_name_of(setup["model"]), chunk_size=32)
+    ours = setup["dir"] / f"ours-imatrix-{quantization}.gguf"
+    plain = setup["dir"] / f"ours-plain-{quantization}.gguf"
+    theirs = setup["dir"] / f"llama-cpp-imatrix-{quantization}.gguf"
+    write_gguf(setup["model"], setup["tokenizer"], ours, quantization, imatrix=imatrix)
+    write_gguf(setup["model"], setup["tokenizer"], plain, quantization)
+    _llama_cpp_quantize(setup["f32"], theirs, quantization, imatrix)
+    ours_sse, theirs_sse, _, _ = _tensor_errors(setup["f32"], ours, theirs, imatrix)
+    assert ours_sse <= 1.02 * theirs_sse, (ours_sse, theirs_sse)
+    plain_sse, _, _, _ = _tensor_errors(setup["f32"], plain, theirs, imatrix)
+    assert ours_sse < plain_sse
 
 
 def test_llama3_rope_scaling_is_exported(setups):

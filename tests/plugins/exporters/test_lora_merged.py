@@ -8,6 +8,7 @@ import torch
 
 import ftengine
 from ftengine.core.errors import ExportError
+from ftengine.plugins.exporters.merged_tensors import iter_merged_tensors
 
 
 @pytest.fixture
@@ -100,3 +101,35 @@ def test_qlora_merge_uses_the_original_16bit_weights(demo_base, tmp_path):
     lora_q = model.base_model.model.model.layers[1].self_attn.q_proj
     assert torch.allclose(lora_q.lora_B["default"].weight, torch.zeros(1))
     torch.testing.assert_close(merged[untouched], original[untouched].half(), atol=0, rtol=0)
+
+
+def test_nf4_merged_export_loads_as_a_4bit_model(lora_model, tmp_path):
+    """Merged then requantized to NF4: transformers loads it in 4 bits; its logits equal those of the 16-bit
+    merged export quantized by transformers on load, and stay near the 16-bit merged model's (lossy)."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+    from transformers import BitsAndBytesConfig
+
+    model, tokenizer = lora_model
+    expected = logits(model, IDS)
+    nf4_dir = ftengine.export(model, tokenizer, str(tmp_path / "nf4"), format="merged", dtype="nf4")
+    bf16_dir = ftengine.export(model, tokenizer, str(tmp_path / "bf16"), format="merged", dtype="bfloat16")
+    config = json.loads((nf4_dir / "config.json").read_text())["quantization_config"]
+    assert config["load_in_4bit"] and config["bnb_4bit_quant_type"] == "nf4"
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(nf4_dir))
+    layers = [m for m in loaded.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 7 * loaded.config.num_hidden_layers  # q, k, v, o, gate, up, down; not the head
+    reference = AutoModelForCausalLM.from_pretrained(
+        str(bf16_dir), quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                              bnb_4bit_compute_dtype=torch.bfloat16))
+    ours = logits(loaded, IDS)
+    torch.testing.assert_close(ours, logits(reference, IDS), atol=1e-3, rtol=0)
+    # lossy: each layer is the merged weight to NF4's precision (about 10% relative error per weight),
+    # which on this tiny random model moves the logits by a fraction of their norm
+    merged = dict(iter_merged_tensors(model, torch.float32))
+    layer = loaded.model.layers[0].mlp.down_proj
+    weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    target = merged["model.layers.0.mlp.down_proj.weight"]
+    assert float((weight - target).norm() / target.norm()) < 0.12
+    assert float((ours - expected).norm() / expected.norm()) < 0.6

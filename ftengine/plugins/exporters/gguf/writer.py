@@ -30,15 +30,12 @@ from ftengine.core.plugins import adapter_for_model_type
 from ftengine.core.plugins import get_registry
 from ftengine.plugins.exporters.gguf import mixes
 from ftengine.plugins.exporters.gguf import quants
+from ftengine.plugins.exporters.gguf.imatrix import ImportanceMatrix
 from ftengine.plugins.exporters.gguf.tokenizer import build_vocab
 from ftengine.plugins.exporters.gguf.tokenizer import write_vocab
 from ftengine.plugins.exporters.merged_tensors import OriginalCheckpoint
 from ftengine.plugins.exporters.merged_tensors import base_source
 from ftengine.plugins.exporters.merged_tensors import iter_merged_tensors
-
-BITS_PER_WEIGHT = {"f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q4_0": 4.5,
-                   "q4_k_m": 4.9, "q5_k_m": 5.7, "q6_k": 6.5625}
-"""Average bits per weight of each choice, for the disk-space estimate."""
 
 QUANTIZATION_VERSION = 2
 """``general.quantization_version`` of the current ggml block formats."""
@@ -127,7 +124,7 @@ def estimate_bytes(model: Any, quantization: str) -> int:
     bitsandbytes 4-bit weights are stored two to a byte: they count twice.
     """
     count = sum(p.numel() * (2 if p.dtype == torch.uint8 else 1) for p in model.parameters())
-    return int(count * BITS_PER_WEIGHT[quantization] / 8 * 1.05) + (1 << 20)
+    return int(count * mixes.QUANTIZATIONS[quantization].bits / 8 * 1.05) + (1 << 20)
 
 
 def check_disk_space(directory: Path, needed: int) -> None:
@@ -174,80 +171,133 @@ def metadata_text(text: str, limit: int = 256) -> str:
     return clean or "model"
 
 
-def write_gguf(model: Any, tokenizer: Any, path: Path, quantization: str, name: str | None = None) -> list[str]:
-    """Write ``model`` and ``tokenizer`` as a GGUF file.
+@dataclass
+class _Target:
+    """One output file of a :func:`write_ggufs` call and the tensors quantized for it so far."""
+
+    quantization: str
+    path: Path
+    scratch: _Scratch
+    spilled: list[_Spilled]
+    counts: dict[str, int]
+
+    @property
+    def partial(self) -> Path:
+        return self.path.with_name(self.path.name + ".partial")
+
+
+def _write_file(target: _Target, writer_args: dict[str, Any]) -> None:
+    """The header, metadata, vocabulary and tensors of one target, written to ``.partial`` then renamed."""
+    config, layout, vocab, name = (writer_args[k] for k in ("config", "layout", "vocab", "name"))
+    arch = layout.architecture
+    writer = GGUFWriter(target.partial, arch)
+    writer.add_name(metadata_text(name or Path(str(getattr(config, "_name_or_path", "") or "model")).name))
+    writer.add_file_type(int(mixes.QUANTIZATIONS[target.quantization].file_type))
+    if target.quantization not in ("f32", "f16", "bf16"):
+        writer.add_quantization_version(QUANTIZATION_VERSION)
+    meta = common_metadata(config)
+    meta.update(layout.metadata(config))
+    for key, value in meta.items():
+        _add_value(writer, f"{arch}.{key}", value)
+    write_vocab(writer, vocab)
+    for item in target.spilled:
+        writer.add_tensor_info(item.name, item.shape, np.dtype(np.uint8), item.nbytes, raw_dtype=item.qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for data in target.scratch.read(target.spilled):
+        writer.write_tensor_data(data)
+    writer.close()
+    os.replace(target.partial, target.path)
+
+
+def write_ggufs(
+    model: Any,
+    tokenizer: Any,
+    targets: dict[str, Path],
+    name: str | None = None,
+    imatrix: ImportanceMatrix | None = None,
+) -> list[str]:
+    """Write ``model`` and ``tokenizer`` as one GGUF file per quantization, merging the weights once.
 
     Args:
         model: a Hugging Face causal LM, plain or with peft LoRA adapters (merged on the fly).
         tokenizer: its fast tokenizer.
-        path: the output file; written as ``<path>.partial`` and renamed when complete.
-        quantization: one of :data:`ftengine.plugins.exporters.gguf.mixes.QUANTIZATIONS`.
+        targets: quantization choice (a name or alias of
+            :data:`ftengine.plugins.exporters.gguf.mixes.QUANTIZATIONS`) -> output file; each is
+            written as ``<path>.partial`` and renamed when complete.
         name: ``general.name`` (default: the model's directory or hub name).
+        imatrix: importances the K-quant and IQ4 quantizers weigh their scale searches with (and
+            that change some tensor types of the mixes, as in llama.cpp).
 
     Returns:
-        Summary lines: the file, its size, the tensor types used, and any conversion notes.
+        Summary lines: per file its size and the tensor types used; the base weights; conversion notes.
 
     Raises:
         ExportError: unknown quantization, unsupported architecture or tokenizer, too little disk
             space; all checked before anything is written.
     """
-    quantization = mixes.check_quantization(quantization)
+    chosen = {mixes.check_quantization(q): Path(p) for q, p in targets.items()}
     config = model.config
     layout = resolve_layout(config)
     text = getattr(config, "text_config", None) or config
     vocab = build_vocab(tokenizer, int(text.vocab_size))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    estimate = estimate_bytes(model, quantization)
-    in_memory = estimate < psutil.virtual_memory().available // 4
-    check_disk_space(path.parent, estimate if in_memory else 2 * estimate)  # a scratch file needs the room twice
+    estimates = {q: estimate_bytes(model, q) for q in chosen}
+    in_memory = sum(estimates.values()) < psutil.virtual_memory().available // 4
+    for path in chosen.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    for directory in {p.parent for p in chosen.values()}:
+        needed = sum(estimates[q] for q, p in chosen.items() if p.parent == directory)
+        check_disk_space(directory, needed if in_memory else 2 * needed)  # a scratch file needs the room twice
 
     # A QLoRA run reads the base weights from the original 16-bit checkpoint rather than dequantize them.
     _, original, source = base_source(model)
-    arch = layout.architecture
     n_layers = int(text.num_hidden_layers)
     tied = bool(getattr(text, "tie_word_embeddings", False))
-    partial = path.with_name(path.name + ".partial")
-    scratch = _Scratch(None if in_memory else path.with_name(path.name + ".tensors"))
-    spilled: list[_Spilled] = []
-    counts: dict[str, int] = {}
+    n_gqa = int(text.num_attention_heads) // int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
+    files = [_Target(q, p, _Scratch(None if in_memory else p.with_name(p.name + ".tensors")), [], {})
+             for q, p in chosen.items()]
+    used_imatrix = 0
     try:
-        with click.progressbar(length=len(model.state_dict()), label=f"GGUF {quantization}", file=sys.stderr) as bar:
+        label = f"GGUF {', '.join(chosen)}"
+        with click.progressbar(length=len(model.state_dict()), label=label, file=sys.stderr) as bar:
             for gguf_name, tensor in _tensors(model, layout, config, original):
-                qtype = mixes.tensor_type(gguf_name, tuple(tensor.shape), quantization, n_layers, tied)
-                data = np.ascontiguousarray(quants.quantize(tensor, qtype))
-                scratch.add(data)
-                spilled.append(_Spilled(gguf_name, data.shape, qtype, data.nbytes))
-                counts[qtype.name] = counts.get(qtype.name, 0) + 1
+                importance = imatrix.importance(gguf_name) if imatrix is not None else None
+                if importance is not None and importance.numel() != tensor.shape[-1]:
+                    raise ExportError(f"imatrix: entry {gguf_name} has {importance.numel()} values; "
+                                      f"the tensor has {tensor.shape[-1]} columns")
+                for target in files:
+                    qtype = mixes.tensor_type(gguf_name, tuple(tensor.shape), target.quantization, n_layers, tied,
+                                              n_gqa, imatrix is not None)
+                    weighted = importance if qtype in quants.USES_IMPORTANCE else None
+                    used_imatrix += weighted is not None
+                    data = np.ascontiguousarray(quants.quantize(tensor, qtype, importance=weighted))
+                    target.scratch.add(data)
+                    target.spilled.append(_Spilled(gguf_name, data.shape, qtype, data.nbytes))
+                    target.counts[qtype.name] = target.counts.get(qtype.name, 0) + 1
                 bar.update(1)
-
-        writer = GGUFWriter(partial, arch)
-        writer.add_name(metadata_text(name or Path(str(getattr(config, "_name_or_path", "") or "model")).name))
-        writer.add_file_type(int(mixes.QUANTIZATIONS[quantization][1]))
-        if quantization not in ("f32", "f16", "bf16"):
-            writer.add_quantization_version(QUANTIZATION_VERSION)
-        meta = common_metadata(config)
-        meta.update(layout.metadata(config))
-        for key, value in meta.items():
-            _add_value(writer, f"{arch}.{key}", value)
-        write_vocab(writer, vocab)
-        for item in spilled:
-            writer.add_tensor_info(item.name, item.shape, np.dtype(np.uint8), item.nbytes, raw_dtype=item.qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for data in scratch.read(spilled):
-            writer.write_tensor_data(data)
-        writer.close()
-        os.replace(partial, path)
+        writer_args = {"config": config, "layout": layout, "vocab": vocab, "name": name}
+        for target in files:
+            _write_file(target, writer_args)
     finally:
-        scratch.discard()
-        partial.unlink(missing_ok=True)
+        for target in files:
+            target.scratch.discard()
+            target.partial.unlink(missing_ok=True)
 
-    types = ", ".join(f"{n} x{c}" for n, c in sorted(counts.items()))
-    size = path.stat().st_size
-    lines = [f"{path.name}: {len(spilled)} tensors ({types}), {size / 2**20:.1f} MiB, llama.cpp architecture {arch}"]
+    lines = []
+    for target in files:
+        types = ", ".join(f"{n} x{c}" for n, c in sorted(target.counts.items()))
+        size = target.path.stat().st_size
+        lines.append(f"{target.path.name}: {len(target.spilled)} tensors ({types}), {size / 2**20:.1f} MiB, "
+                     f"llama.cpp architecture {layout.architecture}")
     lines.append(f"base weights: {source}")
+    if imatrix is not None:
+        lines.append(f"imatrix: {len(imatrix.sums)} entries, used for {used_imatrix} tensor(s)")
     lines += [f"note: {note}" for note in vocab.notes]
     return lines
 
+
+def write_gguf(model: Any, tokenizer: Any, path: Path, quantization: str, name: str | None = None,
+               imatrix: ImportanceMatrix | None = None) -> list[str]:
+    """Write ``model`` and ``tokenizer`` as one GGUF file: :func:`write_ggufs` with one target."""
+    return write_ggufs(model, tokenizer, {quantization: Path(path)}, name, imatrix)

@@ -1,8 +1,9 @@
 """Tensor quantizers for GGUF: one module per family, one entry point, :func:`quantize`.
 
-F32/F16/BF16, Q8_0, Q4_0 and the K-quants Q4_K/Q5_K/Q6_K are ours (torch, on the GPU when there is
-one); Q5_0 and Q5_1, which only the K-quant mixes need as fallbacks for rows that are not a
-multiple of 256, come from ``gguf.quants``.
+All are ours (torch, on the GPU when there is one): F32/F16/BF16; the legacy block types Q8_0,
+Q4_0, Q4_1, Q5_0, Q5_1 (byte-identical to ggml's reference); the K-quants Q2_K to Q6_K; IQ4_NL and
+IQ4_XS. The K-quants and IQ4 types take an importance matrix entry (per input column) and weigh
+their scale searches with it, as llama.cpp does.
 """
 
 from __future__ import annotations
@@ -11,26 +12,40 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType
-from gguf import quants as gguf_quants
 
 from ftengine.plugins.exporters.gguf.quants import floats
+from ftengine.plugins.exporters.gguf.quants import iq4
+from ftengine.plugins.exporters.gguf.quants import k_low
 from ftengine.plugins.exporters.gguf.quants import k_quants
+from ftengine.plugins.exporters.gguf.quants import legacy
 from ftengine.plugins.exporters.gguf.quants import q4_0
 from ftengine.plugins.exporters.gguf.quants import q8_0
 from ftengine.plugins.exporters.gguf.quants.common import by_row_chunks
 
+T = GGMLQuantizationType
 _BLOCK_QUANTIZERS = {
-    GGMLQuantizationType.Q8_0: q8_0.quantize_blocks,
-    GGMLQuantizationType.Q4_0: q4_0.quantize_blocks,
-    GGMLQuantizationType.Q4_K: k_quants.quantize_q4_k,
-    GGMLQuantizationType.Q5_K: k_quants.quantize_q5_k,
-    GGMLQuantizationType.Q6_K: k_quants.quantize_q6_k,
+    T.Q8_0: q8_0.quantize_blocks,
+    T.Q4_0: q4_0.quantize_blocks,
+    T.Q4_1: legacy.quantize_q4_1,
+    T.Q5_0: legacy.quantize_q5_0,
+    T.Q5_1: legacy.quantize_q5_1,
 }
-_FLOATS = {GGMLQuantizationType.F32: "F32", GGMLQuantizationType.F16: "F16", GGMLQuantizationType.BF16: "BF16"}
-_FROM_GGUF = (GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1)
+_WEIGHTED_QUANTIZERS = {
+    T.Q2_K: k_low.quantize_q2_k,
+    T.Q3_K: k_low.quantize_q3_k,
+    T.Q4_K: k_quants.quantize_q4_k,
+    T.Q5_K: k_quants.quantize_q5_k,
+    T.Q6_K: k_quants.quantize_q6_k,
+    T.IQ4_NL: iq4.quantize_iq4_nl,
+    T.IQ4_XS: iq4.quantize_iq4_xs,
+}
+_FLOATS = {T.F32: "F32", T.F16: "F16", T.BF16: "BF16"}
 
-SUPPORTED = tuple(_FLOATS) + tuple(_BLOCK_QUANTIZERS) + _FROM_GGUF
+SUPPORTED = tuple(_FLOATS) + tuple(_BLOCK_QUANTIZERS) + tuple(_WEIGHTED_QUANTIZERS)
 """Every GGML type :func:`quantize` writes."""
+
+USES_IMPORTANCE = tuple(_WEIGHTED_QUANTIZERS)
+"""The types whose quantizers use an importance matrix."""
 
 
 def block_size(qtype: GGMLQuantizationType) -> int:
@@ -38,7 +53,12 @@ def block_size(qtype: GGMLQuantizationType) -> int:
     return GGML_QUANT_SIZES[qtype][0]
 
 
-def quantize(tensor: torch.Tensor, qtype: GGMLQuantizationType, device: torch.device | None = None) -> np.ndarray:
+def quantize(
+    tensor: torch.Tensor,
+    qtype: GGMLQuantizationType,
+    device: torch.device | None = None,
+    importance: torch.Tensor | None = None,
+) -> np.ndarray:
     """A tensor's GGUF bytes as ``qtype``.
 
     Args:
@@ -46,13 +66,16 @@ def quantize(tensor: torch.Tensor, qtype: GGMLQuantizationType, device: torch.de
             last dimension that is a multiple of the type's block size.
         qtype: one of :data:`SUPPORTED`.
         device: where our quantizers compute (default: the GPU when there is one, else the CPU).
+        importance: ``(tensor.shape[-1],)`` mean squared activation of each input column (an
+            importance-matrix entry); used by the types in :data:`USES_IMPORTANCE`, ignored by the others.
 
     Returns:
         uint8 array ``(*tensor.shape[:-1], row_bytes)``, as ``GGUFWriter.add_tensor_info`` with
         ``raw_dtype=qtype`` expects.
 
     Raises:
-        ValueError: ``qtype`` is not supported or the row length does not fit its blocks.
+        ValueError: ``qtype`` is not supported, the row length does not fit its blocks, or the
+            importance does not have one entry per column.
     """
     if qtype in _FLOATS:
         return floats.to_bytes(tensor, _FLOATS[qtype])
@@ -60,8 +83,10 @@ def quantize(tensor: torch.Tensor, qtype: GGMLQuantizationType, device: torch.de
         raise ValueError(f"cannot quantize to {qtype.name}; supported: {', '.join(t.name for t in SUPPORTED)}")
     shape = tuple(tensor.shape)
     rows2d = tensor.detach().reshape(-1, shape[-1])
-    if qtype in _FROM_GGUF:
-        data = gguf_quants.quantize(rows2d.to(device="cpu", dtype=torch.float32).numpy(), qtype)
+    if qtype in _WEIGHTED_QUANTIZERS:
+        if importance is not None and tuple(importance.shape) != (shape[-1],):
+            raise ValueError(f"importance has shape {tuple(importance.shape)}; expected ({shape[-1]},)")
+        data = by_row_chunks(rows2d, block_size(qtype), _WEIGHTED_QUANTIZERS[qtype], device, importance)
     else:
         data = by_row_chunks(rows2d, block_size(qtype), _BLOCK_QUANTIZERS[qtype], device)
     return data.reshape(*shape[:-1], data.shape[-1])

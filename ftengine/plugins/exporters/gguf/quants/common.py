@@ -46,16 +46,19 @@ def as_fp16(x: torch.Tensor) -> torch.Tensor:
 def by_row_chunks(
     tensor: torch.Tensor,
     block_size: int,
-    quantize_blocks: Callable[[torch.Tensor], torch.Tensor],
+    quantize_blocks: Callable[..., torch.Tensor],
     device: torch.device | None = None,
+    importance: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Quantize a 2-D tensor chunk by chunk of rows.
 
     Args:
         tensor: ``(rows, cols)`` weights in any float dtype, on any device.
         block_size: the type's block length; ``cols`` must be a multiple of it.
-        quantize_blocks: ``(n_blocks, block_size)`` float32 -> ``(n_blocks, type_size)`` uint8.
+        quantize_blocks: ``(n_blocks, block_size)`` float32 -> ``(n_blocks, type_size)`` uint8; called
+            with a second argument, the blocks' per-weight importances, when ``importance`` is given.
         device: where to compute (default: :func:`compute_device`).
+        importance: ``(cols,)`` importance of each input column (an importance-matrix entry).
 
     Returns:
         ``(rows, cols // block_size * type_size)`` uint8 array.
@@ -67,9 +70,16 @@ def by_row_chunks(
     chunk_elements = CHUNK_ELEMENTS_CUDA if device.type == "cuda" else CHUNK_ELEMENTS_CPU
     rows_per_chunk = max(1, chunk_elements // cols)
 
+    if importance is not None:
+        importance = importance.to(device=device, dtype=torch.float32).reshape(1, cols)
+
     def run(start: int) -> np.ndarray:
         chunk = tensor[start : start + rows_per_chunk].to(device=device, dtype=torch.float32)
-        blocks = quantize_blocks(chunk.reshape(-1, block_size))  # (n * cols / block_size, type_size)
+        if importance is None:
+            blocks = quantize_blocks(chunk.reshape(-1, block_size))  # (n * cols / block_size, type_size)
+        else:
+            weights = importance.expand(chunk.shape[0], cols).reshape(-1, block_size)
+            blocks = quantize_blocks(chunk.reshape(-1, block_size), weights)
         return blocks.reshape(chunk.shape[0], -1).cpu().numpy()
 
     starts = range(0, rows, rows_per_chunk)

@@ -24,6 +24,11 @@ sub-blocks at once instead of one sub-block at a time):
 
 The sub-block scales (and mins) are then themselves quantized (6-bit against the super-block's
 largest for Q4_K/Q5_K, int8 for Q6_K), and the values are re-assigned against the stored scales.
+
+With an importance matrix (``importance``: one weight per input column, broadcast over the rows)
+the fits are weighted by ``imatrix * sqrt(sigma2 + x**2)`` as in llama.cpp (Q6_K: by the
+importances alone), Q4_K/Q5_K sweep a finer grid of offsets, and their 6-bit scales and mins are
+fitted by weighted least squares rather than rounded against the largest.
 """
 
 from __future__ import annotations
@@ -32,71 +37,15 @@ import torch
 
 from ftengine.plugins.exporters.gguf.quants.common import as_fp16
 from ftengine.plugins.exporters.gguf.quants.common import fp16_bytes
+from ftengine.plugins.exporters.gguf.quants.fitting import GROUP_MAX_EPS
+from ftengine.plugins.exporters.gguf.quants.fitting import fit_affine
+from ftengine.plugins.exporters.gguf.quants.fitting import fit_positive
+from ftengine.plugins.exporters.gguf.quants.fitting import fit_symmetric
+from ftengine.plugins.exporters.gguf.quants.fitting import importance_weights
 
 QK_K = 256
-GROUP_MAX_EPS = 1e-15
 
 TYPE_SIZES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
-
-
-def _fit_affine(
-    x: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted affine scale search for sub-blocks.
-
-    Args:
-        x: ``(n, 32)`` sub-blocks.
-        nmax: the largest level (15 for 4 bits, 31 for 5 bits).
-        rmin, rdelta, nstep: the grids tried map the sub-block's range onto
-            ``nmax + rmin + rdelta * i`` levels for ``i`` in ``0..nstep``.
-
-    Returns:
-        ``(scale, neg_min)``, each ``(n,)``: ``x ~ scale * l - neg_min`` with ``neg_min >= 0``.
-    """
-    w = torch.sqrt((x * x).mean(dim=-1, keepdim=True)) + x.abs()  # (n, 32)
-    hi = x.amax(dim=-1, keepdim=True)  # (n, 1)
-    lo = x.amin(dim=-1, keepdim=True).clamp(max=0)
-    flat = hi == lo
-    sum_w = w.sum(dim=-1, keepdim=True)
-    wx = w * x
-    sum_x = wx.sum(dim=-1, keepdim=True)
-    sum_x2 = (wx * x).sum(dim=-1, keepdim=True)
-    ones = torch.ones_like(lo)
-
-    def weighted_error(scale, offset, sum_l, sum_l2, sum_xl):
-        # sum w * (scale * l + offset - x)^2, expanded so the levels are read only once.
-        return (scale * scale * sum_l2 + 2 * scale * offset * sum_l - 2 * scale * sum_xl
-                + offset * offset * sum_w - 2 * offset * sum_x + sum_x2)
-
-    def level_sums(levels_in_range, offset):
-        span = hi - offset
-        span = torch.where(span > 0, span, ones)
-        levels = torch.round_((x - offset).mul_(levels_in_range / span)).clamp_(0, nmax)
-        wl = w * levels
-        return (wl.sum(dim=-1, keepdim=True), torch.linalg.vecdot(wl, levels).unsqueeze(-1),
-                torch.linalg.vecdot(wl, x).unsqueeze(-1))
-
-    best_scale = torch.where(flat, ones, hi - lo) / nmax
-    best_min = lo
-    best_err = weighted_error(best_scale, best_min, *level_sums(float(nmax), lo))
-    for i in range(nstep + 1):
-        # Each grid spans from the best offset found so far to the sub-block's max.
-        sum_l, sum_l2, sum_xl = level_sums(rmin + rdelta * i + nmax, best_min)
-        det = sum_w * sum_l2 - sum_l * sum_l
-        safe_det = torch.where(det > 0, det, ones)
-        scale = (sum_w * sum_xl - sum_x * sum_l) / safe_det
-        offset = (sum_l2 * sum_x - sum_l * sum_xl) / safe_det
-        positive = offset > 0  # the format needs offset <= 0: refit the scale through the origin
-        scale = torch.where(positive, sum_xl / torch.where(sum_l2 > 0, sum_l2, ones), scale)
-        offset = torch.where(positive, torch.zeros_like(offset), offset)
-        err = weighted_error(scale, offset, sum_l, sum_l2, sum_xl)
-        better = (det > 0) & (err < best_err)
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_min = torch.where(better, offset, best_min)
-    best_scale = torch.where(flat, torch.zeros_like(best_scale), best_scale)
-    best_min = torch.where(flat, lo, best_min)
-    return best_scale.squeeze(-1), (-best_min).squeeze(-1)
 
 
 def _pack_scales_mins(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
@@ -112,21 +61,36 @@ def _pack_scales_mins(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
     return torch.cat([first, second, third], dim=-1)
 
 
-def _levels_affine(x: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """Shared Q4_K / Q5_K path: ``(n, 256)`` -> header bytes ``(n, 16)`` and levels ``(n, 256)``."""
+def _levels_affine(x: torch.Tensor, importance: torch.Tensor | None, nmax: int, rmin: float, rdelta: float,
+                   nstep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared Q4_K / Q5_K path: ``(n, 256)`` -> header bytes ``(n, 16)`` and levels ``(n, 256)``.
+
+    Without importances the sub-block scales and mins are rounded against the super-block's
+    largest; with them, both the sub-block fits and the 6-bit grids of the scales and mins are
+    weighted (the grids by each sub-block's summed weight), as llama.cpp does with an imatrix.
+    """
     n = x.shape[0]
     sub = x.reshape(n * 8, 32)
-    scales, mins = _fit_affine(sub, nmax, rmin, rdelta, nstep)
-    scales = scales.reshape(n, 8)
-    mins = mins.reshape(n, 8)
-    max_scale = scales.amax(dim=-1, keepdim=True)  # (n, 1)
-    max_min = mins.amax(dim=-1, keepdim=True)
-    inv_scale = torch.where(max_scale > 0, 63 / max_scale, torch.zeros_like(max_scale))
-    inv_min = torch.where(max_min > 0, 63 / max_min, torch.zeros_like(max_min))
-    ls = torch.round(inv_scale * scales).clamp_(0, 63).to(torch.uint8)  # (n, 8)
-    lm = torch.round(inv_min * mins).clamp_(0, 63).to(torch.uint8)
-    d = max_scale / 63
-    dmin = max_min / 63
+    if importance is None:
+        w = torch.sqrt((sub * sub).mean(dim=-1, keepdim=True)) + sub.abs()
+        scales, mins = fit_affine(sub, w, nmax, rmin, rdelta, nstep)
+        scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
+        max_scale = scales.amax(dim=-1, keepdim=True)  # (n, 1)
+        max_min = mins.amax(dim=-1, keepdim=True)
+        inv_scale = torch.where(max_scale > 0, 63 / max_scale, torch.zeros_like(max_scale))
+        inv_min = torch.where(max_min > 0, 63 / max_min, torch.zeros_like(max_min))
+        ls = torch.round(inv_scale * scales).clamp_(0, 63).to(torch.uint8)  # (n, 8)
+        lm = torch.round(inv_min * mins).clamp_(0, 63).to(torch.uint8)
+        d = max_scale / 63
+        dmin = max_min / 63
+    else:
+        w = importance_weights(x, importance, QK_K, 2.0).reshape(n * 8, 32)
+        scales, mins = fit_affine(sub, w, nmax, -0.9, 0.05, 36)
+        sum_w = w.sum(dim=-1).reshape(n, 8)
+        d, ls = fit_positive(scales.reshape(n, 8), sum_w, 63)
+        dmin, lm = fit_positive(mins.reshape(n, 8), sum_w, 63)
+        d, dmin = d.unsqueeze(-1), dmin.unsqueeze(-1)
+        ls, lm = ls.to(torch.uint8), lm.to(torch.uint8)
     sub_d = (as_fp16(d) * ls.float()).reshape(n, 8, 1)  # (n, 8, 1)
     sub_m = (as_fp16(dmin) * lm.float()).reshape(n, 8, 1)
     safe_d = torch.where(sub_d == 0, torch.ones_like(sub_d), sub_d)
@@ -136,17 +100,17 @@ def _levels_affine(x: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep
     return header, levels
 
 
-def quantize_q4_k(x: torch.Tensor) -> torch.Tensor:
-    """``(n, 256)`` float32 -> ``(n, 144)`` uint8 Q4_K blocks."""
-    header, levels = _levels_affine(x, nmax=15, rmin=-1.0, rdelta=0.1, nstep=20)
+def quantize_q4_k(x: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+    """``(n, 256)`` float32 (and optional per-weight importances) -> ``(n, 144)`` uint8 Q4_K blocks."""
+    header, levels = _levels_affine(x, importance, nmax=15, rmin=-1.0, rdelta=0.1, nstep=20)
     pairs = levels.reshape(-1, 4, 2, 32)  # (n, chunk of 64, half, 32)
     qs = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(-1, 128)
     return torch.cat([header, qs], dim=-1)
 
 
-def quantize_q5_k(x: torch.Tensor) -> torch.Tensor:
-    """``(n, 256)`` float32 -> ``(n, 176)`` uint8 Q5_K blocks."""
-    header, levels = _levels_affine(x, nmax=31, rmin=-0.5, rdelta=0.1, nstep=15)
+def quantize_q5_k(x: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+    """``(n, 256)`` float32 (and optional per-weight importances) -> ``(n, 176)`` uint8 Q5_K blocks."""
+    header, levels = _levels_affine(x, importance, nmax=31, rmin=-0.5, rdelta=0.1, nstep=15)
     pairs = levels.reshape(-1, 4, 2, 32)  # (n, chunk of 64, half, 32)
     qs = ((pairs[:, :, 0] & 0xF) | ((pairs[:, :, 1] & 0xF) << 4)).reshape(-1, 128)
     # bit 2c of qh[j] is the fifth bit of value 64c + j, bit 2c + 1 that of value 64c + 32 + j.
@@ -156,46 +120,16 @@ def quantize_q5_k(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([header, qh, qs], dim=-1)
 
 
-def _fit_symmetric(x: torch.Tensor, nmax: int) -> torch.Tensor:
-    """Weighted symmetric scale search for Q6_K's sub-blocks of 16.
+def quantize_q6_k(x: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+    """``(n, 256)`` float32 (and optional per-weight importances) -> ``(n, 210)`` uint8 Q6_K blocks.
 
-    Args:
-        x: ``(n, 16)`` sub-blocks.
-        nmax: 32: levels are in ``-nmax..nmax-1``.
-
-    Returns:
-        ``(n,)`` scales (signed: the grid maps the largest-magnitude weight to ``-nmax``).
+    The sub-block scales are weighted by ``x**2``, or by the importances themselves (as llama.cpp
+    does for Q6_K).
     """
-    w = x * x
-    idx = x.abs().argmax(dim=-1, keepdim=True)
-    peak = torch.gather(x, -1, idx)  # (n, 1), signed
-    zero = peak.abs() < GROUP_MAX_EPS
-    peak = torch.where(zero, torch.ones_like(peak), peak)
-
-    def sums(inv_scale):
-        levels = torch.round_(inv_scale * x).clamp_(-nmax, nmax - 1)
-        wl = w * levels
-        return torch.linalg.vecdot(wl, x).unsqueeze(-1), torch.linalg.vecdot(wl, levels).unsqueeze(-1)
-
-    sum_lx, sum_l2 = sums(-nmax / peak)
-    scale = torch.where(sum_l2 > 0, sum_lx / torch.where(sum_l2 > 0, sum_l2, torch.ones_like(sum_l2)), 0 * sum_l2)
-    best = scale * sum_lx
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        sum_lx, sum_l2 = sums(-(nmax + 0.1 * step) / peak)
-        # sum_lx^2 / sum_l2 is the signal the least-squares scale explains: maximise it.
-        better = (sum_l2 > 0) & (sum_lx * sum_lx > best * sum_l2)
-        candidate = sum_lx / torch.where(sum_l2 > 0, sum_l2, torch.ones_like(sum_l2))
-        scale = torch.where(better, candidate, scale)
-        best = torch.where(better, candidate * sum_lx, best)
-    return torch.where(zero, torch.zeros_like(scale), scale).squeeze(-1)
-
-
-def quantize_q6_k(x: torch.Tensor) -> torch.Tensor:
-    """``(n, 256)`` float32 -> ``(n, 210)`` uint8 Q6_K blocks."""
     n = x.shape[0]
-    scales = _fit_symmetric(x.reshape(n * 16, 16), nmax=32).reshape(n, 16)
+    sub = x.reshape(n * 16, 16)
+    w = sub * sub if importance is None else importance.reshape(n * 16, 16)
+    scales = fit_symmetric(sub, w, nmax=32)[0].reshape(n, 16)
     idx = scales.abs().argmax(dim=-1, keepdim=True)
     max_scale = torch.gather(scales, -1, idx)  # (n, 1), signed
     empty = max_scale.abs() < GROUP_MAX_EPS
