@@ -7,7 +7,9 @@ run each through ``lora_linear`` and split the result. The 128k checkpoints use 
 scales cos/sin, which the patched attention consumes as they come. The sliding window (Phi-3-mini's
 2047) is read from the config. GGUF: architecture ``phi3``; ``attn_qkv`` and ``ffn_up`` keep the
 fused rows as llama.cpp expects; LongRoPE factors as the ``rope_factors_long`` / ``rope_factors_short``
-tensors with the attention factor and the original context length as keys.
+tensors with the attention factor and the original context length as keys. The window is written
+as llama.cpp's converter writes it, but llama.cpp (llama-cpp-python 0.3.36) runs Phi-3 without one:
+its outputs match Hugging Face's up to the window's length (2047 tokens on Phi-3-mini).
 """
 
 from __future__ import annotations
