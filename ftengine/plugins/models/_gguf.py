@@ -10,6 +10,7 @@ rotate-half order to llama.cpp's interleaved rotary order, and Gemma norms are s
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -118,8 +119,9 @@ def permute_rotary_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
 def rope_metadata(config: Any) -> dict[str, Any]:
     """``rope.*`` keys from a Hugging Face config: base frequency, rotary dimensions and scaling.
 
-    ``linear`` and ``yarn`` scaling become ``rope.scaling.*`` keys (YaRN's original context length
-    and, when set, its ``beta_fast`` / ``beta_slow``). Llama 3's frequency-dependent scaling has no
+    ``linear`` and ``yarn`` scaling become ``rope.scaling.*`` keys (YaRN's original context length,
+    its cos/sin scale when not the default, and, when set, ``beta_fast`` / ``beta_slow``, which
+    llama.cpp as of llama-cpp-python 0.3.36 does not read yet). Llama 3's frequency-dependent scaling has no
     key: llama.cpp reads it from the ``rope_freqs.weight`` tensor (:func:`llama3_rope_factors`).
     LongRoPE's keys and tensors belong to the Phi-3 adapter. ``dynamic`` (NTK) scaling has no
     llama.cpp form: it changes nothing up to the original context, and the file runs unscaled.
@@ -139,10 +141,31 @@ def rope_metadata(config: Any) -> dict[str, Any]:
         original = params.get("original_max_position_embeddings")
         if original is not None:
             meta["rope.scaling.original_context_length"] = int(original)
+        meta.update(_yarn_attention(params))
         for hf_key, gguf_key in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow")):
             if params.get(hf_key) is not None:
                 meta[f"rope.scaling.{gguf_key}"] = float(params[hf_key])
     return meta
+
+
+def _yarn_attention(params: dict[str, Any]) -> dict[str, Any]:
+    """``rope.scaling.attn_factor`` when YaRN's cos/sin scale is not the default ``0.1 ln(s) + 1``.
+
+    Hugging Face scales cos/sin by ``attention_factor``, or by ``m(s, mscale) / m(s, mscale_all_dim)``
+    with ``m(s, k) = 0.1 k ln(s) + 1`` when both are set, else by ``m(s, 1)``; llama.cpp multiplies its
+    own ``m(s, 1)`` by ``attn_factor``, so the key holds the ratio.
+    """
+    factor = float(params["factor"])
+
+    def mscale(k: float) -> float:
+        return 0.1 * k * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+    attention = params.get("attention_factor")
+    if attention is None and params.get("mscale") and params.get("mscale_all_dim"):
+        attention = mscale(params["mscale"]) / mscale(params["mscale_all_dim"])
+    if attention is None:
+        return {}
+    return {"rope.scaling.attn_factor": float(attention) / mscale(1.0)}
 
 
 def rope_parameters(config: Any) -> dict[str, Any]:

@@ -3,9 +3,10 @@ written with them (F32, no vocabulary) gives llama.cpp the logits transformers g
 
 The sequences are shorter than the sliding windows: llama.cpp fixes Gemma 3's local/global layer
 pattern itself (five local layers to one global), which a two-layer model cannot share. A variant
-``family:what`` is the family with a long-context rope: YaRN (Qwen3) or LongRoPE past its original
-context (Phi-3; llama.cpp picks the long factors when its context exceeds the original one, Hugging
-Face when the sequence does, so the 11 tokens here pass an original context of 8)."""
+``family:what`` is the family with a long-context rope: YaRN (Qwen3; also with its own cos/sin
+scale) or LongRoPE past its original context (Phi-3; llama.cpp picks the long factors when its
+context exceeds the original one, Hugging Face when the sequence does, so the 11 tokens here pass an
+original context of 8)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,9 @@ MODELS = {
     "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=32, tie_word_embeddings=True, rope_theta=1e6)),
     "qwen3:yarn": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=32, rope_parameters={
         "rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 16})),
+    "qwen3:yarn-attention": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=32, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 16,
+        "attention_factor": 1.5})),
     "phi3": lambda: Phi3ForCausalLM(Phi3Config(**COMMON, **PHI3)),
     "phi3:longrope": lambda: Phi3ForCausalLM(Phi3Config(**COMMON, **PHI3, original_max_position_embeddings=8,
                                                         rope_scaling=PHI3_LONGROPE)),
