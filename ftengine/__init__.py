@@ -31,7 +31,7 @@ __all__ = ["hookimpl", "load_model", "add_lora", "get_chat_template", "load_data
 def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | torch.dtype | None = None,
                load_in_4bit: bool = False, load_in_8bit: bool = False, full_finetuning: bool = False,
                trust_remote_code: bool = False, attn_implementation: str = "auto",
-               offload_embedding: bool = False) -> tuple[Any, Any]:
+               offload_embedding: bool = False, rope_scaling: dict[str, Any] | None = None) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer (16-bit, 4-bit NF4 or 8-bit) and patch it with the kernel ops.
 
     Args:
@@ -54,6 +54,9 @@ def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | torch
             GPU, which reads only the rows it needs (about 1 GiB of GPU memory saved for 8B
             models); applied by :func:`add_lora` once the table is frozen. Not for tied or
             trained embeddings.
+        rope_scaling: RoPE scaling set on the config before the model is built, with transformers'
+            keys (``{"rope_type": "yarn", "factor": 4.0}``; ``linear``, ``dynamic``, ``yarn``,
+            ``llama3``, ``longrope``); see ``model.rope_scaling``.
 
     Returns:
         ``(model, tokenizer)``.
@@ -72,7 +75,8 @@ def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | torch
     model_config = validate_section(ModelConfig, dict(
         name_or_path=name_or_path, max_seq_length=max_seq_length, dtype=_dtype_name(dtype),
         full_finetuning=full_finetuning, trust_remote_code=trust_remote_code,
-        attn_implementation=attn_implementation, offload_embedding=offload_embedding), "load_model")
+        attn_implementation=attn_implementation, offload_embedding=offload_embedding,
+        rope_scaling=rope_scaling), "load_model")
     quant = validate_section(QuantizationConfig, dict(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit),
                              "load_model")
     config = RunConfig(model=model_config, quantization=quant, export=[])

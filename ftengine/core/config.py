@@ -30,6 +30,42 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+class RopeScalingConfig(Section):
+    """Rotary-embedding scaling for a context longer than the model was trained with (transformers' names)."""
+
+    rope_type: Literal["linear", "dynamic", "yarn", "llama3", "longrope"] = Field(
+        description="linear (positions divided by factor), dynamic (NTK base growth past the original context), "
+                    "yarn, llama3 (Llama 3.1's frequency-dependent scaling) or longrope (Phi-3's per-frequency "
+                    "short/long factors).")
+    factor: float | None = Field(None, ge=1, description="New context / original context; required except for "
+                                                         "longrope (default: max_position_embeddings / original).")
+    original_max_position_embeddings: int | None = Field(
+        None, gt=0, description="The context the model was trained with; default: the model's "
+                                "max_position_embeddings, which becomes original x factor (dynamic keeps it).")
+    attention_factor: float | None = Field(None, gt=0, description="yarn / longrope: scale of cos and sin; default "
+                                                                   "from factor as transformers computes it.")
+    beta_fast: float | None = Field(None, description="yarn: rotations where extrapolation stops (default 32).")
+    beta_slow: float | None = Field(None, description="yarn: rotations where interpolation starts (default 1).")
+    low_freq_factor: float | None = Field(None, description="llama3: wavelengths past original / low_freq_factor "
+                                                            "are scaled fully (default 1).")
+    high_freq_factor: float | None = Field(None, description="llama3: wavelengths under original / high_freq_factor "
+                                                             "are kept (default 4).")
+    short_factor: list[float] | None = Field(None, description="longrope: per-frequency divisors up to the original "
+                                                               "context (head_dim / 2 values).")
+    long_factor: list[float] | None = Field(None, description="longrope: per-frequency divisors past the original "
+                                                              "context (head_dim / 2 values).")
+
+
+ROPE_SCALING_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "linear": (("factor",), ()),
+    "dynamic": (("factor",), ()),
+    "yarn": (("factor",), ("original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow")),
+    "llama3": (("factor",), ("original_max_position_embeddings", "low_freq_factor", "high_freq_factor")),
+    "longrope": (("short_factor", "long_factor"), ("factor", "original_max_position_embeddings", "attention_factor")),
+}
+"""``rope_type`` -> (required keys, optional keys) of ``model.rope_scaling``."""
+
+
 class ModelConfig(Section):
     name_or_path: str = Field(description="Local Hugging Face model directory or hub id (e.g. Qwen/Qwen2.5-0.5B).")
     max_seq_length: int = Field(2048, gt=0, description="Longest training sequence in tokens; longer samples are "
@@ -47,6 +83,9 @@ class ModelConfig(Section):
                             "when data.packing is on and a CUDA GPU is present (its document mask skips the blocks "
                             "across packed samples), else sdpa (eager for models without sdpa). flex_attention "
                             "trains on CUDA only.")
+    rope_scaling: RopeScalingConfig | None = Field(
+        None, description="RoPE scaling applied to the model's config before it is built, to train past its "
+                          "context (e.g. {rope_type: yarn, factor: 4}); exports carry it.")
     adapter: str | None = Field(None, description="Model adapter (architecture plugin) to use; default: the one "
                                                   "serving the model's config.model_type.")
     trust_remote_code: bool = Field(False, description="Allow model code from the hub repository.")
@@ -406,6 +445,21 @@ def check_combinations(config: RunConfig) -> list[str]:
         problems.append("training.max_steps: expected -1 (run num_train_epochs) or a positive number of steps, got 0")
     if config.training.eval_steps and not (config.data.eval_path or config.data.eval_fraction > 0):
         problems.append("training.eval_steps: evaluation needs eval data; set data.eval_path or data.eval_fraction")
+    if config.model.rope_scaling is not None:
+        problems += rope_scaling_problems(config.model.rope_scaling)
+    return problems
+
+
+def rope_scaling_problems(scaling: RopeScalingConfig, where: str = "model.rope_scaling") -> list[str]:
+    """Keys a ``rope_type`` needs but lacks, and keys it does not read."""
+    required, optional = ROPE_SCALING_KEYS[scaling.rope_type]
+    given = {key for key, value in scaling.model_dump().items() if value is not None and key != "rope_type"}
+    problems = [f"{where}.{key}: required for rope_type {scaling.rope_type}" for key in required if key not in given]
+    problems += [f"{where}.{key}: not used by rope_type {scaling.rope_type} (it reads "
+                 f"{', '.join(required + optional)})" for key in sorted(given - set(required) - set(optional))]
+    if scaling.short_factor is not None and scaling.long_factor is not None and (
+            len(scaling.short_factor) != len(scaling.long_factor)):
+        problems.append(f"{where}: short_factor and long_factor must have the same length (head_dim / 2)")
     return problems
 
 

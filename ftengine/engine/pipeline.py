@@ -61,6 +61,7 @@ from ftengine.engine.memory import checkpointing
 from ftengine.engine.progress import CheckpointMarkerCallback
 from ftengine.engine.progress import InterruptCallback
 from ftengine.engine.progress import ProgressCallback
+from ftengine.engine.rope_scaling import apply_rope_scaling
 from ftengine.engine.rundir import RunDir
 from ftengine.engine.rundir import atomic_directory
 from ftengine.engine.templates import apply_chat_template
@@ -295,12 +296,15 @@ def load(config: RunConfig, strategy: str = "single") -> LoadedModel:
 
     m, q = config.model, config.quantization
     hf_config = load_model_config(m.name_or_path, m.trust_remote_code, m.revision)
+    rope_note = apply_rope_scaling(hf_config, m.rope_scaling.model_dump() if m.rope_scaling else None)
     adapter = find_adapter(hf_config, m.adapter)
     dtype = resolve_dtype(m.dtype)
     source = str(Path(m.name_or_path).expanduser()) if _is_local(m.name_or_path) else m.name_or_path
     attention = choose_attn_implementation(m.attn_implementation, config.data.packing, hf_config)
     kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=m.trust_remote_code, revision=m.revision,
                                   attn_implementation=attention)
+    if rope_note is not None:
+        kwargs["config"] = hf_config
     storage = getattr(torch, q.bnb_4bit_compute_dtype) if strategy == "fsdp" else None
     if not m.allow_pickle:
         kwargs["use_safetensors"] = True
@@ -327,6 +331,8 @@ def load(config: RunConfig, strategy: str = "single") -> LoadedModel:
     notes = [f"model {m.name_or_path} ({hf_config.model_type}, {mode}, "
              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)",
              attention_note(attention, m.attn_implementation, config.data.packing)]
+    if rope_note is not None:
+        notes.append(rope_note)
     return LoadedModel(model, tokenizer, adapter, notes, settings)
 
 

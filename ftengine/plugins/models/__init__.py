@@ -14,11 +14,13 @@ from ftengine.plugins.models import gemma3
 from ftengine.plugins.models import llama
 from ftengine.plugins.models import mistral
 from ftengine.plugins.models import mixtral
+from ftengine.plugins.models import phi3
 from ftengine.plugins.models import qwen2
+from ftengine.plugins.models import qwen3
 from ftengine.plugins.models import qwen3_moe
 
-ADAPTERS = (llama.ADAPTER, qwen2.ADAPTER, mistral.ADAPTER, gemma.ADAPTER, gemma2.ADAPTER, gemma3.ADAPTER,
-            qwen3_moe.ADAPTER, mixtral.ADAPTER)
+ADAPTERS = (llama.ADAPTER, qwen2.ADAPTER, qwen3.ADAPTER, mistral.ADAPTER, phi3.ADAPTER, gemma.ADAPTER, gemma2.ADAPTER,
+            gemma3.ADAPTER, qwen3_moe.ADAPTER, mixtral.ADAPTER)
 
 
 @hookimpl

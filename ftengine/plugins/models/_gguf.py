@@ -10,6 +10,7 @@ rotate-half order to llama.cpp's interleaved rotary order, and Gemma norms are s
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,15 +22,29 @@ _LAYER = re.compile(r"\.layers\.(\d+)\.")
 _BLOCK0 = "blk.0."
 
 
-@functools.cache
-def _name_map(arch: str) -> Any:
-    """The one-block ``gguf.TensorNameMap`` of a llama.cpp architecture; other blocks map through block 0."""
+def _arch(arch: str) -> Any:
+    """gguf's ``MODEL_ARCH`` member of a llama.cpp architecture name."""
     import gguf  # only exports need it
 
     for key, value in gguf.MODEL_ARCH_NAMES.items():
         if value == arch:
-            return gguf.get_tensor_name_map(key, 1)
+            return key
     raise ValueError(f"gguf does not know the llama.cpp architecture {arch!r}")
+
+
+@functools.cache
+def _name_map(arch: str) -> Any:
+    """The one-block ``gguf.TensorNameMap`` of a llama.cpp architecture; other blocks map through block 0."""
+    import gguf
+
+    return gguf.get_tensor_name_map(_arch(arch), 1)
+
+
+def has_tensor(arch: str, name: str) -> bool:
+    """Whether llama.cpp's architecture ``arch`` reads a tensor named ``name`` (e.g. ``rope_freqs``)."""
+    import gguf
+
+    return any(gguf.TENSOR_NAMES[t] == name for t in gguf.MODEL_TENSORS[_arch(arch)])
 
 
 def tensor_name(
@@ -102,32 +117,58 @@ def permute_rotary_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def rope_metadata(config: Any) -> dict[str, Any]:
-    """``rope.*`` keys from a Hugging Face config: base frequency, dimensions and scaling.
+    """``rope.*`` keys from a Hugging Face config: base frequency, rotary dimensions and scaling.
 
-    ``linear`` and ``yarn`` scaling become ``rope.scaling.*`` keys. Llama 3's frequency-dependent
-    scaling has no key: llama.cpp reads it from the ``rope_freqs.weight`` tensor
-    (:func:`llama3_rope_factors`).
+    ``linear`` and ``yarn`` scaling become ``rope.scaling.*`` keys (YaRN's original context length,
+    its cos/sin scale when not the default, and, when set, ``beta_fast`` / ``beta_slow``, which
+    llama.cpp as of llama-cpp-python 0.3.36 does not read yet). Llama 3's frequency-dependent scaling has no
+    key: llama.cpp reads it from the ``rope_freqs.weight`` tensor (:func:`llama3_rope_factors`).
+    LongRoPE's keys and tensors belong to the Phi-3 adapter. ``dynamic`` (NTK) scaling has no
+    llama.cpp form: it changes nothing up to the original context, and the file runs unscaled.
     """
-    params = _rope_parameters(config)
+    params = rope_parameters(config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    meta: dict[str, Any] = {"rope.dimension_count": int(head_dim)}
+    partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0
+    meta: dict[str, Any] = {"rope.dimension_count": int(head_dim * partial)}
     theta = params.get("rope_theta", getattr(config, "rope_theta", None))
     if theta is not None:
         meta["rope.freq_base"] = float(theta)
     kind = params.get("rope_type", params.get("type"))
-    if kind == "linear":
-        meta["rope.scaling.type"] = "linear"
+    if kind in ("linear", "yarn"):
+        meta["rope.scaling.type"] = kind
         meta["rope.scaling.factor"] = float(params["factor"])
-    elif kind == "yarn":
-        meta["rope.scaling.type"] = "yarn"
-        meta["rope.scaling.factor"] = float(params["factor"])
+    if kind == "yarn":
         original = params.get("original_max_position_embeddings")
         if original is not None:
             meta["rope.scaling.original_context_length"] = int(original)
+        meta.update(_yarn_attention(params))
+        for hf_key, gguf_key in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow")):
+            if params.get(hf_key) is not None:
+                meta[f"rope.scaling.{gguf_key}"] = float(params[hf_key])
     return meta
 
 
-def _rope_parameters(config: Any) -> dict[str, Any]:
+def _yarn_attention(params: dict[str, Any]) -> dict[str, Any]:
+    """``rope.scaling.attn_factor`` when YaRN's cos/sin scale is not the default ``0.1 ln(s) + 1``.
+
+    Hugging Face scales cos/sin by ``attention_factor``, or by ``m(s, mscale) / m(s, mscale_all_dim)``
+    with ``m(s, k) = 0.1 k ln(s) + 1`` when both are set, else by ``m(s, 1)``; llama.cpp multiplies its
+    own ``m(s, 1)`` by ``attn_factor``, so the key holds the ratio.
+    """
+    factor = float(params["factor"])
+
+    def mscale(k: float) -> float:
+        return 0.1 * k * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+    attention = params.get("attention_factor")
+    if attention is None and params.get("mscale") and params.get("mscale_all_dim"):
+        attention = mscale(params["mscale"]) / mscale(params["mscale_all_dim"])
+    if attention is None:
+        return {}
+    return {"rope.scaling.attn_factor": float(attention) / mscale(1.0)}
+
+
+def rope_parameters(config: Any) -> dict[str, Any]:
     """The rope settings whichever attribute this transformers version keeps them in."""
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if isinstance(params, dict) and "full_attention" in params:  # per-layer-type (Gemma 3)
@@ -143,7 +184,7 @@ def llama3_rope_factors(config: Any) -> torch.Tensor | None:
     ``factor``, and in between the divisor blends ``1/((1-s)/factor + s)`` with
     ``s = (L/w - low) / (high - low)``; ``L`` is the original context length.
     """
-    params = _rope_parameters(config)
+    params = rope_parameters(config)
     if params.get("rope_type", params.get("type")) != "llama3":
         return None
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -189,6 +230,8 @@ class GGUFLayout:
         skip: regular expressions of Hugging Face tensors not exported.
         renames: ``(prefix, replacement)`` pairs applied before name mapping (multimodal wrappers).
         extra_metadata: the family's own keys from the (text) config, beyond :func:`rope_metadata`.
+        family_tensors: the family's own tensors computed from the (text) config (Phi-3's LongRoPE
+            factors), beyond Llama 3 scaling's ``rope_freqs.weight``.
 
     .. versionadded:: 0.1
     """
@@ -199,6 +242,7 @@ class GGUFLayout:
     skip: tuple[str, ...] = ()
     renames: tuple[tuple[str, str], ...] = ()
     extra_metadata: Callable[[Any], dict[str, Any]] | None = None
+    family_tensors: Callable[[Any], dict[str, torch.Tensor]] | None = None
 
     def tensor_name(self, hf_name: str) -> str | None:
         """llama.cpp's name for a Hugging Face tensor name (``None``: not exported)."""
@@ -228,6 +272,13 @@ class GGUFLayout:
         return split_fused_experts(hf_name, tensor)
 
     def extra_tensors(self, config: Any) -> dict[str, torch.Tensor]:
-        """Tensors llama.cpp needs that have no Hugging Face counterpart (Llama 3.1's ``rope_freqs.weight``)."""
-        factors = llama3_rope_factors(_text(config)) if self.architecture == "llama" else None
-        return {} if factors is None else {"rope_freqs.weight": factors}
+        """Tensors llama.cpp needs that have no Hugging Face counterpart: Llama 3 scaling's
+        ``rope_freqs.weight`` (for any architecture llama.cpp reads it in) and the family's own."""
+        text = _text(config)
+        tensors = {}
+        factors = llama3_rope_factors(text)
+        if factors is not None and has_tensor(self.architecture, "rope_freqs"):
+            tensors["rope_freqs.weight"] = factors
+        if self.family_tensors is not None:
+            tensors.update(self.family_tensors(text))
+        return tensors

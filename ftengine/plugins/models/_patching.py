@@ -48,6 +48,9 @@ LOSS_ONLY_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index")
 USED_OPS = ("rms_norm", "rope", "swiglu", "geglu", "linear_cross_entropy", "lora_linear", "lora_mlp", "lora_qkv",
             "lora_moe")
 
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj")
+"""Projection attributes of the patched attention and MLP modules (separate or fused)."""
+
 _PATCHED = "_ftengine_patched"
 
 
@@ -60,8 +63,13 @@ class PatchTable:
         norm_offset: ``0.0`` (``w * x_hat``) or ``1.0`` (Gemma: ``(1 + w) * x_hat``).
         attentions: attention classes whose q/k/v/o projections and rotary step are replaced.
         attention_kwargs: ``(keyword, attribute)`` pairs passed from the attention module to the
-            attention function, e.g. ``("sliding_window", "sliding_window")``.
+            attention function, e.g. ``("sliding_window", "sliding_window")``; a dotted attribute is
+            read through the module (``"config.sliding_window"``).
         mlps: gated MLP classes (``gate_proj``, ``up_proj``, ``down_proj``, ``act_fn``).
+        fused_qkv: attribute of one projection holding q, k and v rows in that order (Phi-3's
+            ``qkv_proj``), split after it runs; ``None``: separate ``q_proj``/``k_proj``/``v_proj``.
+        fused_gate_up: attribute of one projection holding the gate rows then the up rows (Phi-3's
+            ``gate_up_proj``); ``None``: separate ``gate_proj``/``up_proj``.
         causal_lms: classes whose forward gets the fused LM-head loss.
         final_softcap: config attribute of the final logit softcap (Gemma 2/3), or ``None``.
         decoder: the attribute of a causal-LM class holding the decoder (``model``).
@@ -79,6 +87,8 @@ class PatchTable:
     final_softcap: str | None = None
     decoder: str = "model"
     moes: tuple[str, ...] = ()
+    fused_qkv: str | None = None
+    fused_gate_up: str | None = None
 
 
 # --------------------------------------------------------------------------- routing of projections
@@ -188,23 +198,75 @@ def _norm_forward(get_op: GetOp, offset: float) -> Callable[..., torch.Tensor]:
     return forward
 
 
-def _mlp_forward(get_op: GetOp, activation: str) -> Callable[..., torch.Tensor]:
-    gate_op = "swiglu" if activation == "swiglu" else "geglu"
-    approximate = "tanh" if activation == "geglu_tanh" else "none"
+def _gate(get_op: GetOp, activation: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``act(gate) * up`` on the element-wise op matching a ``lora_mlp`` activation name."""
+    if activation == "swiglu":
+        return get_op("swiglu")(gate, up)
+    return get_op("geglu")(gate, up, "tanh" if activation == "geglu_tanh" else "none")
 
+
+def _linear(get_op: GetOp, module: nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:
+    """One projection through ``lora_linear`` when it routes, else the module itself (peft's path)."""
+    projected = _project(get_op, [module], x, what)
+    return projected[0] if projected is not None else module(x)
+
+
+def _mlp_forward(get_op: GetOp, activation: str) -> Callable[..., torch.Tensor]:
     def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         routes = [route(m) for m in (self.gate_proj, self.up_proj, self.down_proj)]
         if all(w is not None for w, _ in routes):
             return get_op("lora_mlp")(x, *(w for w, _ in routes), activation=activation)
         _note_fallback("MLP", next(reason for w, reason in routes if w is None))
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        hidden = get_op("swiglu")(gate, up) if gate_op == "swiglu" else get_op("geglu")(gate, up, approximate)
-        return self.down_proj(hidden)
+        return self.down_proj(_gate(get_op, activation, self.gate_proj(x), self.up_proj(x)))
 
     return forward
 
 
-def _attention_forward(get_op: GetOp, attention_kwargs: tuple[tuple[str, str], ...]) -> Callable[..., Any]:
+def _fused_mlp_forward(get_op: GetOp, activation: str, gate_up: str) -> Callable[..., torch.Tensor]:
+    """A gated MLP whose gate and up rows share one projection: one ``lora_linear`` (LoRA on the fused
+    weight), split in halves, the gate op, and ``lora_linear`` for ``down_proj``."""
+
+    def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        gate, up = _linear(get_op, getattr(self, gate_up), x, f"MLP {gate_up}").chunk(2, dim=-1)  # (B, T, I) each
+        return _linear(get_op, self.down_proj, _gate(get_op, activation, gate, up), "MLP down_proj")
+
+    return forward
+
+
+def _qkv(get_op: GetOp, module: nn.Module, x: torch.Tensor, fused: str | None) -> list[torch.Tensor]:
+    """q, k and v projections ``(B, T, heads * D)``: one ``lora_qkv`` over three projections, or one
+    ``lora_linear`` over a fused projection split into its q, k and v rows."""
+    if fused is None:
+        projections = [module.q_proj, module.k_proj, module.v_proj]
+        qkv = _project(get_op, projections, x, "attention q/k/v")
+        return qkv if qkv is not None else [p(x) for p in projections]
+    qkv = _linear(get_op, getattr(module, fused), x, f"attention {fused}")
+    q_size = module.config.num_attention_heads * module.head_dim
+    kv_size = (qkv.shape[-1] - q_size) // 2
+    return list(qkv.split([q_size, kv_size, kv_size], dim=-1))
+
+
+def _rotate(get_op: GetOp, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+            sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rope op on q and k; with partial rotary (cos narrower than a head, Phi-4-mini) only the first
+    ``cos.shape[-1]`` dimensions of each head turn and the rest pass through."""
+    rotary = cos.shape[-1]
+    if rotary == q.shape[-1]:
+        return get_op("rope")(q, k, cos, sin)
+    q_rot, k_rot = get_op("rope")(q[..., :rotary], k[..., :rotary], cos, sin)
+    return torch.cat((q_rot, q[..., rotary:]), dim=-1), torch.cat((k_rot, k[..., rotary:]), dim=-1)
+
+
+_MISSING = object()
+
+
+def _attribute(module: nn.Module, path: str) -> Any:
+    """``module.<path>`` for a dotted path, or ``_MISSING``."""
+    return functools.reduce(lambda obj, name: getattr(obj, name, _MISSING), path.split("."), module)
+
+
+def _attention_forward(get_op: GetOp, attention_kwargs: tuple[tuple[str, str], ...],
+                       fused_qkv: str | None = None) -> Callable[..., Any]:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     def forward(
@@ -216,20 +278,18 @@ def _attention_forward(get_op: GetOp, attention_kwargs: tuple[tuple[str, str], .
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_shape = hidden_states.shape[:-1]  # (B, T)
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        qkv = _project(get_op, list(projections), hidden_states, "attention q/k/v")
-        if qkv is None:
-            qkv = [p(hidden_states) for p in projections]
+        qkv = _qkv(get_op, self, hidden_states, fused_qkv)
         # (B, T, heads * D) -> (B, heads, T, D)
         q, k, v = (t.view(*batch_shape, -1, self.head_dim).transpose(1, 2) for t in qkv)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = position_embeddings
-        q, k = get_op("rope")(q, k, cos, sin)
+        q, k = _rotate(get_op, q, k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         attend = _attention_function(self, ALL_ATTENTION_FUNCTIONS)
-        extra = {key: getattr(self, attr) for key, attr in attention_kwargs if hasattr(self, attr)}
+        extra = {key: _attribute(self, attr) for key, attr in attention_kwargs}
+        extra = {key: value for key, value in extra.items() if value is not _MISSING}
         out, weights = attend(
             self,
             q,
@@ -242,8 +302,7 @@ def _attention_forward(get_op: GetOp, attention_kwargs: tuple[tuple[str, str], .
             **kwargs,
         )
         out = out.reshape(*batch_shape, -1).contiguous()  # (B, T, heads * D)
-        projected = _project(get_op, [self.o_proj], out, "attention o_proj")
-        return (projected[0] if projected is not None else self.o_proj(out)), weights
+        return _linear(get_op, self.o_proj, out, "attention o_proj"), weights
 
     return forward
 
@@ -377,14 +436,16 @@ def patch_model(model: nn.Module, get_op: GetOp, table: PatchTable) -> list[str]
             _set_forward(module, _norm_forward(get_op, table.norm_offset))
             counts["rms_norm"] += 1
         elif cls in table.attentions:
-            _set_forward(module, _attention_forward(get_op, table.attention_kwargs))
+            _set_forward(module, _attention_forward(get_op, table.attention_kwargs, table.fused_qkv))
             counts["attention"] += 1
         elif cls in table.mlps:
             activation = ACTIVATIONS.get(getattr(module.config, "hidden_activation", None) or module.config.hidden_act)
             if activation is None:
                 skipped.append(f"MLP {cls}: activation {module.config.hidden_act!r} has no fused op (left as is)")
                 continue
-            _set_forward(module, _mlp_forward(get_op, activation))
+            forward = (_mlp_forward(get_op, activation) if table.fused_gate_up is None
+                       else _fused_mlp_forward(get_op, activation, table.fused_gate_up))
+            _set_forward(module, forward)
             counts[f"mlp:{activation}"] += 1
         elif cls in table.moes:
             hidden_act = _moe.base_experts(module.experts).config.hidden_act
@@ -402,11 +463,16 @@ def patch_model(model: nn.Module, get_op: GetOp, table: PatchTable) -> list[str]
         lines.append(f"rms_norm x{counts['rms_norm']} -> {backends['rms_norm']}")
     if counts["attention"]:
         n = counts["attention"]
-        lines.append(f"attention q/k/v x{n} -> lora_qkv ({backends['lora_qkv']}), "
-                     f"rope -> {backends['rope']}, o_proj -> lora_linear ({backends['lora_linear']})")
+        qkv = (f"q/k/v x{n} -> lora_qkv ({backends['lora_qkv']})" if table.fused_qkv is None
+               else f"{table.fused_qkv} x{n} -> lora_linear ({backends['lora_linear']}), split")
+        lines.append(f"attention {qkv}, rope -> {backends['rope']}, o_proj -> lora_linear ({backends['lora_linear']})")
     for key, n in sorted(counts.items()):
-        if key.startswith("mlp:"):
+        if key.startswith("mlp:") and table.fused_gate_up is None:
             lines.append(f"mlp x{n} -> lora_mlp {key[4:]} ({backends['lora_mlp']})")
+        elif key.startswith("mlp:"):
+            gate = "swiglu" if key[4:] == "swiglu" else "geglu"
+            lines.append(f"mlp {table.fused_gate_up} x{n} -> lora_linear ({backends['lora_linear']}), split, "
+                         f"{gate} ({backends[gate]}), down_proj -> lora_linear")
     if counts["moe"]:
         lines.append(f"moe experts x{counts['moe']} -> lora_moe grouped GEMMs ({backends['lora_moe']})")
     if counts["loss"]:
@@ -443,7 +509,7 @@ def routing_report(model: nn.Module) -> list[str]:
     for module in model.modules():
         if not _is_patched(module):
             continue
-        for child_name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        for child_name in PROJECTIONS:
             child = getattr(module, child_name, None)
             if child is None or id(child) in seen:
                 continue

@@ -75,8 +75,8 @@ def tokens(template: ChatTemplate) -> tuple[str | None, str | None]:
 
 
 def test_every_named_template_is_registered():
-    names = ["qwen2.5", "llama-3", "llama-3.1", "llama-3.2", "llama-3.3", "llama-2", "mistral", "gemma", "gemma-2",
-             "gemma-3", "phi-3", "phi-3.5", "phi-4", "chatml", "zephyr", "vicuna", "alpaca", "tokenizer"]
+    names = ["qwen2.5", "qwen3", "llama-3", "llama-3.1", "llama-3.2", "llama-3.3", "llama-2", "mistral", "gemma",
+             "gemma-2", "gemma-3", "phi-3", "phi-3.5", "phi-4", "chatml", "zephyr", "vicuna", "alpaca", "tokenizer"]
     assert sorted(BY_NAME) == sorted(names)
     regs = Registries()
     import ftengine.plugins.datasets as plugin
@@ -219,9 +219,10 @@ def test_prefix_consistent(name):
     assert checked >= 4
 
 
-def test_closed_turns_are_prefixes_except_phi3():
+def test_closed_turns_are_prefixes_except_phi3_and_qwen3():
     """render(messages[:i + 1]) is a prefix of the whole render for an assistant turn i, except for Phi-3/3.5,
-    whose templates end every render without a generation prompt with the eos token."""
+    whose templates end every render without a generation prompt with the eos token, and Qwen3, whose last
+    assistant turn carries a think block that earlier turns drop."""
     breaks = set()
     for name in RENDERED_TEMPLATES:
         template = BY_NAME[name]
@@ -230,4 +231,45 @@ def test_closed_turns_are_prefixes_except_phi3():
         whole = render(template.jinja, bos, eos, messages, False, date_string="05 Mar 2025")
         if not whole.startswith(render(template.jinja, bos, eos, messages[:2], False, date_string="05 Mar 2025")):
             breaks.add(name)
-    assert breaks == {"phi-3", "phi-3.5"}
+    assert breaks == {"phi-3", "phi-3.5", "qwen3"}
+
+
+QWEN3_TURN = "<|im_start|>{role}\n{content}<|im_end|>\n"
+
+
+def qwen3(messages: list, generation: bool = False, **kwargs) -> str:
+    return render(BY_NAME["qwen3"].jinja, None, "<|im_end|>", messages, generation, **kwargs)
+
+
+def test_qwen3_thinks_on_the_turns_after_the_last_user_query():
+    """Qwen3's rules: no default system prompt; assistant turns before the last user message keep only their
+    answer (reasoning dropped, from ``reasoning_content`` or from ``<think>`` in the content); the last turn
+    carries a ``<think>`` block, empty when it has no reasoning."""
+    earlier = {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4."}
+    last = {"role": "assistant", "content": A2["content"], "reasoning_content": "\nquote both kinds\n"}
+    assert qwen3([SYSTEM, U1, earlier, U2, last]) == (
+        QWEN3_TURN.format(role="system", content=SYSTEM["content"])
+        + QWEN3_TURN.format(role="user", content=U1["content"])
+        + QWEN3_TURN.format(role="assistant", content="4.") + QWEN3_TURN.format(role="user", content=U2["content"])
+        + QWEN3_TURN.format(role="assistant", content="<think>\nquote both kinds\n</think>\n\n" + A2["content"]))
+    assert qwen3([U1, A1]) == (QWEN3_TURN.format(role="user", content=U1["content"])
+                               + QWEN3_TURN.format(role="assistant", content="<think>\n\n</think>\n\n4."))
+
+
+def test_qwen3_generation_prompt_with_and_without_thinking():
+    user = QWEN3_TURN.format(role="user", content=U1["content"])
+    assert qwen3([U1], True) == user + "<|im_start|>assistant\n"
+    assert qwen3([U1], True, enable_thinking=False) == user + "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def test_qwen3_masks_train_each_answer_and_the_last_think_block():
+    """The data stage's masks on Qwen3 renders: an earlier turn trains its answer and end-of-turn token, the last
+    turn its think block too (what the model generates after the generation prompt; the last turn's span runs
+    to the end of its render, the newline after the end-of-turn token included, as for any ChatML template)."""
+    from ftengine.engine.data import conversation_spans
+
+    tokenizer = _tokenizer(None, "<|im_end|>")
+    tokenizer.chat_template = BY_NAME["qwen3"].jinja
+    text, spans = conversation_spans(tokenizer, [U1, A1, U2, A2], "assistant")
+    assert [text[a:b] for a, b in spans] == ["4.<|im_end|>",
+                                             "<think>\n\n</think>\n\n" + A2["content"] + "<|im_end|>\n"]

@@ -189,3 +189,29 @@ def assert_bf16_as_close_as_hf(model_cls: type, config: Any, family: str, seq: i
         e_hf = rel_err(results["hf"][1][name].float(), g_truth)
         e_ours = rel_err(results["ours"][1][name].float(), g_truth)
         assert e_ours <= 2 * e_hf + 1e-2, f"gradient of {name}: ours {e_ours:.2e} vs Hugging Face bf16 {e_hf:.2e}"
+
+
+def assert_qlora_matches_peft(model_cls: type, config: Any, family: str, vocab: int, tmp_path: Any) -> None:
+    """A saved tiny model loaded twice in NF4 (double quantization, fp32 compute), one copy patched: the same
+    LoRA gives the same loss and gradients through the fused NF4 ops as through peft's bitsandbytes layers.
+
+    bitsandbytes' CPU dequantization is wrong for rows shorter than a 64-value block (0.50.2), so every
+    projection of ``config`` needs at least 64 inputs. In eval mode without gradients bitsandbytes switches to
+    a bf16 CPU kernel, so the eval logits are compared at bf16's precision."""
+    from peft import LoraConfig
+    from peft import get_peft_model
+    from transformers import BitsAndBytesConfig
+
+    torch.manual_seed(0)
+    model_cls(config).save_pretrained(tmp_path)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                               bnb_4bit_use_double_quant=True)
+    models = [model_cls.from_pretrained(tmp_path, quantization_config=quant, dtype=torch.float32) for _ in range(2)]
+    assert adapter(family).patch(models[1], get_op)
+    lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules="all-linear")
+    torch.manual_seed(1)
+    reference = get_peft_model(models[0], lora)
+    patched = get_peft_model(models[1], LoraConfig(**lora.to_dict()))
+    patched.load_state_dict(reference.state_dict(), strict=False)
+    assert_fully_fused(family, patched, kind="lora+nf4")
+    assert_equivalent(reference, patched, vocab, tol=1e-5, eval_tol=1e-2)

@@ -2,7 +2,11 @@
 written with them (F32, no vocabulary) gives llama.cpp the logits transformers gives.
 
 The sequences are shorter than the sliding windows: llama.cpp fixes Gemma 3's local/global layer
-pattern itself (five local layers to one global), which a two-layer model cannot share."""
+pattern itself (five local layers to one global), which a two-layer model cannot share. A variant
+``family:what`` is the family with a long-context rope: YaRN (Qwen3; also with its own cos/sin
+scale) or LongRoPE past its original context (Phi-3; llama.cpp picks the long factors when its
+context exceeds the original one, Hugging Face when the sequence does, so the 11 tokens here pass an
+original context of 8)."""
 
 from __future__ import annotations
 
@@ -19,8 +23,12 @@ from transformers import LlamaConfig
 from transformers import LlamaForCausalLM
 from transformers import MistralConfig
 from transformers import MistralForCausalLM
+from transformers import Phi3Config
+from transformers import Phi3ForCausalLM
 from transformers import Qwen2Config
 from transformers import Qwen2ForCausalLM
+from transformers import Qwen3Config
+from transformers import Qwen3ForCausalLM
 
 from .helpers import adapter
 
@@ -30,12 +38,24 @@ gguf = pytest.importorskip("gguf")
 VOCAB, TOKENS = 256, [1, 5, 17, 200, 33, 77, 101, 12, 9, 250, 3]
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, initializer_range=0.1)
+PHI3 = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=None, tie_word_embeddings=False)
+PHI3_LONGROPE = {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                 "long_factor": [1.0 + 2.0 * i for i in range(8)]}
 # llama.cpp scales Gemma 2/3 queries by 1/sqrt(head_dim) below 27B: query_pre_attn_scalar = head_dim matches it
 MODELS = {
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**COMMON, rope_parameters={
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**COMMON, tie_word_embeddings=True, rope_theta=1e6)),
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=32, tie_word_embeddings=True, rope_theta=1e6)),
+    "qwen3:yarn": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=32, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 16})),
+    "qwen3:yarn-attention": lambda: Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=32, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 16,
+        "attention_factor": 1.5})),
+    "phi3": lambda: Phi3ForCausalLM(Phi3Config(**COMMON, **PHI3)),
+    "phi3:longrope": lambda: Phi3ForCausalLM(Phi3Config(**COMMON, **PHI3, original_max_position_embeddings=8,
+                                                        rope_scaling=PHI3_LONGROPE)),
     "mistral": lambda: MistralForCausalLM(MistralConfig(**COMMON, head_dim=32, sliding_window=None)),
     "gemma": lambda: GemmaForCausalLM(GemmaConfig(**COMMON, head_dim=16)),
     "gemma2": lambda: Gemma2ForCausalLM(Gemma2Config(**COMMON, head_dim=16, query_pre_attn_scalar=16,
@@ -47,6 +67,7 @@ MODELS = {
 
 
 def _write(model: torch.nn.Module, family: str, path) -> None:
+    family = family.split(":")[0]
     ours, cfg = adapter(family), model.config
     arch = ours.gguf.architecture
     writer = gguf.GGUFWriter(str(path), arch)

@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from peft import LoraConfig
-from peft import get_peft_model
 from transformers import Qwen2Config
 from transformers import Qwen2ForCausalLM
-
-from ftengine.core.kernels import get_op
 
 from .helpers import BACKENDS
 from .helpers import GPU_SIZES
@@ -19,6 +14,7 @@ from .helpers import assert_equivalent
 from .helpers import assert_fully_fused
 from .helpers import assert_num_items_in_batch
 from .helpers import assert_packed_equivalent
+from .helpers import assert_qlora_matches_peft
 from .helpers import tiny_pair
 from .helpers import use_backend
 
@@ -79,26 +75,7 @@ def test_gguf_metadata_yarn():
 
 
 def test_qlora_nf4_matches_peft(tmp_path):
-    """bitsandbytes' CPU dequantization is wrong for rows shorter than a 64-value block (0.50.2), so every
-    projection here has at least 64 inputs. In eval mode without gradients bitsandbytes switches to a bf16
-    CPU kernel, so the eval logits are compared at bf16's precision."""
-    from transformers import BitsAndBytesConfig
-
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config(hidden_size=64, intermediate_size=128)).save_pretrained(tmp_path)
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
-                               bnb_4bit_use_double_quant=True)
-    models = [Qwen2ForCausalLM.from_pretrained(tmp_path, quantization_config=quant, dtype=torch.float32)
-              for _ in range(2)]
-    assert adapter("qwen2").patch(models[1], get_op)
-
-    lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules="all-linear")
-    torch.manual_seed(1)
-    reference = get_peft_model(models[0], lora)
-    patched = get_peft_model(models[1], LoraConfig(**lora.to_dict()))
-    patched.load_state_dict(reference.state_dict(), strict=False)
-    assert_fully_fused("qwen2", patched, kind="lora+nf4")
-    assert_equivalent(reference, patched, VOCAB, tol=1e-5, eval_tol=1e-2)
+    assert_qlora_matches_peft(Qwen2ForCausalLM, config(hidden_size=64, intermediate_size=128), "qwen2", VOCAB, tmp_path)
 
 
 @pytest.mark.gpu

@@ -13,6 +13,8 @@ Where the files come from:
   ``mistral`` (Mistral-7B-Instruct v0.1; v0.2 and Mixtral-8x7B-Instruct ship the same text), ``gemma``
   (Gemma 2 ships the same text), ``gemma-3``, ``phi-3``, ``phi-3.5``, ``phi-4`` and ``zephyr``: the
   vendor's template from the model's ``tokenizer_config.json``, verbatim.
+* ``qwen3``: Qwen3's template (the hybrid thinking models, ``Qwen/Qwen3-*``) as llama.cpp's
+  ``models/templates/Qwen-Qwen3-0.6B.jinja`` keeps it.
 * ``chatml``: renders what the plain ChatML template renders: no bos, every turn closed with
   ``<|im_end|>\\n``.
 * ``vicuna``: Vicuna ships no Jinja; this renders FastChat's ``vicuna_v1.1`` conversation (the system
@@ -27,7 +29,11 @@ e.g. ``"26 Jul 2024"``, as a render keyword for a fixed date; without it 3.1/3.3
 and 3.2 the day of rendering). Gemma 1 and 2 raise "System role not supported" for a system
 message, as the official templates do; Gemma 3 puts it at the top of the first user turn. Phi-3 and
 3.5 end a render without a generation prompt with ``<|endoftext|>``; Phi-3.5 drops an empty system
-message. Mistral v0.3's own template (system message joined to the last user turn) cannot be
+message. Qwen3 renders the assistant turn after the last user message with a
+``<think>\\n...\\n</think>\\n\\n`` block (its ``reasoning_content``, or the ``<think>`` part of its
+content; empty without either) and earlier turns with their answer only; a generation prompt with
+``enable_thinking=False`` ends with an empty think block. Mistral v0.3's own template (system message
+joined to the last user turn) cannot be
 prefix-consistent; ``mistral`` is the v0.1 text.
 """
 
@@ -53,6 +59,8 @@ def _template(name: str, description: str, **tokens: object) -> ChatTemplate:
 
 TEMPLATES: tuple[ChatTemplate, ...] = (
     _template("qwen2.5", "Qwen2.5 Instruct: ChatML with the default Qwen system prompt",
+              eos_token="<|im_end|>", pad_token="<|endoftext|>", stop_tokens=("<|im_end|>", "<|endoftext|>")),
+    _template("qwen3", "Qwen3: ChatML with thinking blocks on the turns after the last user query",
               eos_token="<|im_end|>", pad_token="<|endoftext|>", stop_tokens=("<|im_end|>", "<|endoftext|>")),
     _template("llama-3", "Llama 3 Instruct: <|start_header_id|>role<|end_header_id|> ... <|eot_id|>",
               bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", stop_tokens=("<|eot_id|>", "<|end_of_text|>")),

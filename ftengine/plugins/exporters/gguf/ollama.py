@@ -140,6 +140,7 @@ ALPACA = (
 GO_TEMPLATES: dict[str, str] = {
     "chatml": CHATML,
     "qwen2.5": QWEN25,
+    "qwen3": CHATML,  # a prompt ends after a user turn, where Qwen3 writes earlier answers without think blocks
     "llama-3": LLAMA3,
     "llama-3.1": LLAMA3,
     "llama-3.2": LLAMA3,
