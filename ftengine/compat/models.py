@@ -65,15 +65,13 @@ class FastLanguageModel:
             token: Hugging Face token for gated or private models.
             device_map: ftengine places the whole model on the GPU (or the CPU); only the values that
                 mean that are taken.
-            rope_scaling: only ``None``: ftengine trains at the model's own context length.
+            rope_scaling: transformers' ``rope_scaling`` dict (``{"rope_type": "yarn", "factor": 4.0, ...}``),
+                as :func:`ftengine.load_model` takes it.
             fix_tokenizer: a pad token is always set (the EOS when the tokenizer has none).
 
         Raises:
             ConfigError: an unknown argument (with a did-you-mean), or a value ftengine does not support.
         """
-        if rope_scaling is not None:
-            raise ConfigError("FastLanguageModel.from_pretrained: rope_scaling is not supported; ftengine trains at "
-                              "the model's own context length (set max_seq_length within it)")
         if not any(device_map == value for value in SINGLE_DEVICE_MAPS):
             raise ConfigError(f"FastLanguageModel.from_pretrained: device_map={device_map!r} is not supported; "
                               f"ftengine puts the whole model on one GPU (use 'sequential', 'auto' or None)")
@@ -83,7 +81,7 @@ class FastLanguageModel:
             model, tokenizer = ftengine.load_model(
                 model_name, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
                 load_in_8bit=load_in_8bit, full_finetuning=full_finetuning, trust_remote_code=trust_remote_code,
-                attn_implementation=attn_implementation)
+                attn_implementation=attn_implementation, rope_scaling=rope_scaling)
         attach_saving_methods(model)
         return model, tokenizer
 
