@@ -169,11 +169,13 @@ def train(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft", eval_d
     on GPUs).
 
     Args:
-        trainer: ``sft``, ``dpo``, ...
+        trainer: ``sft``, ``dpo``, ``orpo``, ``kto``, ``grpo``, ...
         output_dir: the run directory (default: a new ``runs/api-<timestamp>``).
         resume: continue from the latest checkpoint in ``output_dir``.
         strategy: with several processes: ``ddp`` or ``fsdp`` (``distributed.strategy``).
-        **training_kwargs: ``training:`` config keys (``max_steps``, ``learning_rate``, ...).
+        **training_kwargs: ``training:`` config keys (``max_steps``, ``learning_rate``, ...) and the
+            trainer's own options (``beta=0.1``; for ``grpo`` ``reward_funcs=[...]`` takes names,
+            ``module:function`` strings or any callables).
 
     Returns:
         A :class:`ftengine.engine.pipeline.TrainResult`.
@@ -184,7 +186,10 @@ def train(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft", eval_d
     from ftengine.engine import pipeline
     from ftengine.engine.rundir import RunDir
 
-    training = validate_section(TrainingConfig, dict(trainer=trainer, **training_kwargs), "train")
+    options = {k: training_kwargs.pop(k) for k in list(training_kwargs) if k not in TrainingConfig.model_fields}
+    options = {**training_kwargs.pop("trainer_options", {}), **options}
+    training = validate_section(TrainingConfig, dict(trainer=trainer, trainer_options=options, **training_kwargs),
+                                "train")
     pipeline.attention_for_rows(model, "position_ids" in getattr(dataset, "column_names", ()))
     rank = distributed.rank_info()
     distributed.init_process_group(rank)

@@ -26,6 +26,7 @@ from ftengine.core.config import RunConfig
 from ftengine.core.config import TrainingConfig
 from ftengine.core.config import dump_config
 from ftengine.core.config import export_options
+from ftengine.core.config import trainer_options
 from ftengine.core.errors import ConfigError
 from ftengine.core.errors import DataError
 from ftengine.core.errors import ModelError
@@ -497,7 +498,8 @@ def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, tra
                            callbacks=[progress, markers, interrupt],
                            max_seq_length=settings.max_seq_length,
                            attn_implementation=model.config._attn_implementation,
-                           trainer_arguments=trainer_arguments or {})
+                           trainer_arguments=trainer_arguments or {},
+                           options=trainer_options(training))
     trainer = trainer_plugin.create(request)
     from transformers.trainer_callback import PrinterCallback
 
