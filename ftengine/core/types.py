@@ -41,23 +41,35 @@ class Sample:
       * ``prompt`` + ``completion``: only the completion is trained;
       * ``text``: raw text, every token trained (continued pretraining);
       * ``prompt`` + ``chosen`` + ``rejected``: a preference triple (DPO); each is a string or a
-        message list.
+        message list;
+      * ``prompt`` + ``completion`` + ``label``: an unpaired preference (KTO): the completion is
+        desirable (``True``) or not;
+      * ``prompt`` alone: a prompt to generate from (GRPO); ``columns`` holds the row's other
+        fields (``answer``...), which the reward functions receive.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2 ``label`` and ``columns`` (KTO and GRPO rows).
     """
 
     messages: list[Message] | None = None
     prompt: str | list[Message] | None = None
-    completion: str | None = None
+    completion: str | list[Message] | None = None
     text: str | None = None
     chosen: str | list[Message] | None = None
     rejected: str | list[Message] | None = None
+    label: bool | None = None
+    columns: dict[str, Any] | None = None
 
     @property
     def kind(self) -> str:
-        """``preference``, ``conversation``, ``text`` or ``completion``: what a trainer's ``sample_kinds`` lists."""
+        """``preference``, ``unpaired_preference``, ``prompt``, ``conversation``, ``text`` or ``completion``:
+        what a trainer's ``sample_kinds`` lists."""
         if self.chosen is not None or self.rejected is not None:
             return "preference"
+        if self.label is not None:
+            return "unpaired_preference"
+        if self.prompt is not None and self.completion is None:
+            return "prompt"
         if self.messages is not None:
             return "conversation"
         if self.text is not None:

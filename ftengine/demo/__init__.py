@@ -84,7 +84,7 @@ def dpo_demo_config() -> RunConfig:
         "model": {"name_or_path": str(base_model_dir()), "max_seq_length": 128, "dtype": "float32"},
         "lora": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
         "data": {"path": str(ASSETS / "preference.jsonl"), "format": "preference", "chat_template": "chatml"},
-        "training": {"trainer": "dpo", "beta": 0.1, "loss_type": "sigmoid", "max_steps": 40,
+        "training": {"trainer": "dpo", "trainer_options": {"beta": 0.1, "loss_type": "sigmoid"}, "max_steps": 40,
                      "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
                      "lr_scheduler_type": "constant", "logging_steps": 5, "save_steps": 40,
                      "gradient_checkpointing": False, "seed": SEED},

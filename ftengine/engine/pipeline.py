@@ -37,9 +37,11 @@ from ftengine.engine.data import DataReport
 from ftengine.engine.data import load_samples
 from ftengine.engine.data import pack
 from ftengine.engine.data import preference_rows
+from ftengine.engine.data import prompt_rows
 from ftengine.engine.data import resolve_files
 from ftengine.engine.data import split_eval
 from ftengine.engine.data import tokenize_samples
+from ftengine.engine.data import unpaired_preference_rows
 from ftengine.engine.memory import checkpointing
 from ftengine.engine.progress import CheckpointMarkerCallback
 from ftengine.engine.progress import InterruptCallback
@@ -419,10 +421,14 @@ def prepare_dataset(path: str, tokenizer: Any, data: DataConfig, max_seq_length:
     if wrong:
         raise DataError(f"{path}: format {report.format!r} gives {', '.join(wrong)} samples, which this trainer does "
                         f"not train on (it takes {', '.join(sample_kinds)})")
-    if "preference" in sample_kinds:
+    conversational = {"preference": preference_rows, "unpaired_preference": unpaired_preference_rows,
+                      "prompt": prompt_rows}
+    kind = next((k for k in sample_kinds if k in conversational), None)
+    if kind is not None:
         if data.packing:
-            raise DataError("data.packing: preference pairs are not packed; set it to false for this trainer")
-        rows = preference_rows(samples, tokenizer, max_seq_length, data.on_bad_rows, report)
+            raise DataError(f"data.packing: {kind.replace('_', ' ')} rows are not packed; set it to false for this "
+                            f"trainer")
+        rows = conversational[kind](samples, tokenizer, max_seq_length, data.on_bad_rows, report)
     else:
         rows = tokenize_samples(samples, tokenizer, max_seq_length, data.train_on, data.on_bad_rows, report)
         if data.packing:
