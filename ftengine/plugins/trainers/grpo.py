@@ -18,7 +18,7 @@ from ftengine.core import plugins
 from ftengine.core.errors import ConfigError
 from ftengine.core.types import TrainRequest
 from ftengine.plugins.trainers.arguments import common_arguments
-from ftengine.plugins.trainers.dpo import reference_model
+from ftengine.plugins.trainers.dpo import drop_ref_adapter
 from ftengine.plugins.trainers.logprob_head import install_on_trainer
 from ftengine.plugins.trainers.options import GRPOOptions
 from ftengine.plugins.trainers.rewards import checked_reward
@@ -80,7 +80,6 @@ class GRPOTrainerPlugin:
             processing_class=request.tokenizer,
             callbacks=request.callbacks,
         )
-        if options.beta > 0 and trainer.ref_model is None and not hasattr(model, "disable_adapter"):
-            trainer.ref_model = reference_model(request)
+        drop_ref_adapter(model)
         log.info(install_on_trainer(trainer, temperature=options.temperature))
         return trainer
