@@ -31,7 +31,8 @@ NUMBER = re.compile(r"-?\d+(?:[.,]\d+)*")
 
 def final_answer(text: str) -> str | None:
     """The final answer of a completion: the last ``<answer>...</answer>``, else the last
-    ``\\boxed{...}``, else the text after the last ``####``, else the last number; ``None`` when there is none."""
+    ``\\boxed{...}``, else the text after the last ``####``, else the last number, else the whole
+    stripped text; ``None`` for an empty completion."""
     for pattern in (ANSWER_TAG, BOXED):
         found = pattern.findall(text)
         if found:
@@ -39,7 +40,7 @@ def final_answer(text: str) -> str | None:
     if "####" in text:
         return text.rsplit("####", 1)[1].strip() or None
     numbers = NUMBER.findall(text)
-    return numbers[-1] if numbers else None
+    return numbers[-1] if numbers else (text.strip() or None)
 
 
 def _normalize(answer: Any) -> str:
