@@ -30,6 +30,19 @@ METRIC_ALIASES = {"completion_length": "completions/mean_length"}
 """Short names the run's ``metrics.jsonl`` also gets for trl's metrics."""
 
 
+def _aliases_callback() -> Any:
+    from transformers import TrainerCallback
+
+    class Aliases(TrainerCallback):
+        """Adds :data:`METRIC_ALIASES` to each log before the engine's callbacks record it."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs is not None:
+                logs.update({short: logs[name] for short, name in METRIC_ALIASES.items() if name in logs})
+
+    return Aliases()
+
+
 def reward_functions(options: GRPOOptions) -> list[Any]:
     """The configured reward functions, resolved and wrapped for trl (:func:`checked_reward`)."""
     registered = plugins.get_registry("rewards")
@@ -54,11 +67,6 @@ class GRPOTrainerPlugin:
         from trl import GRPOConfig
         from trl import GRPOTrainer
 
-        class Trainer(GRPOTrainer):
-            def log(self, logs, start_time=None):
-                logs.update({short: logs[name] for short, name in METRIC_ALIASES.items() if name in logs})
-                super().log(logs, start_time)
-
         options = request.options
         if options is None:
             raise ConfigError("training.trainer_options.reward_funcs: grpo needs at least one reward function")
@@ -71,14 +79,14 @@ class GRPOTrainerPlugin:
             **common_arguments(request.training, str(request.output_dir), model),
             **{name: getattr(options, name) for name in fields},
         )
-        trainer = Trainer(
+        trainer = GRPOTrainer(
             model=model,
             reward_funcs=reward_functions(options),
             args=args,
             train_dataset=request.train_dataset,
             eval_dataset=request.eval_dataset,
             processing_class=request.tokenizer,
-            callbacks=request.callbacks,
+            callbacks=[_aliases_callback(), *request.callbacks],
         )
         drop_ref_adapter(model)
         log.info(install_on_trainer(trainer, temperature=options.temperature))
