@@ -134,17 +134,18 @@ def trainer_for(workload: str, framework: str, model, tokenizer, data, s: dict, 
                               per_device_train_batch_size=micro_batch, gradient_accumulation_steps=1,
                               learning_rate=1e-5, save_steps=10_000, logging_steps=1, gradient_checkpointing=False)
     plugin = get("trainers", workload)
-    model.max_seq_length = s["prompt"] + s["answer"]
+    max_seq_length = s["prompt"] + s["answer"]
     if framework == "ftengine":
         request = TrainRequest(model=model, tokenizer=tokenizer, train_dataset=data, eval_dataset=None,
                                training=training, output_dir=Path(out_dir), callbacks=callbacks,
+                               max_seq_length=max_seq_length,
                                options=plugin.options_schema.model_validate(options))
         return plugin.create(request)
     return plain_trl(workload, model, tokenizer, data, training, plugin.options_schema.model_validate(options),
-                     out_dir, callbacks)
+                     out_dir, callbacks, max_seq_length)
 
 
-def plain_trl(workload, model, tokenizer, data, training, options, out_dir, callbacks):
+def plain_trl(workload, model, tokenizer, data, training, options, out_dir, callbacks, max_seq_length):
     from ftengine.plugins.trainers.arguments import common_arguments
 
     args = common_arguments(training, out_dir, model)
@@ -152,14 +153,14 @@ def plain_trl(workload, model, tokenizer, data, training, options, out_dir, call
         from trl import DPOConfig
         from trl import DPOTrainer
 
-        config = DPOConfig(**args, beta=options.beta, max_length=model.max_seq_length)
+        config = DPOConfig(**args, beta=options.beta, max_length=max_seq_length)
         return DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
                           callbacks=callbacks)
     if workload == "orpo":
         from trl.experimental.orpo import ORPOConfig
         from trl.experimental.orpo import ORPOTrainer
 
-        config = ORPOConfig(**args, beta=options.beta, max_length=model.max_seq_length)
+        config = ORPOConfig(**args, beta=options.beta, max_length=max_seq_length)
         return ORPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
                            callbacks=callbacks)
     from trl import GRPOConfig

@@ -464,9 +464,9 @@ def config_schema() -> dict[str, Any]:
     schema = RunConfig.model_json_schema()
 
     def options(kind: str) -> dict[str, Any]:
-        return {name: (obj.options_schema.model_json_schema(mode="serialization") if getattr(obj, "options_schema", None)
-                       else {})
-                for name, obj in sorted(get_registry(kind).items())}
+        schemas = {name: getattr(obj, "options_schema", None) for name, obj in sorted(get_registry(kind).items())}
+        return {name: schema.model_json_schema(mode="serialization") if schema else {}
+                for name, schema in schemas.items()}
 
     schema["x-trainer-options"] = options("trainers")
     schema["x-exporter-options"] = options("exporters")

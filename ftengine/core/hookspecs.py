@@ -277,7 +277,7 @@ def register_commands(register: RegisterCommand) -> None:
 
 
 HOOKS = (register_models, register_kernels, register_formats, register_chat_templates, register_trainers,
-         register_exporters, register_commands)
+         register_exporters, register_rewards, register_commands)
 """Every hook, in the order the reference lists them."""
 
 

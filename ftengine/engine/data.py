@@ -349,10 +349,13 @@ def _row(enc: Encoded, max_seq_length: int) -> dict[str, Any]:
 
 def encode_for_training(sample: Sample, tokenizer: Any, train_on: str) -> list[Encoded]:
     """The sequences a sample trains as: one for a language-model sample, the chosen and the rejected
-    completion of a preference pair."""
+    completion of a preference pair, the completion of an unpaired preference (as its trainer renders it)."""
     if sample.kind == "preference":
         prompt, chosen, rejected = preference_messages(sample)
         return [encode_completion(tokenizer, prompt, chosen), encode_completion(tokenizer, prompt, rejected)]
+    if sample.kind == "unpaired_preference":
+        prompt, completion = _as_turns(sample.prompt, "user"), _as_turns(sample.completion, "assistant")
+        return [encode_completion(tokenizer, prompt, completion)]
     return [encode_sample(sample, tokenizer, train_on)]
 
 
@@ -523,29 +526,13 @@ def _as_turns(value: Any, role: str) -> list[Message]:
 
 def unpaired_preference_rows(samples: list[tuple[str, Sample]], tokenizer: Any, max_seq_length: int,
                              on_bad_rows: str, report: DataReport) -> list[dict[str, Any]]:
-    """Conversational ``prompt``/``completion``/``label`` rows for the KTO trainer (which renders
-    them with the chat template, as DPO does); a prompt that fills ``max_seq_length`` is an error
-    naming its row (or skipped)."""
+    """Conversational ``prompt``/``completion``/``label`` rows for the KTO trainer, which renders
+    them with the chat template as DPO does; counted and checked by :func:`encode_and_count`."""
     out = []
-    for where, sample in samples:
+    for sample, _ in encode_and_count(samples, tokenizer, max_seq_length, "assistant", on_bad_rows, report):
         prompt, completion = _as_turns(sample.prompt, "user"), _as_turns(sample.completion, "assistant")
-        try:
-            encoded = encode_completion(tokenizer, prompt, completion)
-        except Exception as exc:
-            _sample_problem(where, f"the chat template cannot render it: {exc}", on_bad_rows, report,
-                            "chat template error")
-            continue
-        prompt_tokens = encoded.trained.index(True) if any(encoded.trained) else len(encoded.trained)
-        if prompt_tokens >= max_seq_length:
-            _sample_problem(where, f"the prompt alone ({prompt_tokens} tokens) fills max_seq_length={max_seq_length}",
-                            on_bad_rows, report, "prompt fills max_seq_length")
-            continue
-        report.truncated += int(len(encoded.input_ids) > max_seq_length)
-        report.tokens += min(len(encoded.input_ids), max_seq_length)
-        report.trained_tokens += sum(encoded.trained[:max_seq_length])
         out.append({"prompt": prompt, "completion": completion, "label": sample.label,
                     "chat_template_kwargs": {"date_string": RENDER_DATE}})
-    report.samples += len(out)
     return out
 
 

@@ -55,6 +55,6 @@ def build(name, model, tokenizer, train_dataset, tmp_path, options=None, **train
                             gradient_checkpointing=False, **training)
     schema = plugin.options_schema
     request = TrainRequest(model=model, tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=None,
-                           training=config, output_dir=tmp_path / "checkpoints",
+                           training=config, output_dir=tmp_path / "checkpoints", max_seq_length=64,
                            options=schema.model_validate(options or {}) if schema else None)
     return plugin.create(request)
