@@ -56,6 +56,25 @@ def drop_ref_adapter(model: Any) -> None:
         model.delete_adapter("ref")
 
 
+def with_reference(trainer_class: Any, request: TrainRequest, args: Any) -> Any:
+    """A trl trainer of the DPO family (``DPOTrainer``, ``KTOTrainer``) with the reference of
+    :func:`reference_model`, its log-probabilities through the ``token_logprobs`` op."""
+    ref_model = reference_model(request)
+    trainer = trainer_class(
+        model=request.model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=request.train_dataset,
+        eval_dataset=request.eval_dataset,
+        processing_class=request.tokenizer,
+        callbacks=request.callbacks,
+    )
+    if ref_model is None:
+        drop_ref_adapter(request.model)
+    log.info(install_on_trainer(trainer))
+    return trainer
+
+
 class DPOTrainerPlugin:
     name = "dpo"
     sample_kinds = ("preference",)
@@ -79,17 +98,4 @@ class DPOTrainerPlugin:
             max_length=request.max_seq_length,
             precompute_ref_log_probs=False,
         )
-        ref_model = reference_model(request)
-        trainer = DPOTrainer(
-            model=model,
-            ref_model=ref_model,
-            args=args,
-            train_dataset=request.train_dataset,
-            eval_dataset=request.eval_dataset,
-            processing_class=request.tokenizer,
-            callbacks=request.callbacks,
-        )
-        if ref_model is None:
-            drop_ref_adapter(model)
-        log.info(install_on_trainer(trainer))
-        return trainer
+        return with_reference(DPOTrainer, request, args)

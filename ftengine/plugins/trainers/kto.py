@@ -9,18 +9,13 @@ micro-batch needs at least two rows.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from ftengine.core.errors import ConfigError
 from ftengine.core.types import TrainRequest
 from ftengine.plugins.trainers.arguments import common_arguments
-from ftengine.plugins.trainers.dpo import drop_ref_adapter
-from ftengine.plugins.trainers.dpo import reference_model
-from ftengine.plugins.trainers.logprob_head import install_on_trainer
+from ftengine.plugins.trainers.dpo import with_reference
 from ftengine.plugins.trainers.options import KTOOptions
-
-log = logging.getLogger("ftengine")
 
 
 class KTOTrainerPlugin:
@@ -45,17 +40,4 @@ class KTOTrainerPlugin:
             loss_type=options.loss_type,
             max_length=request.max_seq_length,
         )
-        ref_model = reference_model(request)
-        trainer = KTOTrainer(
-            model=model,
-            ref_model=ref_model,
-            args=args,
-            train_dataset=request.train_dataset,
-            eval_dataset=request.eval_dataset,
-            processing_class=request.tokenizer,
-            callbacks=request.callbacks,
-        )
-        if ref_model is None:
-            drop_ref_adapter(model)
-        log.info(install_on_trainer(trainer))
-        return trainer
+        return with_reference(KTOTrainer, request, args)

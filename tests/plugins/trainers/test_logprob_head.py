@@ -58,9 +58,8 @@ def trl_trainer(name, model, tokenizer, data, tmp_path, monkeypatch, options):
     """The same trainer with trl's own log-probability head (ours not installed)."""
     from ftengine.plugins.trainers import dpo
     from ftengine.plugins.trainers import grpo
-    from ftengine.plugins.trainers import kto
 
-    for module in (dpo, kto, grpo):
+    for module in (dpo, grpo):
         monkeypatch.setattr(module, "install_on_trainer", lambda trainer, temperature=1.0: "trl's head")
     return build(name, model, tokenizer, data, tmp_path, options)
 
