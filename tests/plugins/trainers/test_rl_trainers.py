@@ -104,19 +104,9 @@ def test_grpo_refuses_a_batch_that_splits_a_group(demo_base, tmp_path):
 
 
 def test_run_demo_grpo_option(monkeypatch, demo_base):
-    from click.testing import CliRunner
+    from .test_dpo import demo_run_configs
 
-    from ftengine.cli import main
-    from ftengine.core.errors import FtengineError
-
-    seen = []
-
-    def fake_run(config, **kwargs):
-        seen.append(config)
-        raise FtengineError("stopped before training")
-
-    monkeypatch.setattr(pipeline, "run", fake_run)
-    result = CliRunner().invoke(main, ["run", "--demo", "grpo"])
-    assert result.exit_code == 1 and "GRPO with LoRA" in result.stderr
-    assert seen[0].training.trainer == "grpo" and seen[0].data.path.endswith("arithmetic.jsonl")
-    assert seen[0].training.trainer_options["reward_funcs"][-1] == "ftengine.demo.rewards:digits"
+    (config,), stderr = demo_run_configs(monkeypatch, ["run", "--demo", "grpo"])
+    assert "GRPO with LoRA" in stderr
+    assert config.training.trainer == "grpo" and config.data.path.endswith("arithmetic.jsonl")
+    assert config.training.trainer_options["reward_funcs"][-1] == "ftengine.demo.rewards:digits"
