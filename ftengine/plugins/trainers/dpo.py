@@ -90,7 +90,7 @@ class DPOTrainerPlugin:
         model = request.model
         loss_type = options.loss_type if isinstance(options.loss_type, list) else [options.loss_type]
         args = DPOConfig(
-            **common_arguments(request.training, str(request.output_dir), model),
+            **common_arguments(request.training, str(request.output_dir), model, request.trainer_arguments),
             beta=options.beta,
             loss_type=loss_type,
             loss_weights=options.loss_weights,

@@ -76,7 +76,7 @@ class GRPOTrainerPlugin:
                   "epsilon_high", "loss_type", "scale_rewards", "num_iterations", "mask_truncated_completions",
                   "generation_batch_size", "reward_weights")
         args = GRPOConfig(
-            **common_arguments(request.training, str(request.output_dir), model),
+            **common_arguments(request.training, str(request.output_dir), model, request.trainer_arguments),
             **{name: getattr(options, name) for name in fields},
         )
         trainer = GRPOTrainer(

@@ -33,7 +33,7 @@ class KTOTrainerPlugin:
         options = request.options or KTOOptions()
         model = request.model
         args = KTOConfig(
-            **common_arguments(request.training, str(request.output_dir), model),
+            **common_arguments(request.training, str(request.output_dir), model, request.trainer_arguments),
             beta=options.beta,
             desirable_weight=options.desirable_weight,
             undesirable_weight=options.undesirable_weight,

@@ -63,7 +63,7 @@ class ORPOTrainerPlugin:
         options = request.options or ORPOOptions()
         model = request.model
         args = ORPOConfig(
-            **common_arguments(request.training, str(request.output_dir), model),
+            **common_arguments(request.training, str(request.output_dir), model, request.trainer_arguments),
             beta=options.beta,
             max_length=request.max_seq_length,
         )
