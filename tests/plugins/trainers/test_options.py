@@ -105,17 +105,17 @@ def test_config_schema_lists_every_first_party_trainers_options():
     assert "trainer_options" in config_schema()["$defs"]["TrainingConfig"]["properties"]
 
 
-def test_the_python_api_splits_trainer_options_from_training_keys(monkeypatch):
+def test_the_python_api_splits_trainer_options_from_training_keys(monkeypatch, tmp_path):
     from ftengine.engine import pipeline
 
     seen = {}
 
-    def fake_train(model, tokenizer, dataset, eval_dataset, training, run_dir, resume_from):
+    def fake_train(model, tokenizer, dataset, eval_dataset, training, run_dir, resume_from, **kwargs):
         seen["training"] = training
 
     monkeypatch.setattr(pipeline, "train", fake_train)
     monkeypatch.setattr(pipeline, "attention_for_rows", lambda model, packed: "sdpa")
-    ftengine.train(None, None, [], trainer="dpo", beta=0.4, max_steps=3, output_dir="unused-run-dir")
+    ftengine.train(None, None, [], trainer="dpo", beta=0.4, max_steps=3, output_dir=str(tmp_path / "run"))
     assert seen["training"].max_steps == 3 and seen["training"].trainer_options == {"beta": 0.4}
     with pytest.raises(ConfigError, match="training.trainer_options.bta: unknown key; did you mean"):
         trainer_options(seen["training"].model_copy(update={"trainer_options": {"bta": 1}}))
