@@ -19,9 +19,9 @@ Random weights never emit the end-of-sequence token, so every GRPO completion ru
 Each workload x framework runs in its own process; per run: the median step time over the timed
 steps (GRPO's includes its generation) and the peak allocated GPU memory over the steps.
 
-GPU, in two commands of under 10 minutes each on an H100 (the table is printed; JSON lines in ``--out``):
-``PYTHONPATH=. python benchmarks/rl.py --workloads grpo --out rl-grpo.jsonl`` and
-``PYTHONPATH=. python benchmarks/rl.py --workloads dpo,orpo --out rl-pref.jsonl``.
+GPU, one command per workload so that each stays under 10 minutes (the table is printed; JSON lines
+in ``--out``): ``PYTHONPATH=. python benchmarks/rl.py --workloads grpo --out rl-grpo.jsonl``, then
+``--workloads dpo --out rl-dpo.jsonl`` and ``--workloads orpo --out rl-orpo.jsonl``.
 CPU smoke test at tiny shapes: ``PYTHONPATH=. python benchmarks/rl.py --tiny --out /tmp/rl.jsonl``.
 """
 
