@@ -202,26 +202,26 @@ def train(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft", eval_d
     on GPUs).
 
     Args:
-        trainer: ``sft``, ``dpo``, ...
+        trainer: ``sft``, ``dpo``, ``orpo``, ``kto``, ``grpo``, ...
         output_dir: the run directory (default: a new ``runs/api-<timestamp>``).
         resume: continue from the latest checkpoint in ``output_dir``.
         strategy: with several processes: ``ddp`` or ``fsdp`` (``distributed.strategy``).
-        **training_kwargs: ``training:`` config keys (``max_steps``, ``learning_rate``, ...).
+        **training_kwargs: ``training:`` config keys (``max_steps``, ``learning_rate``, ...) and the
+            trainer's own options (``beta=0.1``; for ``grpo`` ``reward_funcs=[...]`` takes names,
+            ``module:function`` strings or any callables).
 
     Returns:
         A :class:`ftengine.engine.pipeline.TrainResult`.
     """
     from ftengine.core import plugins
     from ftengine.core.config import RunConfig
-    from ftengine.core.config import TrainingConfig
-    from ftengine.core.config import validate_section
     from ftengine.core.errors import ConfigError
     from ftengine.engine import distributed
     from ftengine.engine import pipeline
     from ftengine.engine import preflight
     from ftengine.engine.rundir import RunDir
 
-    training = validate_section(TrainingConfig, dict(trainer=trainer, **training_kwargs), "train")
+    training = _training_section(trainer, training_kwargs, "train")
     plugins.get("trainers", trainer)  # an unknown name fails before any run directory exists
     problems = preflight.trainer_argument_problems(RunConfig(model={"name_or_path": "-"}, training=training))
     if problems:
@@ -260,12 +260,11 @@ def make_trainer(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft",
         **training_kwargs: ``training:`` config keys.
     """
     from ftengine.core import plugins
-    from ftengine.core.config import TrainingConfig
-    from ftengine.core.config import validate_section
+    from ftengine.core.config import trainer_options
     from ftengine.core.types import TrainRequest
     from ftengine.engine import pipeline
 
-    training = validate_section(TrainingConfig, dict(trainer=trainer, **training_kwargs), "make_trainer")
+    training = _training_section(trainer, training_kwargs, "make_trainer")
     dataset = _prepared(dataset, tokenizer, trainer)
     if eval_dataset is not None:
         eval_dataset = _prepared(eval_dataset, tokenizer, trainer)
@@ -274,8 +273,20 @@ def make_trainer(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft",
                            training=training, output_dir=Path(output_dir), ref_model=ref_model,
                            callbacks=list(callbacks or []),
                            max_seq_length=max_seq_length or pipeline.settings_of(model).max_seq_length,
-                           attn_implementation=model.config._attn_implementation)
+                           attn_implementation=model.config._attn_implementation, options=trainer_options(training))
     return plugins.get("trainers", trainer).create(request)
+
+
+def _training_section(trainer: str, kwargs: dict[str, Any], where: str) -> Any:
+    """The ``training`` section of a Python API call: ``training:`` keys as they are, every other keyword a
+    trainer option (``beta=0.1`` for dpo), as ``training.trainer_options`` holds them in a config."""
+    from ftengine.core.config import TrainingConfig
+    from ftengine.core.config import validate_section
+
+    kwargs = dict(kwargs)
+    options = {k: kwargs.pop(k) for k in list(kwargs) if k not in TrainingConfig.model_fields}
+    options = {**kwargs.pop("trainer_options", {}), **options}
+    return validate_section(TrainingConfig, dict(trainer=trainer, trainer_options=options, **kwargs), where)
 
 
 def _prepared(dataset: Any, tokenizer: Any, trainer: str) -> Any:

@@ -140,16 +140,16 @@ def print_summary(result: Any) -> None:
 @click.option("--output-dir", type=click.Path(file_okay=False), help="Parent directory of the run directory.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue RUN_DIR from its latest "
                                                                               "checkpoint.")
-@click.option("--demo", "demo_kind", type=click.Choice(["sft", "dpo"]), default=None,
-              help="Run the built-in demo: sft (the default without CONFIG) or dpo.")
+@click.option("--demo", "demo_kind", type=click.Choice(["sft", "dpo", "grpo"]), default=None,
+              help="Run the built-in demo: sft (the default without CONFIG), dpo or grpo.")
 @click.option("--gpus", type=click.IntRange(min=1), default=None,
               help="Train on N GPUs of this machine (DDP or FSDP2, see distributed.strategy): ftengine launches "
                    "the N processes through torchrun itself.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
 def run(config: str | None, output_dir: str | None, resume_dir: str | None, demo_kind: str | None,
         gpus: int | None, debug: bool) -> None:
-    """Train as CONFIG says (a YAML run config), or the built-in demo when no CONFIG is given (--demo dpo: the
-    DPO demo). Under torchrun or accelerate launch every process runs it, data-parallel."""
+    """Train as CONFIG says (a YAML run config), or the built-in demo when no CONFIG is given (--demo dpo / grpo:
+    the DPO / GRPO demo). Under torchrun or accelerate launch every process runs it, data-parallel."""
     setup_logging(debug)
     quiet_libraries()
     from ftengine.core.config import load_config
@@ -174,7 +174,7 @@ def run(config: str | None, output_dir: str | None, resume_dir: str | None, demo
             from ftengine.demo import demo_config
 
             kind = demo_kind or "sft"
-            what = "DPO with LoRA" if kind == "dpo" else "LoRA"
+            what = {"dpo": "DPO with LoRA", "grpo": "GRPO with LoRA (toy arithmetic)"}.get(kind, "LoRA")
             click.echo(f"ftengine demo: {what} on a tiny Qwen2-architecture model (random initial weights), "
                        "on the CPU", err=True)
             cfg = demo_config(kind)

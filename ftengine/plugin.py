@@ -32,6 +32,7 @@ from ftengine.core.types import GGUFSupport
 from ftengine.core.types import KernelBackend
 from ftengine.core.types import Message
 from ftengine.core.types import ModelAdapter
+from ftengine.core.types import Reward
 from ftengine.core.types import RowError
 from ftengine.core.types import Sample
 from ftengine.core.types import TrainerPlugin
@@ -58,6 +59,7 @@ __all__ = [
     "LoRAWeights",
     "Message",
     "ModelAdapter",
+    "Reward",
     "ModelError",
     "PatchTable",
     "PluginError",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 from typing import Literal
@@ -22,6 +23,7 @@ from pydantic import ConfigDict
 from pydantic import Field
 from pydantic import ValidationError
 from pydantic import field_validator
+from pydantic import model_validator
 
 from ftengine.core.errors import ConfigError
 
@@ -171,13 +173,48 @@ class TrainingConfig(Section):
                                                             "be a multiple of eval_steps).")
     report_to: Literal["none", "tensorboard", "wandb", "mlflow"] | list[Literal["tensorboard", "wandb", "mlflow"]] = \
         Field("none", description="Also log through transformers' integrations (the package must be installed).")
-    beta: float = Field(0.1, gt=0, description="DPO: the KL penalty strength.")
-    loss_type: str = Field("sigmoid", description="DPO: trl loss type (sigmoid, ipo, hinge, ...).")
     on_nonfinite: Literal["stop", "skip_step"] = Field(
         "stop", description="A non-finite loss, gradient norm or learning rate: stop the run at once, keeping the "
                             "last good checkpoint (stop), or skip that optimizer step (skip_step).")
     max_nonfinite_steps: int = Field(10, ge=0, description="skip_step: the run stops once more steps than this "
                                                            "were skipped.")
+    trainer_options: dict[str, Any] = Field(
+        default_factory=dict, description="The trainer's own options (dpo: beta, loss_type; grpo: num_generations, "
+                                          "reward_funcs, ...), validated against its options schema; see "
+                                          "`ftengine config-schema` under trainer_options.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_trainer_keys(cls, values: Any) -> Any:
+        try:
+            return move_legacy_trainer_keys(values)
+        except ValueError:  # both spellings: check_trainer_options reports it
+            return values
+
+
+LEGACY_TRAINER_KEYS = ("beta", "loss_type")
+"""Trainer options that were ``training:`` keys before trainers owned their options."""
+
+
+def move_legacy_trainer_keys(training: Any) -> Any:
+    """``training.beta`` / ``training.loss_type`` (older configs) moved into ``training.trainer_options``
+    with a deprecation warning; a key given in both places is an error."""
+    if not isinstance(training, dict) or not any(k in training for k in LEGACY_TRAINER_KEYS):
+        return training
+    training = dict(training)
+    options = training.get("trainer_options")
+    options = dict(options) if isinstance(options, dict) else {}
+    for key in LEGACY_TRAINER_KEYS:
+        if key not in training:
+            continue
+        if key in options:
+            raise ValueError(f"training.{key} and training.trainer_options.{key} are both set; keep only "
+                             f"training.trainer_options.{key}")
+        options[key] = training.pop(key)
+        warnings.warn(f"training.{key} is deprecated: write it as training.trainer_options.{key}",
+                      DeprecationWarning, stacklevel=2)
+    training["trainer_options"] = options
+    return training
 
 
 class DistributedConfig(Section):
@@ -397,6 +434,7 @@ def check_plugin_names(raw: dict[str, Any]) -> list[str]:
     check("data.format", section("data").get("format"), "formats", extra=("auto",))
     check("data.chat_template", section("data").get("chat_template"), "chat_templates")
     check("training.trainer", section("training").get("trainer"), "trainers")
+    problems += check_trainer_options(section("training"))
     check("model.adapter", section("model").get("adapter"), "models")
     exporters = get_registry("exporters")
     entries = raw.get("export")
@@ -414,6 +452,46 @@ def check_plugin_names(raw: dict[str, Any]) -> list[str]:
                 errs = [dict(e, loc=("export", i, *e["loc"])) for e in exc.errors()]
                 problems += _format_errors(errs, fields=[*exporter.options_schema.model_fields, *HUB_OPTIONS])
     return problems
+
+
+def check_trainer_options(training: dict[str, Any]) -> list[str]:
+    """The problems of a raw ``training:`` mapping's ``trainer_options`` against its trainer's schema."""
+    from ftengine.core.plugins import get_registry
+
+    try:
+        training = move_legacy_trainer_keys(training)
+    except ValueError as exc:
+        return [str(exc)]
+    trainer = get_registry("trainers").get(training.get("trainer", "sft"))
+    options = training.get("trainer_options") or {}
+    if trainer is None or not isinstance(options, dict):
+        return []
+    schema = getattr(trainer, "options_schema", None)
+    if schema is None:
+        return [f"training.trainer_options.{key}: unknown key; trainer {trainer.name!r} takes no options"
+                for key in options]
+    try:
+        schema.model_validate(options)
+    except ValidationError as exc:
+        errs = [dict(e, loc=("training", "trainer_options", *e["loc"])) for e in exc.errors()]
+        return _format_errors(errs, fields=list(schema.model_fields))
+    return []
+
+
+def trainer_options(training: TrainingConfig) -> Any:
+    """The validated options object of the configured trainer (its ``options_schema`` instance).
+
+    Raises:
+        ConfigError: an option the trainer's schema refuses, naming the key.
+    """
+    problems = check_trainer_options(training.model_dump(exclude={"trainer_options"}) |
+                                     {"trainer_options": training.trainer_options})
+    if problems:
+        raise ConfigError("training.trainer_options: " + "; ".join(problems))
+    from ftengine.core.plugins import get
+
+    schema = getattr(get("trainers", training.trainer), "options_schema", None)
+    return None if schema is None else schema.model_validate(training.trainer_options)
 
 
 def check_combinations(config: RunConfig) -> list[str]:
@@ -503,12 +581,18 @@ def dump_config(config: RunConfig) -> str:
 
 
 def config_schema() -> dict[str, Any]:
-    """JSON schema of the run config (``ftengine config-schema``), with each registered exporter's options
-    (the keys an ``export:`` entry takes besides ``format``) under ``exporter_options``."""
+    """JSON schema of the run config (``ftengine config-schema``), with each registered trainer's
+    ``training.trainer_options`` and each exporter's options under ``x-trainer-options`` /
+    ``x-exporter-options`` (by name)."""
     from ftengine.core.plugins import get_registry
 
     schema = RunConfig.model_json_schema()
-    schema["exporter_options"] = {name: exporter.options_schema.model_json_schema()
-                                  for name, exporter in sorted(get_registry("exporters").items())
-                                  if exporter.options_schema is not None}
+
+    def options(kind: str) -> dict[str, Any]:
+        schemas = {name: getattr(obj, "options_schema", None) for name, obj in sorted(get_registry(kind).items())}
+        return {name: schema.model_json_schema(mode="serialization") if schema else {}
+                for name, schema in schemas.items()}
+
+    schema["x-trainer-options"] = options("trainers")
+    schema["x-exporter-options"] = options("exporters")
     return schema

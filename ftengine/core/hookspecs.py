@@ -31,6 +31,7 @@ from ftengine.core.types import DatasetFormat
 from ftengine.core.types import Exporter
 from ftengine.core.types import KernelBackend
 from ftengine.core.types import ModelAdapter
+from ftengine.core.types import Reward
 from ftengine.core.types import TrainerPlugin
 
 hookspec = pluggy.HookspecMarker("ftengine")
@@ -60,6 +61,7 @@ RegisterChatTemplate = Register[ChatTemplate]
 RegisterTrainer = Register[TrainerPlugin]
 RegisterExporter = Register[Exporter]
 RegisterCommand = Register[Command]
+RegisterReward = Register[Reward]
 
 
 @hookspec
@@ -170,16 +172,26 @@ def register_trainers(register: RegisterTrainer) -> None:
     """Register trainers: one :class:`~ftengine.core.types.TrainerPlugin` each (``sft``, ``dpo``...).
 
     A trainer has ``name``, ``sample_kinds`` (which :class:`~ftengine.core.types.Sample` kinds it
-    trains on) and ``create(request)``, which receives a :class:`~ftengine.core.types.TrainRequest`
-    and returns a Hugging Face ``Trainer``-like object. The engine puts its progress, metrics,
-    checkpoint and interruption callbacks in ``request.callbacks``: pass them on to the trainer.
+    trains on), optionally ``options_schema`` (a pydantic model of its own options) and
+    ``create(request)``, which receives a :class:`~ftengine.core.types.TrainRequest` and returns a
+    Hugging Face ``Trainer``-like object. The engine validates ``training.trainer_options`` (or the
+    extra keyword arguments of ``ftengine.train``) against ``options_schema`` before the run starts,
+    reporting unknown keys and bad values with their key path, and hands the instance over as
+    ``request.options``; ``ftengine config-schema`` lists every trainer's schema. The engine puts its
+    progress, metrics, checkpoint and interruption callbacks in ``request.callbacks``: pass them on
+    to the trainer.
 
     Example::
 
+        class MyOptions(pydantic.BaseModel):
+            model_config = pydantic.ConfigDict(extra="forbid")
+            alpha: float = 0.5
+
         class MyTrainer:
-            name, sample_kinds = "mysft", ("conversation",)
+            name, sample_kinds, options_schema = "mysft", ("conversation",), MyOptions
 
             def create(self, request):
+                alpha = request.options.alpha
                 return transformers.Trainer(model=request.model, train_dataset=request.train_dataset,
                                             callbacks=request.callbacks, ...)
 
@@ -221,6 +233,30 @@ def register_exporters(register: RegisterExporter) -> None:
 
 
 @hookspec
+def register_rewards(register: RegisterReward) -> None:
+    """Register reward functions for the trainers that score generated completions (``grpo``): one
+    :class:`~ftengine.core.types.Reward` each.
+
+    A reward has ``name`` (what ``training.trainer_options.reward_funcs`` lists) and
+    ``function(completions, **columns) -> list[float | None]``: one score per completion text; the
+    prompts come as ``prompts`` and each other dataset column (``answer``...) as a list aligned with
+    the completions. A function that raises is reported with its name and the dataset row; NaN
+    scores are refused.
+
+    Example::
+
+        def polite(completions, **columns):
+            return [float("please" in text) for text in completions]
+
+        @hookimpl
+        def register_rewards(register):
+            register(Reward(name="polite", function=polite))
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec
 def register_commands(register: RegisterCommand) -> None:
     """Register extra ``ftengine`` CLI commands: ``register(click_command)``.
 
@@ -241,7 +277,7 @@ def register_commands(register: RegisterCommand) -> None:
 
 
 HOOKS = (register_models, register_kernels, register_formats, register_chat_templates, register_trainers,
-         register_exporters, register_commands)
+         register_exporters, register_rewards, register_commands)
 """Every hook, in the order the reference lists them."""
 
 

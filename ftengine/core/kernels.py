@@ -19,6 +19,13 @@ Signatures (every backend implements exactly these):
     hidden ``(N, H)``, weight ``(V, H)``, labels ``(N,)`` already shifted; mean over non-ignored
     tokens; ``softcap`` applies ``softcap * tanh(logits / softcap)`` first (Gemma-2). Never
     materializes the full ``(N, V)`` logits.
+``token_logprobs(hidden, lm_head_weight, labels, softcap=None, temperature=1.0, with_stats=False) -> logp``
+    hidden ``(N, H)``, weight ``(V, H)``, labels ``(N,)`` (every one a real token id, already
+    shifted); ``logp[i] = log_softmax(s_i)[labels[i]]`` in fp32 with ``s = softcap(hidden W^T) /
+    temperature``, differentiable in ``hidden`` and ``weight``. Never materializes the ``(N, V)``
+    logits, forward or backward. With ``with_stats`` it returns ``(logp, stats)``, ``stats`` an
+    ``(N, 3)`` fp32 tensor without gradient: the entropy of ``softmax(s_i)``, the mean of ``s_i``
+    and whether the label is the argmax (what preference and RL trainers log).
 ``lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, quant_state=None) -> y``
     ``y = x @ W.T + bias + scaling * (x @ A.T) @ B.T``; W ``(out, in)``, A ``(r, in)``, B ``(out, r)``.
     With ``quant_state`` the weight is bitsandbytes-packed NF4 and is dequantized on the fly.
@@ -56,6 +63,7 @@ OP_NAMES: tuple[str, ...] = (
     "swiglu",
     "geglu",
     "linear_cross_entropy",
+    "token_logprobs",
     "lora_linear",
     "lora_mlp",
     "lora_qkv",

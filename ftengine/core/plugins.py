@@ -34,6 +34,7 @@ KINDS: dict[str, tuple[str, type]] = {
     "chat_templates": ("register_chat_templates", types.ChatTemplate),
     "trainers": ("register_trainers", types.TrainerPlugin),
     "exporters": ("register_exporters", types.Exporter),
+    "rewards": ("register_rewards", types.Reward),
     "commands": ("register_commands", types.Command),
 }
 """Each kind of registered thing: the hook that registers it and the interface it must have."""
@@ -180,7 +181,7 @@ def reset_registries() -> None:
 
 def get_registry(kind: str) -> dict[str, Any]:
     """``{name: object}`` of one kind (``models``, ``kernels``, ``formats``, ``chat_templates``,
-    ``trainers``, ``exporters``, ``commands``)."""
+    ``trainers``, ``exporters``, ``rewards``, ``commands``)."""
     return {name: entry.obj for name, entry in registries().entries[kind].items()}
 
 

@@ -44,26 +44,37 @@ class Sample:
         message list;
       * ``segments``: ``(text, trained)`` pieces joined as they are, no chat template; only the
         pieces marked trained carry loss.
+      * ``prompt`` + ``completion`` + ``label``: an unpaired preference (KTO): the completion is
+        desirable (``True``) or not;
+      * ``prompt`` alone: a prompt to generate from (GRPO); ``columns`` holds the row's other
+        fields (``answer``...), which the reward functions receive.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2 ``label`` and ``columns`` (KTO and GRPO rows).
     """
 
     messages: list[Message] | None = None
     prompt: str | list[Message] | None = None
-    completion: str | None = None
+    completion: str | list[Message] | None = None
     text: str | None = None
     chosen: str | list[Message] | None = None
     rejected: str | list[Message] | None = None
     segments: list[tuple[str, bool]] | None = None
+    label: bool | None = None
+    columns: dict[str, Any] | None = None
 
     @property
     def kind(self) -> str:
-        """``segments``, ``preference``, ``conversation``, ``text`` or ``completion``: what a trainer's
-        ``sample_kinds`` lists."""
+        """``segments``, ``preference``, ``unpaired_preference``, ``prompt``, ``conversation``, ``text`` or
+        ``completion``: what a trainer's ``sample_kinds`` lists."""
         if self.segments is not None:
             return "segments"
         if self.chosen is not None or self.rejected is not None:
             return "preference"
+        if self.label is not None:
+            return "unpaired_preference"
+        if self.prompt is not None and self.completion is None:
+            return "prompt"
         if self.messages is not None:
             return "conversation"
         if self.text is not None:
@@ -236,6 +247,8 @@ class TrainRequest:
         attn_implementation: the attention implementation the model was loaded with.
         trainer_arguments: extra ``transformers.TrainingArguments`` keywords the engine sets (the
             multi-process strategy: ``ddp_*``, ``fsdp``, ``fsdp_config``); pass them on as they are.
+        options: the trainer's ``training.trainer_options``, validated: an instance of its
+            ``options_schema`` (``None`` for a trainer without one).
 
     .. versionadded:: 0.1
     """
@@ -251,6 +264,7 @@ class TrainRequest:
     max_seq_length: int = 2048
     attn_implementation: str = "sdpa"
     trainer_arguments: dict[str, Any] = field(default_factory=dict)
+    options: Any = None
 
 
 class TrainerPlugin(Protocol):
@@ -259,12 +273,17 @@ class TrainerPlugin(Protocol):
     Attributes:
         name: what ``training.trainer`` names.
         sample_kinds: the :attr:`Sample.kind` values it trains on.
+        options_schema: a pydantic model of its ``training.trainer_options`` (``None``: it takes
+            none); the core validates the config against it and hands the instance to
+            :meth:`create` as ``request.options``.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2 ``options_schema``.
     """
 
     name: str
     sample_kinds: tuple[str, ...]
+    options_schema: Any = None
 
     def create(self, request: TrainRequest) -> Any:
         """Build a Hugging Face ``Trainer``-like object whose ``train(resume_from_checkpoint=...)``
@@ -290,6 +309,26 @@ class Exporter(Protocol):
     def export(self, model: Any, tokenizer: Any, out_dir: Path, options: Any) -> list[str]:
         """Write the export into ``out_dir`` (an empty, temporary directory the engine renames when
         this returns); return human-readable lines describing what was written."""
+
+
+@dataclass
+class Reward:
+    """A reward function (``register_rewards``) for the trainers that score generations (``grpo``).
+
+    Attributes:
+        name: what ``training.trainer_options.reward_funcs`` names.
+        function: ``function(completions, **columns) -> list[float | None]``: ``completions`` is the
+            list of generated texts, ``prompts`` the prompts they answer, and every other column of
+            the dataset row comes as a keyword list aligned with them (``answer=[...]``). ``None``
+            means "does not apply to this completion"; NaN is refused.
+        description: one line.
+
+    .. versionadded:: 0.2
+    """
+
+    name: str
+    function: Callable[..., list[float | None]]
+    description: str = ""
 
 
 class Command(Protocol):

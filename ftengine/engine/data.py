@@ -394,10 +394,13 @@ def _row(enc: Encoded, max_seq_length: int) -> dict[str, Any]:
 
 def encode_for_training(sample: Sample, tokenizer: Any, train_on: str) -> list[Encoded]:
     """The sequences a sample trains as: one for a language-model sample, the chosen and the rejected
-    completion of a preference pair."""
+    completion of a preference pair, the completion of an unpaired preference (as its trainer renders it)."""
     if sample.kind == "preference":
         prompt, chosen, rejected = preference_messages(sample)
         return [encode_completion(tokenizer, prompt, chosen), encode_completion(tokenizer, prompt, rejected)]
+    if sample.kind == "unpaired_preference":
+        prompt, completion = _as_turns(sample.prompt, "user"), _as_turns(sample.completion, "assistant")
+        return [encode_completion(tokenizer, prompt, completion)]
     return [encode_sample(sample, tokenizer, train_on)]
 
 
@@ -564,6 +567,58 @@ def preference_rows(samples: list[tuple[str, Sample]], tokenizer: Any, max_seq_l
         prompt, chosen, rejected = preference_messages(sample)
         out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
                     "chat_template_kwargs": {"date_string": RENDER_DATE}})
+    return out
+
+
+def _as_turns(value: Any, role: str) -> list[Message]:
+    return [{"role": role, "content": value}] if isinstance(value, str) else value
+
+
+def unpaired_preference_rows(samples: list[tuple[str, Sample]], tokenizer: Any, max_seq_length: int,
+                             on_bad_rows: str, report: DataReport) -> list[dict[str, Any]]:
+    """Conversational ``prompt``/``completion``/``label`` rows for the KTO trainer, which renders
+    them with the chat template as DPO does; counted and checked by :func:`encode_and_count`."""
+    out = []
+    for sample, _ in encode_and_count(samples, tokenizer, max_seq_length, "assistant", on_bad_rows, report):
+        prompt, completion = _as_turns(sample.prompt, "user"), _as_turns(sample.completion, "assistant")
+        out.append({"prompt": prompt, "completion": completion, "label": sample.label,
+                    "chat_template_kwargs": {"date_string": RENDER_DATE}})
+    return out
+
+
+def prompt_rows(samples: list[tuple[str, Sample]], tokenizer: Any, max_seq_length: int, on_bad_rows: str,
+                report: DataReport, row_column: str = "ftengine_row") -> list[dict[str, Any]]:
+    """Conversational prompts to generate from (GRPO), each with its row's other columns and, under
+    ``row_column``, where it came from (``file: row N``, for the reward functions' errors). A prompt
+    as long as ``max_seq_length`` leaves no room to generate: an error naming its row (or skipped).
+    Every row must carry the same extra columns."""
+    out = []
+    columns: set[str] | None = None
+    for where, sample in samples:
+        prompt = _as_turns(sample.prompt, "user")
+        try:
+            length = len(tokenizer(render(tokenizer, prompt, add_generation_prompt=True),
+                                   add_special_tokens=False)["input_ids"])
+        except Exception as exc:
+            _sample_problem(where, f"the chat template cannot render it: {exc}", on_bad_rows, report,
+                            "chat template error")
+            continue
+        if length >= max_seq_length:
+            _sample_problem(where, f"the prompt ({length} tokens) fills max_seq_length={max_seq_length}", on_bad_rows,
+                            report, "prompt fills max_seq_length")
+            continue
+        extra = dict(sample.columns or {})
+        if columns is None:
+            columns = set(extra)
+        elif set(extra) != columns:
+            _sample_problem(where, f"columns {sorted(extra)} differ from the first row's {sorted(columns)} (the reward "
+                                   f"functions get every column for every row)", on_bad_rows, report,
+                            "different columns")
+            continue
+        report.tokens += length
+        out.append({"prompt": prompt, **extra, row_column: where,
+                    "chat_template_kwargs": {"date_string": RENDER_DATE}})
+    report.samples += len(out)
     return out
 
 

@@ -29,6 +29,7 @@ from ftengine.core.config import RunConfig
 from ftengine.core.config import TrainingConfig
 from ftengine.core.config import dump_config
 from ftengine.core.config import export_options
+from ftengine.core.config import trainer_options
 from ftengine.core.errors import ConfigError
 from ftengine.core.errors import DataError
 from ftengine.core.errors import ExportError
@@ -45,11 +46,13 @@ from ftengine.engine.data import detect_format
 from ftengine.engine.data import load_samples
 from ftengine.engine.data import pack
 from ftengine.engine.data import preference_rows
+from ftengine.engine.data import prompt_rows
 from ftengine.engine.data import read_rows
 from ftengine.engine.data import rename_columns
 from ftengine.engine.data import source_name
 from ftengine.engine.data import split_eval
 from ftengine.engine.data import tokenize_samples
+from ftengine.engine.data import unpaired_preference_rows
 from ftengine.engine.failures import directory_bytes
 from ftengine.engine.failures import disk_full
 from ftengine.engine.failures import error_line
@@ -470,10 +473,14 @@ def prepare_dataset(path: Any, tokenizer: Any, data: DataConfig, max_seq_length:
     if wrong:
         raise DataError(f"{source_name(path)}: format {report.format!r} gives {', '.join(wrong)} samples, which "
                         f"this trainer does not train on (it takes {', '.join(sample_kinds)})")
-    if "preference" in sample_kinds:
+    conversational = {"preference": preference_rows, "unpaired_preference": unpaired_preference_rows,
+                      "prompt": prompt_rows}
+    kind = next((k for k in sample_kinds if k in conversational), None)
+    if kind is not None:
         if data.packing:
-            raise DataError("data.packing: preference pairs are not packed; set it to false for this trainer")
-        rows = preference_rows(samples, tokenizer, max_seq_length, data.on_bad_rows, report)
+            raise DataError(f"data.packing: {kind.replace('_', ' ')} rows are not packed; set it to false for this "
+                            f"trainer")
+        rows = conversational[kind](samples, tokenizer, max_seq_length, data.on_bad_rows, report)
     else:
         rows = tokenize_samples(samples, tokenizer, max_seq_length, data.train_on, data.on_bad_rows, report)
         if data.packing:
@@ -558,7 +565,8 @@ def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, tra
                            training=training, output_dir=run_dir.checkpoints, ref_model=ref_model,
                            callbacks=callbacks, max_seq_length=settings.max_seq_length,
                            attn_implementation=model.config._attn_implementation,
-                           trainer_arguments=trainer_arguments or {})
+                           trainer_arguments=trainer_arguments or {},
+                           options=trainer_options(training))
     trainer = trainer_plugin.create(request)
     guard.watch(trainer)
     from transformers.trainer_callback import PrinterCallback

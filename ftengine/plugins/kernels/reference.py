@@ -106,6 +106,88 @@ def linear_cross_entropy(
     return _ChunkedLinearCE.apply(hidden, lm_head_weight, labels.reshape(-1), ignore_index, softcap)
 
 
+LOGPROB_CHUNK_ELEMENTS = 2**26
+"""Logit elements (rows x vocabulary) of one chunk of :func:`token_logprobs`: 256 MiB in fp32."""
+
+
+def _scaled_logits(h: torch.Tensor, weight: torch.Tensor, softcap: float | None,
+                   temperature: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The chunk's logits ``softcap(h W^T) / temperature`` in fp32, and ``tanh(z / softcap)`` for the backward."""
+    z = h.float() @ weight.float().t()
+    t = None
+    if softcap:
+        t = torch.tanh(z / softcap)
+        z = softcap * t
+    return z / temperature, t
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """log softmax(s)[y] per row, s = softcap(h W^T) / T, a chunk of rows at a time.
+
+    Forward keeps only the inputs; backward recomputes each chunk's logits:
+    d logp / d s = onehot(y) - softmax(s), then / T, times 1 - tanh^2 through the softcap,
+    dh = dz W and dW = dz^T h. No (N, V) tensor exists in either pass.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, softcap, temperature, with_stats):
+        n, vocab = hidden.shape[0], weight.shape[0]
+        rows = max(1, LOGPROB_CHUNK_ELEMENTS // vocab)
+        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        stats = torch.empty(n, 3, dtype=torch.float32, device=hidden.device) if with_stats else None
+        for start in range(0, n, rows):
+            s, _ = _scaled_logits(hidden[start:start + rows], weight, softcap, temperature)
+            y = labels[start:start + rows]
+            lse = torch.logsumexp(s, dim=-1)
+            target = s.gather(1, y.unsqueeze(1)).squeeze(1)
+            logp[start:start + rows] = target - lse
+            if stats is not None:
+                p_log_p = torch.softmax(s, dim=-1) * (s - lse.unsqueeze(1))
+                stats[start:start + rows, 0] = -p_log_p.sum(-1)
+                stats[start:start + rows, 1] = s.mean(-1)
+                stats[start:start + rows, 2] = (s.argmax(-1) == y).float()
+        ctx.save_for_backward(hidden, weight, labels)
+        ctx.softcap, ctx.temperature = softcap, temperature
+        ctx.mark_non_differentiable(*([stats] if stats is not None else []))
+        return (logp, stats) if with_stats else logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, *_):
+        hidden, weight, labels = ctx.saved_tensors
+        n, vocab = hidden.shape[0], weight.shape[0]
+        rows = max(1, LOGPROB_CHUNK_ELEMENTS // vocab)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for start in range(0, n, rows):
+            h = hidden[start:start + rows]
+            s, t = _scaled_logits(h, weight, ctx.softcap, ctx.temperature)
+            y = labels[start:start + rows]
+            g = grad_logp[start:start + rows].float().unsqueeze(1)
+            dz = torch.softmax(s, dim=-1).mul_(-g)
+            dz.scatter_add_(1, y.unsqueeze(1), g)
+            dz /= ctx.temperature
+            if t is not None:
+                dz *= 1 - t * t
+            if need_h:
+                grad_h[start:start + rows] = (dz @ weight.float()).to(hidden.dtype)
+            if need_w:
+                grad_w += dz.t() @ h.float()
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    with_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    return _ChunkedTokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, labels.reshape(-1),
+                                       softcap, temperature, with_stats)
+
+
 def _base_weight(layer: LoRAWeights, dtype: torch.dtype) -> torch.Tensor:
     if layer.quant_state is not None:
         return dequantize_nf4(layer.weight, layer.quant_state).to(dtype)
@@ -269,6 +351,7 @@ class ReferenceBackend:
     swiglu = staticmethod(swiglu)
     geglu = staticmethod(geglu)
     linear_cross_entropy = staticmethod(linear_cross_entropy)
+    token_logprobs = staticmethod(token_logprobs)
     lora_linear = staticmethod(lora_linear)
     lora_mlp = staticmethod(lora_mlp)
     lora_qkv = staticmethod(lora_qkv)

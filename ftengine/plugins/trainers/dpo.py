@@ -1,4 +1,5 @@
-"""The ``dpo`` trainer: Direct Preference Optimization on trl's DPOTrainer.
+"""The ``dpo`` trainer: Direct Preference Optimization on trl's DPOTrainer, any of trl's DPO losses
+(``loss_type``: sigmoid = DPO, ipo = IPO, hinge, robust, ...).
 
 The data stage hands it conversational ``prompt``/``chosen``/``rejected`` rows (string pairs
 become a user turn and assistant turns); trl renders them with the tokenizer's chat template, so
@@ -8,18 +9,26 @@ generation prompt, end-of-turn token included, as in SFT.
 The reference model:
   * LoRA: the same model with its adapter disabled (no second copy of the weights);
   * full fine-tuning: a frozen copy of the model as it is when training starts.
+
+The log-probabilities of policy and reference come from the ``token_logprobs`` kernel op
+(:mod:`ftengine.plugins.trainers.logprob_head`): no ``[tokens x vocab]`` logits.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 from ftengine.core.types import TrainRequest
 from ftengine.plugins.trainers.arguments import common_arguments
+from ftengine.plugins.trainers.logprob_head import install_on_trainer
+from ftengine.plugins.trainers.options import DPOOptions
+
+log = logging.getLogger("ftengine")
 
 
-def _is_peft(model: Any) -> bool:
+def is_peft(model: Any) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
 
 
@@ -32,40 +41,61 @@ def frozen_copy(model: Any) -> Any:
     return reference
 
 
+def reference_model(request: TrainRequest) -> Any:
+    """The given reference; ``None`` for LoRA (trl disables the adapter); else a frozen copy."""
+    if request.ref_model is not None or is_peft(request.model):
+        return request.ref_model
+    return frozen_copy(request.model)
+
+
+def drop_ref_adapter(model: Any) -> None:
+    """trl keeps a copy of the adapter as it was at the start as the reference. Without it trl
+    computes the reference with the adapter disabled: the base model, which is what a fresh
+    adapter starts from, and stays so when a run is resumed from a partly trained adapter."""
+    if is_peft(model) and "ref" in model.peft_config:
+        model.delete_adapter("ref")
+
+
+def with_reference(trainer_class: Any, request: TrainRequest, args: Any) -> Any:
+    """A trl trainer of the DPO family (``DPOTrainer``, ``KTOTrainer``) with the reference of
+    :func:`reference_model`, its log-probabilities through the ``token_logprobs`` op."""
+    ref_model = reference_model(request)
+    trainer = trainer_class(
+        model=request.model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=request.train_dataset,
+        eval_dataset=request.eval_dataset,
+        processing_class=request.tokenizer,
+        callbacks=request.callbacks,
+    )
+    if ref_model is None:
+        drop_ref_adapter(request.model)
+    log.info(install_on_trainer(trainer))
+    return trainer
+
+
 class DPOTrainerPlugin:
     name = "dpo"
     sample_kinds = ("preference",)
+    options_schema = DPOOptions
 
     def create(self, request: TrainRequest) -> Any:
-        """A trl ``DPOTrainer`` with ``training.beta`` and ``training.loss_type``, truncating at the
-        request's ``max_seq_length`` (the length the data stage counted with)."""
+        """A trl ``DPOTrainer`` with the ``dpo`` options, truncating at the request's
+        ``max_seq_length`` (the length the data stage counted with)."""
         from trl import DPOConfig
         from trl.trainer.dpo_trainer import DPOTrainer  # the class itself, whoever replaced trl.DPOTrainer
 
-        model, tokenizer, training = request.model, request.tokenizer, request.training
+        options = request.options or DPOOptions()
+        model = request.model
+        loss_type = options.loss_type if isinstance(options.loss_type, list) else [options.loss_type]
         args = DPOConfig(
-            **common_arguments(training, str(request.output_dir), model, request.trainer_arguments),
-            beta=training.beta,
-            loss_type=[training.loss_type],
+            **common_arguments(request.training, str(request.output_dir), model, request.trainer_arguments),
+            beta=options.beta,
+            loss_type=loss_type,
+            loss_weights=options.loss_weights,
+            label_smoothing=options.label_smoothing,
             max_length=request.max_seq_length,
             precompute_ref_log_probs=False,
         )
-        peft = _is_peft(model)
-        ref_model = request.ref_model
-        if ref_model is None and not peft:
-            ref_model = frozen_copy(model)
-        trainer = DPOTrainer(
-            model=model,
-            ref_model=ref_model,
-            args=args,
-            train_dataset=request.train_dataset,
-            eval_dataset=request.eval_dataset,
-            processing_class=tokenizer,
-            callbacks=request.callbacks,
-        )
-        if peft and ref_model is None and "ref" in model.peft_config:
-            # trl keeps a copy of the adapter as it was at the start as the reference. Without it trl
-            # computes the reference with the adapter disabled: the base model, which is what a fresh
-            # adapter starts from, and stays so when a run is resumed from a partly trained adapter.
-            model.delete_adapter("ref")
-        return trainer
+        return with_reference(DPOTrainer, request, args)

@@ -20,6 +20,7 @@ def has_fused_loss(model: Any) -> bool:
 class SFTTrainerPlugin:
     name = "sft"
     sample_kinds = ("conversation", "completion", "text", "segments")
+    options_schema = None
 
     def create(self, request: TrainRequest) -> Any:
         from transformers import Trainer

@@ -32,11 +32,17 @@ SHAPES = [
     ("preference", {"prompt": "2+2?", "chosen": "4", "rejected": "5"}),
     ("preference", {"prompt": [CONV[0]], "chosen": [CONV[1]], "rejected": [{"role": "assistant", "content": "No."}]}),
     ("preference", {"chosen": CONV, "rejected": [CONV[0], {"role": "assistant", "content": "No."}]}),
+    ("unpaired_preference", {"prompt": "2+2?", "completion": "4", "label": True}),
+    ("unpaired_preference", {"prompt": [CONV[0]], "completion": [CONV[1]], "label": False}),
+    ("prompt", {"prompt": "2+2?", "answer": "4"}),
+    ("prompt", {"prompt": [CONV[0]]}),
+    ("prompt", {"messages": [{"role": "system", "content": "Be terse."}, CONV[0]], "answer": "4"}),
 ]
 
 
 def test_every_format_is_a_dataset_format():
-    assert sorted(BY_NAME) == ["alpaca", "completion", "messages", "preference", "segments", "sharegpt", "text"]
+    assert sorted(BY_NAME) == ["alpaca", "completion", "messages", "preference", "prompt", "segments", "sharegpt",
+                               "text", "unpaired_preference"]
     for fmt in FORMATS:
         assert check_protocol(fmt, DatasetFormat) == []
         assert fmt.description

@@ -137,7 +137,8 @@ def test_dpo_refuses_language_model_data(demo_base, tmp_path):
         ftengine.load_dataset(str(ASSETS / "data.jsonl"), tokenizer, trainer="dpo", chat_template="chatml")
 
 
-def test_run_demo_dpo_option(monkeypatch, demo_base):
+def demo_run_configs(monkeypatch, *invocations):
+    """The run configs ``ftengine`` builds for each CLI invocation (stopped before training), and the last stderr."""
     from click.testing import CliRunner
 
     from ftengine.cli import main
@@ -150,10 +151,21 @@ def test_run_demo_dpo_option(monkeypatch, demo_base):
         raise FtengineError("stopped before training")
 
     monkeypatch.setattr(pipeline, "run", fake_run)
-    result = CliRunner().invoke(main, ["run", "--demo", "dpo"])
-    assert result.exit_code == 1 and "stopped before training" in result.stderr
+    stderr = ""
+    for args in invocations:
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1 and "stopped before training" in result.stderr
+        stderr = result.stderr
+    return seen, stderr
+
+
+def test_run_demo_dpo_option(monkeypatch, demo_base):
+    from click.testing import CliRunner
+
+    from ftengine.cli import main
+
+    seen, _ = demo_run_configs(monkeypatch, ["run", "--demo", "dpo"], ["run"])
     assert seen[0].training.trainer == "dpo" and seen[0].data.path.endswith("preference.jsonl")
-    CliRunner().invoke(main, ["run"])
     assert seen[1].training.trainer == "sft"
     refused = CliRunner().invoke(main, ["run", "--demo", "dpo", "config.yaml"])
     assert refused.exit_code == 1 and "--demo runs the built-in demo" in refused.stderr

@@ -19,10 +19,10 @@ class CompletionFormat:
     description = 'Prompt-completion: {"prompt": ..., "completion": ...}'
 
     def detect(self, row: dict[str, Any]) -> bool:
-        """True for rows with ``prompt`` and ``completion`` and no preference fields."""
+        """True for rows with ``prompt`` and ``completion`` and no preference fields (nor KTO's ``label``)."""
         if not isinstance(row, dict) or "prompt" not in row or "completion" not in row:
             return False
-        return "chosen" not in row and "rejected" not in row
+        return "chosen" not in row and "rejected" not in row and "label" not in row
 
     def convert(self, row: dict[str, Any]) -> Sample:
         """``Sample(prompt, completion)`` for strings; ``Sample(messages=prompt + completion)`` for message lists."""

@@ -8,6 +8,7 @@ from ftengine.core.types import Sample
 from ftengine.plugins.datasets.formats.common import check_conversation
 from ftengine.plugins.datasets.formats.common import require_dict
 from ftengine.plugins.datasets.formats.common import require_field
+from ftengine.plugins.datasets.formats.prompt import ends_with_user_turn
 
 
 class MessagesFormat:
@@ -17,13 +18,16 @@ class MessagesFormat:
     description = 'OpenAI chat: {"messages": [{"role": "user", "content": ...}, ...]}'
 
     def detect(self, row: dict[str, Any]) -> bool:
-        """True for a ``messages`` list whose turns are role/content (not ShareGPT's from/value)."""
+        """True for a ``messages`` list whose turns are role/content (not ShareGPT's from/value) and
+        whose last turn is not the user's (that is a ``prompt`` row to generate from)."""
         if not isinstance(row, dict) or "chosen" in row or "rejected" in row:
             return False
         messages = row.get("messages")
         if not isinstance(messages, list):
             return False
-        return not (messages and isinstance(messages[0], dict) and "from" in messages[0])
+        if messages and isinstance(messages[0], dict) and "from" in messages[0]:
+            return False
+        return not ends_with_user_turn(messages)
 
     def convert(self, row: dict[str, Any]) -> Sample:
         """The conversation, validated; the last turn must be the assistant's."""

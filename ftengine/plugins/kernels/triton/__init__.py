@@ -21,6 +21,7 @@ class TritonBackend:
         "swiglu": "swiglu",
         "geglu": "geglu",
         "linear_cross_entropy": "linear_cross_entropy",
+        "token_logprobs": "token_logprobs",
         "lora_linear": "lora_linear",
         "lora_mlp": "lora_mlp",
         "lora_qkv": "lora_qkv",
