@@ -462,7 +462,8 @@ def check_trainer_options(training: dict[str, Any]) -> list[str]:
         training = move_legacy_trainer_keys(training)
     except ValueError as exc:
         return [str(exc)]
-    trainer = get_registry("trainers").get(training.get("trainer", "sft"))
+    name = training.get("trainer", "sft")
+    trainer = get_registry("trainers").get(name) if isinstance(name, str) else None  # other types: the schema says
     options = training.get("trainer_options") or {}
     if trainer is None or not isinstance(options, dict):
         return []

@@ -1,5 +1,7 @@
 """The compat names one by one: arguments, template names and mappings, data helpers, save methods."""
 
+import json
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -110,6 +112,7 @@ def test_save_methods_and_pushes_fail_clearly(tiny_llama, monkeypatch, tmp_path)
         model.push_to_hub_merged("someone/model", tokenizer)
     with pytest.raises(ConfigError, match="'owner/name'"):
         model.push_to_hub_gguf("not a repo", tokenizer, token="hf_x")
-    with pytest.raises(ConfigError, match="dtype"):  # the 4-bit merged export is the merged exporter's nf4 dtype
-        model.save_pretrained_merged(str(tmp_path / "out4"), tokenizer, save_method="merged_4bit")
     assert not (tmp_path / "out").exists()
+    model.save_pretrained_merged(str(tmp_path / "out4"), tokenizer, save_method="merged_4bit")
+    written = json.loads((tmp_path / "out4" / "config.json").read_text())["quantization_config"]
+    assert written["load_in_4bit"] and written["bnb_4bit_quant_type"] == "nf4"

@@ -115,7 +115,13 @@ def test_the_python_api_splits_trainer_options_from_training_keys(monkeypatch, t
 
     monkeypatch.setattr(pipeline, "train", fake_train)
     monkeypatch.setattr(pipeline, "attention_for_rows", lambda model, packed: "sdpa")
-    ftengine.train(None, None, [], trainer="dpo", beta=0.4, max_steps=3, output_dir=str(tmp_path / "run"))
+    from transformers import AutoTokenizer
+
+    from ftengine.demo import ASSETS
+
+    tokenizer = AutoTokenizer.from_pretrained(str(ASSETS / "tokenizer"))
+    pairs = [{"prompt": "Hi", "chosen": "Hello.", "rejected": "Go away."}]
+    ftengine.train(None, tokenizer, pairs, trainer="dpo", beta=0.4, max_steps=3, output_dir=str(tmp_path / "run"))
     assert seen["training"].max_steps == 3 and seen["training"].trainer_options == {"beta": 0.4}
     with pytest.raises(ConfigError, match="training.trainer_options.bta: unknown key; did you mean"):
         trainer_options(seen["training"].model_copy(update={"trainer_options": {"bta": 1}}))
