@@ -15,10 +15,11 @@ from ftengine.plugins.models import llama
 from ftengine.plugins.models import mistral
 from ftengine.plugins.models import mixtral
 from ftengine.plugins.models import qwen2
+from ftengine.plugins.models import qwen2_vl
 from ftengine.plugins.models import qwen3_moe
 
 ADAPTERS = (llama.ADAPTER, qwen2.ADAPTER, mistral.ADAPTER, gemma.ADAPTER, gemma2.ADAPTER, gemma3.ADAPTER,
-            qwen3_moe.ADAPTER, mixtral.ADAPTER)
+            qwen3_moe.ADAPTER, mixtral.ADAPTER, qwen2_vl.QWEN2_VL, qwen2_vl.QWEN2_5_VL)
 
 
 @hookimpl
