@@ -230,6 +230,8 @@ class TrainRequest:
         attn_implementation: the attention implementation the model was loaded with.
         trainer_arguments: extra ``transformers.TrainingArguments`` keywords the engine sets (the
             multi-process strategy: ``ddp_*``, ``fsdp``, ``fsdp_config``); pass them on as they are.
+        data_collator: batches the rows when the engine prepared them for it (conversations with
+            images); ``None``: the trainer's own collator.
 
     .. versionadded:: 0.1
     """
@@ -245,6 +247,7 @@ class TrainRequest:
     max_seq_length: int = 2048
     attn_implementation: str = "sdpa"
     trainer_arguments: dict[str, Any] = field(default_factory=dict)
+    data_collator: Any = None
 
 
 class TrainerPlugin(Protocol):

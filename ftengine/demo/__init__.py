@@ -52,18 +52,22 @@ def base_model_dir() -> Path:
     return target
 
 
-DEMO_KINDS = ("sft", "dpo")
+DEMO_KINDS = ("sft", "dpo", "vision")
 
 
 def demo_config(kind: str = "sft") -> RunConfig:
     """The demo's run config: ``sft`` is what ``ftengine run`` alone runs, ``dpo`` what
-    ``ftengine run --demo dpo`` runs.
+    ``ftengine run --demo dpo`` runs, ``vision`` the image demo (:mod:`ftengine.demo.vision`).
 
     Raises:
         ValueError: ``kind`` is not one of :data:`DEMO_KINDS`.
     """
     if kind == "dpo":
         return dpo_demo_config()
+    if kind == "vision":
+        from ftengine.demo.vision import vision_demo_config
+
+        return vision_demo_config()
     if kind != "sft":
         raise ValueError(f"unknown demo {kind!r}; choose one of {', '.join(DEMO_KINDS)}")
     return validate_config({

@@ -53,7 +53,8 @@ class VisionSpec:
                                       (vision_layers, self.vision, self.vision_attention, self.vision_mlp)):
             names = (attn if attention else ()) + (ffn if mlp else ())
             if on and names:
-                towers.append(rf"{re.escape(prefix)}\.(?!.*{_projector_tail(self, prefix)}).*\.({'|'.join(map(re.escape, names))})")
+                alternatives = "|".join(map(re.escape, names))
+                towers.append(rf"{re.escape(prefix)}\.(?!.*{_projector_tail(self, prefix)}).*\.({alternatives})")
         if not towers:
             return None
         return "|".join(f"(?:.*{t})" for t in towers)

@@ -11,5 +11,7 @@ from ftengine.plugins.datasets.formats.messages import MessagesFormat
 from ftengine.plugins.datasets.formats.preference import PreferenceFormat
 from ftengine.plugins.datasets.formats.sharegpt import ShareGPTFormat
 from ftengine.plugins.datasets.formats.text import TextFormat
+from ftengine.plugins.datasets.formats.vision import VisionFormat
 
-FORMATS = (MessagesFormat(), AlpacaFormat(), ShareGPTFormat(), TextFormat(), CompletionFormat(), PreferenceFormat())
+FORMATS = (MessagesFormat(), AlpacaFormat(), ShareGPTFormat(), TextFormat(), CompletionFormat(), PreferenceFormat(),
+           VisionFormat())
