@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import difflib
 import io
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger("ftengine")
 
 from ftengine.core.errors import ConfigError
 from ftengine.core.errors import DataError
@@ -91,7 +95,9 @@ def load_processor(source: str, hf_config: Any, trust_remote_code: bool = False,
         parts = {"image_processor": image_processor, "tokenizer": tokenizer}
         attributes = {name: parts.get(name) for name in processor_class.get_attributes()}
         processor = processor_class(**attributes, chat_template=getattr(tokenizer, "chat_template", None))
-    set_pixel_bounds(processor, max_pixels, min_pixels)
+    if (max_pixels or min_pixels) and not set_pixel_bounds(processor, max_pixels, min_pixels):
+        log.warning("data.max_pixels / min_pixels: %s resizes images to a fixed size; the bounds are ignored",
+                    type(processor.image_processor).__name__)
     return processor
 
 
@@ -104,15 +110,17 @@ def set_pixel_bounds(processor: Any, max_pixels: int | None, min_pixels: int | N
     """
     image_processor = processor.image_processor
     size = getattr(image_processor, "size", None)
-    if not isinstance(size, dict) or "longest_edge" not in size or not hasattr(image_processor, "merge_size"):
+    bounds = dict(size) if isinstance(size, dict) else dict(getattr(size, "__dict__", {}))
+    if bounds.get("longest_edge") is None or not hasattr(image_processor, "merge_size"):
         return []
     lines = []
-    for key, value, attr in (("longest_edge", max_pixels, "max_pixels"), ("shortest_edge", min_pixels, "min_pixels")):
+    for key, value, name in (("longest_edge", max_pixels, "max_pixels"), ("shortest_edge", min_pixels, "min_pixels")):
         if value is not None:
-            size[key] = value
-            if hasattr(image_processor, attr):
-                setattr(image_processor, attr, value)
-            lines.append(f"{attr}={value}")
+            if isinstance(size, dict):
+                size[key] = value
+            else:
+                setattr(size, key, value)
+            lines.append(f"{name}={value}")
     return lines
 
 
@@ -178,7 +186,7 @@ def open_image(value: Any, base_dir: Path | None = None) -> Any:
         return value.convert("RGB")
     if isinstance(value, dict) and value.get("bytes") is not None:
         source: Any = io.BytesIO(value["bytes"])
-    elif isinstance(value, (dict, str)):
+    elif isinstance(value, (dict, str, os.PathLike)):
         path = Path(value.get("path") or "" if isinstance(value, dict) else value).expanduser()
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
