@@ -24,8 +24,6 @@ from typing import Any
 
 import torch
 
-log = logging.getLogger("ftengine")
-
 from ftengine.core.errors import ConfigError
 from ftengine.core.errors import DataError
 from ftengine.core.errors import ModelError
@@ -34,6 +32,8 @@ from ftengine.engine.data import IGNORE
 from ftengine.engine.data import DataReport
 from ftengine.engine.data import conversation_spans
 from ftengine.engine.data import encode_text
+
+log = logging.getLogger("ftengine")
 
 
 def is_vision_config(hf_config: Any) -> bool:

@@ -220,7 +220,8 @@ def test_qlora_keeps_the_vision_tower_16bit(vision_base, formulas, tmp_path):
     assert type(modules["model.language_model.layers.0.self_attn.q_proj"]).__name__ == "Linear4bit"
     assert type(modules["model.visual.blocks.0.attn.qkv"]) is torch.nn.Linear
     assert type(modules["model.visual.merger.mlp.0"]) is torch.nn.Linear
-    assert any(note.startswith("kept 16-bit (not quantized): model.visual, model.visual.merger") for note in loaded.notes)
+    kept = "kept 16-bit (not quantized): model.visual, model.visual.merger"
+    assert any(note.startswith(kept) for note in loaded.notes)
 
 
 def test_text_model_rejects_image_rows(demo_base, formulas, tmp_path):

@@ -84,7 +84,8 @@ def test_every_named_template_is_registered():
     info = regs.add_plugin(plugin, name="datasets-under-test")
     assert info.error is None
     assert sorted(info.registered["chat_templates"]) == sorted(names)
-    assert sorted(info.registered["formats"]) == ["alpaca", "completion", "messages", "preference", "sharegpt", "text"]
+    assert sorted(info.registered["formats"]) == ["alpaca", "completion", "messages", "preference", "sharegpt", "text",
+                                                  "vision"]
     assert regs.entries["chat_templates"]["qwen2.5"].obj is BY_NAME["qwen2.5"]
 
 
