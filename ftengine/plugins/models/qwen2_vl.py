@@ -34,36 +34,25 @@ def qwen2_vl_metadata(config: Any) -> dict[str, Any]:
     return meta
 
 
-QWEN2_VL = DecoderAdapter(
-    name="qwen2_vl",
-    model_types=("qwen2_vl",),
-    table=PatchTable(
-        norms=("Qwen2VLRMSNorm",),
-        attentions=("Qwen2VLAttention",),
-        attention_kwargs=(("sliding_window", "sliding_window"),),
-        mlps=("Qwen2MLP",),
-        causal_lms=("Qwen2VLForConditionalGeneration",),
-    ),
-    default_chat_template=None,
-    gguf=GGUFLayout(architecture="qwen2vl", skip=VISION_PARTS, renames=LANGUAGE_RENAMES,
-                    extra_metadata=qwen2_vl_metadata),
-    vision=VisionSpec(language="model.language_model", vision="model.visual", projector="model.visual.merger",
-                      vision_attention=("attn.qkv", "attn.proj"), vision_mlp=("fc1", "fc2")),
-)
+def qwen_vl_adapter(name: str, classes: str, vision_mlp: tuple[str, ...]) -> DecoderAdapter:
+    """A Qwen VL generation's adapter; ``classes`` prefixes its Hugging Face class names."""
+    return DecoderAdapter(
+        name=name,
+        model_types=(name,),
+        table=PatchTable(
+            norms=(f"{classes}RMSNorm",),
+            attentions=(f"{classes}Attention",),
+            attention_kwargs=(("sliding_window", "sliding_window"),),
+            mlps=("Qwen2MLP",),
+            causal_lms=(f"{classes}ForConditionalGeneration",),
+        ),
+        default_chat_template=None,
+        gguf=GGUFLayout(architecture="qwen2vl", skip=VISION_PARTS, renames=LANGUAGE_RENAMES,
+                        extra_metadata=qwen2_vl_metadata),
+        vision=VisionSpec(language="model.language_model", vision="model.visual", projector="model.visual.merger",
+                          vision_attention=("attn.qkv", "attn.proj"), vision_mlp=vision_mlp),
+    )
 
-QWEN2_5_VL = DecoderAdapter(
-    name="qwen2_5_vl",
-    model_types=("qwen2_5_vl",),
-    table=PatchTable(
-        norms=("Qwen2_5_VLRMSNorm",),
-        attentions=("Qwen2_5_VLAttention",),
-        attention_kwargs=(("sliding_window", "sliding_window"),),
-        mlps=("Qwen2MLP",),
-        causal_lms=("Qwen2_5_VLForConditionalGeneration",),
-    ),
-    default_chat_template=None,
-    gguf=GGUFLayout(architecture="qwen2vl", skip=VISION_PARTS, renames=LANGUAGE_RENAMES,
-                    extra_metadata=qwen2_vl_metadata),
-    vision=VisionSpec(language="model.language_model", vision="model.visual", projector="model.visual.merger",
-                      vision_attention=("attn.qkv", "attn.proj"), vision_mlp=("gate_proj", "up_proj", "down_proj")),
-)
+
+QWEN2_VL = qwen_vl_adapter("qwen2_vl", "Qwen2VL", vision_mlp=("fc1", "fc2"))
+QWEN2_5_VL = qwen_vl_adapter("qwen2_5_vl", "Qwen2_5_VL", vision_mlp=("gate_proj", "up_proj", "down_proj"))

@@ -52,3 +52,16 @@ def test_finetune_switches_select_modules():
     assert all(n.startswith("model.visual.blocks.") for n in vision_mlp)
     assert len(chosen()) == 2 * 7 + 2 * 5  # 7 projections per text layer, qkv/proj + 3 MLP per vision block
     assert spec.target_modules(vision_layers=False, language_layers=False) is None
+
+
+def test_gguf_names_and_mrope_sections():
+    gguf = adapter("qwen2_5_vl").gguf
+    cfg = qwen_vl_config()
+    names = {n: gguf.tensor_name(n) for n in Qwen2_5_VLForConditionalGeneration(cfg).state_dict()}
+    assert names["model.language_model.layers.1.self_attn.q_proj.bias"] == "blk.1.attn_q.bias"
+    assert names["model.language_model.embed_tokens.weight"] == "token_embd.weight"
+    assert names["lm_head.weight"] == "output.weight"
+    assert all(v is None for k, v in names.items() if k.startswith("model.visual."))
+    meta = gguf.metadata(cfg)
+    assert meta["rope.dimension_sections"] == [1, 1, 2, 0]
+    assert meta["rope.dimension_count"] == 8
