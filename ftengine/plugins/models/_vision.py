@@ -54,7 +54,7 @@ class VisionSpec:
             names = (attn if attention else ()) + (ffn if mlp else ())
             if on and names:
                 alternatives = "|".join(map(re.escape, names))
-                towers.append(rf"{re.escape(prefix)}\.(?!.*{_projector_tail(self, prefix)}).*\.({alternatives})")
+                towers.append(rf"{re.escape(prefix)}\.{_not_projector(self, prefix)}.*\.({alternatives})")
         if not towers:
             return None
         return "|".join(f"(?:.*{t})" for t in towers)
@@ -69,10 +69,10 @@ class VisionSpec:
         return base.get_submodule(self.language)
 
 
-def _projector_tail(spec: VisionSpec, prefix: str) -> str:
-    """The projector's path below ``prefix`` when it sits inside that tower (Qwen's merger), as a
-    negative lookahead, so the projector's own linears are never LoRA targets."""
+def _not_projector(spec: VisionSpec, prefix: str) -> str:
+    """A negative lookahead for the projector's path below ``prefix`` when it sits inside that tower
+    (Qwen's merger), so the projector's own linears are never LoRA targets; else nothing."""
     if spec.projector.startswith(prefix + "."):
-        return re.escape(spec.projector[len(prefix) + 1:]) + r"\."
-    return r"$^"
+        return rf"(?!.*{re.escape(spec.projector[len(prefix) + 1:])}\.)"
+    return ""
 
