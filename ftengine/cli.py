@@ -140,8 +140,8 @@ def print_summary(result: Any) -> None:
 @click.option("--output-dir", type=click.Path(file_okay=False), help="Parent directory of the run directory.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue RUN_DIR from its latest "
                                                                               "checkpoint.")
-@click.option("--demo", "demo_kind", type=click.Choice(["sft", "dpo", "grpo"]), default=None,
-              help="Run the built-in demo: sft (the default without CONFIG), dpo or grpo.")
+@click.option("--demo", "demo_kind", type=click.Choice(["sft", "dpo", "grpo", "vision"]), default=None,
+              help="Run the built-in demo: sft (the default without CONFIG), dpo, grpo, or vision (formula images).")
 @click.option("--gpus", type=click.IntRange(min=1), default=None,
               help="Train on N GPUs of this machine (DDP or FSDP2, see distributed.strategy): ftengine launches "
                    "the N processes through torchrun itself.")
@@ -174,8 +174,10 @@ def run(config: str | None, output_dir: str | None, resume_dir: str | None, demo
             from ftengine.demo import demo_config
 
             kind = demo_kind or "sft"
-            what = {"dpo": "DPO with LoRA", "grpo": "GRPO with LoRA (toy arithmetic)"}.get(kind, "LoRA")
-            click.echo(f"ftengine demo: {what} on a tiny Qwen2-architecture model (random initial weights), "
+            what = {"dpo": "DPO with LoRA", "grpo": "GRPO with LoRA (toy arithmetic)",
+                    "vision": "LoRA on formula images"}.get(kind, "LoRA")
+            arch = "Qwen2.5-VL" if kind == "vision" else "Qwen2"
+            click.echo(f"ftengine demo: {what} on a tiny {arch}-architecture model (random initial weights), "
                        "on the CPU", err=True)
             cfg = demo_config(kind)
         else:
@@ -190,7 +192,7 @@ def run(config: str | None, output_dir: str | None, resume_dir: str | None, demo
                 click.echo(f"interrupted: {exc}", err=True)
                 sys.exit(EXIT_INTERRUPTED)
             if demo and (run_dir.exports / "merged").is_dir():
-                _demo_answer(run_dir.exports / "merged")
+                _demo_answer(run_dir.exports / "merged", demo_kind)
             return
         if gpus:
             raise FtengineError(f"--gpus {gpus}: this process is already one of {rank.world_size} launched by "
@@ -220,10 +222,15 @@ def run(config: str | None, output_dir: str | None, resume_dir: str | None, demo
                    f"resume with: ftengine run --resume {result.run_dir.path}", err=True)
         sys.exit(EXIT_INTERRUPTED)
     if demo and "merged" in result.exports:
-        _demo_answer(result.exports["merged"][0])
+        _demo_answer(result.exports["merged"][0], demo_kind)
 
 
-def _demo_answer(merged: Path) -> None:
+def _demo_answer(merged: Path, kind: str | None) -> None:
+    if kind == "vision":
+        from ftengine.demo.vision import compare_readings
+
+        click.echo(compare_readings(merged))
+        return
     from ftengine.demo import PROMPT
     from ftengine.demo import ask
 

@@ -121,6 +121,14 @@ class LoRAConfig(Section):
         True, description="peft initialisation of the adapters.")
     modules_to_save: list[str] | None = Field(None, description="Extra modules trained in full (e.g. embed_tokens, "
                                                                 "lm_head for added tokens).")
+    finetune_vision_layers: bool = Field(True, description="Vision-language models with all-linear targets: "
+                                         "LoRA on the vision tower's layers.")
+    finetune_language_layers: bool = Field(True, description="Vision-language models with all-linear targets: "
+                                           "LoRA on the language tower's layers.")
+    finetune_attention_modules: bool = Field(True, description="Vision-language models with all-linear targets: "
+                                             "LoRA on the attention projections.")
+    finetune_mlp_modules: bool = Field(True, description="Vision-language models with all-linear targets: LoRA on "
+                                       "the MLP projections.")
 
 
 class DataConfig(Section):
@@ -143,6 +151,12 @@ class DataConfig(Section):
                                                                        "skip: skip and report them.")
     max_rows: int | None = Field(None, gt=0, description="Use only the first N rows.")
     seed: int = Field(3407, description="Seed for shuffling and held-out splits.")
+    instruction: str | None = Field(None, description="Image+text rows (format vision): the user's instruction "
+                                    "before each image, e.g. 'Write the LaTeX for this image.'")
+    max_pixels: int | None = Field(None, gt=0, description="Vision-language models with dynamic resolution "
+                                   "(Qwen2-VL): images larger than this many pixels are scaled down.")
+    min_pixels: int | None = Field(None, gt=0, description="Vision-language models with dynamic resolution: images "
+                                   "smaller than this many pixels are scaled up.")
 
 
 class TrainingConfig(Section):

@@ -249,6 +249,8 @@ class TrainRequest:
             multi-process strategy: ``ddp_*``, ``fsdp``, ``fsdp_config``); pass them on as they are.
         options: the trainer's ``training.trainer_options``, validated: an instance of its
             ``options_schema`` (``None`` for a trainer without one).
+        data_collator: batches the rows when the engine prepared them for it (conversations with
+            images); ``None``: the trainer's own collator.
 
     .. versionadded:: 0.1
     """
@@ -265,6 +267,7 @@ class TrainRequest:
     attn_implementation: str = "sdpa"
     trainer_arguments: dict[str, Any] = field(default_factory=dict)
     options: Any = None
+    data_collator: Any = None
 
 
 class TrainerPlugin(Protocol):

@@ -52,12 +52,12 @@ def base_model_dir() -> Path:
     return target
 
 
-DEMO_KINDS = ("sft", "dpo", "grpo")
+DEMO_KINDS = ("sft", "dpo", "grpo", "vision")
 
 
 def demo_config(kind: str = "sft") -> RunConfig:
     """The demo's run config: ``sft`` is what ``ftengine run`` alone runs, ``dpo`` and ``grpo`` what
-    ``ftengine run --demo dpo`` / ``--demo grpo`` run.
+    ``ftengine run --demo dpo`` / ``--demo grpo`` run, ``vision`` the image demo (:mod:`ftengine.demo.vision`).
 
     Raises:
         ValueError: ``kind`` is not one of :data:`DEMO_KINDS`.
@@ -66,6 +66,10 @@ def demo_config(kind: str = "sft") -> RunConfig:
         return dpo_demo_config()
     if kind == "grpo":
         return grpo_demo_config()
+    if kind == "vision":
+        from ftengine.demo.vision import vision_demo_config
+
+        return vision_demo_config()
     if kind != "sft":
         raise ValueError(f"unknown demo {kind!r}; choose one of {', '.join(DEMO_KINDS)}")
     return validate_config({

@@ -57,6 +57,8 @@ class DataReport:
         tokens / trained_tokens: tokens after truncation, and those carrying loss.
         packed_rows / packing_efficiency: with ``data.packing``, the rows samples were packed into
             and the fraction of their ``max_seq_length`` slots holding tokens (not padding).
+        images / image_tokens: vision-language runs: images in the samples, and the image tokens
+            the processor expanded them into.
         eval: the report of ``data.eval_path`` (or ``{"samples": n}`` for a held-out fraction).
     """
 
@@ -72,6 +74,8 @@ class DataReport:
     packed_rows: int = 0
     packing_efficiency: float | None = None
     eval: dict[str, Any] | None = None
+    images: int = 0
+    image_tokens: int = 0
 
     def skip(self, reason: str, kind: str = "bad row") -> None:
         """Count one skipped row; ``reason`` names its file and row, ``kind`` groups it."""
@@ -257,7 +261,8 @@ def convert_rows(rows: list[Row], fmt: Any, on_bad_rows: str, report: DataReport
 
 def load_samples(path: Any, data: Any, report: DataReport) -> list[tuple[str, Sample]]:
     """Rows of ``path`` -> samples, as ``data`` (a :class:`~ftengine.core.config.DataConfig`) says:
-    read, cut to ``max_rows``, columns renamed, format detected or named, converted.
+    read, cut to ``max_rows``, columns renamed, ``instruction`` added to image+text rows, format detected
+    or named, converted.
 
     Raises:
         DataError: unreadable input, no rows, an undetectable format, or (unless
@@ -268,8 +273,11 @@ def load_samples(path: Any, data: Any, report: DataReport) -> list[tuple[str, Sa
     rows = list(read_rows(path, split=data.split, subset=data.subset, on_bad_rows=data.on_bad_rows, report=report))
     if data.max_rows:
         rows = rows[: data.max_rows]
+    instruction = getattr(data, "instruction", None)
     for row in rows:
         row.value = rename_columns(row.value, data.columns)
+        if instruction and isinstance(row.value, dict) and "image" in row.value:  # image+text rows (format vision)
+            row.value.setdefault("instruction", instruction)
     report.rows += len(rows)
     if not rows:
         raise DataError(f"{source_name(path)}: no rows")

@@ -40,6 +40,7 @@ from ftengine.core.kernels import get_op
 from ftengine.core.types import TrainRequest
 from ftengine.engine import distributed
 from ftengine.engine import hub
+from ftengine.engine import vision
 from ftengine.engine.data import DETECT_ROWS
 from ftengine.engine.data import DataReport
 from ftengine.engine.data import detect_format
@@ -113,6 +114,8 @@ class LoadedModel:
     adapter: Any  # the ModelAdapter serving the model type, or None (trains unpatched)
     notes: list[str] = field(default_factory=list)
     settings: ModelSettings = field(default_factory=ModelSettings)
+    processor: Any = None  # vision-language models: the processor (``tokenizer`` is its tokenizer)
+    collator: Any = None  # set by the data stage when it batches rows itself (images)
 
 
 @dataclass
@@ -312,13 +315,25 @@ def load(config: RunConfig, strategy: str = "single") -> LoadedModel:
     if not m.allow_pickle:
         kwargs["use_safetensors"] = True
     bnb = quantization_config(q.load_in_4bit, q.load_in_8bit, q, storage)
+    vlm = vision.is_vision_config(hf_config)
+    kept_16bit = vision.keep_unquantized(bnb, adapter) if vlm else []
     if bnb is not None:
         kwargs["quantization_config"] = bnb
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
+    processor = None
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=m.trust_remote_code, revision=m.revision)
+        if vlm:
+            from transformers import AutoModelForImageTextToText
+
+            model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+            processor = vision.load_processor(source, hf_config, m.trust_remote_code, m.revision,
+                                              config.data.max_pixels, config.data.min_pixels)
+            tokenizer = processor.tokenizer
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=m.trust_remote_code,
+                                                      revision=m.revision)
     except OSError as exc:
         hint = "" if m.allow_pickle else ("; only safetensors weights load unless model.allow_pickle: true (pickle "
                                           "files can run code when loaded)")
@@ -336,7 +351,9 @@ def load(config: RunConfig, strategy: str = "single") -> LoadedModel:
              attention_note(attention, m.attn_implementation, config.data.packing)]
     if rope_note is not None:
         notes.append(rope_note)
-    return LoadedModel(model, tokenizer, adapter, notes, settings)
+    if kept_16bit:
+        notes.append("kept 16-bit (not quantized): " + ", ".join(kept_16bit))
+    return LoadedModel(model, tokenizer, adapter, notes, settings, processor)
 
 
 # ----------------------------------------------------------------------------- patch
@@ -355,8 +372,13 @@ def patch(loaded: LoadedModel) -> LoadedModel:
 # ----------------------------------------------------------------------------- adapt
 
 
-def target_modules(lora: LoRAConfig, adapter: Any) -> Any:
+def target_modules(lora: LoRAConfig, adapter: Any, model: Any = None) -> Any:
+    """peft's ``target_modules``: the adapter's for ``all-linear`` (a vision-language family's as the
+    ``lora.finetune_*`` switches select), else the configured ones."""
     if lora.target_modules == "all-linear" and adapter is not None:
+        spec = getattr(adapter, "vision", None)
+        if model is not None and spec is not None and vision.is_vision_config(model.config):
+            return vision.lora_targets(spec, lora)
         return list(adapter.default_target_modules)
     return lora.target_modules
 
@@ -397,17 +419,21 @@ def adapt(loaded: LoadedModel, lora: LoRAConfig, full_finetuning: bool = False,
         from peft import get_peft_model
 
         torch.manual_seed(seed)
+        targets = target_modules(lora, loaded.adapter, model)
+        per_tower = isinstance(targets, str) and lora.target_modules == "all-linear"
         peft_config = LoraConfig(
             r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-            target_modules=target_modules(lora, loaded.adapter),
+            target_modules=targets,
             target_parameters=lora.target_parameters, bias=lora.bias, use_rslora=lora.use_rslora,
             use_dora=lora.use_dora, init_lora_weights=lora.init_lora_weights,
             modules_to_save=lora.modules_to_save, task_type="CAUSAL_LM",
-            exclude_modules=MULTIMODAL_PARTS if lora.target_modules == "all-linear" and _is_multimodal(model) else None,
+            exclude_modules=MULTIMODAL_PARTS if lora.target_modules == "all-linear" and _is_multimodal(model)
+            and not per_tower else None,
         )
         model = get_peft_model(model, peft_config)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        targets = ", ".join(sorted(peft_config.target_modules) + list(peft_config.target_parameters or ()))
+        targets = vision.describe_targets(lora) if per_tower else ", ".join(
+            sorted(peft_config.target_modules) + list(peft_config.target_parameters or ()))
         loaded.notes.append(f"LoRA r={lora.r} alpha={lora.lora_alpha} on {targets} "
                             f"({trainable / 1e6:.3f}M trainable parameters)")
     loaded.notes.append(f"gradient checkpointing: {enable_gradient_checkpointing(model, gradient_checkpointing)}")
@@ -467,6 +493,7 @@ def prepare_dataset(path: Any, tokenizer: Any, data: DataConfig, max_seq_length:
         DataError: bad input (naming file, row and field), or samples the trainer cannot train on.
     """
     samples = load_samples(path, data, report)
+    vision.reject_images(samples)
     if data.format == "auto":
         log.info("data format: detected %r", report.format)
     wrong = sorted({s.kind for _, s in samples} - set(sample_kinds))
@@ -515,6 +542,8 @@ def data(loaded: LoadedModel, config: RunConfig) -> tuple[Any, Any, DataReport]:
     trainer = plugins.get("trainers", config.training.trainer)
     max_seq_length = loaded.settings.max_seq_length
     report = DataReport()
+    if loaded.processor is not None or d.format == "vision":
+        return vision_data(loaded, config, trainer, report)
     split_first = d.packing and not d.eval_path and d.eval_fraction > 0
     unpacked = d.model_copy(update={"packing": False}) if split_first else d
     train_rows = prepare_dataset(d.path, loaded.tokenizer, unpacked, max_seq_length, trainer.sample_kinds, report)
@@ -538,13 +567,49 @@ def data(loaded: LoadedModel, config: RunConfig) -> tuple[Any, Any, DataReport]:
     return to_dataset(train_rows), (to_dataset(eval_rows) if eval_rows else None), report
 
 
+def vision_data(loaded: LoadedModel, config: RunConfig, trainer: Any,
+                report: DataReport) -> tuple[Any, Any, DataReport]:
+    """Stage 4 for a vision-language model: conversations with their images opened, batched by
+    :class:`~ftengine.engine.vision.VisionCollator` (no packing; a held-out fraction as in text runs)."""
+    d = config.data
+    if loaded.processor is None:
+        raise DataError(f"{d.path}: format vision needs a vision-language model; "
+                        f"{config.model.name_or_path} has no vision tower")
+    if d.packing:
+        raise DataError("data.packing: rows with images are not packed; set it to false for a vision-language model")
+    if "conversation" not in trainer.sample_kinds:
+        raise DataError(f"training.trainer: {config.training.trainer!r} does not train on image conversations; use sft")
+    loaded.processor.chat_template = loaded.tokenizer.chat_template or loaded.processor.chat_template
+    max_seq_length = loaded.settings.max_seq_length
+
+    def rows_of(path: str, part: DataReport) -> list[dict[str, Any]]:
+        samples = load_samples(path, d, part)
+        return vision.vision_rows(samples, loaded.processor, max_seq_length, d.train_on, d.on_bad_rows, part)
+
+    train_rows, eval_rows = rows_of(d.path, report), []
+    if d.eval_path:
+        eval_report = DataReport()
+        eval_rows = rows_of(d.eval_path, eval_report)
+        report.eval = eval_report.to_dict()
+    elif d.eval_fraction > 0:
+        train_rows, eval_rows = split_eval(train_rows, d.eval_fraction, d.seed)
+        report.eval = {"samples": len(eval_rows)}
+    if not train_rows:
+        raise DataError(f"{d.path}: no usable training samples ({report.skipped} skipped)")
+    loaded.notes.append(f"images: {report.images} in {report.samples} samples, {report.image_tokens} image tokens")
+    loaded.collator = vision.VisionCollator(loaded.processor, train_rows + eval_rows, d.train_on)
+    train_ds = to_dataset([{"row": i} for i in range(len(train_rows))])
+    eval_ds = to_dataset([{"row": len(train_rows) + i} for i in range(len(eval_rows))]) if eval_rows else None
+    return train_ds, eval_ds, report
+
+
 # ----------------------------------------------------------------------------- train
 
 
 def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, training: TrainingConfig,
           run_dir: RunDir, resume_from: Path | None = None, ref_model: Any = None,
           settings: ModelSettings | None = None, strategy: str = "single",
-          trainer_arguments: dict[str, Any] | None = None) -> TrainResult:
+          trainer_arguments: dict[str, Any] | None = None, data_collator: Any = None) -> TrainResult:
     """Stage 5: the trainer plugin runs, with the engine's progress, checkpoint and interrupt callbacks.
 
     ``settings`` default to those :func:`load` left on the model; ``strategy`` and
@@ -566,7 +631,7 @@ def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, tra
                            callbacks=callbacks, max_seq_length=settings.max_seq_length,
                            attn_implementation=model.config._attn_implementation,
                            trainer_arguments=trainer_arguments or {},
-                           options=trainer_options(training))
+                           options=trainer_options(training), data_collator=data_collator)
     trainer = trainer_plugin.create(request)
     guard.watch(trainer)
     from transformers.trainer_callback import PrinterCallback
@@ -824,12 +889,13 @@ def _run_locked(config: RunConfig, run_dir: RunDir, resume: bool, rank: Any) -> 
             train_ds, eval_ds, report = data(loaded, config)
             run_dir.write_text("data_report.json", json.dumps(report.to_dict(), indent=2) + "\n")
             result = train(loaded.model, loaded.tokenizer, train_ds, eval_ds, config.training, run_dir, resume_from,
-                           settings=loaded.settings, strategy=strategy, trainer_arguments=trainer_arguments)
+                           settings=loaded.settings, strategy=strategy, trainer_arguments=trainer_arguments,
+                           data_collator=loaded.collator)
             memory = peak_memory()
             ranks = distributed.gather_objects(memory)
             if rank.distributed:
                 memory["ranks"] = ranks
-            model, tokenizer, notes = loaded.model, loaded.tokenizer, loaded.notes
+            model, tokenizer, notes = loaded.model, loaded.processor or loaded.tokenizer, loaded.notes
             exported = None if result.interrupted else model_for_export(loaded, config)
     except KeyboardInterrupt:
         latest = run_dir.latest_checkpoint()

@@ -257,7 +257,7 @@ BAD_ROWS = [
     ("last turn not the assistant's", {"messages": SINGLE[:1]}, "field 'messages[0].role'",
      "must be the assistant's"),
     ("non-string content", {"messages": [SINGLE[0], {"role": "assistant", "content": 5}]},
-     "field 'messages[1].content'", "content must be a string, got int"),
+     "field 'messages[1].content'", "content must be a string or a list of content parts, got int"),
     ("not an object", [1, 2], "row 2", "expected a JSON object, got list"),
 ]
 

@@ -31,5 +31,7 @@ class LoRAExporter:
         model.save_pretrained(str(out_dir), safe_serialization=True)
         tokenizer.save_pretrained(str(out_dir))
         adapter = model.peft_config[model.active_adapter]
-        return [f"adapter r={adapter.r} on {', '.join(sorted(adapter.target_modules))}",
+        targets = adapter.target_modules
+        targets = f"modules matching {targets}" if isinstance(targets, str) else ", ".join(sorted(targets))
+        return [f"adapter r={adapter.r} on {targets}",
                 f"base model: {adapter.base_model_name_or_path}"]

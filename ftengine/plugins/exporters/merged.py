@@ -130,10 +130,11 @@ class MergedExporter:
         generation = getattr(base, "generation_config", None)
         if generation is not None:
             generation = copy.deepcopy(generation)
-            if tokenizer.eos_token_id is not None:
-                generation.eos_token_id = tokenizer.eos_token_id
-            if tokenizer.pad_token_id is not None:
-                generation.pad_token_id = tokenizer.pad_token_id
+            text_tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a vision-language model's processor
+            if text_tokenizer.eos_token_id is not None:
+                generation.eos_token_id = text_tokenizer.eos_token_id
+            if text_tokenizer.pad_token_id is not None:
+                generation.pad_token_id = text_tokenizer.pad_token_id
             generation.save_pretrained(str(out_dir))
         tokenizer.save_pretrained(str(out_dir))
         return [f"{len(files)} safetensors shard(s), {writer.total_bytes / 2**20:.1f} MiB in {options.dtype}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
 from ftengine.plugins.models._gguf import GGUFLayout
@@ -11,6 +12,7 @@ from ftengine.plugins.models._patching import PatchTable
 from ftengine.plugins.models._patching import patch_model
 from ftengine.plugins.models._patching import routing_report
 from ftengine.plugins.models._patching import unpatch_model
+from ftengine.plugins.models._vision import VisionSpec
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -24,6 +26,8 @@ class DecoderAdapter:
         table: the Hugging Face classes :meth:`patch` replaces forwards on.
         gguf: the family's llama.cpp layout (:class:`GGUFLayout`), or ``None`` when it cannot be
             exported to GGUF.
+        vision: the towers of a vision-language family (:class:`VisionSpec`; ``None`` for a text-only
+            one); with it, :meth:`patch` patches the language tower and the top-level loss only.
 
     Example::
 
@@ -42,6 +46,7 @@ class DecoderAdapter:
     default_chat_template: str | None
     gguf: GGUFLayout | None = None
     default_target_modules: tuple[str, ...] = ALL_LINEAR
+    vision: VisionSpec | None = None
 
     def patch(self, model: Any, get_op: GetOp) -> list[str]:
         """Swap the model's norm, attention, MLP and loss forwards for kernel ops.
@@ -53,7 +58,13 @@ class DecoderAdapter:
         Returns:
             one line per kind of module patched, naming the op and its backend.
         """
-        return patch_model(model, get_op, self.table)
+        if self.vision is None or not _has_module(model, self.vision.language):
+            return patch_model(model, get_op, self.table)
+        # The vision tower may share a norm class with the text (Qwen2.5-VL): it keeps HF's own forwards.
+        lines = patch_model(self.vision.language_tower(model), get_op, replace(self.table, causal_lms=()))
+        only_loss = PatchTable(norms=(), attentions=(), mlps=(), causal_lms=self.table.causal_lms,
+                               final_softcap=self.table.final_softcap, decoder=self.table.decoder)
+        return lines + patch_model(model, get_op, only_loss)
 
     def unpatch(self, model: Any) -> int:
         """Undo :meth:`patch`; returns the number of modules restored."""
@@ -62,3 +73,12 @@ class DecoderAdapter:
     def routes(self, model: Any) -> list[str]:
         """How the patched projections run now (fused op or peft's path, with the reason)."""
         return routing_report(model)
+
+
+def _has_module(model: Any, name: str) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        base.get_submodule(name)
+    except AttributeError:
+        return False
+    return True

@@ -4,7 +4,8 @@ Gemma 2's layout without attention softcapping, plus RMS norms on the per-head q
 (``q_norm`` / ``k_norm``, patched as ``rms_norm`` with ``offset=1.0`` and applied before rope),
 local (sliding-window, rope base 10k) and global layers (their own rope base and scaling: the
 attention takes whichever ``position_embeddings`` its layer gets). The vision tower and projector
-of ``gemma3`` are left as they are; the fused loss serves ``Gemma3ForConditionalGeneration`` too.
+of ``gemma3`` run Hugging Face's code (LoRA reaches the SigLIP tower's projections through
+``lora.finetune_vision_layers``); the fused loss serves ``Gemma3ForConditionalGeneration`` too.
 GGUF: architecture ``gemma3`` (text weights; the vision side belongs in a separate mmproj file);
 norms ``1 + w``; rope base and scaling of the global layers; the window when any layer slides.
 """
@@ -17,6 +18,7 @@ from ftengine.plugins.models._adapter import DecoderAdapter
 from ftengine.plugins.models._gguf import GGUFLayout
 from ftengine.plugins.models._gguf import head_lengths
 from ftengine.plugins.models._patching import PatchTable
+from ftengine.plugins.models._vision import VisionSpec
 
 
 def gemma3_metadata(config: Any) -> dict[str, Any]:
@@ -51,4 +53,6 @@ ADAPTER = DecoderAdapter(
                  ("language_model.lm_head.", "lm_head.")),
         extra_metadata=gemma3_metadata,
     ),
+    vision=VisionSpec(language="model.language_model", vision="model.vision_tower",
+                      projector="model.multi_modal_projector"),
 )

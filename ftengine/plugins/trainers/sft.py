@@ -49,6 +49,6 @@ class SFTTrainerPlugin:
             train_dataset=request.train_dataset,
             eval_dataset=request.eval_dataset,
             processing_class=tokenizer,
-            data_collator=PadCollator(pad_id),
+            data_collator=request.data_collator or PadCollator(pad_id),
             callbacks=request.callbacks,
         )

@@ -85,7 +85,7 @@ def test_every_named_template_is_registered():
     assert info.error is None
     assert sorted(info.registered["chat_templates"]) == sorted(names)
     assert sorted(info.registered["formats"]) == ["alpaca", "completion", "messages", "preference", "prompt",
-                                                  "segments", "sharegpt", "text", "unpaired_preference"]
+                                                  "segments", "sharegpt", "text", "unpaired_preference", "vision"]
     assert regs.entries["chat_templates"]["qwen2.5"].obj is BY_NAME["qwen2.5"]
 
 

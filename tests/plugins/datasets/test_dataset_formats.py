@@ -37,12 +37,17 @@ SHAPES = [
     ("prompt", {"prompt": "2+2?", "answer": "4"}),
     ("prompt", {"prompt": [CONV[0]]}),
     ("prompt", {"messages": [{"role": "system", "content": "Be terse."}, CONV[0]], "answer": "4"}),
+    ("vision", {"image": "formula.png", "text": "x^2"}),
+    ("vision", {"image": {"bytes": b"\x89PNG", "path": None}, "text": "x^2", "instruction": "Read it."}),
+    ("messages", {"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"},
+                                                            {"type": "text", "text": "What is it?"}]},
+                               {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}]}),
 ]
 
 
 def test_every_format_is_a_dataset_format():
     assert sorted(BY_NAME) == ["alpaca", "completion", "messages", "preference", "prompt", "segments", "sharegpt",
-                               "text", "unpaired_preference"]
+                               "text", "unpaired_preference", "vision"]
     for fmt in FORMATS:
         assert check_protocol(fmt, DatasetFormat) == []
         assert fmt.description
@@ -169,8 +174,10 @@ BAD_ROWS = [
     ("messages", {"messages": ["hi"]}, "messages[0]", "must be an object"),
     ("messages", {"messages": [{"role": "human", "content": "x"}]}, "messages[0].role", "unknown role 'human'"),
     ("messages", {"messages": [{"content": "x"}]}, "messages[0].role", "unknown role None"),
-    ("messages", {"messages": [CONV[0], {"role": "assistant", "content": ["x"]}]}, "messages[1].content",
-     "must be a string"),
+    ("messages", {"messages": [CONV[0], {"role": "assistant", "content": ["x"]}]}, "messages[1].content[0]",
+     "must be a content part object"),
+    ("messages", {"messages": [CONV[0], {"role": "assistant", "content": 3}]}, "messages[1].content",
+     "must be a string or a list of content parts"),
     ("messages", {"messages": [CONV[0], {"role": "assistant"}]}, "messages[1].content", "must be a string"),
     ("messages", {"messages": [CONV[1], CONV[0]]}, "messages[1].role", "must be the assistant's, got 'user'"),
     ("text", None, None, "object"),
@@ -208,3 +215,32 @@ def test_bad_rows_raise_row_error_naming_the_field(name, row, field, words):
         BY_NAME[name].convert(row)
     assert info.value.field == field
     assert words in str(info.value)
+
+
+def test_content_parts():
+    messages = BY_NAME["messages"]
+    sample = messages.convert({"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "What "}, {"type": "text", "text": "is it?"},
+                                     {"type": "image", "image": "a.png"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A "}, {"type": "text", "text": "cat."}]}]})
+    assert sample.messages[0]["content"][2] == {"type": "image", "image": "a.png"}
+    assert sample.messages[1]["content"] == "A cat."  # text parts alone join into one string
+    bad = [({"type": "audio"}, r"content\[0\] has unknown type 'audio'"),
+           ({"type": "text", "text": 3}, "is a text part without a string 'text'"),
+           ("hi", "must be a content part object, got str")]
+    for part, message in bad:
+        with pytest.raises(RowError, match=message):
+            messages.convert({"messages": [{"role": "user", "content": [part]}, CONV[1]]})
+
+
+def test_vision_convert():
+    fmt = BY_NAME["vision"]
+    assert fmt.convert({"image": "f.png", "text": "x^2", "instruction": "Read."}) == Sample(messages=[
+        {"role": "user", "content": [{"type": "text", "text": "Read."}, {"type": "image", "image": "f.png"}]},
+        {"role": "assistant", "content": "x^2"}])
+    assert fmt.convert({"image": "f.png", "text": "x^2"}).messages[0]["content"] == [{"type": "image",
+                                                                                       "image": "f.png"}]
+    with pytest.raises(RowError, match="field 'image' must hold one image"):
+        fmt.convert({"image": ["a.png", "b.png"], "text": "x"})
+    with pytest.raises(RowError, match="field 'text' is empty"):
+        fmt.convert({"image": "a.png", "text": " "})

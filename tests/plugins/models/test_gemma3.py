@@ -105,3 +105,24 @@ def test_gguf_names_and_metadata():
 def test_bf16_on_gpu_as_close_to_fp32_as_hf(monkeypatch):
     use_backend(monkeypatch, "triton")
     assert_bf16_as_close_as_hf(Gemma3ForCausalLM, text_config(**GPU_SIZES), "gemma3")
+
+
+def test_multimodal_model_with_images_matches_hf():
+    """Images in the batch: SigLIP tower (HF's code, LoRA on it) -> projector -> patched language tower."""
+    cfg = multimodal_config()
+    cfg.vision_config.vision_use_head = False  # as in Gemma 3's checkpoints
+    cfg.image_token_id, cfg.boi_token_id, cfg.eoi_token_id = 120, 121, 122
+    targets = adapter("gemma3").vision.target_modules()
+    reference, patched, lines = tiny_pair(Gemma3ForConditionalGeneration, cfg, "gemma3", target_modules=targets)
+    assert lines[0].startswith("rms_norm x13 ->"), lines  # the language tower's only
+    assert any(".vision_tower." in n and "lora_" in n for n, _ in patched.named_parameters())
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 100, (2, SEQ), generator=g)
+    ids[:, 3] = 121
+    ids[:, 4] = 120  # mm_tokens_per_image=1: one image token per image
+    ids[:, 5] = 122
+    labels = ids.clone()
+    labels[:, :6] = -100
+    pixels = torch.randn(2, 3, 28, 28, generator=g)
+    assert_equivalent(reference, patched, VOCAB, input_ids=ids, labels=labels, attention_mask=torch.ones_like(ids),
+                      pixel_values=pixels, token_type_ids=(ids == 120).long())

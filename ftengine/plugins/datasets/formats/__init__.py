@@ -16,6 +16,7 @@ from ftengine.plugins.datasets.formats.segments import SegmentsFormat
 from ftengine.plugins.datasets.formats.sharegpt import ShareGPTFormat
 from ftengine.plugins.datasets.formats.text import TextFormat
 from ftengine.plugins.datasets.formats.unpaired import UnpairedPreferenceFormat
+from ftengine.plugins.datasets.formats.vision import VisionFormat
 
 FORMATS = (MessagesFormat(), AlpacaFormat(), ShareGPTFormat(), TextFormat(), CompletionFormat(), PreferenceFormat(),
-           SegmentsFormat(), UnpairedPreferenceFormat(), PromptFormat())
+           SegmentsFormat(), UnpairedPreferenceFormat(), PromptFormat(), VisionFormat())

@@ -11,7 +11,8 @@ MESSAGE_ROLES = ("system", "user", "assistant", "tool")
 
 # Keys that mark a row as one of the structured formats; ``text`` rows must have none of them.
 STRUCTURED_KEYS = frozenset(
-    {"messages", "conversations", "instruction", "output", "prompt", "completion", "chosen", "rejected", "segments"}
+    {"messages", "conversations", "instruction", "output", "prompt", "completion", "chosen", "rejected", "segments",
+     "image"}
 )
 
 
@@ -69,9 +70,11 @@ def optional_string(row: dict[str, Any], key: str) -> str:
 def check_conversation(messages: Any, field: str, require_assistant_last: bool = True) -> list[Message]:
     """Validate an OpenAI-style message list and return a copy of it.
 
-    Each message is a dict with a known ``role`` and string ``content``. An assistant message that
-    carries ``tool_calls`` may have null content (kept as ``""``). Keys other than ``role`` and
-    ``content`` (``tool_calls``, ``name``, ``tool_call_id``, ...) are passed through, except null
+    Each message is a dict with a known ``role`` and a ``content``: a string or a list of
+    content parts (:func:`check_content_parts`; a list of text parts alone becomes one string).
+    An assistant message that carries ``tool_calls`` may have null content (kept as ``""``).
+    Keys other than ``role`` and ``content`` (``tool_calls``, ``name``, ``tool_call_id``, ...)
+    are passed through, except null
     ones (the ``None`` fields Arrow adds when rows of one column have different keys), which
     templates that test ``'tool_calls' in message`` would misread.
 
@@ -104,12 +107,45 @@ def check_conversation(messages: Any, field: str, require_assistant_last: bool =
         content = message.get("content")
         if content is None and role == "assistant" and message.get("tool_calls"):
             content = ""
-        if not isinstance(content, str):
-            raise RowError(f"{where} content must be a string, got {type(content).__name__}",
-                           field=f"{where}.content")
+        if isinstance(content, list):
+            content = check_content_parts(content, f"{where}.content")
+        elif not isinstance(content, str):
+            raise RowError(f"{where} content must be a string or a list of content parts, got "
+                           f"{type(content).__name__}", field=f"{where}.content")
         extra = {k: v for k, v in message.items() if v is not None and k not in ("role", "content")}
         out.append({"role": role, "content": content, **extra})
     if require_assistant_last and out[-1]["role"] != "assistant":
         raise RowError(f"the last message of {field!r} must be the assistant's, got {out[-1]['role']!r}",
                        field=f"{field}[{len(out) - 1}].role")
+    return out
+
+
+def check_content_parts(parts: list[Any], field: str) -> str | list[dict[str, Any]]:
+    """Validate a message's content parts: ``{"type": "text", "text": str}`` and ``{"type": "image",
+    "image": ...}`` (a path, a ``{"bytes", "path"}`` dict as a datasets Image column holds, or a PIL
+    image; the engine opens it). Parts with text only are joined into one string, which every chat
+    template renders.
+
+    Raises:
+        RowError: a part that is not an object, of an unknown type, or missing its value.
+    """
+    out: list[dict[str, Any]] = []
+    for i, part in enumerate(parts):
+        where = f"{field}[{i}]"
+        if not isinstance(part, dict):
+            raise RowError(f"{where} must be a content part object, got {type(part).__name__}", field=where)
+        kind = part.get("type")
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise RowError(f"{where} is a text part without a string 'text'", field=f"{where}.text")
+            out.append({"type": "text", "text": part["text"]})
+        elif kind == "image":
+            if part.get("image") is None:
+                raise RowError(f"{where} is an image part without an 'image' (a path, bytes or an image)",
+                               field=f"{where}.image")
+            out.append({"type": "image", "image": part["image"]})
+        else:
+            raise RowError(f"{where} has unknown type {kind!r}; expected 'text' or 'image'", field=f"{where}.type")
+    if all(p["type"] == "text" for p in out):
+        return "".join(p["text"] for p in out)
     return out

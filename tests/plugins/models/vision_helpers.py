@@ -1,0 +1,62 @@
+"""Tiny vision-language configs and image batches for the adapter tests (no processor needed: the
+pixel tensors are random and the image tokens are placed by hand, as many as the tower yields)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .helpers import DEVICE
+
+VOCAB = 128
+IMAGE_TOKEN, VISION_START, VISION_END, VIDEO_TOKEN = 120, 122, 123, 121
+
+
+def qwen_vl_config(version: str = "2.5") -> Any:
+    """A tiny Qwen2-VL (``"2"``) or Qwen2.5-VL (``"2.5"``) config: 2 text layers, 2 vision blocks."""
+    from transformers import Qwen2_5_VLConfig
+    from transformers import Qwen2VLConfig
+
+    text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]})
+    tokens = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+                  vision_end_token_id=VISION_END)
+    if version == "2":
+        vision = dict(depth=2, embed_dim=32, hidden_size=32, mlp_ratio=2, num_heads=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)
+    else:
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2, out_hidden_size=32, window_size=56, fullatt_block_indexes=[1])
+        cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
+    cfg._attn_implementation = "sdpa"
+    cfg.text_config._attn_implementation = "sdpa"
+    cfg.vision_config._attn_implementation = "sdpa"
+    return cfg
+
+
+def qwen_vl_batch(seed: int = 1) -> dict[str, torch.Tensor]:
+    """Two rows, each with one image (grids 4x4 and 2x4 patches: 4 and 2 merged tokens), the second
+    right-padded; labels -100 on the prompt, the image tokens and the padding."""
+    g = torch.Generator().manual_seed(seed)
+    grids = torch.tensor([[1, 4, 4], [1, 2, 4]])
+    rows, width = [], 16
+    for grid in grids:
+        n_tokens = int(grid.prod()) // 4
+        prompt = torch.randint(0, 100, (3,), generator=g).tolist()
+        answer = torch.randint(0, 100, (4,), generator=g).tolist()
+        rows.append(prompt + [VISION_START] + [IMAGE_TOKEN] * n_tokens + [VISION_END] + answer)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+        labels[i, len(row) - 4: len(row)] = torch.tensor(row[-4:])
+    patches = int(grids.prod(dim=1).sum())
+    pixels = torch.randn(patches, 3 * 2 * 14 * 14, generator=g)
+    return {"input_ids": ids.to(DEVICE), "attention_mask": mask.to(DEVICE), "labels": labels.to(DEVICE),
+            "pixel_values": pixels.to(DEVICE), "image_grid_thw": grids.to(DEVICE),
+            "mm_token_type_ids": (ids == IMAGE_TOKEN).long().to(DEVICE)}
