@@ -333,9 +333,11 @@ def generate(model: Any, tokenizer: Any, messages: str | list[Any], stream: bool
     """Answer with the model (KV cache on, the patched forward, eval mode for the call).
 
     Args:
+        tokenizer: the tokenizer, or a vision-language model's processor: the conversations' content parts
+            may then hold images (``{"type": "image", "image": path | PIL image}``).
         messages: a prompt string, one conversation (a list of ``{"role", "content"}`` dicts), or a list of
             prompts / conversations generated as one left-padded batch.
-        stream: yield the answer's text piece by piece (one prompt or conversation only).
+        stream: yield the answer's text piece by piece (one prompt or conversation only; text models).
         temperature: 0 for greedy decoding; ``top_p`` and ``min_p`` filter the sampled tokens.
         system: a system message put first where the conversation has none.
 
@@ -344,6 +346,14 @@ def generate(model: Any, tokenizer: Any, messages: str | list[Any], stream: bool
     """
     from ftengine.engine import generation
 
+    if getattr(tokenizer, "image_processor", None) is not None:
+        from ftengine.engine import vision
+
+        if stream:
+            raise ValueError("generate: stream=True is for text models; a processor's answers come whole")
+        sampled = {"temperature": temperature, "top_p": top_p, "min_p": min_p} if temperature > 0 else {}
+        return vision.generate_with_images(model, tokenizer, messages, max_new_tokens=max_new_tokens,
+                                           do_sample=temperature > 0, **sampled)
     sampling = generation.Sampling(max_new_tokens, temperature, top_p, min_p)
     batch = isinstance(messages, list) and bool(messages) and not isinstance(messages[0], dict)
     if batch:

@@ -199,6 +199,10 @@ def test_run_trains_both_towers_and_exports_reload(vision_base, formulas, tmp_pa
     answer = vision.generate_with_images(merged, reloaded, conversation(str(formulas / "images" / "0.png"))[:1],
                                          max_new_tokens=4)
     assert isinstance(answer, str)
+    import ftengine
+
+    image_question = conversation(str(formulas / "images" / "0.png"))[:1]
+    assert ftengine.generate(merged, reloaded, image_question, max_new_tokens=4, temperature=0) == answer
 
 
 def test_switches_pick_the_language_tower_only(vision_base, formulas, tmp_path):
