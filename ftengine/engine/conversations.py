@@ -80,14 +80,17 @@ def standardize_sharegpt(data: Data, column: str = "messages") -> Data:
 
 
 def _conversation(index: int, row: Any) -> list[Message]:
-    for name in CONVERSATION_FORMATS:
-        fmt = plugins.get("formats", name)
-        if fmt.detect(row):
-            try:
-                return fmt.convert(row).messages
-            except RowError as error:
-                raise _row_error(index, error) from error
-    raise RowError(f"row {index}: not a conversation (expected messages, sharegpt or alpaca fields)")
+    """The row's conversation through the first format that claims it; a ``messages`` row none claims
+    (one ending with a user turn) gets the ``messages`` format's own error, which says what is wrong."""
+    names = [name for name in CONVERSATION_FORMATS if plugins.get("formats", name).detect(row)]
+    if not names and isinstance(row, dict) and "messages" in row:
+        names = ["messages"]
+    if not names:
+        raise RowError(f"row {index}: not a conversation (expected messages, sharegpt or alpaca fields)")
+    try:
+        return plugins.get("formats", names[0]).convert(row).messages
+    except RowError as error:
+        raise _row_error(index, error) from error
 
 
 def conversation_extension(data: Data, n: int, seed: int = 3407) -> Data:
