@@ -291,16 +291,15 @@ def _training_section(trainer: str, kwargs: dict[str, Any], where: str) -> Any:
 
 def _prepared(dataset: Any, tokenizer: Any, trainer: str) -> Any:
     """``dataset`` as the trainer takes it: rows not yet tokenized (text, messages, ...) go through
-    :func:`load_dataset`; preference rows are always converted (conversational pairs convert to themselves)."""
+    :func:`load_dataset`; preference rows are always converted (conversational pairs convert to themselves).
+    Tokenized rows without ``labels`` train on every token, as trl's and transformers' language-modelling
+    collators do."""
     from ftengine.core import plugins
 
     columns = getattr(dataset, "column_names", None)
     if "preference" not in plugins.get("trainers", trainer).sample_kinds and columns and "input_ids" in columns:
         if "labels" not in columns:
-            from ftengine.core.errors import DataError
-
-            raise DataError("train: the dataset has input_ids but no labels; pass untokenized rows (text, "
-                            "messages, ...) or rows from ftengine.load_dataset")
+            return dataset.map(lambda row: {"labels": list(row["input_ids"])})
         return dataset
     return load_dataset(dataset, tokenizer, trainer=trainer)
 

@@ -42,9 +42,15 @@ def check_gpus(requested: int) -> None:
         raise FtengineError(f"--gpus {requested}: only {visible} CUDA GPU(s) visible{shown}")
 
 
+AFTERMATH = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing",
+             "communicator was aborted", "Broken pipe")
+"""What a rank's collective says when another rank died: an echo of the failure, not its cause."""
+
+
 def first_failure(failures: dict[int, Any]) -> str:
     """``rank N: <its error>`` for the rank that failed first, from the elastic launcher's failures
-    (a rank that recorded an error wins over ranks that were only stopped)."""
+    (a rank that recorded its own error wins over ranks whose collectives lost a peer, which win over
+    ranks that were only stopped)."""
 
     def message(failure: Any) -> str:
         text = failure.message
@@ -53,7 +59,8 @@ def first_failure(failures: dict[int, Any]) -> str:
         return "" if not text or str(text).startswith("To enable traceback") else str(text)
 
     recorded = {r: f for r, f in failures.items() if message(f)}
-    rank, failure = min((recorded or failures).items(), key=lambda item: (item[1].timestamp, item[0]))
+    causes = {r: f for r, f in recorded.items() if not any(echo in message(f) for echo in AFTERMATH)}
+    rank, failure = min((causes or recorded or failures).items(), key=lambda item: (item[1].timestamp, item[0]))
     text = message(failure)
     if not text:
         text = f"stopped by {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"

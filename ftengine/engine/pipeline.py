@@ -864,7 +864,7 @@ def _run_locked(config: RunConfig, run_dir: RunDir, resume: bool, rank: Any) -> 
         strategy, line = distributed.choose_strategy(config, hf_config, rank.world_size)
         notes.append(f"distributed: {line}")
     state = run_dir.status() if resume else {}
-    trained = state.get("training") == "completed" and run_dir.latest_checkpoint() is not None
+    trained = resume and training_finished(run_dir, state, config.training.max_steps)
     resume_from = None
     if resume and not trained:
         checkpoint = run_dir.latest_checkpoint()
@@ -931,17 +931,31 @@ def _run_locked(config: RunConfig, run_dir: RunDir, resume: bool, rank: Any) -> 
     return RunResult(run_dir, result, report, notes, exports, memory, model, tokenizer, failed_exports=failed)
 
 
+def training_finished(run_dir: RunDir, state: dict[str, Any], max_steps: int) -> bool:
+    """Whether a resumed run has nothing left to train: its status says so, or (killed before it could)
+    its newest complete checkpoint is the one at ``max_steps``. Resuming a trainer at its last step
+    would run one step more."""
+    checkpoint = run_dir.latest_checkpoint()
+    if checkpoint is None:
+        return False
+    return state.get("training") == "completed" or 0 < max_steps <= int(checkpoint.name.split("-")[1])
+
+
 def _finished_training(config: RunConfig, run_dir: RunDir, state: dict[str, Any]
                        ) -> tuple[Any, Any, TrainResult, DataReport, list[str]]:
-    """A run whose training finished before: its final checkpoint loaded back, for the missing exports."""
+    """A run whose training finished before: its final checkpoint loaded back, for the missing exports.
+    Without a recorded summary (killed before it was written), the losses come from ``metrics.jsonl``."""
     from ftengine.engine.export_source import load_checkpoint
 
-    checkpoint = run_dir.latest_checkpoint()
+    checkpoint = run_dir.resume_point()  # also drops metrics logged after it
     model, tokenizer = load_checkpoint(config, checkpoint)
     summary = state.get("summary", {})
-    result = TrainResult(steps=summary.get("steps", 0), first_loss=summary.get("first_loss"),
-                         last_loss=summary.get("last_loss"), wall_seconds=0.0, interrupted=False,
-                         checkpoint=str(checkpoint), skipped_steps=summary.get("skipped_steps", []))
+    losses = [(m["step"], m["loss"]) for m in run_dir.read_metrics() if m.get("loss") is not None]
+    result = TrainResult(steps=summary.get("steps", int(checkpoint.name.split("-")[1])),
+                         first_loss=summary.get("first_loss", losses[0][1] if losses else None),
+                         last_loss=summary.get("last_loss", losses[-1][1] if losses else None), wall_seconds=0.0,
+                         interrupted=False, checkpoint=str(checkpoint), losses=losses,
+                         skipped_steps=summary.get("skipped_steps", []))
     known = DataReport.__dataclass_fields__
     report = DataReport(**{k: v for k, v in summary.get("data", {}).items() if k in known})
     notes = [*summary.get("notes", []), f"training had finished: exports from {checkpoint}"]

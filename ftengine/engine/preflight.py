@@ -96,16 +96,20 @@ def local_model_problems(path: Path, allow_pickle: bool) -> list[str]:
 
 def meta_model(hf_config: Any, trust_remote_code: bool = False) -> Any:
     """The model's module tree on the meta device (no weights, no memory), or a :class:`ConfigError`
-    for a config that has no causal-LM class."""
+    for a config that has no causal-LM class (nor, for a vision-language config, an image-text-to-text one)."""
     from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForImageTextToText
 
+    from ftengine.engine.vision import is_vision_config
+
+    auto = AutoModelForImageTextToText if is_vision_config(hf_config) else AutoModelForCausalLM
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+            return auto.from_config(hf_config, trust_remote_code=trust_remote_code)
     except ValueError:
         raise ConfigError(f"model.name_or_path: a {hf_config.model_type!r} model is not a causal language model "
-                          f"(transformers has no AutoModelForCausalLM class for it); ftengine trains causal "
-                          f"LMs") from None
+                          f"(transformers has no {auto.__name__} class for it); ftengine trains causal LMs and "
+                          f"image-text-to-text models") from None
 
 
 def _architecture_problems(config: RunConfig, hf_config: Any) -> list[str]:

@@ -86,11 +86,13 @@ def test_train_tokenizes_untokenized_rows(demo_base, tmp_path):
     result = ftengine.train(model, tokenizer, ROWS * 2, output_dir=str(tmp_path / "run"), max_steps=2,
                             per_device_train_batch_size=2, gradient_accumulation_steps=1, save_steps=100)
     assert result.steps == 2 and result.last_loss is not None
-    with pytest.raises(DataError, match="input_ids but no labels"):
-        import datasets
+    import datasets
 
-        ftengine.train(model, tokenizer, datasets.Dataset.from_list([{"input_ids": [1, 2, 3]}]),
-                       output_dir=str(tmp_path / "run2"), max_steps=1)
+    tokenized = datasets.Dataset.from_list([{"input_ids": [1, 2, 3, 4]}] * 2)  # no labels: every token trained
+    assert ftengine._prepared(tokenized, tokenizer, "sft")["labels"] == [[1, 2, 3, 4]] * 2
+    result = ftengine.train(model, tokenizer, tokenized, output_dir=str(tmp_path / "run2"), max_steps=1,
+                            per_device_train_batch_size=2, gradient_accumulation_steps=1, save_steps=100)
+    assert result.steps == 1 and result.last_loss is not None
 
 
 def test_an_option_less_exporter_lists_the_keys_it_takes():

@@ -187,7 +187,7 @@ def test_repeated_export_formats_get_their_own_directories():
 
 
 def test_config_schema_shows_the_gguf_options():
-    gguf = config_schema()["exporter_options"]["gguf"]["properties"]
+    gguf = config_schema()["x-exporter-options"]["gguf"]["properties"]
     assert {"quantization", "imatrix", "imatrix_data", "imatrix_chunks"} <= set(gguf)
     assert "iq4_xs" in gguf["quantization"]["description"]
 
