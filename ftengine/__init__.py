@@ -38,7 +38,7 @@ def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | torch
         name_or_path: local Hugging Face directory or hub id; a LoRA adapter directory (peft's, as the
             ``lora`` export writes it) loads its base model with the adapter on, as peft's
             ``AutoPeftModelForCausalLM`` does.
-        max_seq_length: kept with the model (:class:`ftengine.engine.pipeline.ModelSettings`) for
+        max_seq_length: kept with the model (:class:`ftengine.engine.settings.ModelSettings`) for
             :func:`train`'s trainers, and as the tokenizer's ``model_max_length``, the default of
             :func:`load_dataset`.
         dtype: ``"bfloat16"``, ``"float16"``, ``"float32"`` (or the ``torch`` dtype, as transformers
@@ -129,12 +129,13 @@ def add_lora(model: Any, r: int = 16, lora_alpha: float = 16, lora_dropout: floa
     from ftengine.core.config import TrainingConfig
     from ftengine.core.config import validate_section
     from ftengine.engine import pipeline
+    from ftengine.engine.settings import settings_of
 
     lora = validate_section(LoRAConfig, dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                              target_modules=target_modules, **lora_kwargs), "add_lora")
     validate_section(TrainingConfig, {"gradient_checkpointing": use_gradient_checkpointing}, "add_lora")
     adapter = pipeline.find_adapter(model.config)
-    loaded = pipeline.adapt(pipeline.LoadedModel(model, None, adapter, settings=pipeline.settings_of(model)), lora,
+    loaded = pipeline.adapt(pipeline.LoadedModel(model, None, adapter, settings=settings_of(model)), lora,
                             False, use_gradient_checkpointing, random_state)
     return loaded.model
 
@@ -168,7 +169,7 @@ def load_dataset(data: Any, tokenizer: Any, format: str = "auto", max_seq_length
     from ftengine.core import plugins
     from ftengine.core.config import DataConfig
     from ftengine.core.config import validate_section
-    from ftengine.engine import pipeline
+    from ftengine.engine import run_data
     from ftengine.engine.data import DataReport
 
     path = data if isinstance(data, (str, Path)) else None
@@ -176,7 +177,7 @@ def load_dataset(data: Any, tokenizer: Any, format: str = "auto", max_seq_length
                               "load_dataset")
     if config.format != "auto":
         plugins.get("formats", config.format)
-    if pipeline.needs_chat_template(data, config):
+    if run_data.needs_chat_template(data, config):
         if getattr(tokenizer, "chat_template", None) is None:
             get_chat_template(tokenizer, config.chat_template or "chatml")
         elif config.chat_template:
@@ -186,8 +187,8 @@ def load_dataset(data: Any, tokenizer: Any, format: str = "auto", max_seq_length
         max_seq_length = limit if isinstance(limit, int) and 0 < limit < 10**7 else 2048
     report = DataReport()
     kinds = plugins.get("trainers", trainer).sample_kinds
-    rows = pipeline.prepare_dataset(data, tokenizer, config, max_seq_length, kinds, report)
-    dataset = pipeline.to_dataset(rows)
+    rows = run_data.prepare_dataset(data, tokenizer, config, max_seq_length, kinds, report)
+    dataset = run_data.to_dataset(rows)
     dataset.ftengine_report = report
     return dataset
 
@@ -219,6 +220,7 @@ def train(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft", eval_d
     from ftengine.engine import distributed
     from ftengine.engine import pipeline
     from ftengine.engine import preflight
+    from ftengine.engine.attention import attention_for_rows
     from ftengine.engine.rundir import RunDir
 
     training = _training_section(trainer, training_kwargs, "train")
@@ -229,7 +231,7 @@ def train(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft", eval_d
     dataset = _prepared(dataset, tokenizer, trainer)
     if eval_dataset is not None:
         eval_dataset = _prepared(eval_dataset, tokenizer, trainer)
-    pipeline.attention_for_rows(model, "position_ids" in getattr(dataset, "column_names", ()))
+    attention_for_rows(model, "position_ids" in getattr(dataset, "column_names", ()))
     rank = distributed.rank_info()
     distributed.init_process_group(rank)
     if output_dir is None:
@@ -262,17 +264,18 @@ def make_trainer(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft",
     from ftengine.core import plugins
     from ftengine.core.config import trainer_options
     from ftengine.core.types import TrainRequest
-    from ftengine.engine import pipeline
+    from ftengine.engine.attention import attention_for_rows
+    from ftengine.engine.settings import settings_of
 
     training = _training_section(trainer, training_kwargs, "make_trainer")
     dataset = _prepared(dataset, tokenizer, trainer)
     if eval_dataset is not None:
         eval_dataset = _prepared(eval_dataset, tokenizer, trainer)
-    pipeline.attention_for_rows(model, "position_ids" in getattr(dataset, "column_names", ()))
+    attention_for_rows(model, "position_ids" in getattr(dataset, "column_names", ()))
     request = TrainRequest(model=model, tokenizer=tokenizer, train_dataset=dataset, eval_dataset=eval_dataset,
                            training=training, output_dir=Path(output_dir), ref_model=ref_model,
                            callbacks=list(callbacks or []),
-                           max_seq_length=max_seq_length or pipeline.settings_of(model).max_seq_length,
+                           max_seq_length=max_seq_length or settings_of(model).max_seq_length,
                            attn_implementation=model.config._attn_implementation, options=trainer_options(training))
     return plugins.get("trainers", trainer).create(request)
 
@@ -311,7 +314,7 @@ def export(model: Any, tokenizer: Any, output_dir: str, format: str = "lora", ov
     (training rows: a dataset or list of dicts with ``input_ids`` or text) feeds ``imatrix=True``."""
     from ftengine.core.config import validate_exports
     from ftengine.engine import distributed
-    from ftengine.engine.pipeline import export_one
+    from ftengine.engine.exporting import export_one
 
     (entry,) = validate_exports([{"format": format, **options}], source="export")
     target = Path(output_dir)
@@ -320,7 +323,7 @@ def export(model: Any, tokenizer: Any, output_dir: str, format: str = "lora", ov
     was_training = getattr(model, "training", False)
     model.eval()
     try:
-        export_one(model, tokenizer, entry, target, overwrite, calibration)
+        export_one(model, tokenizer, entry, target, overwrite=overwrite, calibration=calibration)
     finally:
         model.train(was_training)
     return target

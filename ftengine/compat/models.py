@@ -15,8 +15,8 @@ import ftengine
 from ftengine.compat._arguments import strict
 from ftengine.compat.saving import attach_saving_methods
 from ftengine.core.errors import ConfigError
-from ftengine.engine.pipeline import remember_settings
-from ftengine.engine.pipeline import settings_of
+from ftengine.engine.settings import remember_settings
+from ftengine.engine.settings import settings_of
 
 SINGLE_DEVICE_MAPS = (None, "sequential", "auto", "cuda", "cuda:0", {"": 0})
 """``device_map`` values meaning what ftengine does anyway: the whole model on the one GPU (or the CPU)."""

@@ -20,7 +20,7 @@ from trl.trainer.sft_trainer import SFTTrainer as TrlSFTTrainer
 import ftengine
 from ftengine.compat._arguments import strict
 from ftengine.core.errors import ConfigError
-from ftengine.engine.pipeline import settings_of
+from ftengine.engine.settings import settings_of
 
 TRAINING_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "max_steps",
                  "num_train_epochs", "lr_scheduler_type", "weight_decay", "optim", "max_grad_norm", "seed",

@@ -11,6 +11,7 @@ from ftengine.core.config import load_config
 from ftengine.core.config import validate_exports
 from ftengine.core.errors import FtengineError
 from ftengine.engine import pipeline
+from ftengine.engine.exporting import export_all
 from ftengine.engine.rundir import CHECKPOINT_MARKER
 from ftengine.engine.rundir import RunDir
 from ftengine.engine.rundir import remove_leftovers
@@ -73,4 +74,4 @@ def export_run(source: Path, formats: tuple[str, ...], quantization: str | None,
         model, tokenizer, entries, default_out = load_for_export(source, formats, quantization)
         out = output or default_out
         remove_leftovers(out)
-        return pipeline.export(model, tokenizer, entries, out, overwrite)
+        return export_all(model, tokenizer, entries, out, overwrite=overwrite)[0]

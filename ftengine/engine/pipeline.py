@@ -6,8 +6,6 @@ Python API (``ftengine.load_model`` ...) both call them.
 
 from __future__ import annotations
 
-import errno
-import inspect
 import json
 import logging
 import os
@@ -15,24 +13,18 @@ import re
 import time
 from dataclasses import dataclass
 from dataclasses import field
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ftengine.core import plugins
-from ftengine.core.config import DataConfig
-from ftengine.core.config import ExportEntry
 from ftengine.core.config import LoRAConfig
 from ftengine.core.config import RunConfig
 from ftengine.core.config import TrainingConfig
 from ftengine.core.config import dump_config
-from ftengine.core.config import export_options
 from ftengine.core.config import trainer_options
 from ftengine.core.errors import ConfigError
-from ftengine.core.errors import DataError
-from ftengine.core.errors import ExportError
 from ftengine.core.errors import ModelError
 from ftengine.core.errors import NonFiniteError
 from ftengine.core.errors import StoppedAtOnce
@@ -40,71 +32,28 @@ from ftengine.core.kernels import get_op
 from ftengine.core.types import TrainRequest
 from ftengine.engine import distributed
 from ftengine.engine import hub
+from ftengine.engine import run_data
 from ftengine.engine import vision
-from ftengine.engine.data import DETECT_ROWS
+from ftengine.engine.attention import attention_note
+from ftengine.engine.attention import choose_attn_implementation
 from ftengine.engine.data import DataReport
-from ftengine.engine.data import detect_format
-from ftengine.engine.data import load_samples
-from ftengine.engine.data import pack
-from ftengine.engine.data import preference_rows
-from ftengine.engine.data import prompt_rows
-from ftengine.engine.data import read_rows
-from ftengine.engine.data import rename_columns
-from ftengine.engine.data import source_name
-from ftengine.engine.data import split_eval
-from ftengine.engine.data import tokenize_samples
-from ftengine.engine.data import unpaired_preference_rows
+from ftengine.engine.exporting import export_all
 from ftengine.engine.failures import directory_bytes
 from ftengine.engine.failures import disk_full
 from ftengine.engine.failures import error_line
-from ftengine.engine.failures import export_size_estimate
 from ftengine.engine.failures import is_disk_full
 from ftengine.engine.guard import NonFiniteGuard
-from ftengine.engine.guard import first_non_finite
 from ftengine.engine.memory import checkpointing
 from ftengine.engine.progress import CheckpointMarkerCallback
 from ftengine.engine.progress import InterruptCallback
 from ftengine.engine.progress import ProgressCallback
 from ftengine.engine.rope_scaling import apply_rope_scaling
 from ftengine.engine.rundir import RunDir
-from ftengine.engine.rundir import atomic_directory
-from ftengine.engine.templates import apply_chat_template
+from ftengine.engine.settings import ModelSettings
+from ftengine.engine.settings import remember_settings
+from ftengine.engine.settings import settings_of
 
 log = logging.getLogger("ftengine")
-
-
-@dataclass
-class ModelSettings:
-    """What later stages need to know of how a model was loaded.
-
-    The pipeline passes it from stage to stage (:class:`LoadedModel`, then the trainer's
-    :class:`~ftengine.core.types.TrainRequest`); the Python API, which hands only the model object
-    from call to call, keeps it on the model as the one attribute :data:`SETTINGS_ATTR`.
-
-    Attributes:
-        max_seq_length: ``model.max_seq_length``: truncation and packing length, the default of
-            ``ftengine.load_dataset`` and the trainers' ``max_length``.
-        attn_implementation: ``model.attn_implementation`` as requested (``auto`` is resolved per dataset).
-        offload_embedding: ``model.offload_embedding``: the input embedding moves to CPU memory once frozen.
-    """
-
-    max_seq_length: int = 2048
-    attn_implementation: str = "auto"
-    offload_embedding: bool = False
-
-
-SETTINGS_ATTR = "ftengine_settings"
-
-
-def remember_settings(model: Any, settings: ModelSettings) -> None:
-    """Keep ``settings`` on ``model`` for the Python API's later calls."""
-    setattr(model, SETTINGS_ATTR, settings)
-
-
-def settings_of(model: Any) -> ModelSettings:
-    """The settings :func:`load` left on ``model`` (through a peft wrapper too); defaults for a model
-    loaded elsewhere."""
-    return getattr(model, SETTINGS_ATTR, None) or ModelSettings()
 
 
 @dataclass
@@ -145,89 +94,6 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
-
-
-ATTENTION_IMPLEMENTATIONS = ("sdpa", "flex_attention", "eager")
-FLEX_NEEDS_CUDA = ("model.attn_implementation: flex_attention trains on a CUDA GPU only (FlexAttention has no "
-                   "backward on the CPU); use sdpa, or auto (sdpa here, flex_attention for packed rows on a GPU)")
-
-
-def resolve_attn_implementation(requested: str, packing: bool,
-                                supported: tuple[str, ...] = ATTENTION_IMPLEMENTATIONS) -> str:
-    """The attention implementation (Hugging Face's ``attn_implementation``) a model is loaded with.
-
-    ``auto`` is ``flex_attention`` for packed rows on a CUDA GPU: transformers turns the restarting
-    position ids into a FlexAttention block mask with one causal block per sample, and the kernel skips
-    the blocks that cross a sample boundary (sdpa computes the whole T x T under a dense block-diagonal
-    mask). Otherwise ``auto`` is ``sdpa``, or ``eager`` for a model class without sdpa (Gemma 2).
-    An explicit choice is returned as it is.
-
-    Args:
-        requested: ``model.attn_implementation``: ``auto``, ``sdpa``, ``flex_attention`` or ``eager``.
-        packing: whether the training rows are packed (``data.packing``).
-        supported: what the model class implements (:func:`supported_attn_implementations`).
-    """
-    if requested != "auto":
-        return requested
-    if packing and "flex_attention" in supported and torch.cuda.is_available():
-        return "flex_attention"
-    return "sdpa" if "sdpa" in supported else "eager"
-
-
-def supported_attn_implementations(hf_config: Any) -> tuple[str, ...]:
-    """The attention implementations of the class transformers builds for ``hf_config``: eager, and sdpa
-    and flex_attention where the class declares them. A class transformers does not map (remote code) is
-    taken to have sdpa."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    if type(hf_config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-        return ("sdpa", "eager")
-    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config)]
-    flags = {"sdpa": model_class._supports_sdpa, "flex_attention": model_class._supports_flex_attn, "eager": True}
-    return tuple(name for name in ATTENTION_IMPLEMENTATIONS if flags[name])
-
-
-def choose_attn_implementation(requested: str, packing: bool, hf_config: Any, training: bool = False) -> str:
-    """:func:`resolve_attn_implementation` for this model, checked.
-
-    Raises:
-        ConfigError: the model class lacks the requested implementation, or ``training`` with
-            flex_attention and no CUDA GPU (FlexAttention has no backward on the CPU).
-    """
-    supported = supported_attn_implementations(hf_config)
-    chosen = resolve_attn_implementation(requested, packing, supported)
-    if chosen not in supported:
-        raise ConfigError(f"model.attn_implementation: {chosen!r} is not implemented by the model's transformers "
-                          f"class ({hf_config.model_type}); use auto or one of: {', '.join(supported)}")
-    if training and chosen == "flex_attention" and not torch.cuda.is_available():
-        raise ConfigError(FLEX_NEEDS_CUDA)
-    return chosen
-
-
-def attention_for_rows(model: Any, packed: bool) -> str:
-    """Python API, before training: a model loaded with ``attn_implementation="auto"`` (before the data
-    was known) switches to what ``auto`` means for these rows; then the implementation is checked.
-
-    Raises:
-        ConfigError: flex_attention without a CUDA GPU.
-    """
-    current = model.config._attn_implementation
-    if settings_of(model).attn_implementation == "auto":
-        wanted = resolve_attn_implementation("auto", packed, supported_attn_implementations(model.config))
-        if wanted != current:
-            model.set_attn_implementation(wanted)
-            current = wanted
-    if current == "flex_attention" and not torch.cuda.is_available():
-        raise ConfigError(FLEX_NEEDS_CUDA)
-    return current
-
-
-def attention_note(chosen: str, requested: str, packing: bool) -> str:
-    """The run summary's line on attention."""
-    how = {"flex_attention": "a FlexAttention document mask, blocks across samples skipped",
-           "sdpa": "a dense block-diagonal mask over each row", "eager": "a dense block-diagonal mask over each row"}
-    details = (["auto"] if requested == "auto" else []) + ([f"packed rows: {how[chosen]}"] if packing else [])
-    return f"attention: {chosen}" + (f" ({'; '.join(details)})" if details else "")
 
 
 def load_model_config(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None) -> Any:
@@ -451,158 +317,6 @@ def adapt(loaded: LoadedModel, lora: LoRAConfig, full_finetuning: bool = False,
     return loaded
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def choose_chat_template(tokenizer: Any, name: str | None, adapter: Any) -> str:
-    """The template a run uses: the configured one, else the tokenizer's own, else the adapter's."""
-    if name:
-        return name
-    if getattr(tokenizer, "chat_template", None):
-        return "tokenizer"
-    default = getattr(adapter, "default_chat_template", None)
-    if default and default in plugins.get_registry("chat_templates"):
-        return default
-    return "chatml"
-
-
-def needs_chat_template(path: Any, data: DataConfig) -> bool:
-    """Whether the rows need a chat template: a configured ``data.chat_template`` is always applied; otherwise
-    not when the rows' format (named, or detected on the first rows) says ``needs_chat_template = False``
-    (raw text, segments), so a tokenizer lacking the default template's tokens still trains on them."""
-    if data.chat_template:
-        return True
-    name = data.format
-    if name == "auto":
-        rows = list(islice(read_rows(path, split=data.split, subset=data.subset), DETECT_ROWS))
-        for row in rows:
-            row.value = rename_columns(row.value, data.columns)
-        try:
-            name = detect_format(rows, plugins.get_registry("formats"))
-        except DataError:
-            return True  # the data stage reports it with the rows' full context
-    return getattr(plugins.get("formats", name), "needs_chat_template", True)
-
-
-def prepare_dataset(path: Any, tokenizer: Any, data: DataConfig, max_seq_length: int, sample_kinds: tuple[str, ...],
-                    report: DataReport) -> list[Any]:
-    """Rows -> samples -> rows for the trainer: tokenized with masked labels (and packed when
-    ``data.packing``) for language-model trainers, conversational preference pairs for DPO.
-
-    Raises:
-        DataError: bad input (naming file, row and field), or samples the trainer cannot train on.
-    """
-    samples = load_samples(path, data, report)
-    vision.reject_images(samples)
-    if data.format == "auto":
-        log.info("data format: detected %r", report.format)
-    wrong = sorted({s.kind for _, s in samples} - set(sample_kinds))
-    if wrong:
-        raise DataError(f"{source_name(path)}: format {report.format!r} gives {', '.join(wrong)} samples, which "
-                        f"this trainer does not train on (it takes {', '.join(sample_kinds)})")
-    conversational = {"preference": preference_rows, "unpaired_preference": unpaired_preference_rows,
-                      "prompt": prompt_rows}
-    kind = next((k for k in sample_kinds if k in conversational), None)
-    if kind is not None:
-        if data.packing:
-            raise DataError(f"data.packing: {kind.replace('_', ' ')} rows are not packed; set it to false for this "
-                            f"trainer")
-        rows = conversational[kind](samples, tokenizer, max_seq_length, data.on_bad_rows, report)
-    else:
-        rows = tokenize_samples(samples, tokenizer, max_seq_length, data.train_on, data.on_bad_rows, report)
-        if data.packing:
-            rows = pack(rows, max_seq_length, report)
-    if report.skipped:
-        log.warning("%s: %d bad row(s) skipped, e.g. %s", source_name(path), report.skipped, report.skip_reasons[0])
-    return rows
-
-
-def to_dataset(rows: list[dict[str, Any]]) -> Any:
-    """A ``datasets.Dataset`` of the rows :func:`prepare_dataset` returned."""
-    import datasets
-
-    return datasets.Dataset.from_list(rows)
-
-
-def data(loaded: LoadedModel, config: RunConfig) -> tuple[Any, Any, DataReport]:
-    """Stage 4: train and eval datasets for the configured trainer.
-
-    A held-out eval fraction is split off before packing, so no sample is in both.
-    """
-    d = config.data
-    if not d.path:
-        raise DataError("data.path: required for a run (a .jsonl/.json/.parquet/.csv file, directory, glob or "
-                        "hub dataset id)")
-    if needs_chat_template(d.path, d):
-        template = choose_chat_template(loaded.tokenizer, d.chat_template, loaded.adapter)
-        apply_chat_template(loaded.tokenizer, template)
-        loaded.notes.append(f"chat template: {template}")
-    else:
-        loaded.notes.append("chat template: none (the format is template-free)")
-    trainer = plugins.get("trainers", config.training.trainer)
-    max_seq_length = loaded.settings.max_seq_length
-    report = DataReport()
-    if loaded.processor is not None or d.format == "vision":
-        return vision_data(loaded, config, trainer, report)
-    split_first = d.packing and not d.eval_path and d.eval_fraction > 0
-    unpacked = d.model_copy(update={"packing": False}) if split_first else d
-    train_rows = prepare_dataset(d.path, loaded.tokenizer, unpacked, max_seq_length, trainer.sample_kinds, report)
-    eval_rows: list[Any] = []
-    if d.eval_path:
-        eval_report = DataReport()
-        eval_rows = prepare_dataset(d.eval_path, loaded.tokenizer, d, max_seq_length, trainer.sample_kinds,
-                                    eval_report)
-        report.eval = eval_report.to_dict()
-    elif d.eval_fraction > 0:
-        train_rows, eval_rows = split_eval(train_rows, d.eval_fraction, d.seed)
-        report.eval = {"samples": len(eval_rows)}
-        if split_first:
-            train_rows = pack(train_rows, max_seq_length, report)
-            eval_rows = pack(eval_rows, max_seq_length, DataReport())
-    if not train_rows:
-        raise DataError(f"{d.path}: no usable training samples ({report.skipped} skipped)")
-    if d.packing:
-        loaded.notes.append(f"packing: {report.packed_rows} rows of {max_seq_length} tokens "
-                            f"({report.packing_efficiency:.0%} of token slots filled)")
-    return to_dataset(train_rows), (to_dataset(eval_rows) if eval_rows else None), report
-
-
-def vision_data(loaded: LoadedModel, config: RunConfig, trainer: Any,
-                report: DataReport) -> tuple[Any, Any, DataReport]:
-    """Stage 4 for a vision-language model: conversations with their images opened, batched by
-    :class:`~ftengine.engine.vision.VisionCollator` (no packing; a held-out fraction as in text runs)."""
-    d = config.data
-    if loaded.processor is None:
-        raise DataError(f"{d.path}: format vision needs a vision-language model; "
-                        f"{config.model.name_or_path} has no vision tower")
-    if d.packing:
-        raise DataError("data.packing: rows with images are not packed; set it to false for a vision-language model")
-    if "conversation" not in trainer.sample_kinds:
-        raise DataError(f"training.trainer: {config.training.trainer!r} does not train on image conversations; use sft")
-    loaded.processor.chat_template = loaded.tokenizer.chat_template or loaded.processor.chat_template
-    max_seq_length = loaded.settings.max_seq_length
-
-    def rows_of(path: str, part: DataReport) -> list[dict[str, Any]]:
-        samples = load_samples(path, d, part)
-        return vision.vision_rows(samples, loaded.processor, max_seq_length, d.train_on, d.on_bad_rows, part)
-
-    train_rows, eval_rows = rows_of(d.path, report), []
-    if d.eval_path:
-        eval_report = DataReport()
-        eval_rows = rows_of(d.eval_path, eval_report)
-        report.eval = eval_report.to_dict()
-    elif d.eval_fraction > 0:
-        train_rows, eval_rows = split_eval(train_rows, d.eval_fraction, d.seed)
-        report.eval = {"samples": len(eval_rows)}
-    if not train_rows:
-        raise DataError(f"{d.path}: no usable training samples ({report.skipped} skipped)")
-    loaded.notes.append(f"images: {report.images} in {report.samples} samples, {report.image_tokens} image tokens")
-    loaded.collator = vision.VisionCollator(loaded.processor, train_rows + eval_rows, d.train_on)
-    train_ds = to_dataset([{"row": i} for i in range(len(train_rows))])
-    eval_ds = to_dataset([{"row": len(train_rows) + i} for i in range(len(eval_rows))]) if eval_rows else None
-    return train_ds, eval_ds, report
-
-
 # ----------------------------------------------------------------------------- train
 
 
@@ -666,99 +380,6 @@ def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, tra
     )
 
 
-# ----------------------------------------------------------------------------- export
-
-
-def export_one(model: Any, tokenizer: Any, entry: ExportEntry, target: Path, overwrite: bool = False,
-               card: dict[str, Any] | None = None, calibration: Any = None) -> list[str]:
-    """One exporter writes ``target`` atomically: into a temporary sibling renamed when complete; then,
-    with ``push_to_hub``, the directory is uploaded with a model card listing ``card``. ``calibration``
-    (the run's training rows) goes to exporters whose ``export`` takes it.
-
-    Raises:
-        ExportError: a weight holds inf or nan (named; nothing is written), or the disk filled up
-            (the path, the bytes free and about how many the export needs).
-    """
-    exporter = plugins.get("exporters", entry.format)
-    options = export_options(entry)
-    repo_id = (entry.model_extra or {}).get("push_to_hub")
-    if repo_id:
-        hub.check_push(repo_id, None, f"export {entry.format}: push_to_hub")
-    bad = first_non_finite(model.named_parameters())
-    if bad is not None:
-        raise ExportError(f"export {entry.format}: refusing to write non-finite weights: tensor {bad} holds inf or "
-                          f"nan values")
-    extra = {"calibration": calibration} if "calibration" in inspect.signature(exporter.export).parameters else {}
-    try:
-        with atomic_directory(target, overwrite=overwrite) as staging:
-            lines = exporter.export(model, tokenizer, staging, options, **extra)
-    except OSError as exc:
-        if exc.errno != errno.ENOSPC:
-            raise
-        raise disk_full(exc, target, export_size_estimate(model, entry.format)) from None
-    # the exporter wrote into a staging directory, renamed to ``target`` once complete
-    lines = [line.replace(str(staging), str(target)) for line in lines]
-    pushed = hub.push_export(target, entry, card)
-    return lines + ([pushed] if pushed else [])
-
-
-def export_names(entries: list[ExportEntry]) -> list[str]:
-    """Directory names of the entries: the format, then ``<format>-2``, ``-3``... for repeated formats."""
-    names, seen = [], {}
-    for entry in entries:
-        seen[entry.format] = seen.get(entry.format, 0) + 1
-        names.append(entry.format if seen[entry.format] == 1 else f"{entry.format}-{seen[entry.format]}")
-    return names
-
-
-def export(model: Any, tokenizer: Any, entries: list[ExportEntry], out_root: Path,
-           overwrite: bool = False, card: dict[str, Any] | None = None, calibration: Any = None
-           ) -> dict[str, tuple[Path, list[str]]]:
-    """Stage 6: each exporter writes into ``out_root/<name>`` (:func:`export_names`; and uploads it where the
-    entry says so)."""
-    return {name: (out_root / name, export_one(model, tokenizer, e, out_root / name, overwrite, card, calibration))
-            for name, e in zip(export_names(entries), entries, strict=True)}
-
-
-def export_each(model: Any, tokenizer: Any, entries: list[ExportEntry], run_dir: RunDir, skip: Any = (),
-                card: dict[str, Any] | None = None, calibration: Any = None
-                ) -> tuple[dict[str, tuple[Path, list[str]]], dict[str, str]]:
-    """Stage 6 of a run: every export not in ``skip`` (names from :func:`export_names`) is tried, one
-    failing does not stop the others. Each finished one is recorded in ``run.json`` at once (a resumed
-    run redoes only the missing ones).
-
-    Returns:
-        ``(done, failed)``: ``{name: (path, lines)}`` and ``{name: error message}``.
-    """
-    done: dict[str, tuple[Path, list[str]]] = {}
-    failed: dict[str, str] = {}
-    for name, entry in zip(export_names(entries), entries, strict=True):
-        if name in skip:
-            continue
-        target = run_dir.exports / name
-        try:
-            done[name] = (target, export_one(model, tokenizer, entry, target, overwrite=True, card=card,
-                                             calibration=calibration))
-        except Exception as exc:  # noqa: BLE001 - reported per export, the others still run
-            failed[name] = error_line(exc)
-            log.error("export %s failed: %s", name, failed[name])
-            continue
-        recorded = run_dir.status().get("exports_done", {})
-        run_dir.set_status("running", exports_done={**recorded, name: str(target)})
-    return done, failed
-
-
-def model_card_details(config: RunConfig, result: TrainResult) -> dict[str, Any]:
-    """What a pushed export's model card lists: base model, data, settings, final loss."""
-    return {"base model": config.model.name_or_path, "data": config.data.path, "trainer": config.training.trainer,
-            "method": "full fine-tuning" if config.model.full_finetuning else
-            f"LoRA r={config.lora.r} alpha={config.lora.lora_alpha}" + (" (4-bit base)"
-                                                                       if config.quantization.load_in_4bit else ""),
-            "steps": result.steps, "learning rate": config.training.learning_rate,
-            "max_seq_length": config.model.max_seq_length,
-            "final loss": None if result.last_loss is None else round(result.last_loss, 4)}
-
-
 # ----------------------------------------------------------------------------- a whole run
 
 
@@ -773,6 +394,17 @@ def preflight(config: RunConfig) -> list[str]:
         if repo_id:
             hub.check_push(repo_id, None, f"export[{i}].push_to_hub")
     return warnings
+
+
+def model_card_details(config: RunConfig, result: TrainResult) -> dict[str, Any]:
+    """What a pushed export's model card lists: base model, data, settings, final loss."""
+    return {"base model": config.model.name_or_path, "data": config.data.path, "trainer": config.training.trainer,
+            "method": "full fine-tuning" if config.model.full_finetuning else
+            f"LoRA r={config.lora.r} alpha={config.lora.lora_alpha}" + (" (4-bit base)"
+                                                                       if config.quantization.load_in_4bit else ""),
+            "steps": result.steps, "learning rate": config.training.learning_rate,
+            "max_seq_length": config.model.max_seq_length,
+            "final loss": None if result.last_loss is None else round(result.last_loss, 4)}
 
 
 def peak_memory() -> dict[str, float]:
@@ -886,7 +518,7 @@ def _run_locked(config: RunConfig, run_dir: RunDir, resume: bool, rank: Any) -> 
             if rank.distributed:
                 trainer_arguments = distributed.trainer_arguments(strategy, loaded.model,
                                                                   config.distributed.fsdp_reshard_after_forward)
-            train_ds, eval_ds, report = data(loaded, config)
+            train_ds, eval_ds, report = run_data.data(loaded, config)
             run_dir.write_text("data_report.json", json.dumps(report.to_dict(), indent=2) + "\n")
             result = train(loaded.model, loaded.tokenizer, train_ds, eval_ds, config.training, run_dir, resume_from,
                            settings=loaded.settings, strategy=strategy, trainer_arguments=trainer_arguments,
@@ -924,8 +556,13 @@ def _run_locked(config: RunConfig, run_dir: RunDir, resume: bool, rank: Any) -> 
     failed: dict[str, str] = {}
     if exported is not None:  # rank 0 (the only rank of a single-process run) exports
         exported.eval()
-        exports, failed = export_each(exported, tokenizer, config.export, run_dir, skip=done,
-                                      card=model_card_details(config, result), calibration=train_ds)
+        def record(name: str, target: Path) -> None:
+            recorded = run_dir.status().get("exports_done", {})
+            run_dir.set_status("running", exports_done={**recorded, name: str(target)})
+
+        exports, failed = export_all(exported, tokenizer, config.export, run_dir.exports, overwrite=True,
+                                     card=model_card_details(config, result), calibration=train_ds, skip=done,
+                                     keep_going=True, on_done=record)
     summary["exports"] = {**done, **{k: str(v[0]) for k, v in exports.items()}}
     run_dir.set_status("exports_failed" if failed else "completed", summary=summary, export_errors=failed)
     return RunResult(run_dir, result, report, notes, exports, memory, model, tokenizer, failed_exports=failed)

@@ -60,7 +60,7 @@ def check(config: RunConfig) -> list[str]:
 
 
 def _model_problems(config: RunConfig, problems: list[str]) -> Any:
-    from ftengine.engine.pipeline import choose_attn_implementation
+    from ftengine.engine.attention import choose_attn_implementation
     from ftengine.engine.pipeline import load_model_config
 
     m = config.model

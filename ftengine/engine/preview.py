@@ -57,9 +57,9 @@ def load_tokenizer(config: RunConfig) -> tuple[Any, str]:
     the model's config, never its weights."""
     from transformers import AutoTokenizer
 
-    from ftengine.engine.pipeline import choose_chat_template
     from ftengine.engine.pipeline import find_adapter
     from ftengine.engine.pipeline import load_model_config
+    from ftengine.engine.run_data import choose_chat_template
     from ftengine.engine.templates import apply_chat_template
 
     m = config.model

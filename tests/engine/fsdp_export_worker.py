@@ -15,6 +15,7 @@ from torch.distributed.fsdp import fully_shard
 from ftengine.core.config import load_config
 from ftengine.engine import distributed
 from ftengine.engine import pipeline
+from ftengine.engine.exporting import export_all
 from ftengine.engine.memory.checkpointing import decoder_layers
 from ftengine.engine.templates import apply_chat_template
 
@@ -39,8 +40,8 @@ def main() -> None:
     if rank.is_main:
         exported.eval()
         reference.eval()
-        pipeline.export(exported, loaded.tokenizer, config.export, out / "gathered")
-        pipeline.export(reference, loaded.tokenizer, config.export, out / "reference")
+        export_all(exported, loaded.tokenizer, config.export, out / "gathered")
+        export_all(reference, loaded.tokenizer, config.export, out / "reference")
     distributed.shutdown()
 
 

@@ -17,6 +17,7 @@ from ftengine.core.errors import DataError
 from ftengine.core.types import Sample
 from ftengine.demo import ASSETS
 from ftengine.engine import pipeline
+from ftengine.engine import run_data
 from ftengine.engine.data import IGNORE
 from ftengine.engine.data import DataReport
 from ftengine.engine.data import encode_sample
@@ -197,7 +198,7 @@ def data_stage(tokenizer, **data):
     config = validate_config({"model": {"name_or_path": "unused", "max_seq_length": 64},
                               "data": {"format": "messages", "chat_template": "chatml", **data}})
     loaded = pipeline.LoadedModel(types.SimpleNamespace(), tokenizer, None)
-    return pipeline.data(loaded, config)
+    return run_data.data(loaded, config)
 
 
 def as_set(dataset):

@@ -13,6 +13,7 @@ from ftengine.core.errors import ConfigError
 from ftengine.core.errors import DataError
 from ftengine.demo import ASSETS
 from ftengine.engine import pipeline
+from ftengine.engine import run_data
 
 ROWS = [{"messages": [{"role": "user", "content": "Capital of Chile?"},
                       {"role": "assistant", "content": "Santiago."}]},
@@ -70,14 +71,14 @@ def test_raw_text_needs_no_chat_template(tmp_path):
     data.write_text(json.dumps({"text": "Santiago is the capital of Chile."}) + "\n")
     loaded = pipeline.LoadedModel(SimpleNamespace(), tokenizer, SimpleNamespace(default_chat_template="llama-3.1"))
     config = validate_config({"model": {"name_or_path": "-"}, "data": {"path": str(data)}, "export": []})
-    train, _, report = pipeline.data(loaded, config)
+    train, _, report = run_data.data(loaded, config)
     assert report.format == "text" and "chat template: none (the format is template-free)" in loaded.notes
     assert tokenizer.decode(train[0]["input_ids"]) == "Santiago is the capital of Chile." + tokenizer.eos_token
     conversations = tmp_path / "messages.jsonl"
     conversations.write_text(json.dumps(ROWS[0]) + "\n")
     config = validate_config({"model": {"name_or_path": "-"}, "data": {"path": str(conversations)}, "export": []})
     with pytest.raises(DataError, match="needs the token '<\\|begin_of_text\\|>'"):
-        pipeline.data(loaded, config)
+        run_data.data(loaded, config)
 
 
 def test_train_tokenizes_untokenized_rows(demo_base, tmp_path):

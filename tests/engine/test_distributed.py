@@ -26,6 +26,7 @@ from ftengine.core.errors import FtengineError
 from ftengine.engine import distributed
 from ftengine.engine import pipeline
 from ftengine.engine.export_source import load_for_export
+from ftengine.engine.exporting import export_all
 from ftengine.engine.launch import first_failure
 from ftengine.engine.rundir import CHECKPOINT_MARKER
 from ftengine.engine.rundir import RunDir
@@ -109,7 +110,7 @@ def test_ddp_two_processes_train_like_one_and_export_the_same(demo_base, tmp_pat
 
     # the exports of rank 0 == one process exporting the checkpoint's weights
     model, tokenizer, _, _ = load_for_export(checkpoint, ("lora",), None)
-    pipeline.export(model, tokenizer, validate_config(raw).export, tmp_path / "again")
+    export_all(model, tokenizer, validate_config(raw).export, tmp_path / "again")
     for name, file in (("lora", "adapter_model.safetensors"), ("merged", "model.safetensors")):
         ours, theirs = load_file(run / "exports" / name / file), load_file(tmp_path / "again" / name / file)
         assert ours.keys() == theirs.keys()

@@ -9,6 +9,7 @@ import torch
 from ftengine.core.config import validate_config
 from ftengine.core.errors import ConfigError
 from ftengine.engine import pipeline
+from ftengine.engine import run_data
 
 
 def with_eval(config, **training):
@@ -31,7 +32,7 @@ def test_eval_loss_reaches_metrics_summary_and_plot(tiny_config, capsys):
     assert (result.run_dir.path / "loss.png").stat().st_size > 0
     assert "step 4/4 | eval_loss" in capsys.readouterr().err
     # The last evaluation is the final model's mean token loss on the held-out rows (one batch).
-    _, eval_ds, _ = pipeline.data(pipeline.LoadedModel(result.model, result.tokenizer, None), config)
+    _, eval_ds, _ = run_data.data(pipeline.LoadedModel(result.model, result.tokenizer, None), config)
     from ftengine.plugins.trainers.collator import PadCollator
 
     batch = PadCollator(result.tokenizer.pad_token_id)(eval_ds.to_list())

@@ -14,6 +14,7 @@ from ftengine.core.config import validate_config
 from ftengine.core.errors import DataError
 from ftengine.core.types import Sample
 from ftengine.engine import pipeline
+from ftengine.engine import run_data
 from ftengine.engine import vision
 from ftengine.engine.data import IGNORE
 from ftengine.engine.data import DataReport
@@ -235,4 +236,4 @@ def test_text_model_rejects_image_rows(demo_base, formulas, tmp_path):
     config.data.format = "vision"
     loaded = pipeline.load(config)
     with pytest.raises(DataError, match="format vision needs a vision-language model"):
-        pipeline.data(loaded, config)
+        run_data.data(loaded, config)

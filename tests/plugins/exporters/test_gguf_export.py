@@ -124,7 +124,7 @@ def test_export_writes_gguf_and_modelfile(tmp_path):
 
 def test_the_report_names_the_final_directory_not_the_staging_one(tmp_path):
     from ftengine.core.config import ExportEntry
-    from ftengine.engine.pipeline import export_one
+    from ftengine.engine.exporting import export_one
 
     tokenizer = _byte_level()
     tokenizer.chat_template = get_registry("chat_templates")["chatml"].jinja

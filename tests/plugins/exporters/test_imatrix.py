@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerFast
 from ftengine.core.config import ExportEntry
 from ftengine.core.config import config_schema
 from ftengine.core.errors import ExportError
-from ftengine.engine.pipeline import export_names
+from ftengine.engine.exporting import export_names
 from ftengine.plugins.exporters.gguf import writer as writer_module
 from ftengine.plugins.exporters.gguf.exporter import GGUFExporter
 from ftengine.plugins.exporters.gguf.exporter import gguf_name_of
@@ -157,6 +157,16 @@ def test_training_rows_are_the_default_calibration(tmp_path):
     GGUFExporter().export(model, tokenizer, tmp_path, {"quantization": "iq4_xs", "imatrix": True}, calibration)
     imatrix = ImportanceMatrix.load(tmp_path / "imatrix.gguf")
     assert imatrix.counts["blk.0.attn_q.weight"] == 16 and imatrix.datasets == ["training data"]
+
+
+def test_python_api_export_passes_the_calibration_rows(tmp_path):
+    import ftengine
+
+    model, tokenizer = _llama(hidden=256), _tokenizer()
+    calibration = [{"input_ids": row} for row in ROWS]
+    out = ftengine.export(model, tokenizer, str(tmp_path / "gguf"), format="gguf", quantization="iq4_xs",
+                          imatrix=True, calibration=calibration)
+    assert ImportanceMatrix.load(out / "imatrix.gguf").counts["blk.0.attn_q.weight"] == 16
 
 
 def test_several_types_merge_once(tmp_path, monkeypatch):

@@ -106,6 +106,7 @@ def test_config_schema_lists_every_first_party_trainers_options():
 
 
 def test_the_python_api_splits_trainer_options_from_training_keys(monkeypatch, tmp_path):
+    from ftengine.engine import attention
     from ftengine.engine import pipeline
 
     seen = {}
@@ -114,7 +115,7 @@ def test_the_python_api_splits_trainer_options_from_training_keys(monkeypatch, t
         seen["training"] = training
 
     monkeypatch.setattr(pipeline, "train", fake_train)
-    monkeypatch.setattr(pipeline, "attention_for_rows", lambda model, packed: "sdpa")
+    monkeypatch.setattr(attention, "attention_for_rows", lambda model, packed: "sdpa")
     from transformers import AutoTokenizer
 
     from ftengine.demo import ASSETS
