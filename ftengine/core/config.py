@@ -9,7 +9,6 @@ schema.
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 import warnings
@@ -25,6 +24,9 @@ from pydantic import ValidationError
 from pydantic import field_validator
 from pydantic import model_validator
 
+from ftengine.core.config_errors import format_errors
+from ftengine.core.config_errors import key_path
+from ftengine.core.config_errors import problems_error
 from ftengine.core.errors import ConfigError
 
 
@@ -278,106 +280,10 @@ class RunConfig(Section):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
 
 
-_TYPE_WORDS = {
-    "int": "an integer", "float": "a number", "bool": "true or false", "string": "a string",
-    "dict": "a mapping", "list": "a list", "literal": "one of", "finite": "a finite number",
-}
-
-
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The schema class of the section that holds the key at ``loc`` (None inside free-form values)."""
-    model: type[BaseModel] = RunConfig
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part)
-        if field is None:
-            return None
-        annotation = field.annotation
-        args = getattr(annotation, "__args__", ())
-        candidates = [annotation, *args]
-        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
-        if not nested:
-            return None
-        model = nested[0]
-    return model
-
-
-def _path(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-_TYPE_TAGS = ("bool", "int", "float", "str", "list", "dict", "none", "literal", "function")
-
-
-def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Drop pydantic's union-branch tags (``bool``, ``literal['offload','auto']``) from a location."""
-    return tuple(p for p in loc if not (isinstance(p, str) and (p.split("[")[0].split("-")[0] in _TYPE_TAGS)
-                                        and p not in ("dict",)))
-
-
-def _expected(err: dict[str, Any]) -> str:
-    kind = err["type"]
-    if kind == "literal_error":
-        return err["ctx"]["expected"]
-    if kind == "value_error":
-        return str(err["ctx"]["error"])
-    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
-    if kind in bounds:
-        return f"a value {bounds[kind]} {next(iter(err['ctx'].values()))}"
-    return next((word for key, word in _TYPE_WORDS.items() if kind.startswith(key)), err["msg"])
-
-
-def _format_errors(errors: list[dict[str, Any]], fields: list[str] | None = None) -> list[str]:
-    """One line per key: unknown keys with a suggestion, missing keys, and wrong values with what
-    was expected (the branches of a union merged into one line). ``fields`` overrides the valid
-    keys offered for unknown ones (an exporter's options)."""
-    by_path: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-    for err in errors:
-        by_path.setdefault(_clean_loc(err["loc"]), []).append(err)
-    lines = []
-    for loc, errs in by_path.items():
-        path = _path(loc)
-        kind = errs[0]["type"]
-        if kind == "extra_forbidden":
-            model = _model_at(loc)
-            known = fields if fields is not None else (list(model.model_fields) if model else [])
-            parent = _path(loc[:-1])
-            close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
-            prefix = f"{parent}." if parent else ""
-            if close:
-                lines.append(f"{path}: unknown key; did you mean {prefix}{close[0]}?")
-            else:
-                lines.append(f"{path}: unknown key; expected one of: {', '.join(prefix + k for k in known)}")
-        elif kind == "missing":
-            lines.append(f"{path}: required key is missing")
-        else:
-            value = errs[0].get("input")
-            expected = " or ".join(dict.fromkeys(_expected(e) for e in errs))
-            lines.append(f"{path}: expected {expected}, got {value!r} ({type(value).__name__}){_suggest(value, errs)}")
-    return lines
-
-
-def _suggest(value: Any, errs: list[dict[str, Any]]) -> str:
-    """``; did you mean 'x'?`` when a string is close to one of the allowed strings (``flex-attention``)."""
-    if not isinstance(value, str):
-        return ""
-    choices = [c for e in errs if e["type"] == "literal_error" for c in re.findall(r"'([^']*)'", e["ctx"]["expected"])]
-    close = difflib.get_close_matches(value, choices, n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def _problems(raw: Any, source: str, lines: list[str]) -> ConfigError:
-    return ConfigError(f"{source}: {len(lines)} problem(s):\n  " + "\n  ".join(lines))
-
-
 def non_finite_values(raw: Any, path: tuple[Any, ...] = ()) -> list[str]:
     """Every ``inf`` / ``nan`` number anywhere in a raw config (exporter options included), by key path."""
     if isinstance(raw, float) and not math.isfinite(raw):
-        return [f"{_path(path)}: expected a finite number, got {raw!r} (float)"]
+        return [f"{key_path(path)}: expected a finite number, got {raw!r} (float)"]
     if isinstance(raw, dict):
         return [line for key, value in raw.items() for line in non_finite_values(value, (*path, key))]
     if isinstance(raw, list):
@@ -394,11 +300,11 @@ def validate_config(raw: Any, source: str = "config") -> RunConfig:
     try:
         config = RunConfig.model_validate(raw)
     except ValidationError as exc:
-        lines = non_finite + _format_errors(exc.errors()) + check_plugin_names(raw)
-        raise _problems(raw, source, sorted(dict.fromkeys(lines))) from None
+        lines = non_finite + format_errors(exc.errors(), root=RunConfig) + check_plugin_names(raw)
+        raise problems_error(source, sorted(dict.fromkeys(lines))) from None
     problems = non_finite + check_plugin_names(raw) + check_combinations(config)
     if problems:
-        raise _problems(raw, source, problems)
+        raise problems_error(source, problems)
     return config
 
 
@@ -408,7 +314,7 @@ def validate_section(section: type[Section], values: dict[str, Any], name: str) 
         return section.model_validate(values)
     except ValidationError as exc:
         errors = [dict(e, loc=(name, *e["loc"])) for e in exc.errors()]
-        lines = _format_errors(errors, fields=list(section.model_fields))
+        lines = format_errors(errors, fields=list(section.model_fields))
         raise ConfigError(f"{name}: " + "; ".join(lines)) from None
 
 
@@ -464,7 +370,7 @@ def check_plugin_names(raw: dict[str, Any]) -> list[str]:
                 exporter.options_schema.model_validate(options)
             except ValidationError as exc:
                 errs = [dict(e, loc=("export", i, *e["loc"])) for e in exc.errors()]
-                problems += _format_errors(errs, fields=[*exporter.options_schema.model_fields, *HUB_OPTIONS])
+                problems += format_errors(errs, fields=[*exporter.options_schema.model_fields, *HUB_OPTIONS])
     return problems
 
 
@@ -489,7 +395,7 @@ def check_trainer_options(training: dict[str, Any]) -> list[str]:
         schema.model_validate(options)
     except ValidationError as exc:
         errs = [dict(e, loc=("training", "trainer_options", *e["loc"])) for e in exc.errors()]
-        return _format_errors(errs, fields=list(schema.model_fields))
+        return format_errors(errs, fields=list(schema.model_fields))
     return []
 
 

@@ -400,6 +400,32 @@ def _row(enc: Encoded, max_seq_length: int) -> dict[str, Any]:
     return {"input_ids": enc.input_ids[:max_seq_length], "labels": labels[:max_seq_length]}
 
 
+def preference_messages(sample: Sample) -> tuple[list[Message], list[Message], list[Message]]:
+    """A preference sample as conversations: a string prompt becomes a user turn, a string
+    chosen/rejected an assistant turn, so the chat template renders every pair."""
+    prompt = [{"role": "user", "content": sample.prompt}] if isinstance(sample.prompt, str) else sample.prompt
+    chosen = [{"role": "assistant", "content": sample.chosen}] if isinstance(sample.chosen, str) else sample.chosen
+    rejected = ([{"role": "assistant", "content": sample.rejected}] if isinstance(sample.rejected, str)
+                else sample.rejected)
+    return prompt, chosen, rejected
+
+
+def encode_completion(tokenizer: Any, prompt: list[Message], completion: list[Message]) -> Encoded:
+    """``prompt + completion`` rendered and tokenized; the trained characters are those the
+    completion adds to the prompt rendered with a generation prompt (as the DPO trainer splits them)."""
+    head = render(tokenizer, prompt, add_generation_prompt=True)
+    text = render(tokenizer, prompt + completion)
+    start = 0
+    while start < min(len(head), len(text)) and head[start] == text[start]:
+        start += 1
+    return encode_text(tokenizer, text, [(start, len(text))])
+
+
+def as_turns(value: Any, role: str) -> list[Message]:
+    """A string as one turn of ``role``; turns as they are."""
+    return [{"role": role, "content": value}] if isinstance(value, str) else value
+
+
 def encode_for_training(sample: Sample, tokenizer: Any, train_on: str) -> list[Encoded]:
     """The sequences a sample trains as: one for a language-model sample, the chosen and the rejected
     completion of a preference pair, the completion of an unpaired preference (as its trainer renders it)."""
@@ -407,7 +433,7 @@ def encode_for_training(sample: Sample, tokenizer: Any, train_on: str) -> list[E
         prompt, chosen, rejected = preference_messages(sample)
         return [encode_completion(tokenizer, prompt, chosen), encode_completion(tokenizer, prompt, rejected)]
     if sample.kind == "unpaired_preference":
-        prompt, completion = _as_turns(sample.prompt, "user"), _as_turns(sample.completion, "assistant")
+        prompt, completion = as_turns(sample.prompt, "user"), as_turns(sample.completion, "assistant")
         return [encode_completion(tokenizer, prompt, completion)]
     return [encode_sample(sample, tokenizer, train_on)]
 
@@ -445,12 +471,12 @@ def encode_and_count(samples: list[tuple[str, Sample]], tokenizer: Any, max_seq_
         try:
             sequences = encode_for_training(sample, tokenizer, train_on)
         except Exception as exc:  # the template's own raise_exception, or a turn it renders oddly
-            _sample_problem(where, f"the chat template cannot render it: {exc}", on_bad_rows, report,
+            sample_problem(where, f"the chat template cannot render it: {exc}", on_bad_rows, report,
                             "chat template error")
             continue
         problem = unusable(sequences, max_seq_length)
         if problem is not None:
-            _sample_problem(where, problem[0], on_bad_rows, report, problem[1])
+            sample_problem(where, problem[0], on_bad_rows, report, problem[1])
             continue
         count_sample(report, sequences, max_seq_length)
         yield sample, sequences
@@ -461,7 +487,9 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def _sample_problem(where: str, problem: str, on_bad_rows: str, report: DataReport, kind: str) -> None:
+def sample_problem(where: str, problem: str, on_bad_rows: str, report: DataReport, kind: str) -> None:
+    """A sample that cannot train: a :class:`DataError` naming its row, or (``on_bad_rows: skip``) counted
+    in ``report`` under ``kind`` with the reason."""
     reason = one_line(f"{where}: {problem}")
     if on_bad_rows == "error":
         raise DataError(reason + "; fix the row or set data.on_bad_rows: skip") from None
@@ -536,98 +564,6 @@ def pack(rows: list[dict[str, Any]], max_seq_length: int, report: DataReport) ->
     report.packed_rows += len(packed)
     report.packing_efficiency = packing_efficiency([len(r["input_ids"]) for r in packed], len(packed), max_seq_length)
     return packed
-
-
-# ----------------------------------------------------------------------------- preference pairs
-
-
-def preference_messages(sample: Sample) -> tuple[list[Message], list[Message], list[Message]]:
-    """A preference sample as conversations: a string prompt becomes a user turn, a string
-    chosen/rejected an assistant turn, so the chat template renders every pair."""
-    prompt = [{"role": "user", "content": sample.prompt}] if isinstance(sample.prompt, str) else sample.prompt
-    chosen = [{"role": "assistant", "content": sample.chosen}] if isinstance(sample.chosen, str) else sample.chosen
-    rejected = ([{"role": "assistant", "content": sample.rejected}] if isinstance(sample.rejected, str)
-                else sample.rejected)
-    return prompt, chosen, rejected
-
-
-def encode_completion(tokenizer: Any, prompt: list[Message], completion: list[Message]) -> Encoded:
-    """``prompt + completion`` rendered and tokenized; the trained characters are those the
-    completion adds to the prompt rendered with a generation prompt (as the DPO trainer splits them)."""
-    head = render(tokenizer, prompt, add_generation_prompt=True)
-    text = render(tokenizer, prompt + completion)
-    start = 0
-    while start < min(len(head), len(text)) and head[start] == text[start]:
-        start += 1
-    return encode_text(tokenizer, text, [(start, len(text))])
-
-
-def preference_rows(samples: list[tuple[str, Sample]], tokenizer: Any, max_seq_length: int, on_bad_rows: str,
-                    report: DataReport) -> list[dict[str, Any]]:
-    """Conversational ``prompt``/``chosen``/``rejected`` rows for the DPO trainer, which applies the
-    chat template itself (with ``chat_template_kwargs``: the fixed render date).
-
-    Counted and checked by :func:`encode_and_count` (chosen and rejected sequences; a pair whose
-    prompt alone fills ``max_seq_length`` is unusable).
-    """
-    out = []
-    for sample, _ in encode_and_count(samples, tokenizer, max_seq_length, "assistant", on_bad_rows, report):
-        prompt, chosen, rejected = preference_messages(sample)
-        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
-                    "chat_template_kwargs": {"date_string": RENDER_DATE}})
-    return out
-
-
-def _as_turns(value: Any, role: str) -> list[Message]:
-    return [{"role": role, "content": value}] if isinstance(value, str) else value
-
-
-def unpaired_preference_rows(samples: list[tuple[str, Sample]], tokenizer: Any, max_seq_length: int,
-                             on_bad_rows: str, report: DataReport) -> list[dict[str, Any]]:
-    """Conversational ``prompt``/``completion``/``label`` rows for the KTO trainer, which renders
-    them with the chat template as DPO does; counted and checked by :func:`encode_and_count`."""
-    out = []
-    for sample, _ in encode_and_count(samples, tokenizer, max_seq_length, "assistant", on_bad_rows, report):
-        prompt, completion = _as_turns(sample.prompt, "user"), _as_turns(sample.completion, "assistant")
-        out.append({"prompt": prompt, "completion": completion, "label": sample.label,
-                    "chat_template_kwargs": {"date_string": RENDER_DATE}})
-    return out
-
-
-def prompt_rows(samples: list[tuple[str, Sample]], tokenizer: Any, max_seq_length: int, on_bad_rows: str,
-                report: DataReport, row_column: str = "ftengine_row") -> list[dict[str, Any]]:
-    """Conversational prompts to generate from (GRPO), each with its row's other columns and, under
-    ``row_column``, where it came from (``file: row N``, for the reward functions' errors). A prompt
-    as long as ``max_seq_length`` leaves no room to generate: an error naming its row (or skipped).
-    Every row must carry the same extra columns."""
-    out = []
-    columns: set[str] | None = None
-    for where, sample in samples:
-        prompt = _as_turns(sample.prompt, "user")
-        try:
-            length = len(tokenizer(render(tokenizer, prompt, add_generation_prompt=True),
-                                   add_special_tokens=False)["input_ids"])
-        except Exception as exc:
-            _sample_problem(where, f"the chat template cannot render it: {exc}", on_bad_rows, report,
-                            "chat template error")
-            continue
-        if length >= max_seq_length:
-            _sample_problem(where, f"the prompt ({length} tokens) fills max_seq_length={max_seq_length}", on_bad_rows,
-                            report, "prompt fills max_seq_length")
-            continue
-        extra = dict(sample.columns or {})
-        if columns is None:
-            columns = set(extra)
-        elif set(extra) != columns:
-            _sample_problem(where, f"columns {sorted(extra)} differ from the first row's {sorted(columns)} (the reward "
-                                   f"functions get every column for every row)", on_bad_rows, report,
-                            "different columns")
-            continue
-        report.tokens += length
-        out.append({"prompt": prompt, **extra, row_column: where,
-                    "chat_template_kwargs": {"date_string": RENDER_DATE}})
-    report.samples += len(out)
-    return out
 
 
 def split_eval(samples: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:

@@ -13,19 +13,19 @@ from ftengine.core.config import DataConfig
 from ftengine.core.config import RunConfig
 from ftengine.core.errors import DataError
 from ftengine.engine import vision
+from ftengine.engine.conversational_rows import preference_rows
+from ftengine.engine.conversational_rows import prompt_rows
+from ftengine.engine.conversational_rows import unpaired_preference_rows
 from ftengine.engine.data import DETECT_ROWS
 from ftengine.engine.data import DataReport
 from ftengine.engine.data import detect_format
 from ftengine.engine.data import load_samples
 from ftengine.engine.data import pack
-from ftengine.engine.data import preference_rows
-from ftengine.engine.data import prompt_rows
 from ftengine.engine.data import read_rows
 from ftengine.engine.data import rename_columns
 from ftengine.engine.data import source_name
 from ftengine.engine.data import split_eval
 from ftengine.engine.data import tokenize_samples
-from ftengine.engine.data import unpaired_preference_rows
 from ftengine.engine.templates import apply_chat_template
 
 if TYPE_CHECKING:

@@ -14,9 +14,9 @@ from ftengine.core.errors import DataError
 from ftengine.demo import ASSETS
 from ftengine.demo import demo_config
 from ftengine.engine import pipeline
+from ftengine.engine.conversational_rows import preference_rows
 from ftengine.engine.data import DataReport
 from ftengine.engine.data import encode_completion
-from ftengine.engine.data import preference_rows
 from ftengine.plugins.trainers.dpo import DPOTrainerPlugin
 from ftengine.plugins.trainers.dpo import frozen_copy
 
