@@ -301,13 +301,21 @@ class Exporter(Protocol):
         description: one line.
         options_schema: a pydantic model of the options this exporter takes (or ``None``); the
             ``export:`` entry of the config is validated against it before the run starts.
+        check: optional; ``check(options, config, hf_config) -> [problem, ...]``: what would make this
+            export fail for this run, found before the model loads (an architecture the format cannot
+            write, a training setting the format cannot carry), from the validated ``options``, the
+            :class:`~ftengine.core.config.RunConfig` and the model's Hugging Face config (no weights).
+            Each problem is one line naming the option or setting; the run does not start.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``check``.
     """
 
     name: str
     description: str
     options_schema: Any
+    check: Callable[[Any, Any, Any], list[str]] | None = None
 
     def export(self, model: Any, tokenizer: Any, out_dir: Path, options: Any) -> list[str]:
         """Write the export into ``out_dir`` (an empty, temporary directory the engine renames when

@@ -30,8 +30,9 @@ def export_one(model: Any, tokenizer: Any, entry: ExportEntry, target: Path, ove
     (the run's training rows) goes to exporters whose ``export`` takes it.
 
     Raises:
-        ExportError: a weight holds inf or nan (named; nothing is written), or the disk filled up
-            (the path, the bytes free and about how many the export needs).
+        ExportError: a weight holds inf or nan (named; nothing is written), the directory cannot be
+            written (permissions, a read-only file system), or the disk filled up (the path, the bytes
+            free and about how many the export needs).
     """
     exporter = plugins.get("exporters", entry.format)
     options = export_options(entry)
@@ -47,6 +48,10 @@ def export_one(model: Any, tokenizer: Any, entry: ExportEntry, target: Path, ove
         with atomic_directory(target, overwrite=overwrite) as staging:
             lines = exporter.export(model, tokenizer, staging, options, **extra)
     except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise ExportError(f"export {entry.format}: cannot write into {target.parent}: {exc.strerror.lower()} "
+                              f"({exc.filename or target}); choose another output directory or make it writable"
+                              f"{'; the existing export there is unchanged' if target.exists() else ''}") from None
         if exc.errno != errno.ENOSPC:
             raise
         raise disk_full(exc, target, export_size_estimate(model, entry.format)) from None

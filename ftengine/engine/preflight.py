@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
+from ftengine.core import plugins
 from ftengine.core.config import RunConfig
+from ftengine.core.config import export_options
 from ftengine.core.errors import ConfigError
 from ftengine.core.errors import FtengineError
 
@@ -43,6 +45,7 @@ def check(config: RunConfig) -> list[str]:
     hf_config = _model_problems(config, problems)
     if hf_config is not None:
         problems += _architecture_problems(config, hf_config)
+        problems += export_problems(config, hf_config)
     problems += trainer_argument_problems(config)
     problems += _data_problems(config)
     problems += output_problems(config.output.dir)
@@ -129,6 +132,19 @@ def _architecture_problems(config: RunConfig, hf_config: Any) -> list[str]:
             problems += _unknown_modules("lora.target_modules", lora.target_modules, names, hf_config.model_type)
         problems += _unknown_modules("lora.modules_to_save", lora.modules_to_save or [], names,
                                      hf_config.model_type)
+    return problems
+
+
+def export_problems(config: RunConfig, hf_config: Any) -> list[str]:
+    """What each export entry's exporter finds wrong with this run before it trains (its optional
+    ``check``), each line prefixed with the entry (``export[1] (gguf): ...``)."""
+    problems = []
+    for i, entry in enumerate(config.export):
+        exporter = plugins.get("exporters", entry.format)
+        check = getattr(exporter, "check", None)
+        if check is not None:
+            problems += [f"export[{i}] ({entry.format}): {line}"
+                         for line in check(export_options(entry), config, hf_config)]
     return problems
 
 

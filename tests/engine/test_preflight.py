@@ -105,3 +105,27 @@ def test_deeply_nested_json_is_one_clear_row_error(tmp_path):
     path.write_text('{"text": ' + "[" * 100000 + "]" * 100000 + "}\n")
     with pytest.raises(DataError, match="deep.jsonl: line 1: JSON nested too deeply"):
         load_samples(str(path), DataConfig(path=str(path), format="text"), DataReport())
+
+
+def test_exporters_check_the_run_before_it_trains(tiny_config, tmp_path, monkeypatch):
+    import dataclasses
+
+    from ftengine.core.config import ExportEntry
+    from ftengine.core.plugins import adapter_for_model_type
+    from ftengine.core.plugins import registries
+
+    qwen2 = adapter_for_model_type("qwen2")  # as an architecture without a GGUF layout:
+    monkeypatch.setattr(registries().entries["models"][qwen2.name], "obj", dataclasses.replace(qwen2, gguf=None))
+    config = tiny_config()
+    config.lora.init_lora_weights = "pissa"
+    config.export = [ExportEntry(format="merged"), ExportEntry(format="gguf", chat_template="no-such-template"),
+                     ExportEntry(format="lora")]
+    with pytest.raises(ConfigError) as err:
+        pipeline.run(config)
+    lines = str(err.value).splitlines()[1:]
+    assert len(lines) == 3
+    assert lines[0].strip().startswith("export[1] (gguf): cannot export model type 'qwen2' to GGUF; supported: ")
+    assert "llama" in lines[0]
+    assert lines[1].strip().startswith("export[1] (gguf): chat_template: no chat template named 'no-such-template'")
+    assert lines[2].strip().startswith("export[2] (lora): init_lora_weights='pissa' rewrites the base weights")
+    assert not (tmp_path / "runs").exists()

@@ -68,7 +68,7 @@ def test_pissa_adapter_alone_is_refused(demo_base, tmp_path):
 
     model, tokenizer = ftengine.load_model(str(demo_base), dtype="float32")
     model = ftengine.add_lora(model, r=4, init_lora_weights="pissa", use_gradient_checkpointing=False)
-    with pytest.raises(ExportError, match="rewrote the base weights"):
+    with pytest.raises(ExportError, match="rewrites the base weights"):
         ftengine.export(model, tokenizer, str(tmp_path / "lora"), format="lora")
     assert not (tmp_path / "lora").exists()
 

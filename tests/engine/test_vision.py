@@ -170,11 +170,19 @@ def run_config(base, data, tmp_path, **overrides):
     return validate_config(raw)
 
 
-def test_run_trains_both_towers_and_exports_reload(vision_base, formulas, tmp_path):
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the run, then the process's setting back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_run_trains_both_towers_and_exports_reload(vision_base, formulas, tmp_path, one_thread):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    torch.set_num_threads(1)
     result = pipeline.run(run_config(vision_base, formulas / "data.jsonl", tmp_path))
     assert result.train.steps == 3 and result.data.images == 8
     model = result.model

@@ -152,6 +152,18 @@ class GGUFExporter:
     description = "GGUF for llama.cpp and Ollama (f16, q8_0, q4_k_m, q3_k_s, iq4_xs, ...), imatrix, Modelfile"
     options_schema = GGUFOptions
 
+    def check(self, options: GGUFOptions, config: Any, hf_config: Any) -> list[str]:
+        """Before training: the model type has a GGUF layout and a named ``chat_template`` is registered."""
+        problems = []
+        try:
+            resolve_layout(hf_config)
+        except ExportError as exc:
+            problems.append(str(exc))
+        if options.chat_template is not None and options.chat_template not in get_registry("chat_templates"):
+            problems.append(f"chat_template: no chat template named {options.chat_template!r}; registered: "
+                            f"{', '.join(sorted(get_registry('chat_templates')))}")
+        return problems
+
     def export(self, model: Any, tokenizer: Any, out_dir: Path, options: Any, calibration: Any = None) -> list[str]:
         """Write the GGUF file(s) and Modelfile(s) into ``out_dir``.
 
