@@ -14,6 +14,7 @@ from ftengine.plugins.models import gemma3
 from ftengine.plugins.models import llama
 from ftengine.plugins.models import mistral
 from ftengine.plugins.models import mixtral
+from ftengine.plugins.models import mllama
 from ftengine.plugins.models import phi3
 from ftengine.plugins.models import qwen2
 from ftengine.plugins.models import qwen2_vl
@@ -21,7 +22,8 @@ from ftengine.plugins.models import qwen3
 from ftengine.plugins.models import qwen3_moe
 
 ADAPTERS = (llama.ADAPTER, qwen2.ADAPTER, qwen3.ADAPTER, mistral.ADAPTER, phi3.ADAPTER, gemma.ADAPTER, gemma2.ADAPTER,
-            gemma3.ADAPTER, qwen3_moe.ADAPTER, mixtral.ADAPTER, qwen2_vl.QWEN2_VL, qwen2_vl.QWEN2_5_VL)
+            gemma3.ADAPTER, qwen3_moe.ADAPTER, mixtral.ADAPTER, qwen2_vl.QWEN2_VL, qwen2_vl.QWEN2_5_VL,
+            mllama.ADAPTER)
 
 
 @hookimpl

@@ -74,6 +74,9 @@ class PatchTable:
         final_softcap: config attribute of the final logit softcap (Gemma 2/3), or ``None``.
         decoder: the attribute of a causal-LM class holding the decoder (``model``).
         moes: sparse mixture-of-experts blocks (a ``gate`` router and fused ``experts``), run on ``lora_moe``.
+        custom: ``(class name, factory)`` pairs for a family's own blocks (Mllama's cross-attention):
+            ``factory(get_op)`` returns the forward, written on the helpers here (:func:`linear`,
+            :func:`attention_function`).
 
     .. versionadded:: 0.1
     """
@@ -89,6 +92,7 @@ class PatchTable:
     moes: tuple[str, ...] = ()
     fused_qkv: str | None = None
     fused_gate_up: str | None = None
+    custom: tuple[tuple[str, Callable[[GetOp], Callable[..., Any]]], ...] = ()
 
 
 # --------------------------------------------------------------------------- routing of projections
@@ -205,7 +209,7 @@ def _gate(get_op: GetOp, activation: str, gate: torch.Tensor, up: torch.Tensor) 
     return get_op("geglu")(gate, up, "tanh" if activation == "geglu_tanh" else "none")
 
 
-def _linear(get_op: GetOp, module: nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:
+def linear(get_op: GetOp, module: nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:
     """One projection through ``lora_linear`` when it routes, else the module itself (peft's path)."""
     projected = _project(get_op, [module], x, what)
     return projected[0] if projected is not None else module(x)
@@ -227,8 +231,8 @@ def _fused_mlp_forward(get_op: GetOp, activation: str, gate_up: str) -> Callable
     weight), split in halves, the gate op, and ``lora_linear`` for ``down_proj``."""
 
     def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        gate, up = _linear(get_op, getattr(self, gate_up), x, f"MLP {gate_up}").chunk(2, dim=-1)  # (B, T, I) each
-        return _linear(get_op, self.down_proj, _gate(get_op, activation, gate, up), "MLP down_proj")
+        gate, up = linear(get_op, getattr(self, gate_up), x, f"MLP {gate_up}").chunk(2, dim=-1)  # (B, T, I) each
+        return linear(get_op, self.down_proj, _gate(get_op, activation, gate, up), "MLP down_proj")
 
     return forward
 
@@ -240,7 +244,7 @@ def _qkv(get_op: GetOp, module: nn.Module, x: torch.Tensor, fused: str | None) -
         projections = [module.q_proj, module.k_proj, module.v_proj]
         qkv = _project(get_op, projections, x, "attention q/k/v")
         return qkv if qkv is not None else [p(x) for p in projections]
-    qkv = _linear(get_op, getattr(module, fused), x, f"attention {fused}")
+    qkv = linear(get_op, getattr(module, fused), x, f"attention {fused}")
     q_size = module.config.num_attention_heads * module.head_dim
     kv_size = (qkv.shape[-1] - q_size) // 2
     return list(qkv.split([q_size, kv_size, kv_size], dim=-1))
@@ -260,6 +264,12 @@ def _rotate(get_op: GetOp, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 _MISSING = object()
 
 
+def _dropout(module: nn.Module) -> float:
+    """The attention dropout probability (``attention_dropout``; Mllama's text attention calls it ``dropout``)."""
+    p = getattr(module, "attention_dropout", None)
+    return getattr(module, "dropout", 0.0) if p is None else p
+
+
 def _attribute(module: nn.Module, path: str) -> Any:
     """``module.<path>`` for a dotted path, or ``_MISSING``."""
     return functools.reduce(lambda obj, name: getattr(obj, name, _MISSING), path.split("."), module)
@@ -267,8 +277,6 @@ def _attribute(module: nn.Module, path: str) -> Any:
 
 def _attention_forward(get_op: GetOp, attention_kwargs: tuple[tuple[str, str], ...],
                        fused_qkv: str | None = None) -> Callable[..., Any]:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     def forward(
         self: nn.Module,
         hidden_states: torch.Tensor,
@@ -287,7 +295,7 @@ def _attention_forward(get_op: GetOp, attention_kwargs: tuple[tuple[str, str], .
         q, k = _rotate(get_op, q, k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        attend = _attention_function(self, ALL_ATTENTION_FUNCTIONS)
+        attend = attention_function(self)
         extra = {key: _attribute(self, attr) for key, attr in attention_kwargs}
         extra = {key: value for key, value in extra.items() if value is not _MISSING}
         out, weights = attend(
@@ -296,23 +304,25 @@ def _attention_forward(get_op: GetOp, attention_kwargs: tuple[tuple[str, str], .
             k,
             v,
             attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
+            dropout=_dropout(self) if self.training else 0.0,
             scaling=self.scaling,
             **extra,
             **kwargs,
         )
         out = out.reshape(*batch_shape, -1).contiguous()  # (B, T, heads * D)
-        return _linear(get_op, self.o_proj, out, "attention o_proj"), weights
+        return linear(get_op, self.o_proj, out, "attention o_proj"), weights
 
     return forward
 
 
-def _attention_function(module: nn.Module, registry: Any) -> Callable[..., Any]:
+def attention_function(module: nn.Module) -> Callable[..., Any]:
     """The configured attention implementation; "eager" is the module's own family's eager function."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     implementation = module.config._attn_implementation
     if implementation in (None, "eager"):
         return sys.modules[type(module).__module__].eager_attention_forward
-    return registry[implementation]
+    return ALL_ATTENTION_FUNCTIONS[implementation]
 
 
 def _causal_lm_forward(get_op: GetOp, original: Callable[..., Any], softcap_attr: str | None, decoder: str):
@@ -454,6 +464,9 @@ def patch_model(model: nn.Module, get_op: GetOp, table: PatchTable) -> list[str]
                 continue
             _set_forward(module, _moe.block_forward(get_op, ACTIVATIONS[hidden_act]))
             counts["moe"] += 1
+        elif cls in dict(table.custom):
+            _set_forward(module, dict(table.custom)[cls](get_op))
+            counts[f"custom:{cls}"] += 1
         elif cls in table.causal_lms:
             _set_forward(module, _causal_lm_forward(get_op, type(module).forward, table.final_softcap, table.decoder))
             module.__dict__[FUSED_LOSS_ATTR] = True
@@ -475,6 +488,9 @@ def patch_model(model: nn.Module, get_op: GetOp, table: PatchTable) -> list[str]
                          f"{gate} ({backends[gate]}), down_proj -> lora_linear")
     if counts["moe"]:
         lines.append(f"moe experts x{counts['moe']} -> lora_moe grouped GEMMs ({backends['lora_moe']})")
+    for key, n in sorted(counts.items()):
+        if key.startswith("custom:"):
+            lines.append(f"{key[7:]} x{n} -> lora_linear projections ({backends['lora_linear']})")
     if counts["loss"]:
         softcap = " with final logit softcap" if table.final_softcap else ""
         lines.append(f"causal-LM loss -> linear_cross_entropy{softcap} ({backends['linear_cross_entropy']}), "

@@ -28,6 +28,7 @@ class VisionSpec:
             name where a short name alone is ambiguous: Qwen's ``attn.proj`` against its patch embedding's
             ``proj`` convolution).
         keep_16bit: further prefixes QLoRA leaves unquantized (besides the vision tower and projector).
+        max_images_per_turn: the most images one message may hold (Llama 3.2 Vision: one), or ``None``.
     """
 
     language: str
@@ -38,6 +39,7 @@ class VisionSpec:
     vision_attention: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj")
     vision_mlp: tuple[str, ...] = ("fc1", "fc2")
     keep_16bit: tuple[str, ...] = ()
+    max_images_per_turn: int | None = None
 
     def target_modules(self, vision_layers: bool = True, language_layers: bool = True, attention: bool = True,
                        mlp: bool = True) -> str | None:

@@ -60,3 +60,48 @@ def qwen_vl_batch(seed: int = 1) -> dict[str, torch.Tensor]:
     return {"input_ids": ids.to(DEVICE), "attention_mask": mask.to(DEVICE), "labels": labels.to(DEVICE),
             "pixel_values": pixels.to(DEVICE), "image_grid_thw": grids.to(DEVICE),
             "mm_token_type_ids": (ids == IMAGE_TOKEN).long().to(DEVICE)}
+
+
+MLLAMA_IMAGE = VOCAB  # Llama 3.2 Vision's ``<|image|>`` is the first id past the LM head's vocabulary
+
+
+def mllama_config(**text_overrides: Any) -> Any:
+    """A tiny Llama 3.2 Vision config: 3 text layers (the middle one cross-attention), a ViT of 2 local and
+    1 global layer on 28x28 tiles of 14x14 patches, at most 2 tiles per image."""
+    from transformers import MllamaConfig
+
+    text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, cross_attention_layers=[1], max_position_embeddings=128, pad_token_id=0,
+                bos_token_id=1, eos_token_id=2, initializer_range=0.2,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    text.update(text_overrides)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
+                  vision_output_dim=64, intermediate_layers_indices=[0], image_size=28, patch_size=14, max_num_tiles=2,
+                  supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]])
+    cfg = MllamaConfig(text_config=text, vision_config=vision, image_token_index=MLLAMA_IMAGE)
+    for c in (cfg, cfg.text_config, cfg.vision_config):
+        c._attn_implementation = "sdpa"
+    return cfg
+
+
+def mllama_batch(seed: int = 1) -> dict[str, torch.Tensor]:
+    """Two rows with one image each (the first split in 2 tiles, the second in 1), the second right-padded;
+    ``<|image|>`` opens the prompt and every later token attends to the image's tiles; labels on the answer."""
+    g = torch.Generator().manual_seed(seed)
+    width, tiles = 16, (2, 1)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    cross = torch.zeros(2, width, 1, 2, dtype=torch.long)  # (B, T, images, max tiles)
+    for i, length in enumerate((width, width - 5)):
+        ids[i, 0] = MLLAMA_IMAGE
+        ids[i, 1:length] = torch.randint(3, 100, (length - 1,), generator=g)
+        mask[i, :length] = 1
+        labels[i, length - 5:length] = ids[i, length - 5:length]
+        cross[i, :length, 0, :tiles[i]] = 1
+    pixels = torch.randn(2, 1, 2, 3, 28, 28, generator=g)  # (B, images, max tiles, C, H, W)
+    aspect_ids = torch.tensor([[2], [1]])  # [1, 2] and [1, 1] among the supported ratios, 1-based
+    aspect_mask = torch.tensor([[[1, 1]], [[1, 0]]])
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels,
+           "aspect_ratio_ids": aspect_ids, "aspect_ratio_mask": aspect_mask, "cross_attention_mask": cross}
+    return {k: v.to(DEVICE) for k, v in out.items()}
