@@ -164,7 +164,8 @@ def vision_data(loaded: LoadedModel, config: RunConfig, trainer: Any,
 
     def rows_of(path: str, part: DataReport) -> list[dict[str, Any]]:
         samples = load_samples(path, d, part)
-        return vision.vision_rows(samples, loaded.processor, max_seq_length, d.train_on, d.on_bad_rows, part)
+        return vision.vision_rows(samples, loaded.processor, max_seq_length, d.train_on, d.on_bad_rows, part,
+                                  getattr(getattr(loaded.adapter, "vision", None), "max_images_per_turn", None))
 
     train_rows, eval_rows = rows_of(d.path, report), []
     if d.eval_path:

@@ -294,11 +294,11 @@ def encode_batch(processor: Any, conversations: list[list[dict[str, Any]]], trai
             text, spans = conversation_spans(renderer, messages, train_on)
             texts.append(text)
             encoded.append(encode_text(tokenizer, text, spans))
-        images.extend(images_of(messages))
+        images.append(images_of(messages))  # per conversation: Mllama's processor counts them per prompt
     side = tokenizer.padding_side
     tokenizer.padding_side = "left" if add_generation_prompt else "right"
     try:
-        batch = processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+        batch = processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt")
     finally:
         tokenizer.padding_side = side
     batch = dict(batch)
@@ -325,31 +325,61 @@ class VisionRow:
     where: str
 
 
+def check_images_per_turn(messages: list[dict[str, Any]], limit: int | None) -> None:
+    """Refuse a message with more images than the model takes in one turn (Llama 3.2 Vision: one).
+
+    Raises:
+        ValueError: naming the message, its image count and the limit.
+    """
+    if limit is None:
+        return
+    for number, message in enumerate(messages, 1):
+        n = len(images_of([message]))
+        if n > limit:
+            raise ValueError(f"message {number} ({message.get('role')}) holds {n} images; this model takes at most "
+                             f"{limit} per turn (split them across turns or rows)")
+
+
+def encode_row(where: str, sample: Sample, processor: Any, max_seq_length: int, train_on: str,
+               max_images_per_turn: int | None = None) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+    """One row's conversation with its images opened, and its model inputs (:func:`encode_batch`).
+
+    Raises:
+        ValueError: a non-conversation sample, too many images in a turn, a missing or unreadable image, a row
+            longer than ``max_seq_length`` with its image tokens, or one with nothing to train.
+    """
+    if sample.messages is None:
+        raise ValueError(f"a {sample.kind} sample cannot train a vision-language model; use messages or "
+                         "image+text rows")
+    check_images_per_turn(sample.messages, max_images_per_turn)
+    messages = with_images_opened(sample.messages, _base_dir(where))
+    batch = encode_batch(processor, [messages], train_on)
+    n = int(batch["input_ids"].shape[1])
+    if n > max_seq_length:
+        raise ValueError(f"{n} tokens with its image tokens, more than model.max_seq_length {max_seq_length} "
+                         "(raise it, or lower data.max_pixels)")
+    if not int((batch["labels"] != IGNORE).sum()):
+        raise ValueError("no token to train on (no assistant turn?)")
+    return messages, batch
+
+
+def count_image_tokens(processor: Any, input_ids: torch.Tensor) -> int:
+    """The image tokens among ``input_ids`` (one per image for Mllama, whose images enter by cross-attention)."""
+    return int(sum((input_ids == t).sum() for t in image_token_ids(processor)))
+
+
 def vision_rows(samples: list[tuple[str, Sample]], processor: Any, max_seq_length: int, train_on: str,
-                on_bad_rows: str, report: DataReport) -> list[dict[str, Any]]:
+                on_bad_rows: str, report: DataReport, max_images_per_turn: int | None = None) -> list[dict[str, Any]]:
     """Conversations ready for :class:`VisionCollator`: images opened, each row encoded once to count its
     tokens, trained tokens and image tokens into ``report`` (``image_tokens`` in its extra counts).
 
     Raises:
-        DataError: a missing or unreadable image, a non-conversation sample, a row longer than
-            ``max_seq_length`` or with nothing to train (naming file and row), unless ``on_bad_rows`` is skip.
+        DataError: a row :func:`encode_row` refuses (naming file and row), unless ``on_bad_rows`` is skip.
     """
-    special = image_token_ids(processor)
     rows, image_tokens, images = [], 0, 0
     for where, sample in samples:
         try:
-            if sample.messages is None:
-                raise ValueError(f"a {sample.kind} sample cannot train a vision-language model; use messages or "
-                                 "image+text rows")
-            messages = with_images_opened(sample.messages, _base_dir(where))
-            batch = encode_batch(processor, [messages], train_on)
-            n = int(batch["input_ids"].shape[1])
-            trained = int((batch["labels"] != IGNORE).sum())
-            if n > max_seq_length:
-                raise ValueError(f"{n} tokens with its image tokens, more than model.max_seq_length {max_seq_length} "
-                                 "(raise it, or lower data.max_pixels)")
-            if not trained:
-                raise ValueError("no token to train on (no assistant turn?)")
+            messages, batch = encode_row(where, sample, processor, max_seq_length, train_on, max_images_per_turn)
         except (ValueError, DataError) as exc:
             reason = f"{where}: {exc}"
             if on_bad_rows == "error":
@@ -357,9 +387,9 @@ def vision_rows(samples: list[tuple[str, Sample]], processor: Any, max_seq_lengt
             report.skip(reason, "bad image row")
             continue
         report.samples += 1
-        report.tokens += n
-        report.trained_tokens += trained
-        image_tokens += int(sum((batch["input_ids"] == t).sum() for t in special))
+        report.tokens += int(batch["input_ids"].shape[1])
+        report.trained_tokens += int((batch["labels"] != IGNORE).sum())
+        image_tokens += count_image_tokens(processor, batch["input_ids"])
         images += len(images_of(messages))
         rows.append({"messages": messages})
     report.images = images
