@@ -429,6 +429,6 @@ def preview(config: str, count: int, debug: bool) -> None:
         return
     color = click.get_text_stream("stdout").isatty() and not os.environ.get("NO_COLOR")
     for i, shown in enumerate(result.shown, start=1):
-        click.echo(previewing.format_sample(i, shown, cfg.model.max_seq_length, color), color=color)
+        click.echo(previewing.format_sample(i, shown, cfg.model.max_seq_length, color, result.marker), color=color)
         click.echo()
     click.echo("\n".join(previewing.format_statistics(result, cfg.data.path)))

@@ -17,6 +17,7 @@ from typing import Any
 from ftengine.core import plugins
 from ftengine.core.config import RunConfig
 from ftengine.core.errors import ModelError
+from ftengine.engine import vision
 from ftengine.engine.data import DataReport
 from ftengine.engine.data import Encoded
 from ftengine.engine.data import count_sample
@@ -36,6 +37,8 @@ class Shown:
 
     where: str
     sequences: list[tuple[str, Encoded]]  # (label, encoded): one for SFT, chosen and rejected for DPO
+    images: list[str] = field(default_factory=list)  # vision rows: one placeholder per image
+    tokens: int | None = None  # vision rows: the length with the image tokens the processor expands
 
 
 @dataclass
@@ -50,11 +53,12 @@ class Preview:
     converted: int = 0  # rows the format turned into samples
     max_seq_length: int = 0
     packing: bool = False
+    marker: str = ""  # vision runs: the text the chat template writes for an image
 
 
 def load_tokenizer(config: RunConfig) -> tuple[Any, str]:
-    """The model's tokenizer with the run's chat template on it, and the template's name; reads
-    the model's config, never its weights."""
+    """The model's tokenizer with the run's chat template on it (a vision-language model's processor,
+    its tokenizer carrying the template), and the template's name; reads the model's config, never its weights."""
     from transformers import AutoTokenizer
 
     from ftengine.engine.pipeline import find_adapter
@@ -66,6 +70,14 @@ def load_tokenizer(config: RunConfig) -> tuple[Any, str]:
     hf_config = load_model_config(m.name_or_path, m.trust_remote_code, m.revision)
     adapter = find_adapter(hf_config, m.adapter)
     local = Path(m.name_or_path).expanduser()
+    if vision.is_vision_config(hf_config):
+        source = str(local) if local.exists() else m.name_or_path
+        processor = vision.load_processor(source, hf_config, m.trust_remote_code, m.revision,
+                                          config.data.max_pixels, config.data.min_pixels)
+        template = choose_chat_template(processor.tokenizer, config.data.chat_template, adapter)
+        apply_chat_template(processor.tokenizer, template)
+        processor.chat_template = processor.tokenizer.chat_template or processor.chat_template
+        return processor, template
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else m.name_or_path,
                                                   trust_remote_code=m.trust_remote_code, revision=m.revision)
@@ -86,6 +98,18 @@ def build_preview(config: RunConfig, tokenizer: Any, n: int = 3, template: str =
     d, max_len = config.data, config.model.max_seq_length
     trainer = plugins.get("trainers", config.training.trainer)
     report = DataReport()
+    if getattr(tokenizer, "image_processor", None) is not None:
+        from ftengine.engine.pipeline import find_adapter
+        from ftengine.engine.pipeline import load_model_config
+        from ftengine.engine.vision_preview import build_vision_preview
+        from ftengine.engine.vision_preview import image_marker
+
+        m = config.model
+        spec = getattr(find_adapter(load_model_config(m.name_or_path, m.trust_remote_code, m.revision), m.adapter),
+                       "vision", None)
+        preview = Preview([], report, template=template, trainer=trainer.name, max_seq_length=max_len,
+                          marker=image_marker(tokenizer))
+        return build_vision_preview(config, tokenizer, n, getattr(spec, "max_images_per_turn", None), preview)
     samples = load_samples(d.path, d.model_copy(update={"on_bad_rows": "skip"}), report)
     preview = Preview([], report, template=template, trainer=trainer.name, converted=len(samples),
                       max_seq_length=max_len, packing=d.packing and "preference" not in trainer.sample_kinds)
@@ -147,13 +171,21 @@ def _percentile(values: list[int], p: float) -> int:
     return ordered[max(0, math.ceil(p * len(ordered)) - 1)]
 
 
-def format_sample(index: int, shown: Shown, max_seq_length: int, color: bool) -> str:
+def format_sample(index: int, shown: Shown, max_seq_length: int, color: bool, marker: str = "") -> str:
+    """One shown sample: a heading with its token counts, then its highlighted text (with a vision row's
+    ``marker`` of each image replaced by the image's placeholder)."""
+    from ftengine.engine.vision_preview import with_placeholders
+
     lines = []
     for label, enc in shown.sequences:
         trained = sum(enc.trained[:max_seq_length])
         title = f"sample {index} ({shown.where})" + (f" {label}" if label else "")
-        lines.append(f"--- {title}: {len(enc.input_ids)} tokens, {trained} trained ---")
-        lines.append(highlight(enc, max_seq_length, color))
+        if shown.tokens is None:
+            lines.append(f"--- {title}: {len(enc.input_ids)} tokens, {trained} trained ---")
+            lines.append(highlight(enc, max_seq_length, color))
+        else:
+            lines.append(f"--- {title}: {shown.tokens} tokens with {len(shown.images)} image(s), {trained} trained ---")
+            lines.append(with_placeholders(highlight(enc, max_seq_length, color), marker, shown.images))
     return "\n".join(lines)
 
 
@@ -172,6 +204,9 @@ def format_statistics(preview: Preview, path: str) -> list[str]:
         rows.append((what, f"mean {mean:.1f}, p50 {_percentile(preview.lengths, 0.5)}, "
                            f"p95 {_percentile(preview.lengths, 0.95)}, max {max(preview.lengths)} "
                            f"(max_seq_length {preview.max_seq_length})"))
+    if preview.marker:
+        per_image = f", {r.image_tokens / r.images:.1f} per image" if r.images else ""
+        rows.append(("images", f"{r.images} in {r.samples} samples, {r.image_tokens} image tokens{per_image}"))
     rows.append(("truncated", f"{r.truncated / max(r.samples, 1):.1%} of samples ({r.truncated})"))
     rows.append(("trained tokens", f"{r.trained_tokens / max(r.tokens, 1):.1%} of {r.tokens} tokens"))
     if preview.trainer == "dpo":

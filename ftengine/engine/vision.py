@@ -239,7 +239,7 @@ def _base_dir(where: str) -> Path | None:
 # ----------------------------------------------------------------------------- encoding
 
 
-class _Renderer:
+class Renderer:
     """The processor seen as the ``tokenizer`` :func:`conversation_spans` renders with."""
 
     def __init__(self, processor: Any):
@@ -285,7 +285,7 @@ def encode_batch(processor: Any, conversations: list[list[dict[str, Any]]], trai
         add_generation_prompt: render for generation (no labels then).
     """
     tokenizer = processor.tokenizer
-    renderer = _Renderer(processor)
+    renderer = Renderer(processor)
     texts, encoded, images = [], [], []
     for messages in conversations:
         if add_generation_prompt:

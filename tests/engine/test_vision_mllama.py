@@ -5,7 +5,6 @@ transformers (AutoModelForImageTextToText) with the trained model's logits."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -15,20 +14,6 @@ from ftengine.core.errors import DataError
 from ftengine.engine import pipeline
 from ftengine.engine import vision
 from ftengine.engine.data import IGNORE
-from tests import mllama_checkpoint
-
-
-@pytest.fixture(scope="session")
-def mllama_base(tmp_path_factory):
-    return mllama_checkpoint.build(tmp_path_factory.mktemp("mllama") / "tiny-mllama")
-
-
-@pytest.fixture(scope="session")
-def formulas(tmp_path_factory):
-    os.environ.setdefault("FTENGINE_CACHE", str(tmp_path_factory.mktemp("ftengine-cache")))
-    from ftengine.demo.vision import data_dir
-
-    return data_dir()
 
 
 def conversation(image, answer="x^2"):
@@ -50,11 +35,11 @@ def run_config(base, data, tmp_path, **overrides):
     })
 
 
-def test_collator_gives_cross_attention_inputs_and_trains_only_the_answer(mllama_base, formulas):
+def test_collator_gives_cross_attention_inputs_and_trains_only_the_answer(mllama_base, formula_images):
     from transformers import AutoConfig
 
     processor = vision.load_processor(str(mllama_base), AutoConfig.from_pretrained(str(mllama_base)))
-    wide = vision.open_image(formulas / "images" / "0.png")  # two tiles side by side
+    wide = vision.open_image(formula_images / "images" / "0.png")  # two tiles side by side
     text_only = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "a+b"}]
     batch = vision.encode_batch(processor, [conversation(wide), conversation(wide.resize((20, 20)), "y"), text_only])
     assert batch["pixel_values"].shape == (3, 1, 2, 3, 28, 28)  # (B, images, tiles, C, H, W)
@@ -71,8 +56,8 @@ def test_collator_gives_cross_attention_inputs_and_trains_only_the_answer(mllama
         assert tokenizer.decode(trained) == answer + "<|eot_id|>"
 
 
-def test_more_images_in_a_turn_than_the_model_takes_is_a_row_error(mllama_base, formulas, tmp_path):
-    image = str(formulas / "images" / "0.png")
+def test_more_images_in_a_turn_than_the_model_takes_is_a_row_error(mllama_base, formula_images, tmp_path):
+    image = str(formula_images / "images" / "0.png")
     two = {"role": "user", "content": [{"type": "image", "image": image}, {"type": "image", "image": image}]}
     rows = [{"messages": conversation(image)}, {"messages": [two, {"role": "assistant", "content": "a"}]}]
     path = tmp_path / "chat.jsonl"
@@ -85,9 +70,9 @@ def test_more_images_in_a_turn_than_the_model_takes_is_a_row_error(mllama_base, 
         pipeline.data(loaded, config)
 
 
-def test_qlora_keeps_the_vision_model_and_projector_16bit(mllama_base, formulas, tmp_path):
+def test_qlora_keeps_the_vision_model_and_projector_16bit(mllama_base, formula_images, tmp_path):
     pytest.importorskip("bitsandbytes")
-    config = run_config(mllama_base, formulas / "data.jsonl", tmp_path,
+    config = run_config(mllama_base, formula_images / "data.jsonl", tmp_path,
                         quantization={"load_in_4bit": True, "bnb_4bit_compute_dtype": "float32"})
     modules = dict(pipeline.load(config).model.named_modules())
     assert type(modules["model.language_model.layers.1.cross_attn.q_proj"]).__name__ == "Linear4bit"
@@ -95,16 +80,16 @@ def test_qlora_keeps_the_vision_model_and_projector_16bit(mllama_base, formulas,
     assert type(modules["model.multi_modal_projector"]) is torch.nn.Linear
 
 
-def test_run_trains_and_merged_export_reloads(mllama_base, formulas, tmp_path):
+def test_run_trains_and_merged_export_reloads(mllama_base, formula_images, tmp_path):
     from transformers import AutoModelForImageTextToText
 
     torch.set_num_threads(1)
-    result = pipeline.run(run_config(mllama_base, formulas / "data.jsonl", tmp_path))
+    result = pipeline.run(run_config(mllama_base, formula_images / "data.jsonl", tmp_path))
     assert result.train.steps == 2 and result.data.images == 6 and result.data.image_tokens == 6
     trained = {n for n, p in result.model.named_parameters() if p.requires_grad}
     assert any(".vision_model." in n for n in trained) and any(".cross_attn." in n for n in trained)
     processor = result.tokenizer
-    rows = [vision.with_images_opened(conversation(str(formulas / "images" / f"{i}.png")), None) for i in (0, 5)]
+    rows = [vision.with_images_opened(conversation(str(formula_images / "images" / f"{i}.png")), None) for i in (0, 5)]
     inputs = {k: v for k, v in vision.encode_batch(processor, rows).items() if k != "labels"}
     model = result.model
     model.eval()
