@@ -34,6 +34,10 @@ def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | torch
                offload_embedding: bool = False, rope_scaling: dict[str, Any] | None = None) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer (16-bit, 4-bit NF4 or 8-bit) and patch it with the kernel ops.
 
+    A vision-language checkpoint (Qwen2-VL, Qwen2.5-VL, Gemma 3, Llama 3.2 Vision, ...) comes with its
+    processor instead of the tokenizer: the object :func:`get_chat_template`, :func:`load_dataset`,
+    :func:`train`, :func:`generate` and :func:`export` take for images (its ``.tokenizer`` is the tokenizer).
+
     Args:
         name_or_path: local Hugging Face directory or hub id; a LoRA adapter directory (peft's, as the
             ``lora`` export writes it) loads its base model with the adapter on, as peft's
@@ -59,7 +63,7 @@ def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | torch
             ``llama3``, ``longrope``); see ``model.rope_scaling``.
 
     Returns:
-        ``(model, tokenizer)``.
+        ``(model, tokenizer)``, or ``(model, processor)`` for a vision-language model.
     """
     from ftengine.core.config import ModelConfig
     from ftengine.core.config import QuantizationConfig
@@ -91,10 +95,12 @@ def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | torch
         loaded.model = PeftModel.from_pretrained(loaded.model, str(adapter_dir), is_trainable=True)
         if (adapter_dir / "tokenizer_config.json").exists():
             loaded.tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+            if loaded.processor is not None:
+                loaded.processor.tokenizer = loaded.tokenizer
     if full_finetuning:
         loaded = pipeline.adapt(loaded, config.lora, full_finetuning=True, gradient_checkpointing=False)
     loaded.tokenizer.model_max_length = max_seq_length  # load_dataset's default truncation length
-    return loaded.model, loaded.tokenizer
+    return loaded.model, loaded.processor or loaded.tokenizer
 
 
 def _dtype_name(dtype: Any) -> Any:
@@ -142,9 +148,14 @@ def add_lora(model: Any, r: int = 16, lora_alpha: float = 16, lora_dropout: floa
 
 def get_chat_template(tokenizer: Any, chat_template: str = "chatml") -> Any:
     """Put a registered chat template (``chatml``, ``qwen2.5``, ``llama-3.1``, ... or ``tokenizer``)
-    on the tokenizer, with the BOS/EOS/pad tokens it needs."""
+    on the tokenizer, with the BOS/EOS/pad tokens it needs (on a processor: on its tokenizer and itself)."""
     from ftengine.engine.templates import apply_chat_template
+    from ftengine.engine.vision_api import is_processor
 
+    if is_processor(tokenizer):
+        apply_chat_template(tokenizer.tokenizer, chat_template)
+        tokenizer.chat_template = tokenizer.tokenizer.chat_template or tokenizer.chat_template
+        return tokenizer
     return apply_chat_template(tokenizer, chat_template)
 
 
@@ -155,7 +166,9 @@ def load_dataset(data: Any, tokenizer: Any, format: str = "auto", max_seq_length
     Args:
         data: a .jsonl/.json/.parquet/.csv file, a directory or glob of them, a hub dataset id, or the
             rows themselves: a ``datasets.Dataset``, a pandas ``DataFrame`` or a list of dicts.
-        tokenizer: the tokenizer (with its chat template, see :func:`get_chat_template`).
+        tokenizer: the tokenizer (with its chat template, see :func:`get_chat_template`), or a vision-language
+            model's processor: conversations with images, batched per step by the processor (rows too long
+            with their image tokens are bad rows, not truncated).
         format: a registered format name or ``"auto"``.
         max_seq_length: truncation length; default: the ``max_seq_length`` given to :func:`load_model`
             (kept as the tokenizer's ``model_max_length``), else 2048.
@@ -164,12 +177,14 @@ def load_dataset(data: Any, tokenizer: Any, format: str = "auto", max_seq_length
         **data_kwargs: other ``data:`` config keys (``columns``, ``train_on``, ``on_bad_rows``, ...).
 
     Returns:
-        A ``datasets.Dataset``; its ``ftengine_report`` attribute holds the :class:`DataReport`.
+        A ``datasets.Dataset``; its ``ftengine_report`` attribute holds the :class:`DataReport` (with a
+        processor: a dataset of row numbers, the rows with their images on it, for :func:`train`).
     """
     from ftengine.core import plugins
     from ftengine.core.config import DataConfig
     from ftengine.core.config import validate_section
     from ftengine.engine import run_data
+    from ftengine.engine import vision_api
     from ftengine.engine.data import DataReport
 
     path = data if isinstance(data, (str, Path)) else None
@@ -177,7 +192,7 @@ def load_dataset(data: Any, tokenizer: Any, format: str = "auto", max_seq_length
                               "load_dataset")
     if config.format != "auto":
         plugins.get("formats", config.format)
-    if run_data.needs_chat_template(data, config):
+    if run_data.needs_chat_template(data, config) or vision_api.is_processor(tokenizer):
         if getattr(tokenizer, "chat_template", None) is None:
             get_chat_template(tokenizer, config.chat_template or "chatml")
         elif config.chat_template:
@@ -187,8 +202,11 @@ def load_dataset(data: Any, tokenizer: Any, format: str = "auto", max_seq_length
         max_seq_length = limit if isinstance(limit, int) and 0 < limit < 10**7 else 2048
     report = DataReport()
     kinds = plugins.get("trainers", trainer).sample_kinds
-    rows = run_data.prepare_dataset(data, tokenizer, config, max_seq_length, kinds, report)
-    dataset = run_data.to_dataset(rows)
+    if vision_api.is_processor(tokenizer):
+        dataset = vision_api.vision_dataset(data, tokenizer, config, max_seq_length, report, kinds)
+    else:
+        dataset = run_data.to_dataset(run_data.prepare_dataset(data, tokenizer, config, max_seq_length, kinds,
+                                                               report))
     dataset.ftengine_report = report
     return dataset
 
@@ -228,9 +246,7 @@ def train(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft", eval_d
     problems = preflight.trainer_argument_problems(RunConfig(model={"name_or_path": "-"}, training=training))
     if problems:
         raise ConfigError("train: " + "; ".join(problems))
-    dataset = _prepared(dataset, tokenizer, trainer)
-    if eval_dataset is not None:
-        eval_dataset = _prepared(eval_dataset, tokenizer, trainer)
+    dataset, eval_dataset, tokenizer, collator = _prepared_pair(dataset, eval_dataset, tokenizer, trainer)
     attention_for_rows(model, "position_ids" in getattr(dataset, "column_names", ()))
     rank = distributed.rank_info()
     distributed.init_process_group(rank)
@@ -244,7 +260,8 @@ def train(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft", eval_d
         resume_from = run_dir.resume_point() if resume else None
         arguments = distributed.api_trainer_arguments(strategy, model) if rank.distributed else None
         return pipeline.train(model, tokenizer, dataset, eval_dataset, training, run_dir, resume_from,
-                              strategy=strategy if rank.distributed else "single", trainer_arguments=arguments)
+                              strategy=strategy if rank.distributed else "single", trainer_arguments=arguments,
+                              data_collator=collator)
 
 
 def make_trainer(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft", eval_dataset: Any = None,
@@ -268,15 +285,14 @@ def make_trainer(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft",
     from ftengine.engine.settings import settings_of
 
     training = _training_section(trainer, training_kwargs, "make_trainer")
-    dataset = _prepared(dataset, tokenizer, trainer)
-    if eval_dataset is not None:
-        eval_dataset = _prepared(eval_dataset, tokenizer, trainer)
+    dataset, eval_dataset, tokenizer, collator = _prepared_pair(dataset, eval_dataset, tokenizer, trainer)
     attention_for_rows(model, "position_ids" in getattr(dataset, "column_names", ()))
     request = TrainRequest(model=model, tokenizer=tokenizer, train_dataset=dataset, eval_dataset=eval_dataset,
                            training=training, output_dir=Path(output_dir), ref_model=ref_model,
                            callbacks=list(callbacks or []),
                            max_seq_length=max_seq_length or settings_of(model).max_seq_length,
-                           attn_implementation=model.config._attn_implementation, options=trainer_options(training))
+                           attn_implementation=model.config._attn_implementation, options=trainer_options(training),
+                           data_collator=collator)
     return plugins.get("trainers", trainer).create(request)
 
 
@@ -290,6 +306,25 @@ def _training_section(trainer: str, kwargs: dict[str, Any], where: str) -> Any:
     options = {k: kwargs.pop(k) for k in list(kwargs) if k not in TrainingConfig.model_fields}
     options = {**kwargs.pop("trainer_options", {}), **options}
     return validate_section(TrainingConfig, dict(trainer=trainer, trainer_options=options, **kwargs), where)
+
+
+def _prepared_pair(dataset: Any, eval_dataset: Any, tokenizer: Any, trainer: str) -> tuple[Any, Any, Any, Any]:
+    """``(dataset, eval_dataset, tokenizer, collator)`` for the trainer: with a vision-language model's processor
+    both sets from :func:`load_dataset` (raw rows loaded here) under one image collator and the processor's
+    tokenizer; else each set :func:`_prepared` and no collator of ours."""
+    from ftengine.engine import vision_api
+
+    if not vision_api.is_processor(tokenizer):
+        eval_dataset = _prepared(eval_dataset, tokenizer, trainer) if eval_dataset is not None else None
+        return _prepared(dataset, tokenizer, trainer), eval_dataset, tokenizer, None
+    sets = [d if d is None or getattr(d, vision_api.ROWS_ATTR, None) is not None or _is_row_numbers(d)
+            else load_dataset(d, tokenizer, trainer=trainer) for d in (dataset, eval_dataset)]
+    train_ds, eval_ds, collator = vision_api.collated(tokenizer, *sets)
+    return train_ds, eval_ds, tokenizer.tokenizer, collator
+
+
+def _is_row_numbers(dataset: Any) -> bool:
+    return getattr(dataset, "column_names", None) == ["row"]
 
 
 def _prepared(dataset: Any, tokenizer: Any, trainer: str) -> Any:
