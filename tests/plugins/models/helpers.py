@@ -151,35 +151,46 @@ def assert_packed_equivalent(reference: Any, patched: Any, vocab: int, tol: floa
     assert err <= tol, f"packed eval logits: relative error {err:.2e}"
 
 
-def assert_bf16_as_close_as_hf(model_cls: type, config: Any, family: str, seq: int = 256) -> None:
+def assert_bf16_as_close_as_hf(model_cls: type, config: Any, family: str, seq: int = 256,
+                               inputs: dict[str, torch.Tensor] | None = None, target_modules: Any = None,
+                               init: Any = None) -> None:
     """On the GPU at bf16: the patched model's loss, LoRA gradients and eval logits are as close to the fp32
-    truth (the unpatched model in fp32) as the unpatched bf16 model is (within 2x plus a floor)."""
+    truth (the unpatched model in fp32) as the unpatched bf16 model is (within 2x plus a floor).
+
+    ``inputs`` (with ``labels``) replace the random token batch, e.g. a vision-language batch with pixels;
+    ``init(model)`` changes the random fp32 model before it is copied (Mllama's closed cross-attention gates)."""
     from peft import LoraConfig
     from peft import get_peft_model
 
     torch.manual_seed(0)
     base = model_cls(config).to(DEVICE, torch.float32)
+    if init is not None:
+        init(base)
     models = {"truth": base, "hf": copy.deepcopy(base).to(torch.bfloat16)}
     models["ours"] = copy.deepcopy(models["hf"])
     adapter(family).patch(models["ours"], get_op)
     lora = LoraConfig(r=16, lora_alpha=16, init_lora_weights=False,
-                      target_modules=list(adapter(family).default_target_modules))
+                      target_modules=target_modules or list(adapter(family).default_target_modules))
     models = {k: get_peft_model(m, copy.deepcopy(lora)) for k, m in models.items()}
     for key in ("hf", "ours"):
         models[key].load_state_dict(models["truth"].state_dict())
     assert_fully_fused(family, models["ours"])
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, config.vocab_size, (2, seq), generator=g).to(DEVICE)
-    labels = ids.clone()
-    labels[:, : seq // 4] = -100
+    if inputs is None:
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, config.vocab_size, (2, seq), generator=g).to(DEVICE)
+        labels = ids.clone()
+        labels[:, : seq // 4] = -100
+        inputs = {"input_ids": ids, "labels": labels}
     results = {}
     for key, model in models.items():
+        dtype = next(model.parameters()).dtype
+        typed = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
         model.train()
-        loss = model(input_ids=ids, labels=labels).loss
+        loss = model(**typed).loss
         loss.backward()
         model.eval()
         with torch.no_grad():
-            logits = model(input_ids=ids).logits.float()
+            logits = model(**{k: v for k, v in typed.items() if k != "labels"}).logits.float()
         results[key] = (loss.detach().float(), lora_grads(model), logits)
     truth = results["truth"]
     for key_name, index in (("loss", 0), ("eval logits", 2)):

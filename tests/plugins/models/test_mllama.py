@@ -10,7 +10,9 @@ import pytest
 from transformers import MllamaForConditionalGeneration
 
 from .helpers import BACKENDS
+from .helpers import GPU_SIZES
 from .helpers import adapter
+from .helpers import assert_bf16_as_close_as_hf
 from .helpers import assert_equivalent
 from .helpers import assert_fully_fused
 from .helpers import tiny_pair
@@ -62,3 +64,11 @@ def test_finetune_switches_select_modules():
     assert len(chosen(language_layers=False, attention=False)) == 2 * 3  # fc1 / fc2
     assert not any("multi_modal_projector" in n for n in chosen())
     assert spec.unquantized()[:2] == ("model.vision_model", "model.multi_modal_projector")
+
+
+@pytest.mark.gpu
+def test_bf16_on_gpu_with_images_as_close_to_fp32_as_hf(monkeypatch):
+    use_backend(monkeypatch, "triton")
+    cfg = mllama_config(**{k: v for k, v in GPU_SIZES.items() if k != "head_dim"})
+    assert_bf16_as_close_as_hf(MllamaForConditionalGeneration, cfg, "mllama", inputs=mllama_batch(),
+                               target_modules=adapter("mllama").vision.target_modules(), init=randomize_gates)
