@@ -202,7 +202,8 @@ def assert_bf16_as_close_as_hf(model_cls: type, config: Any, family: str, seq: i
         assert e_ours <= 2 * e_hf + 1e-2, f"gradient of {name}: ours {e_ours:.2e} vs Hugging Face bf16 {e_hf:.2e}"
 
 
-def assert_qlora_matches_peft(model_cls: type, config: Any, family: str, vocab: int, tmp_path: Any) -> None:
+def assert_qlora_matches_peft(model_cls: type, config: Any, family: str, vocab: int, tmp_path: Any,
+                              init: Any = None, **forward_kwargs: Any) -> None:
     """A saved tiny model loaded twice in NF4 (double quantization, fp32 compute), one copy patched: the same
     LoRA gives the same loss and gradients through the fused NF4 ops as through peft's bitsandbytes layers.
 
@@ -214,7 +215,10 @@ def assert_qlora_matches_peft(model_cls: type, config: Any, family: str, vocab: 
     from transformers import BitsAndBytesConfig
 
     torch.manual_seed(0)
-    model_cls(config).save_pretrained(tmp_path)
+    model = model_cls(config)
+    if init is not None:
+        init(model)
+    model.save_pretrained(tmp_path)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
                                bnb_4bit_use_double_quant=True)
     models = [model_cls.from_pretrained(tmp_path, quantization_config=quant, dtype=torch.float32) for _ in range(2)]
@@ -225,4 +229,4 @@ def assert_qlora_matches_peft(model_cls: type, config: Any, family: str, vocab: 
     patched = get_peft_model(models[1], LoraConfig(**lora.to_dict()))
     patched.load_state_dict(reference.state_dict(), strict=False)
     assert_fully_fused(family, patched, kind="lora+nf4")
-    assert_equivalent(reference, patched, vocab, tol=1e-5, eval_tol=1e-2)
+    assert_equivalent(reference, patched, vocab, tol=1e-5, eval_tol=1e-2, **forward_kwargs)

@@ -15,6 +15,7 @@ from .helpers import adapter
 from .helpers import assert_bf16_as_close_as_hf
 from .helpers import assert_equivalent
 from .helpers import assert_fully_fused
+from .helpers import assert_qlora_matches_peft
 from .helpers import tiny_pair
 from .helpers import use_backend
 from .vision_helpers import VOCAB
@@ -64,6 +65,17 @@ def test_finetune_switches_select_modules():
     assert len(chosen(language_layers=False, attention=False)) == 2 * 3  # fc1 / fc2
     assert not any("multi_modal_projector" in n for n in chosen())
     assert spec.unquantized()[:2] == ("model.vision_model", "model.multi_modal_projector")
+
+
+def test_qlora_nf4_matches_peft_with_images(tmp_path):
+    """Every projection NF4 (bitsandbytes needs >= 64 inputs on the CPU): the cross-attention's fused NF4 path
+    equals peft's bitsandbytes layers."""
+    pytest.importorskip("bitsandbytes")
+    cfg = mllama_config(hidden_size=64, intermediate_size=128)
+    cfg.vision_config.hidden_size, cfg.vision_config.intermediate_size = 64, 128
+    cfg.vision_config.vision_output_dim = 128
+    assert_qlora_matches_peft(MllamaForConditionalGeneration, cfg, "mllama", VOCAB, tmp_path, init=randomize_gates,
+                              **mllama_batch())
 
 
 @pytest.mark.gpu
