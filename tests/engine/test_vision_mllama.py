@@ -12,6 +12,7 @@ import torch
 from ftengine.core.config import validate_config
 from ftengine.core.errors import DataError
 from ftengine.engine import pipeline
+from ftengine.engine import run_data
 from ftengine.engine import vision
 from ftengine.engine.data import IGNORE
 
@@ -67,7 +68,7 @@ def test_more_images_in_a_turn_than_the_model_takes_is_a_row_error(mllama_base, 
     loaded = pipeline.load(config)
     with pytest.raises(DataError, match=r"chat.jsonl: row 2: message 1 \(user\) holds 2 images; this model takes "
                                         r"at most 1 per turn"):
-        pipeline.data(loaded, config)
+        run_data.data(loaded, config)
 
 
 def test_qlora_keeps_the_vision_model_and_projector_16bit(mllama_base, formula_images, tmp_path):
