@@ -4,8 +4,6 @@ in loss, every LoRA gradient (both towers, the cross-attention layers included) 
 
 from __future__ import annotations
 
-import re
-
 import pytest
 from transformers import MllamaForConditionalGeneration
 
@@ -19,6 +17,7 @@ from .helpers import assert_qlora_matches_peft
 from .helpers import tiny_pair
 from .helpers import use_backend
 from .vision_helpers import VOCAB
+from .vision_helpers import chosen_modules
 from .vision_helpers import mllama_batch
 from .vision_helpers import mllama_config
 
@@ -54,8 +53,7 @@ def test_finetune_switches_select_modules():
     model = MllamaForConditionalGeneration(mllama_config())
 
     def chosen(**switches):
-        pattern = spec.target_modules(**switches)
-        return {n for n, _ in model.named_modules() if pattern and re.fullmatch(pattern, n)}
+        return chosen_modules(spec, model, **switches)
 
     language_only = chosen(vision_layers=False)
     assert len(language_only) == 3 * 7 and all(n.startswith("model.language_model.layers.") for n in language_only)

@@ -15,6 +15,7 @@ from .helpers import assert_fully_fused
 from .helpers import tiny_pair
 from .helpers import use_backend
 from .vision_helpers import VOCAB
+from .vision_helpers import chosen_modules
 from .vision_helpers import qwen_vl_batch
 from .vision_helpers import qwen_vl_config
 
@@ -39,11 +40,9 @@ def test_patched_matches_hf_with_images(family, backend, monkeypatch):
 def test_finetune_switches_select_modules():
     spec = adapter("qwen2_5_vl").vision
     model = Qwen2_5_VLForConditionalGeneration(qwen_vl_config())
-    import re
 
     def chosen(**switches):
-        pattern = spec.target_modules(**switches)
-        return {n for n, _ in model.named_modules() if pattern and re.fullmatch(pattern, n)}
+        return chosen_modules(spec, model, **switches)
 
     language_only = chosen(vision_layers=False)
     assert language_only and all(n.startswith("model.language_model.") for n in language_only)

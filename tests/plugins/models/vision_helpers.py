@@ -3,6 +3,7 @@ pixel tensors are random and the image tokens are placed by hand, as many as the
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -105,3 +106,9 @@ def mllama_batch(seed: int = 1) -> dict[str, torch.Tensor]:
     out = {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels,
            "aspect_ratio_ids": aspect_ids, "aspect_ratio_mask": aspect_mask, "cross_attention_mask": cross}
     return {k: v.to(DEVICE) for k, v in out.items()}
+
+
+def chosen_modules(spec: Any, model: Any, **switches: bool) -> set[str]:
+    """The module names of ``model`` that a vision spec's ``lora.finetune_*`` switches make LoRA targets."""
+    pattern = spec.target_modules(**switches)
+    return {n for n, _ in model.named_modules() if pattern and re.fullmatch(pattern, n)}
