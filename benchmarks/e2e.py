@@ -122,7 +122,8 @@ def quantize_projections(model) -> None:
     import torch
 
     for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
+        attention = getattr(layer, "self_attn", None) or layer.cross_attn  # Mllama's cross-attention layers
+        for parent in (attention, layer.mlp):
             for attr in TARGETS:
                 linear = getattr(parent, attr, None)
                 if linear is None:
@@ -148,7 +149,8 @@ def matmul_params(model) -> int:
         if experts is not None:
             per_expert = (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel())
             total += model.config.num_experts_per_tok * per_expert + layer.mlp.gate.weight.numel()
-        for parent in (layer.self_attn, layer.mlp):
+        attention = getattr(layer, "self_attn", None) or layer.cross_attn  # Mllama's cross-attention layers
+        for parent in (attention, layer.mlp):
             for attr in TARGETS:
                 linear = getattr(parent, attr, None)
                 if linear is not None:

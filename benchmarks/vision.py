@@ -1,4 +1,4 @@
-"""Vision-language LoRA / QLoRA training steps: ftengine vs plain transformers + PEFT, Qwen2.5-VL.
+"""Vision-language LoRA / QLoRA training steps: ftengine vs plain transformers + PEFT, Qwen2.5-VL / Llama 3.2 Vision.
 
 Both frameworks run over the same random-weight Qwen2.5-VL-7B-shaped model (28 text layers, a 32-block
 ViT), the same LaTeX-OCR-shaped batches (one formula image of about 392x84 pixels per row, i.e. 6x28
@@ -15,9 +15,16 @@ QLoRA quantizes the language tower's projections to NF4 (the vision tower and me
 ftengine's QLoRA leaves them). Per run: tokens/s (text + image tokens) and seconds a step (median of
 the timed steps), peak allocated GPU memory, each step's loss.
 
+``--arch mllama`` runs a random-weight Llama-3.2-11B-Vision-shaped model instead (40 text layers, 8 of
+them cross-attention, a 32 + 8-layer ViT on 560x560 tiles): each row holds one ``<|image|>`` token and
+its formula image as one tile, whose 1,601 patch features the cross-attention layers read; the LoRA
+covers both towers' projections and the cross-attention layers'. QLoRA quantizes the language tower's
+self- and cross-attention and MLP projections.
+
 GPU: ``python benchmarks/vision.py --out vision.jsonl`` (LoRA and QLoRA at micro-batches 4 and 8, both
-frameworks; about 6 minutes on an H100), then ``python benchmarks/vision.py --report vision.jsonl``
-prints the table. CPU smoke run at a tiny shape: ``python benchmarks/vision.py --tiny --device cpu``.
+frameworks; about 6 minutes on an H100), ``python benchmarks/vision.py --arch mllama --out vision.jsonl``
+(the same for Llama 3.2 Vision), then ``python benchmarks/vision.py --report vision.jsonl`` prints the
+table. CPU smoke run at a tiny shape: ``python benchmarks/vision.py --tiny --device cpu [--arch mllama]``.
 """
 
 from __future__ import annotations
@@ -50,7 +57,28 @@ PROMPT_TOKENS, LATEX_TOKENS = 20, 60
 SPECIAL = 4  # the last ids of the vocabulary: vision start / end, image, video
 
 
-def build(tiny: bool, quant: str, device: str):
+MLLAMA_TEXT_11B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=40, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, rms_norm_eps=1e-5, max_position_embeddings=131072,
+                       cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38],
+                       rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                        "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                        "original_max_position_embeddings": 8192})
+MLLAMA_VISION_11B = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_global_layers=8,
+                         attention_heads=16, vision_output_dim=7680, image_size=560, patch_size=14, max_num_tiles=4,
+                         intermediate_layers_indices=[3, 7, 15, 23, 30])
+MLLAMA_TEXT_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=512, cross_attention_layers=[1], pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+MLLAMA_VISION_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_global_layers=1,
+                          attention_heads=2, vision_output_dim=128, image_size=28, patch_size=14, max_num_tiles=2,
+                          intermediate_layers_indices=[0], supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]])
+MODEL_NAMES = {"qwen2_5_vl": "qwen2.5-vl-7b", "mllama": "llama-3.2-11b-vision"}
+
+
+def build(tiny: bool, quant: str, device: str, arch: str = "qwen2_5_vl"):
+    if arch == "mllama":
+        return build_mllama(tiny, quant, device)
     import torch
     from transformers import Qwen2_5_VLConfig
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -68,6 +96,50 @@ def build(tiny: bool, quant: str, device: str):
         e2e.DEVICE = device
         e2e.quantize_projections(type("Tower", (), {"model": model.model.language_model})())
     return model
+
+
+def build_mllama(tiny: bool, quant: str, device: str):
+    import torch
+    from transformers import MllamaConfig
+    from transformers import MllamaForConditionalGeneration
+
+    text, vis = (MLLAMA_TEXT_TINY, MLLAMA_VISION_TINY) if tiny else (MLLAMA_TEXT_11B, MLLAMA_VISION_11B)
+    config = MllamaConfig(text_config=dict(text), vision_config=dict(vis), image_token_index=text["vocab_size"])
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = MllamaForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+        for name, param in model.named_parameters():  # open the cross-attention gates (0 at initialisation)
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                param.data.fill_(0.5)
+    model.config.use_cache = False
+    if quant == "nf4":
+        e2e.DEVICE = device
+        e2e.quantize_projections(type("Tower", (), {"model": model.model.language_model})())
+    return model
+
+
+def mllama_batch(config, micro_batch: int, device: str, seed: int = 0) -> dict:
+    """LaTeX-OCR-shaped rows for Llama 3.2 Vision: ``<|image|>``, prompt, LaTeX; the image one tile (aspect
+    ratio 1x1) that every token after ``<|image|>`` attends to; labels on the LaTeX."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    vocab, vis = config.text_config.vocab_size, config.vision_config
+    prompt = torch.randint(0, vocab, (micro_batch, PROMPT_TOKENS), generator=g)
+    latex = torch.randint(0, vocab, (micro_batch, LATEX_TOKENS), generator=g)
+    ids = torch.cat([torch.full((micro_batch, 1), config.image_token_index), prompt, latex], dim=1)
+    labels = torch.full_like(ids, -100)
+    labels[:, -LATEX_TOKENS:] = ids[:, -LATEX_TOKENS:]
+    tiles = vis.max_num_tiles
+    pixels = torch.randn(micro_batch, 1, tiles, 3, vis.image_size, vis.image_size, generator=g)
+    tile_mask = torch.zeros(micro_batch, 1, tiles, dtype=torch.long)
+    tile_mask[..., 0] = 1
+    cross = tile_mask.unsqueeze(1).expand(-1, ids.shape[1], -1, -1).clone()  # (B, T, images, tiles)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "pixel_values": pixels,
+           "aspect_ratio_ids": torch.ones(micro_batch, 1, dtype=torch.long), "aspect_ratio_mask": tile_mask,
+           "cross_attention_mask": cross}
+    return {k: v.to(device) for k, v in out.items()}
 
 
 def batch(config, micro_batch: int, device: str, seed: int = 0) -> dict:
@@ -94,7 +166,7 @@ def batch(config, micro_batch: int, device: str, seed: int = 0) -> dict:
             "mm_token_type_ids": (ids == config.image_token_id).long().to(device)}
 
 
-def prepare(framework: str, tiny: bool, quant: str, device: str):
+def prepare(framework: str, tiny: bool, quant: str, device: str, arch: str = "qwen2_5_vl"):
     import torch
     from peft import LoraConfig
     from peft import get_peft_model
@@ -103,8 +175,8 @@ def prepare(framework: str, tiny: bool, quant: str, device: str):
     from ftengine.core.plugins import get_registry
     from ftengine.engine.memory.checkpointing import apply_gradient_checkpointing
 
-    model = build(tiny, quant, device)
-    adapter = get_registry("models")["qwen2_5_vl"]
+    model = build(tiny, quant, device, arch)
+    adapter = get_registry("models")[arch]
     if framework == "ftengine":
         adapter.patch(model, get_op)
     lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=adapter.vision.target_modules())
@@ -119,11 +191,12 @@ def prepare(framework: str, tiny: bool, quant: str, device: str):
     return model, optimizer
 
 
-def run(framework: str, micro_batch: int, quant: str, tiny: bool, device: str, steps: int, warmup: int) -> dict:
+def run(framework: str, micro_batch: int, quant: str, tiny: bool, device: str, steps: int, warmup: int,
+        arch: str = "qwen2_5_vl") -> dict:
     import torch
 
-    model, optimizer = prepare(framework, tiny, quant, device)
-    inputs = batch(model.config, micro_batch, device)
+    model, optimizer = prepare(framework, tiny, quant, device, arch)
+    inputs = (mllama_batch if arch == "mllama" else batch)(model.config, micro_batch, device)
     losses, times = [], []
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -142,7 +215,7 @@ def run(framework: str, micro_batch: int, quant: str, tiny: bool, device: str, s
         losses.append(round(loss.item(), 4))
     seconds = statistics.median(times)
     tokens = inputs["input_ids"].numel()
-    row = {"framework": framework, "model": "tiny" if tiny else "qwen2.5-vl-7b", "quant": quant,
+    row = {"framework": framework, "model": f"tiny {arch}" if tiny else MODEL_NAMES[arch], "quant": quant,
            "micro_batch": micro_batch, "tokens_per_step": tokens, "seconds_per_step": round(seconds, 4),
            "tokens_per_second": round(tokens / seconds, 1), "losses": losses,
            "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / e2e.GIB, 2) if device == "cuda" else None,
@@ -175,6 +248,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a two-layer model (a CPU smoke run)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--arch", default="qwen2_5_vl", choices=sorted(MODEL_NAMES))
     parser.add_argument("--micro-batches", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--quant", nargs="+", default=["none", "nf4"], choices=("none", "nf4"))
     parser.add_argument("--frameworks", nargs="+", default=["hf", "ftengine"], choices=("hf", "ftengine"))
@@ -190,7 +264,7 @@ def main() -> None:
     for quant in args.quant:
         for micro_batch in args.micro_batches:
             for framework in args.frameworks:
-                row = run(framework, micro_batch, quant, args.tiny, args.device, args.steps, args.warmup)
+                row = run(framework, micro_batch, quant, args.tiny, args.device, args.steps, args.warmup, args.arch)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
                 if args.out:
