@@ -5,6 +5,7 @@ in loss, every LoRA gradient (both towers, the cross-attention layers included) 
 from __future__ import annotations
 
 import pytest
+from transformers import MllamaForCausalLM
 from transformers import MllamaForConditionalGeneration
 
 from .helpers import BACKENDS
@@ -46,6 +47,17 @@ def test_patched_matches_hf_with_images(backend, monkeypatch):
     assert any(".vision_model." in n for n in lora) and any(".cross_attn." in n for n in lora)
     assert not any("multi_modal_projector" in n for n in lora)
     assert_equivalent(reference, patched, VOCAB, tol=1e-5 if backend == "reference" else 1e-4, **mllama_batch())
+
+
+def test_text_only_model_matches_hf():
+    """MllamaForCausalLM (the language tower alone): without images the cross-attention layers are skipped, so
+    LoRA goes on the self-attention layers."""
+    targets = r".*layers\.[02]\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj"
+    reference, patched, lines = tiny_pair(MllamaForCausalLM, mllama_config().text_config, "mllama",
+                                          target_modules=targets)
+    assert any(line.startswith("causal-LM loss") for line in lines), lines
+    assert adapter("mllama").routes(patched) == ["fused linear x7", "fused lora x14"]  # the cross layer: no LoRA
+    assert_equivalent(reference, patched, VOCAB)
 
 
 def test_finetune_switches_select_modules():
