@@ -170,15 +170,6 @@ def run_config(base, data, tmp_path, **overrides):
     return validate_config(raw)
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread for the run, then the process's setting back."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_run_trains_both_towers_and_exports_reload(vision_base, formulas, tmp_path, one_thread):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText

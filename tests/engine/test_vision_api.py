@@ -4,7 +4,6 @@ load_dataset, train and generate take for image conversations (tiny Llama 3.2 Vi
 from __future__ import annotations
 
 import pytest
-import torch
 
 import ftengine
 from ftengine.core.errors import DataError
@@ -15,10 +14,9 @@ def conversation(image, answer):
             {"role": "assistant", "content": answer}]
 
 
-def test_load_model_returns_the_processor_and_the_api_trains_with_it(mllama_base, formula_images, tmp_path):
+def test_load_model_returns_the_processor_and_the_api_trains_with_it(mllama_base, formula_images, tmp_path, one_thread):
     from transformers import MllamaProcessor
 
-    torch.set_num_threads(1)
     model, processor = ftengine.load_model(str(mllama_base), max_seq_length=64, dtype="float32")
     assert isinstance(processor, MllamaProcessor)
     assert processor.tokenizer.model_max_length == 64

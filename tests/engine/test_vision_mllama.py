@@ -81,10 +81,9 @@ def test_qlora_keeps_the_vision_model_and_projector_16bit(mllama_base, formula_i
     assert type(modules["model.multi_modal_projector"]) is torch.nn.Linear
 
 
-def test_run_trains_and_merged_export_reloads(mllama_base, formula_images, tmp_path):
+def test_run_trains_and_merged_export_reloads(mllama_base, formula_images, tmp_path, one_thread):
     from transformers import AutoModelForImageTextToText
 
-    torch.set_num_threads(1)
     result = pipeline.run(run_config(mllama_base, formula_images / "data.jsonl", tmp_path))
     assert result.train.steps == 2 and result.data.images == 6 and result.data.image_tokens == 6
     trained = {n for n, p in result.model.named_parameters() if p.requires_grad}
