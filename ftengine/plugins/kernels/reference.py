@@ -331,8 +331,10 @@ def _absmax(quant_state: Any) -> torch.Tensor:
 
 
 def dequantize_nf4(packed: torch.Tensor, quant_state: Any) -> torch.Tensor:
-    """bitsandbytes NF4: two 4-bit codes per byte (high nibble first), one absmax per block."""
-    flat = packed.reshape(-1)
+    """bitsandbytes NF4: two 4-bit codes per byte (high nibble first), one absmax per block. The bytes
+    may be stored as another dtype (bitsandbytes' ``quant_storage``, which FSDP shards with the other
+    weights): they are read as uint8."""
+    flat = packed.reshape(-1).view(torch.uint8)
     codes = torch.stack(((flat >> 4) & 0xF, flat & 0xF), dim=1).reshape(-1).long()
     table = torch.tensor(_NF4_CODE, dtype=torch.float32, device=packed.device)
     n = 1

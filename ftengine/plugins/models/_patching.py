@@ -106,15 +106,19 @@ def _peft_lora_layer() -> type | None:
     return LoraLayer
 
 
-def _is_4bit(module: nn.Module) -> bool:
-    quantized = getattr(module.weight, "quant_state", None) is not None
-    return type(module).__name__ in ("Linear4bit", "LinearNF4") and quantized
+def _quant_state(module: nn.Module) -> Any:
+    """A bitsandbytes 4-bit layer's ``QuantState``, or ``None``. The weight carries it; when FSDP
+    swaps the weight for its all-gathered plain tensor, the layer's own copy still holds it."""
+    if type(module).__name__ not in ("Linear4bit", "LinearNF4"):
+        return None
+    state = getattr(module.weight, "quant_state", None)
+    return state if state is not None else getattr(module, "quant_state", None)
 
 
 def _base_weights(base: nn.Module) -> tuple[LoRAWeights | None, str]:
     """The frozen base of a projection as :class:`LoRAWeights` (no adapter), or why not."""
-    if _is_4bit(base):
-        state = base.weight.quant_state
+    state = _quant_state(base)
+    if state is not None:
         if getattr(state, "quant_type", "nf4") != "nf4":
             return None, f"4-bit {state.quant_type} base"
         if getattr(state, "packing_format_for_cpu", False):  # bitsandbytes' CPU inference layout

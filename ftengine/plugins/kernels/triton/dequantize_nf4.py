@@ -108,7 +108,8 @@ def dequantize_nf4(packed: torch.Tensor, quant_state: Any) -> torch.Tensor:
     """Unpack a bitsandbytes NF4 tensor.
 
     Args:
-        packed: the uint8 storage (any shape, ``ceil(n / 2)`` bytes), as ``Params4bit`` holds it.
+        packed: the packed bytes (any shape, ``ceil(n / 2)`` bytes), as ``Params4bit`` holds them: uint8, or
+            the dtype of bitsandbytes' ``quant_storage`` (read as uint8).
         quant_state: its bitsandbytes ``QuantState`` (``absmax``, ``blocksize``, ``shape``, ``dtype``,
             and ``state2``/``offset`` when the absmax is double-quantized).
 
@@ -134,5 +135,7 @@ def dequantize_nf4(packed: torch.Tensor, quant_state: Any) -> torch.Tensor:
         # bitsandbytes' Params4bit overrides __torch_function__: every op, attribute read and kernel
         # launch on it would pass through Python; a plain alias of the same storage does not
         packed = packed.as_subclass(torch.Tensor)
+    if packed.dtype != torch.uint8:  # quant_storage: the same bytes held as another dtype (FSDP shards them)
+        packed = packed.contiguous().view(torch.uint8)
     return _dequantize_op(packed, quant_state.absmax, code2, absmax2, offset, blocksize, blocksize2,
                           list(quant_state.shape), quant_state.dtype)

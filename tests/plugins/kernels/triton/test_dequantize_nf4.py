@@ -73,3 +73,17 @@ def test_dequantize_nf4_odd_element_count():
     expected = bnb_functional.dequantize_4bit(packed, state)  # odd rows take bitsandbytes' generic path on the CPU
     with poisoned_allocations():
         assert torch.equal(dequantize_nf4(packed, state), expected)
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32])
+def test_dequantize_nf4_of_bytes_stored_as_another_dtype(storage):
+    """bitsandbytes' ``quant_storage`` (what FSDP shards) holds the same bytes as a float dtype: both
+    backends read them as the uint8 layout, bitsandbytes' dequantization of that storage is the reference."""
+    gen = torch.Generator(device="cpu").manual_seed(4)
+    w = (torch.randn(96, 128, generator=gen) * 0.05).to(torch.bfloat16).to(DEVICE)
+    packed, state = bnb_functional.quantize_4bit(w, quant_type="nf4", compress_statistics=True, blocksize=64,
+                                                 quant_storage=storage)
+    assert packed.dtype == storage
+    expected = _expected(packed, state)
+    assert torch.equal(dequantize_nf4(packed, state), expected)
+    assert torch.equal(reference.dequantize_nf4(packed, state), expected)
