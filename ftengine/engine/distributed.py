@@ -43,10 +43,13 @@ class RankInfo:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    launched: bool = False  # started by torchrun / accelerate launch, even as its only process
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Several processes, or one that a launcher started: a ``torchrun --nproc-per-node 1`` job
+        trains with the configured strategy too (what a one-GPU check of ddp / fsdp needs)."""
+        return self.world_size > 1 or self.launched
 
     @property
     def is_main(self) -> bool:
@@ -56,7 +59,8 @@ class RankInfo:
 def rank_info() -> RankInfo:
     """The rank, local rank and world size torchrun / accelerate launch set (one process: 0, 0, 1)."""
     env = os.environ
-    return RankInfo(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
+    return RankInfo(int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)),
+                    launched="TORCHELASTIC_RUN_ID" in env and "MASTER_ADDR" in env)
 
 
 def is_main_process() -> bool:
