@@ -266,16 +266,35 @@ def choose_strategy(config: Any, hf_config: Any, world_size: int, memory: int | 
         chosen, reason = "ddp", "auto: CPU processes train with ddp"
     elif requested == "auto":
         fits = plan.replicated_bytes <= 0.6 * memory
-        chosen = "ddp" if fits or q.load_in_8bit or config.model.offload_embedding else "fsdp"
+        chosen = "ddp" if fits or q.load_in_8bit or config.model.offload_embedding or unshardable_weights(
+            hf_config) else "fsdp"
         why = "fits one device" if fits else "does not fit one device"
         reason = f"auto: the training state ({plan.replicated_bytes / 2**30:.1f} GiB) {why}"
     else:
         chosen, reason = requested, "as configured"
-    check_strategy(chosen, config, on_gpu)
+    check_strategy(chosen, config, on_gpu, hf_config)
     return chosen, f"{chosen} over {world_size} processes ({'nccl' if on_gpu else 'gloo'}; {reason})"
 
 
-def check_strategy(strategy: str, config: Any, on_gpu: bool) -> None:
+def unshardable_weights(hf_config: Any) -> str | None:
+    """How a checkpoint saved already quantized by bitsandbytes stores its weights, when FSDP cannot
+    shard them: 8-bit, or 4-bit packed in uint8 (a 4-bit base quantized on load is stored in the
+    compute dtype instead, see ``pipeline.load``). ``None`` for any other checkpoint."""
+    saved = getattr(hf_config, "quantization_config", None)
+    if saved is None:
+        return None
+    saved = saved if isinstance(saved, dict) else saved.to_dict()
+    if saved.get("quant_method", "bitsandbytes") != "bitsandbytes":
+        return None
+    if saved.get("load_in_8bit"):
+        return "8-bit (LLM.int8)"
+    storage = str(saved.get("bnb_4bit_quant_storage") or "uint8").removeprefix("torch.")
+    if saved.get("load_in_4bit") and storage not in ("bfloat16", "float16", "float32"):
+        return f"4-bit packed in {storage}"
+    return None
+
+
+def check_strategy(strategy: str, config: Any, on_gpu: bool, hf_config: Any = None) -> None:
     """A strategy that cannot serve the request: one line naming the keys.
 
     fsdp runs on GPUs only: accelerate applies FSDP2 to CUDA processes and trains CPU processes with
@@ -286,6 +305,11 @@ def check_strategy(strategy: str, config: Any, on_gpu: bool) -> None:
     if not on_gpu:
         raise ConfigError("distributed.strategy: fsdp needs CUDA GPUs (accelerate shards models across GPU "
                           "processes only); CPU processes train with ddp")
+    saved = unshardable_weights(hf_config)
+    if saved is not None:
+        raise ConfigError(f"distributed.strategy: fsdp cannot shard {config.model.name_or_path}: its weights are "
+                          f"saved {saved}; use ddp, or a 16-bit checkpoint of the model with "
+                          f"quantization.load_in_4bit (quantized on load in a dtype fsdp shards)")
     if config.quantization.load_in_8bit:
         raise ConfigError("distributed.strategy: fsdp cannot shard an 8-bit (LLM.int8) base; use ddp, or "
                           "quantization.load_in_4bit")
@@ -347,28 +371,66 @@ def api_trainer_arguments(strategy: str, model: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- checkpoints and exports
 
 
-def write_checkpoint_info(checkpoint: Path, world_size: int, strategy: str) -> None:
-    (checkpoint / CHECKPOINT_INFO).write_text(json.dumps({"world_size": world_size, "strategy": strategy}) + "\n")
+def write_checkpoint_info(checkpoint: Path, world_size: int, strategy: str, global_batch: int | None = None) -> None:
+    """Record the number of processes, the strategy and the global batch (samples per optimizer step)."""
+    info = {"world_size": world_size, "strategy": strategy, **({"global_batch": global_batch} if global_batch else {})}
+    (checkpoint / CHECKPOINT_INFO).write_text(json.dumps(info) + "\n")
 
 
-def check_resume(checkpoint: Path, world_size: int, strategy: str) -> None:
-    """A checkpoint resumes only with the number of processes and the strategy that wrote it.
+def check_resume(checkpoint: Path, world_size: int, strategy: str, per_device: int = 1,
+                 accumulation: int = 1) -> int:
+    """The gradient accumulation steps that resume ``checkpoint`` on ``world_size`` processes.
 
-    Each rank's data shard, position and RNG state depend on the number of processes; and fsdp's
-    sharded weights are not where ddp looks for them (nor the reverse).
+    With the processes and the strategy that wrote it: ``accumulation`` as it is. With another number
+    of processes, where every checkpoint holds the whole model (ddp, or one process): the accumulation
+    that keeps the global batch (``per_device * processes * accumulation``) the checkpoint was trained
+    with, so the data position, the samples of every later step and the schedule continue as they
+    would have (each process's random state starts afresh: it only matters for dropout). An fsdp
+    checkpoint holds each process's shard: it resumes with the same number of processes only.
 
     Raises:
-        FtengineError: a different number of processes or strategy.
+        FtengineError: another strategy, an fsdp checkpoint (or an fsdp resume) with another number of
+            processes, or a global batch that ``per_device`` on ``world_size`` processes cannot make up.
     """
     path = checkpoint / CHECKPOINT_INFO
     saved = json.loads(path.read_text()) if path.exists() else {"world_size": 1, "strategy": "ddp"}
-    if saved["world_size"] != world_size:
-        raise FtengineError(f"{checkpoint}: written by {saved['world_size']} process(es), resumed with {world_size}; "
-                            f"resume with --gpus {saved['world_size']} (each process's data shard, position and "
-                            f"random state depend on the number of processes)")
-    if saved["world_size"] > 1 and saved["strategy"] != strategy:
-        raise FtengineError(f"{checkpoint}: written with distributed.strategy {saved['strategy']}, resumed with "
-                            f"{strategy}; set distributed.strategy: {saved['strategy']}")
+    written = saved["world_size"]
+    saved_strategy = "ddp" if written == 1 else saved["strategy"]
+    if written == world_size:
+        if written > 1 and saved_strategy != strategy:
+            raise FtengineError(f"{checkpoint}: written with distributed.strategy {saved_strategy}, resumed with "
+                                f"{strategy}; set distributed.strategy: {saved_strategy}")
+        return accumulation
+    if "fsdp" in (saved_strategy, strategy):
+        raise FtengineError(f"{checkpoint}: written by {written} process(es) with {saved_strategy}, resumed with "
+                            f"{world_size} with {strategy}; fsdp checkpoints hold each process's shard: resume "
+                            f"with --gpus {written} and distributed.strategy: {saved_strategy}")
+    batch = saved.get("global_batch")
+    if batch is None:
+        raise FtengineError(f"{checkpoint}: written by {written} process(es) without its global batch; resume "
+                            f"with --gpus {written}")
+    if batch % (per_device * world_size):
+        raise FtengineError(f"{checkpoint}: trained with a global batch of {batch} samples, which {world_size} "
+                            f"process(es) of per_device_train_batch_size {per_device} cannot make up; resume "
+                            f"with --gpus {written}, or a per_device_train_batch_size that divides "
+                            f"{batch // world_size if batch % world_size == 0 else batch}")
+    return batch // (per_device * world_size)
+
+
+def resume_config(config: Any, checkpoint: Path | None, world_size: int, strategy: str) -> tuple[Any, str | None]:
+    """``config`` for resuming ``checkpoint`` on ``world_size`` processes (:func:`check_resume`), and a
+    note when its gradient accumulation changed to keep the global batch."""
+    t = config.training
+    if checkpoint is None:
+        return config, None
+    accumulation = check_resume(checkpoint, world_size, strategy, t.per_device_train_batch_size,
+                                t.gradient_accumulation_steps)
+    if accumulation == t.gradient_accumulation_steps:
+        return config, None
+    note = (f"resumed on {world_size} process(es): gradient_accumulation_steps {t.gradient_accumulation_steps} -> "
+            f"{accumulation} keeps the global batch of {accumulation * world_size * t.per_device_train_batch_size}")
+    training = t.model_copy(update={"gradient_accumulation_steps": accumulation})
+    return config.model_copy(update={"training": training}), note
 
 
 def is_sharded(model: Any) -> bool:

@@ -122,6 +122,7 @@ def launch_run(config: Any, gpus: int | None, run_dir: RunDir | None, output_dir
     from ftengine.core.config import dump_config
     from ftengine.engine import pipeline
 
+    distributed.check_backend()
     processes = gpus or config.distributed.num_processes
     if gpus or distributed.visible_gpus():
         check_gpus(processes)
@@ -130,12 +131,14 @@ def launch_run(config: Any, gpus: int | None, run_dir: RunDir | None, output_dir
     pipeline.preflight(config)
     hf_config = pipeline.load_model_config(config.model.name_or_path, config.model.trust_remote_code,
                                            config.model.revision)
-    distributed.choose_strategy(config, hf_config, processes)
+    strategy, _ = distributed.choose_strategy(config, hf_config, processes)
     args = ["run", *(["--debug"] if debug else [])]
     env = {}
     if run_dir is not None:
-        if run_dir.latest_checkpoint() is None:
+        checkpoint = run_dir.latest_checkpoint()
+        if checkpoint is None:
             raise FtengineError(f"{run_dir.path}: no complete checkpoint to resume from")
+        distributed.resume_config(config, checkpoint, processes, strategy)
         run_dir.write_text(run_dir.config_path.name, dump_config(config))
         args += ["--resume", str(run_dir.path)]
     else:

@@ -500,8 +500,8 @@ def _run_locked(config: RunConfig, run_dir: RunDir, resume: bool, rank: Any) -> 
     resume_from = None
     if resume and not trained:
         checkpoint = run_dir.latest_checkpoint()
-        if checkpoint is not None:
-            distributed.check_resume(checkpoint, rank.world_size, strategy)
+        config, note = distributed.resume_config(config, checkpoint, rank.world_size, strategy)
+        notes += [note] if note else []
         resume_from = run_dir.resume_point()
     elif not resume:
         run_dir.write_text(run_dir.config_path.name, dump_config(config))

@@ -132,7 +132,7 @@ class CheckpointMarkerCallback(TrainerCallback):
     """Saves the final step too, and marks a checkpoint complete once the trainer has written all of
     its files (a checkpoint without the marker is never resumed from or exported). With several
     processes rank 0 writes the marker once every rank has written its part, and records the number
-    of processes and the strategy (a resume must use the same)."""
+    of processes, the strategy and the global batch (what a resume must keep)."""
 
     def __init__(self, world_size: int = 1, strategy: str = "single"):
         self.world_size = world_size
@@ -147,7 +147,8 @@ class CheckpointMarkerCallback(TrainerCallback):
         distributed.barrier()  # every rank's shard, RNG state and optimizer state written
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and checkpoint.is_dir():
-            distributed.write_checkpoint_info(checkpoint, self.world_size, self.strategy)
+            distributed.write_checkpoint_info(checkpoint, self.world_size, self.strategy, self.world_size
+                                              * args.per_device_train_batch_size * args.gradient_accumulation_steps)
             (checkpoint / CHECKPOINT_MARKER).write_text(f"{state.global_step}\n")
 
 

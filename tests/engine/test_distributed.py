@@ -105,7 +105,8 @@ def test_ddp_two_processes_train_like_one_and_export_the_same(demo_base, tmp_pat
     assert any(n.startswith("distributed: ddp over 2 processes (gloo") for n in status["summary"]["notes"])
     assert "rank 0:" in out and "rank 1:" in out and out.count("run directory") == 1
     checkpoint = RunDir(run).latest_checkpoint()
-    assert json.loads((checkpoint / distributed.CHECKPOINT_INFO).read_text()) == {"world_size": 2, "strategy": "ddp"}
+    assert json.loads((checkpoint / distributed.CHECKPOINT_INFO).read_text()) == {"world_size": 2, "strategy": "ddp",
+                                                                                 "global_batch": 4}
     assert sorted(p.name for p in checkpoint.glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
 
     # the exports of rank 0 == one process exporting the checkpoint's weights
@@ -189,8 +190,8 @@ def test_sigterm_to_the_launcher_then_resume_continues_exactly(demo_base, tmp_pa
 
 
 @pytest.mark.slow
-def test_a_dying_rank_stops_every_rank_with_its_error_on_one_line(demo_base, tmp_path, monkeypatch):
-    raw = raw_config(demo_base, tmp_path, max_steps=50, save_steps=1)
+def test_a_dying_rank_stops_every_rank_with_its_error_and_one_process_resumes(demo_base, tmp_path, monkeypatch):
+    raw = raw_config(demo_base, tmp_path, max_steps=12, save_steps=1)
     start = time.time()
     code, out, err = launch_cli([str(write_yaml(raw, tmp_path / "config.yaml"))], tmp_path,
                                 extra_pythonpath=injecting(tmp_path, monkeypatch, "fail:1:3"))
@@ -203,6 +204,23 @@ def test_a_dying_rank_stops_every_rank_with_its_error_on_one_line(demo_base, tmp
     checkpoint = run.latest_checkpoint()
     assert checkpoint.name == "checkpoint-2" and (checkpoint / CHECKPOINT_MARKER).exists()
     assert time.time() - start < 300
+
+    # resumed on one process (the run's config edited, as `--gpus 1` does on a GPU host): it accumulates
+    # two batches of 2 to keep the global batch of 4, and continues as one process trained from the start
+    monkeypatch.delenv("INJECT")
+    resumed = yaml.safe_load(run.config_path.read_text())
+    resumed["distributed"]["num_processes"] = 1
+    run.config_path.write_text(yaml.safe_dump(resumed))
+    code, out, err = launch_cli(["--resume", str(path)], tmp_path)
+    assert code == 0, err[-3000:]
+    status = run.status()
+    assert status["status"] == "completed"
+    assert ("resumed on 1 process(es): gradient_accumulation_steps 1 -> 2 keeps the global batch of 4"
+            in status["summary"]["notes"])
+    got, expected = losses(path), one_process_twin(raw).train.losses
+    assert [s for s, _ in got] == [s for s, _ in expected] == list(range(1, 13))
+    for (_, a), (_, b) in zip(got, expected, strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
 
 
 def test_gpus_beyond_the_visible_ones_is_one_line_before_anything_starts(demo_base, tmp_path):
@@ -260,17 +278,83 @@ def test_memory_plan_counts_the_model_and_its_lora_weights(tiny_config):
     assert 0.5 * 8e9 < nf4.replicated_bytes < 0.51 * 8e9
 
 
-def test_resume_needs_the_same_processes_and_strategy(tmp_path):
-    distributed.write_checkpoint_info(tmp_path, 2, "ddp")
-    distributed.check_resume(tmp_path, 2, "ddp")
-    with pytest.raises(FtengineError, match="written by 2 process.*resumed with 4; resume with --gpus 2"):
-        distributed.check_resume(tmp_path, 4, "ddp")
+def test_resume_keeps_the_global_batch_on_another_number_of_ddp_processes(tmp_path):
+    distributed.write_checkpoint_info(tmp_path, 2, "ddp", 8)  # 2 processes x 2 per device x 2 accumulated
+    assert distributed.check_resume(tmp_path, 2, "ddp", 2, 2) == 2
+    assert distributed.check_resume(tmp_path, 1, "single", 2, 2) == 4
+    assert distributed.check_resume(tmp_path, 4, "ddp", 2, 2) == 1
+    assert distributed.check_resume(tmp_path, 8, "ddp", 1, 2) == 1
+    with pytest.raises(FtengineError, match="global batch of 8 samples, which 4 process.*per_device_train_batch_size 4 "
+                                            "cannot make up; resume with --gpus 2, or a per_device_train_batch_size "
+                                            "that divides 2"):
+        distributed.check_resume(tmp_path, 4, "ddp", 4, 1)
     with pytest.raises(FtengineError, match="set distributed.strategy: ddp"):
         distributed.check_resume(tmp_path, 2, "fsdp")
-    single = tmp_path / "single"
-    single.mkdir()
-    with pytest.raises(FtengineError, match="written by 1 process"):
-        distributed.check_resume(single, 2, "ddp")
+    with pytest.raises(FtengineError, match="fsdp checkpoints hold each process's shard: resume with --gpus 2"):
+        distributed.check_resume(tmp_path, 4, "fsdp", 1, 2)
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    distributed.write_checkpoint_info(sharded, 4, "fsdp", 8)
+    with pytest.raises(FtengineError, match="written by 4 process.*with fsdp, resumed with 2 with ddp"):
+        distributed.check_resume(sharded, 2, "ddp", 2, 2)
+    older = tmp_path / "older"  # a checkpoint that recorded no global batch
+    older.mkdir()
+    (older / distributed.CHECKPOINT_INFO).write_text(json.dumps({"world_size": 2, "strategy": "ddp"}))
+    with pytest.raises(FtengineError, match="without its global batch; resume with --gpus 2"):
+        distributed.check_resume(older, 1, "single", 2, 1)
+
+
+def test_resume_config_changes_only_the_accumulation(demo_base, tmp_path):
+    config = validate_config(raw_config(demo_base, tmp_path))  # 2 per device, no accumulation
+    distributed.write_checkpoint_info(tmp_path, 2, "ddp", 4)
+    assert distributed.resume_config(config, tmp_path, 2, "ddp") == (config, None)
+    resumed, note = distributed.resume_config(config, tmp_path, 1, "single")
+    assert resumed.training.gradient_accumulation_steps == 2
+    assert resumed.model_dump() == {**config.model_dump(), "training": {**config.training.model_dump(),
+                                                                        "gradient_accumulation_steps": 2}}
+    assert note == "resumed on 1 process(es): gradient_accumulation_steps 1 -> 2 keeps the global batch of 4"
+
+
+def test_a_checkpoint_saved_quantized_by_bitsandbytes_is_not_sharded(demo_base, tmp_path):
+    """A 4-bit checkpoint packed in uint8 (or an 8-bit one) cannot be split by fsdp: one line naming it;
+    ``auto`` picks ddp; a 4-bit checkpoint stored in bf16 (what an fsdp run saves) shards."""
+    from ftengine.engine.pipeline import load_model_config
+
+    saved = tmp_path / "saved-4bit"
+    shutil.copytree(demo_base, saved)
+    spec = json.loads((saved / "config.json").read_text())
+    config = validate_config({**raw_config(saved, tmp_path), "distributed": {"num_processes": 2, "strategy": "fsdp"}})
+    auto = validate_config(raw_config(saved, tmp_path))
+    for quantization, problem in (({"load_in_4bit": True, "bnb_4bit_quant_storage": "uint8"}, "4-bit packed in uint8"),
+                                  ({"load_in_4bit": True}, "4-bit packed in uint8"),
+                                  ({"load_in_8bit": True}, "8-bit \\(LLM.int8\\)"),
+                                  ({"load_in_4bit": True, "bnb_4bit_quant_storage": "bfloat16"}, None)):
+        (saved / "config.json").write_text(json.dumps({**spec, "quantization_config": {
+            "quant_method": "bitsandbytes", **quantization}}))
+        hf_config = load_model_config(str(saved))
+        if problem is None:
+            assert distributed.choose_strategy(config, hf_config, 2, on_gpu=True)[0] == "fsdp"
+            assert distributed.choose_strategy(auto, hf_config, 2, memory=2**20, on_gpu=True)[0] == "fsdp"
+            continue
+        with pytest.raises(ConfigError, match=f"fsdp cannot shard {saved}: its weights are saved {problem}; use ddp"):
+            distributed.choose_strategy(config, hf_config, 2, on_gpu=True)
+        assert distributed.choose_strategy(auto, hf_config, 2, memory=2**20, on_gpu=True)[0] == "ddp"
+
+
+def test_nccl_missing_on_a_gpu_host_is_one_line_before_anything_starts(demo_base, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from ftengine.cli import main
+
+    config = write_yaml(raw_config(demo_base, tmp_path, processes=1), tmp_path / "config.yaml")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)
+    result = CliRunner().invoke(main, ["run", "--gpus", "2", str(config)])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1].startswith("error: distributed training on GPUs needs NCCL, which "
+                                                             "this PyTorch build lacks")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_nccl_missing_is_one_line(monkeypatch):
