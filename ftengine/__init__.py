@@ -71,6 +71,7 @@ def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | torch
     from ftengine.core.config import check_combinations
     from ftengine.core.config import validate_section
     from ftengine.core.errors import ConfigError
+    from ftengine.engine import distributed
     from ftengine.engine import pipeline
 
     adapter_dir = _adapter_directory(name_or_path)
@@ -87,7 +88,8 @@ def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | torch
     problems = check_combinations(config)
     if problems:
         raise ConfigError("load_model: " + "; ".join(problems))
-    loaded = pipeline.patch(pipeline.load(config))
+    # under a launcher the strategy comes with train(): a 4-bit base is stored the way fsdp can shard it
+    loaded = pipeline.patch(pipeline.load(config, "fsdp" if distributed.rank_info().distributed else "single"))
     if adapter_dir is not None:
         from peft import PeftModel
         from transformers import AutoTokenizer

@@ -365,6 +365,13 @@ def api_trainer_arguments(strategy: str, model: Any) -> dict[str, Any]:
     if strategy == "fsdp" and not torch.cuda.is_available():
         raise ConfigError("train: strategy fsdp needs CUDA GPUs (accelerate shards models across GPU processes "
                           "only); CPU processes train with ddp")
+    packed = next((name for name, p in model.named_parameters() if type(p).__name__ in ("Params4bit", "Int8Params")
+                   and not p.is_floating_point()), None)
+    if strategy == "fsdp" and packed is not None:
+        raise ConfigError(f"train: strategy fsdp cannot shard {packed}, quantized weights packed in "
+                          f"{str(model.get_parameter(packed).dtype).removeprefix('torch.')}; call "
+                          "ftengine.load_model(..., load_in_4bit=True) under torchrun (it stores the 4-bit weights "
+                          "in the compute dtype, which fsdp shards), or train with strategy ddp")
     return trainer_arguments(strategy, model)
 
 

@@ -51,3 +51,28 @@ def test_qlora_sharded_by_fsdp2_keeps_the_fused_nf4_ops_and_trains_like_one_proc
     assert two_lora.keys() == one_lora.keys() and len(one_lora) == 4 * 7 * 2
     for key in one_lora:
         torch.testing.assert_close(two_lora[key], one_lora[key], atol=1e-5, rtol=1e-4)
+
+
+def test_the_api_stores_a_4bit_base_fsdp_can_shard_under_a_launcher(demo_base, monkeypatch):
+    """``ftengine.load_model(load_in_4bit=True)`` under torchrun keeps the packed NF4 bytes in the compute
+    dtype (fsdp shards them); loaded outside a launcher they stay uint8, which ``train(strategy="fsdp")``
+    refuses with one line before any trainer starts."""
+    import ftengine
+    from ftengine.core.errors import ConfigError
+    from ftengine.engine import distributed
+
+    def packed(model):
+        return {p.dtype for p in model.parameters() if type(p).__name__ == "Params4bit"}
+
+    alone, _ = ftengine.load_model(str(demo_base), max_seq_length=64, dtype=torch.float32, load_in_4bit=True)
+    for name, value in (("TORCHELASTIC_RUN_ID", "test"), ("MASTER_ADDR", "localhost"), ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(name, value)
+    launched, _ = ftengine.load_model(str(demo_base), max_seq_length=64, dtype=torch.float32, load_in_4bit=True)
+    assert packed(alone) == {torch.uint8} and packed(launched) == {torch.bfloat16}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the fsdp arguments are for GPU processes
+    with pytest.raises(ConfigError, match=r"train: strategy fsdp cannot shard .*q_proj.*, quantized weights packed "
+                                          r"in uint8; call ftengine.load_model"):
+        distributed.api_trainer_arguments("fsdp", alone)
+    assert distributed.api_trainer_arguments("ddp", alone)["ddp_find_unused_parameters"] is False
+    assert distributed.api_trainer_arguments("fsdp", launched)["fsdp_config"]["version"] == 2
