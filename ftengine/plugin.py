@@ -40,6 +40,7 @@ from ftengine.core.types import TrainRequest
 from ftengine.plugins.exporters.merged_tensors import iter_merged_tensors
 from ftengine.plugins.models._adapter import DecoderAdapter
 from ftengine.plugins.models._gguf import GGUFLayout
+from ftengine.plugins.models._mmproj import MmprojLayout
 from ftengine.plugins.models._patching import PatchTable
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "GGUFSupport",
     "KernelBackend",
     "LoRAWeights",
+    "MmprojLayout",
     "Message",
     "ModelAdapter",
     "Reward",

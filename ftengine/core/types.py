@@ -151,12 +151,16 @@ class GGUFSupport(Protocol):
         split_tensor: optional; ``split_tensor(hf_name, tensor) -> [(hf_name, tensor), ...]``: one
             merged Hugging Face tensor as the tensors llama.cpp keeps apart (a mixture-of-experts
             model's fused ``experts.gate_up_proj`` as gate and up stacks), before the name mapping.
+        mmproj: optional; a vision-language family's vision tower and projector as llama.cpp's
+            ``mmproj`` file (an :class:`ftengine.plugin.MmprojLayout`); the ``gguf`` exporter refuses
+            a vision-language model whose family has none.
 
     .. versionadded:: 0.1
     """
 
     architecture: str
     split_tensor: Callable[[str, Any], list[tuple[str, Any]]] | None = None
+    mmproj: Any | None = None
 
     def tensor_name(self, hf_name: str) -> str | None:
         """llama.cpp's name for a Hugging Face tensor name (``None``: not exported)."""

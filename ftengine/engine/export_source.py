@@ -35,19 +35,24 @@ def locate(source: Path) -> tuple[RunDir, Path, Path]:
 
 def load_checkpoint(config: RunConfig, checkpoint: Path) -> tuple[Any, Any]:
     """The model of a run's checkpoint (the base with its adapter, or the whole fine-tuned model) and
-    its tokenizer, in eval mode."""
+    its tokenizer (a vision-language model's processor holding it: the mmproj export reads the image
+    processor), in eval mode."""
     from transformers import AutoTokenizer
 
     config = config.model_copy(deep=True)
     if config.model.full_finetuning:  # the checkpoint holds the whole model
         config.model.name_or_path = str(checkpoint)
-    model = pipeline.load(config).model
+    loaded = pipeline.load(config)
+    model = loaded.model
     if not config.model.full_finetuning:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(checkpoint))
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
     model.eval()
+    if loaded.processor is not None:
+        loaded.processor.tokenizer = tokenizer
+        return model, loaded.processor
     return model, tokenizer
 
 

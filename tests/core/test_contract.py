@@ -34,7 +34,7 @@ def test_protocol_members_split_required_and_optional():
     assert required == ("name", "model_types", "default_target_modules", "default_chat_template", "patch")
     assert optional == ("gguf", "routes", "unpatch")
     assert types.protocol_members(types.GGUFSupport) == (
-        ("architecture", "tensor_name", "tensor", "metadata", "extra_tensors"), ("split_tensor",))
+        ("architecture", "tensor_name", "tensor", "metadata", "extra_tensors"), ("split_tensor", "mmproj"))
 
 
 class Adapter:

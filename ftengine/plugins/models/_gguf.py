@@ -232,6 +232,8 @@ class GGUFLayout:
         extra_metadata: the family's own keys from the (text) config, beyond :func:`rope_metadata`.
         family_tensors: the family's own tensors computed from the (text) config (Phi-3's LongRoPE
             factors), beyond Llama 3 scaling's ``rope_freqs.weight``.
+        mmproj: a vision-language family's vision tower and projector as llama.cpp's mmproj file
+            (:class:`ftengine.plugins.models._mmproj.MmprojLayout`); ``None``: text only.
 
     .. versionadded:: 0.1
     """
@@ -243,6 +245,7 @@ class GGUFLayout:
     renames: tuple[tuple[str, str], ...] = ()
     extra_metadata: Callable[[Any], dict[str, Any]] | None = None
     family_tensors: Callable[[Any], dict[str, torch.Tensor]] | None = None
+    mmproj: Any = None
 
     def tensor_name(self, hf_name: str) -> str | None:
         """llama.cpp's name for a Hugging Face tensor name (``None``: not exported)."""

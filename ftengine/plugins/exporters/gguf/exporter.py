@@ -3,7 +3,9 @@
 One quantization writes ``model-<type>.gguf`` and ``Modelfile`` into the export directory; a list
 writes one sub-directory per type (``<type>/model-<type>.gguf`` and its ``Modelfile``), the LoRA
 merged once for all. With ``imatrix`` the K-quant and IQ4 types are quantized against an importance
-matrix, computed here (and saved as ``imatrix.gguf``) or read from a llama.cpp file.
+matrix, computed here (and saved as ``imatrix.gguf``) or read from a llama.cpp file. A
+vision-language model's export adds ``mmproj-<name>-f16.gguf`` (its vision tower and projector, once
+for all types) beside them, and each Modelfile names both files.
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ from ftengine.plugins.exporters.gguf.calibration import rows_from_dataset
 from ftengine.plugins.exporters.gguf.calibration import rows_from_file
 from ftengine.plugins.exporters.gguf.imatrix import ImportanceMatrix
 from ftengine.plugins.exporters.gguf.imatrix import collect
+from ftengine.plugins.exporters.gguf.mmproj import MmprojWriter
+from ftengine.plugins.exporters.gguf.mmproj import file_name
+from ftengine.plugins.exporters.gguf.mmproj import is_vision_language
+from ftengine.plugins.exporters.gguf.mmproj import mmproj_layout
+from ftengine.plugins.exporters.gguf.mmproj import tower_keys
 from ftengine.plugins.exporters.gguf.ollama import modelfile
 from ftengine.plugins.exporters.gguf.writer import resolve_layout
 from ftengine.plugins.exporters.gguf.writer import write_ggufs
@@ -153,9 +160,12 @@ class GGUFExporter:
     options_schema = GGUFOptions
 
     def check(self, options: GGUFOptions, config: Any, hf_config: Any) -> list[str]:
-        """Before training: the model type has a GGUF layout and a named ``chat_template`` is registered."""
+        """Before training: the model type has a GGUF layout (and a vision-language one an mmproj layout its
+        tower fits) and a named ``chat_template`` is registered."""
         problems = []
         try:
+            if is_vision_language(hf_config):
+                tower_keys(mmproj_layout(hf_config), hf_config)
             resolve_layout(hf_config)
         except ExportError as exc:
             problems.append(str(exc))
@@ -165,11 +175,12 @@ class GGUFExporter:
         return problems
 
     def export(self, model: Any, tokenizer: Any, out_dir: Path, options: Any, calibration: Any = None) -> list[str]:
-        """Write the GGUF file(s) and Modelfile(s) into ``out_dir``.
+        """Write the GGUF file(s) and Modelfile(s) into ``out_dir`` (and a vision-language model's mmproj file).
 
         Args:
             model: the trained model (plain or peft; LoRA is merged on the fly).
-            tokenizer: its fast tokenizer (vocabulary and chat template go into the file).
+            tokenizer: its fast tokenizer (vocabulary and chat template go into the file), or a
+                vision-language model's processor (its tokenizer, and its image mean and std for the mmproj).
             out_dir: the directory to write into.
             options: a :class:`GGUFOptions` (or a dict of its fields, or ``None`` for the defaults).
             calibration: the run's training rows, the default calibration text of ``imatrix: true``.
@@ -189,6 +200,10 @@ class GGUFExporter:
             except ValueError as exc:
                 raise ExportError(f"invalid gguf export options: {exc}") from exc
         out_dir = Path(out_dir)
+        processor, tokenizer = tokenizer, getattr(tokenizer, "tokenizer", tokenizer)
+        vision = None
+        if is_vision_language(model.config):
+            vision = MmprojWriter(model, processor, out_dir / file_name(model.config))
         out_dir.mkdir(parents=True, exist_ok=True)
         template = _template(tokenizer, options.chat_template)
         several = not isinstance(options.quantization, str)
@@ -196,16 +211,22 @@ class GGUFExporter:
         directories = {q: out_dir / q if several else out_dir for q in quantizations}
         imatrix, lines = importance_matrix(model, tokenizer, options, calibration, out_dir)
         targets = {q: directories[q] / f"model-{q}.gguf" for q in quantizations}
-        lines = write_ggufs(model, tokenizer, targets, imatrix=imatrix) + lines
+        lines = write_ggufs(model, tokenizer, targets, imatrix=imatrix, sink=vision) + lines
+        if vision is not None:
+            lines += vision.write()
         stops = list(template.stop_tokens) if template is not None and template.stop_tokens else []
         if not stops and getattr(tokenizer, "eos_token", None):
             stops = [tokenizer.eos_token]
         for q, directory in directories.items():
+            projector = None if vision is None else f"{'..' if several else '.'}/{vision.path.name}"
             text, note = modelfile(targets[q].name, template.name if template else None, stops, options.system,
                                    options.parameters, getattr(tokenizer, "bos_token", None),
-                                   getattr(tokenizer, "eos_token", None))
+                                   getattr(tokenizer, "eos_token", None), projector=projector)
             (directory / "Modelfile").write_text(text, encoding="utf-8")
             lines.append(f"Modelfile: ollama create <name> -f {directory / 'Modelfile'}")
             if note and q == quantizations[-1]:
                 lines.append(f"note: {note}")
+        if vision is not None:
+            lines.append(f"llama.cpp: llama-mtmd-cli -m {targets[quantizations[0]]} --mmproj {vision.path} "
+                         f"--image <image> -p <prompt>")
         return lines

@@ -192,6 +192,7 @@ def modelfile(
     parameters: dict[str, Any] | None = None,
     bos_token: str | None = None,
     eos_token: str | None = None,
+    projector: str | None = None,
 ) -> tuple[str, str | None]:
     """The text of a Modelfile.
 
@@ -202,13 +203,16 @@ def modelfile(
         system: an optional default system prompt.
         parameters: extra or overriding ``PARAMETER`` values.
         bos_token / eos_token: the tokenizer's, written where the template has ``<s>`` / ``</s>``.
+        projector: a vision-language model's mmproj file as a path relative to the Modelfile
+            (``./mmproj-....gguf``), written as a second ``FROM``: Ollama takes a ``clip`` GGUF as the
+            model's projector.
 
     Returns:
         ``(text, note)``: ``note`` explains a missing ``TEMPLATE`` (an unknown template: Ollama then
         uses the chat template stored in the GGUF file, if its own detection recognises it), else
         ``None``.
     """
-    lines = [f"FROM ./{gguf_name}", ""]
+    lines = [f"FROM ./{gguf_name}"] + ([f"FROM {projector}"] if projector else []) + [""]
     note = None
     template = GO_TEMPLATES.get(template_name or "")
     if template is not None:

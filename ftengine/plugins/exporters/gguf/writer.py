@@ -137,7 +137,8 @@ def check_disk_space(directory: Path, needed: int) -> None:
         )
 
 
-def _add_value(writer: GGUFWriter, key: str, value: Any) -> None:
+def add_value(writer: GGUFWriter, key: str, value: Any) -> None:
+    """One metadata key, its GGUF type from the Python value (non-negative ints as uint32)."""
     if isinstance(value, bool):
         writer.add_bool(key, value)
     elif isinstance(value, int):
@@ -152,11 +153,14 @@ def _add_value(writer: GGUFWriter, key: str, value: Any) -> None:
         writer.add_key_value(key, value, GGUFValueType.get_type(value))
 
 
-def _tensors(model: Any, layout: Any, config: Any, original: OriginalCheckpoint | None):
-    """``(gguf_name, tensor)`` in llama.cpp's layout, then the layout's extra tensors (``rope_freqs``)."""
+def _tensors(model: Any, layout: Any, config: Any, original: OriginalCheckpoint | None, sink: Any = None):
+    """``(gguf_name, tensor)`` in llama.cpp's layout, then the layout's extra tensors (``rope_freqs``);
+    ``sink(hf_name, tensor)`` sees every merged tensor first."""
     tied = bool(getattr(getattr(config, "text_config", None) or config, "tie_word_embeddings", False))
     split = getattr(layout, "split_tensor", None) or (lambda hf_name, tensor: [(hf_name, tensor)])
     for merged_name, merged in iter_merged_tensors(model, torch.float32, original):
+        if sink is not None:
+            sink(merged_name, merged)
         for hf_name, tensor in split(merged_name, merged):
             name = layout.tensor_name(hf_name)
             if name is None or (tied and name == "output.weight"):
@@ -198,7 +202,7 @@ def _write_file(target: _Target, writer_args: dict[str, Any]) -> None:
     meta = common_metadata(config)
     meta.update(layout.metadata(config))
     for key, value in meta.items():
-        _add_value(writer, f"{arch}.{key}", value)
+        add_value(writer, f"{arch}.{key}", value)
     write_vocab(writer, vocab)
     for item in target.spilled:
         writer.add_tensor_info(item.name, item.shape, np.dtype(np.uint8), item.nbytes, raw_dtype=item.qtype)
@@ -217,6 +221,7 @@ def write_ggufs(
     targets: dict[str, Path],
     name: str | None = None,
     imatrix: ImportanceMatrix | None = None,
+    sink: Any = None,
 ) -> list[str]:
     """Write ``model`` and ``tokenizer`` as one GGUF file per quantization, merging the weights once.
 
@@ -229,6 +234,8 @@ def write_ggufs(
         name: ``general.name`` (default: the model's directory or hub name).
         imatrix: importances the K-quant and IQ4 quantizers weigh their scale searches with (and
             that change some tensor types of the mixes, as in llama.cpp).
+        sink: ``sink(hf_name, tensor)`` called with every merged weight (float32, CPU) as it passes,
+            the tensors the language model does not take included (a vision tower for the mmproj file).
 
     Returns:
         Summary lines: per file its size and the tensor types used; the base weights; conversion notes.
@@ -261,7 +268,7 @@ def write_ggufs(
     try:
         label = f"GGUF {', '.join(chosen)}"
         with click.progressbar(length=len(model.state_dict()), label=label, file=sys.stderr) as bar:
-            for gguf_name, tensor in _tensors(model, layout, config, original):
+            for gguf_name, tensor in _tensors(model, layout, config, original, sink):
                 importance = imatrix.importance(gguf_name) if imatrix is not None else None
                 if importance is not None and importance.numel() != tensor.shape[-1]:
                     raise ExportError(f"imatrix: entry {gguf_name} has {importance.numel()} values; "
