@@ -41,8 +41,14 @@ Signatures (every backend implements exactly these):
     rows then up rows) and ``(E, H, I)``, ``lora_a`` ``(E, r, in)``, ``lora_b`` ``(E, out, r)``.
     ``y[n] = sum_k w[n,k] * down_e(act(gate_e(x[n]), up_e(x[n])))`` with ``e = top_k_index[n, k]``,
     each expert's LoRA applied low-rank; ``y`` in ``x.dtype`` (the k-sum in fp32).
+    An NF4 expert weight (``quant_state`` from ``quantize_nf4``) is unpacked a group of experts at a time,
+    in the forward and again in the backward, never a whole layer at once.
 ``dequantize_nf4(packed, quant_state) -> W``
     bitsandbytes' NF4 layout (double-quantized absmax included) to ``quant_state.dtype``.
+``quantize_nf4(weight, blocksize=64, double_quant=True) -> (packed, quant_state)``
+    the inverse in the same layout, each row of ``weight``'s leading dim (an expert) in blocks of its
+    own: packed ``(R, n / 2)`` uint8 and a state ``dequantize_nf4`` reads (with ``experts(packed,
+    start, stop)`` to take a range of rows).
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ OP_NAMES: tuple[str, ...] = (
     "lora_qkv",
     "lora_moe",
     "dequantize_nf4",
+    "quantize_nf4",
 )
 """The fixed set of kernel ops, with the signatures in this module's docstring.
 
@@ -81,6 +88,13 @@ FUSED_LOSS_ATTR = "ftengine_fused_loss"
 """Set to ``True`` on a causal-LM module whose forward computes the loss with
 ``linear_cross_entropy`` when given labels (a model adapter's patch does this). Trainers then take
 the loss from the model's forward rather than building their own from logits."""
+
+
+NF4_EXPERTS_ATTR = "ftengine_nf4_experts"
+"""Set on a fused mixture-of-experts module whose expert weights ftengine stores NF4: a dict from the
+parameter name (``gate_up_proj``, ``down_proj``) to ``(packed, quant_state)`` from ``quantize_nf4``.
+The parameter itself is then a zero-stride stand-in of the original shape and dtype (what peft reads
+to size its adapters); the weights are the packed ones, read by ``lora_moe`` and the exporters."""
 
 
 _forward_generation = 0

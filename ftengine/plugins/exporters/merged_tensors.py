@@ -18,6 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ftengine.core.kernels import NF4_EXPERTS_ATTR
+from ftengine.core.kernels import get_op
+
 _ADAPTER_SUFFIXES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
                      "lora_dropout")
 
@@ -96,6 +99,14 @@ def _dense_weight(module: nn.Module) -> torch.Tensor:
     return weight.detach().float()
 
 
+def _dense_parameter(module: nn.Module, pname: str, param: torch.Tensor) -> torch.Tensor:
+    """A module's parameter as a float tensor: NF4-stored experts (``NF4_EXPERTS_ATTR``) dequantized."""
+    stored = module.__dict__.get(NF4_EXPERTS_ATTR, {}).get(pname)
+    if stored is None:
+        return param.detach().float()
+    return get_op("dequantize_nf4")(*stored).float()
+
+
 def _lora_merged_weight(layer: nn.Module, base: torch.Tensor) -> torch.Tensor:
     """``W + sum of the active adapters' deltas`` (DoRA: rescaled to its magnitude vector)."""
     merged = base.float()
@@ -125,7 +136,7 @@ def _merged_parameters(wrapper: nn.Module) -> Iterator[tuple[str, torch.Tensor]]
         wrappers[module.parameter_name] = module
         module = module.base_layer
     for pname, param in module.named_parameters():
-        merged = param.detach().float()
+        merged = _dense_parameter(module, pname, param)
         layer = wrappers.get(pname)
         if layer is not None and not layer.merged:
             for adapter in layer.active_adapters:
@@ -216,4 +227,6 @@ def iter_merged_tensors(
             seen.add(tensor.data_ptr())
             if pname == "weight" and (tensor.dtype in (torch.uint8, torch.int8)):
                 tensor = _dense_weight(module)
+            elif NF4_EXPERTS_ATTR in module.__dict__:
+                tensor = _dense_parameter(module, pname, tensor)
             yield f"{prefix}{pname}", out(base_tensor(f"{prefix}{pname}", tensor))

@@ -6,6 +6,10 @@ the Triton ops are tested and benchmarked against. Signatures: :mod:`ftengine.co
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -278,14 +282,104 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     return torch.cat(pieces) if pieces else x.new_zeros(0, weight.shape[1])
 
 
-def _expert_linear(x: torch.Tensor, layer: LoRAWeights, offsets: torch.Tensor) -> torch.Tensor:
-    """``x_e @ W_e.T + scaling * (x_e @ A_e.T) @ B_e.T`` per expert, the LoRA kept low-rank (no ``W + BA``)."""
-    base = dequantize_nf4(layer.weight, layer.quant_state) if layer.quant_state is not None else layer.weight
-    y = grouped_linear(x, base, offsets)
+GroupedLinear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Dequantize = Callable[[torch.Tensor, Any], torch.Tensor]
+
+EXPERT_GROUP_BYTES = 256 * 2**20
+"""The most dequantized expert weight (bytes) one NF4 grouped GEMM holds at once: its experts are
+unpacked this many bytes' worth at a time, forward and backward, never all of a layer together."""
+
+
+def expert_groups(state: NF4State, dtype: torch.dtype, budget: int | None = None) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]``: consecutive experts whose dequantized weights fit ``budget`` bytes together
+    (at least one expert a group)."""
+    per_expert = math.prod(state.shape[1:]) * torch.empty(0, dtype=dtype).element_size()
+    size = max(1, (EXPERT_GROUP_BYTES if budget is None else budget) // per_expert)
+    return [(start, min(start + size, state.shape[0])) for start in range(0, state.shape[0], size)]
+
+
+class _NF4GroupedLinear(torch.autograd.Function):
+    """``y_e = x_e W_e^T`` per expert with ``W`` NF4 (frozen), unpacked one group of experts at a time.
+
+    Forward: for each group ``[s, t)`` of experts, ``W_s..W_t`` are dequantized, multiply their rows
+    of ``x`` and are freed. Backward: ``dx_e = dy_e W_e``, the groups dequantized again (nothing but
+    the packed weight is kept between the passes); the base weight gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, packed, state, offsets, dequantize, linear):
+        bounds = [0, *offsets.tolist()]
+        y = x.new_empty(x.shape[0], state.shape[1])  # (S, out)
+        _nf4_group_products(y, x, packed, state, offsets, bounds, dequantize, linear, transpose=False)
+        ctx.save_for_backward(offsets)
+        ctx.packed, ctx.state, ctx.bounds, ctx.dequantize, ctx.linear = packed, state, bounds, dequantize, linear
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (offsets,) = ctx.saved_tensors
+        dx = grad.new_empty(grad.shape[0], ctx.state.shape[2])  # (S, in)
+        _nf4_group_products(dx, grad, ctx.packed, ctx.state, offsets, ctx.bounds, ctx.dequantize, ctx.linear,
+                            transpose=True)
+        return dx, None, None, None, None, None
+
+
+def _nf4_group_products(out: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, state: NF4State,
+                        offsets: torch.Tensor, bounds: list[int], dequantize: Dequantize, linear: GroupedLinear,
+                        transpose: bool) -> None:
+    """``out`` rows of each expert = its rows of ``x`` times ``W_e^T`` (``W_e`` when ``transpose``)."""
+    for start, stop in expert_groups(state, x.dtype):
+        lo, hi = bounds[start], bounds[stop]
+        if hi == lo:
+            continue
+        weight = dequantize(*state.experts(packed, start, stop)).to(x.dtype)  # (G, out, in)
+        if transpose:
+            weight = weight.transpose(-2, -1)
+        out[lo:hi] = linear(x[lo:hi], weight, offsets[start:stop] - lo)
+        del weight
+
+
+def expert_linear(x: torch.Tensor, layer: LoRAWeights, offsets: torch.Tensor, linear: GroupedLinear = grouped_linear,
+                  dequantize: Dequantize | None = None) -> torch.Tensor:
+    """``x_e @ W_e.T + scaling * (x_e @ A_e.T) @ B_e.T`` per expert, the LoRA kept low-rank (no ``W + BA``).
+
+    An NF4 ``W`` (``layer.quant_state``, stored by :func:`quantize_nf4`) is dequantized a group of
+    experts at a time (:data:`EXPERT_GROUP_BYTES`), in the forward and again in the backward.
+    """
+    if layer.quant_state is not None:
+        y = _NF4GroupedLinear.apply(x, layer.weight, layer.quant_state, offsets, dequantize or dequantize_nf4, linear)
+    else:
+        y = linear(x, layer.weight, offsets)
     if layer.lora_a is not None and layer.lora_b is not None:
-        low = grouped_linear(x, layer.lora_a, offsets)  # (S, r)
-        y = y + layer.scaling * grouped_linear(low, layer.lora_b.contiguous(), offsets)
+        low = linear(x, layer.lora_a, offsets)  # (S, r)
+        y = y + layer.scaling * linear(low, layer.lora_b.contiguous(), offsets)
     return y
+
+
+def moe_forward(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up: LoRAWeights,
+    down: LoRAWeights,
+    activation: str = "swiglu",
+    linear: GroupedLinear = grouped_linear,
+    dequantize: Dequantize | None = None,
+) -> torch.Tensor:
+    """``lora_moe`` on the grouped GEMM ``linear`` (and NF4 unpacking ``dequantize``) a backend supplies."""
+    n_tokens, top_k = top_k_index.shape
+    n_experts = gate_up.weight.shape[0] if gate_up.quant_state is None else gate_up.quant_state.shape[0]
+    flat = top_k_index.reshape(-1)  # (S,) with S = N * K, row s is token s // K
+    order = torch.argsort(flat, stable=True)
+    offsets = torch.cumsum(torch.bincount(flat, minlength=n_experts), 0).to(torch.int32)
+    rows = x[order // top_k]  # (S, H) sorted by expert
+    gate, up = expert_linear(rows, gate_up, offsets, linear, dequantize).chunk(2, dim=-1)  # (S, I) each
+    hidden = _gated(gate, up, activation, "MoE")
+    acc = torch.promote_types(x.dtype, torch.float32)  # the k-sum in fp32 at least
+    out = expert_linear(hidden, down, offsets, linear, dequantize).to(acc)
+    out = out * top_k_weights.reshape(-1)[order].to(acc).unsqueeze(-1)
+    unsorted = torch.empty_like(out).index_copy(0, order, out)  # back to (token, k) order: a permutation, no sums
+    return unsorted.view(n_tokens, top_k, -1).sum(dim=1).to(x.dtype)  # (N, H)
 
 
 def lora_moe(
@@ -296,18 +390,7 @@ def lora_moe(
     down: LoRAWeights,
     activation: str = "swiglu",
 ) -> torch.Tensor:
-    n_tokens, top_k = top_k_index.shape
-    n_experts = gate_up.weight.shape[0] if gate_up.quant_state is None else gate_up.quant_state.shape[0]
-    flat = top_k_index.reshape(-1)  # (S,) with S = N * K, row s is token s // K
-    order = torch.argsort(flat, stable=True)
-    offsets = torch.cumsum(torch.bincount(flat, minlength=n_experts), 0).to(torch.int32)
-    rows = x[order // top_k]  # (S, H) sorted by expert
-    gate, up = _expert_linear(rows, gate_up, offsets).chunk(2, dim=-1)  # (S, I) each
-    hidden = _gated(gate, up, activation, "MoE")
-    acc = torch.promote_types(x.dtype, torch.float32)  # the k-sum in fp32 at least
-    out = _expert_linear(hidden, down, offsets).to(acc) * top_k_weights.reshape(-1)[order].to(acc).unsqueeze(-1)
-    unsorted = torch.empty_like(out).index_copy(0, order, out)  # back to (token, k) order: a permutation, no sums
-    return unsorted.view(n_tokens, top_k, -1).sum(dim=1).to(x.dtype)  # (N, H)
+    return moe_forward(x, top_k_index, top_k_weights, gate_up, down, activation)
 
 
 _NF4_CODE = (
@@ -320,12 +403,12 @@ _NF4_CODE = (
 
 def _absmax(quant_state: Any) -> torch.Tensor:
     """The per-block absmax, undoing bitsandbytes' double quantization when it was used."""
-    absmax = quant_state.absmax
+    absmax = quant_state.absmax.reshape(-1)
     if getattr(quant_state, "nested", False):
         s2 = quant_state.state2
         blocks = s2.code[absmax.long()].float()  # uint8 codes -> fp32 through the 256-entry code
         n = blocks.numel()
-        scale = s2.absmax.float().repeat_interleave(s2.blocksize)[:n]
+        scale = s2.absmax.float().reshape(-1).repeat_interleave(s2.blocksize)[:n]
         absmax = blocks * scale + float(quant_state.offset)
     return absmax.float()
 
@@ -345,6 +428,107 @@ def dequantize_nf4(packed: torch.Tensor, quant_state: Any) -> torch.Tensor:
     return (values * absmax).to(quant_state.dtype).reshape(quant_state.shape)
 
 
+NF4_BLOCKSIZE = 64
+NESTED_BLOCKS = 256
+"""Blocks whose (uint8-coded) absmax share one fp32 scale under double quantization, at most."""
+
+
+@dataclass
+class NF4Nested:
+    """The second level of double quantization: ``absmax[b] = code[q_b] * absmax2[b // blocksize] + offset``."""
+
+    code: torch.Tensor  # (256,) fp32
+    absmax: torch.Tensor  # (R, blocks / blocksize) fp32
+    blocksize: int
+
+
+@dataclass
+class NF4State:
+    """What :func:`dequantize_nf4` reads (the fields of bitsandbytes' ``QuantState`` it uses), for tensors
+    that :func:`quantize_nf4` packs row by row along their leading dim (one row per expert).
+
+    Attributes:
+        absmax: ``(R, blocks)``: fp32, or uint8 codes into ``state2.code`` when ``nested``.
+        shape: the unpacked shape, leading dim ``R``.
+        dtype: the unpacked dtype.
+    """
+
+    absmax: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int = NF4_BLOCKSIZE
+    nested: bool = False
+    state2: NF4Nested | None = None
+    offset: torch.Tensor | float = 0.0
+    quant_type: str = "nf4"
+
+    def experts(self, packed: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, NF4State]:
+        """Rows ``start:stop`` of the packed tensor and their state, without copying."""
+        state2 = None if self.state2 is None else replace(self.state2, absmax=self.state2.absmax[start:stop])
+        return packed[start:stop], replace(self, absmax=self.absmax[start:stop], state2=state2,
+                                           shape=torch.Size((stop - start, *self.shape[1:])))
+
+    def nbytes(self, packed: torch.Tensor) -> int:
+        """Bytes the packed weight and its state hold."""
+        tensors = [packed, self.absmax] + ([] if self.state2 is None else [self.state2.absmax, self.state2.code])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+QUANTIZE_CHUNK_ELEMENTS = 2**24
+"""Elements quantized at once (their fp32 copy and codes are the temporaries)."""
+
+
+def quantize_nf4(weight: torch.Tensor, blocksize: int = NF4_BLOCKSIZE,
+                 double_quant: bool = True) -> tuple[torch.Tensor, NF4State]:
+    """NF4 in bitsandbytes' layout, each row of the leading dim (an expert) in blocks of its own.
+
+    Each block of ``blocksize`` values keeps ``absmax = max |w|`` and, per value, the index of the
+    NF4 level nearest ``w / absmax``; two indices a byte, the first in the high nibble. With
+    ``double_quant`` the absmax are stored as uint8 codes of ``(absmax - mean) / absmax2`` on a
+    uniform 256-level grid over ``[-1, 1]``, one fp32 ``absmax2`` per group of up to
+    :data:`NESTED_BLOCKS` blocks of one row, the mean as the offset: about 4.13 bits a weight.
+
+    Args:
+        weight: ``(R, ...)``, each row holding a whole number of blocks.
+
+    Returns:
+        ``(packed, state)``: packed ``(R, n / 2)`` uint8 and its :class:`NF4State`.
+
+    Raises:
+        ValueError: a row that is not a whole number of blocks.
+    """
+    rows = weight.shape[0]
+    per_row = weight.numel() // max(rows, 1)
+    if per_row % blocksize or blocksize % 2:
+        raise ValueError(f"quantize_nf4: each of the {rows} rows holds {per_row} values, not a whole number of "
+                         f"blocks of {blocksize}")
+    levels = torch.tensor(_NF4_CODE, dtype=torch.float32, device=weight.device)
+    midpoints = (levels[1:] + levels[:-1]) / 2
+    flat = weight.detach().reshape(rows, per_row)
+    packed = torch.empty(rows, per_row // 2, dtype=torch.uint8, device=weight.device)
+    absmax = torch.empty(rows, per_row // blocksize, dtype=torch.float32, device=weight.device)
+    step = max(1, QUANTIZE_CHUNK_ELEMENTS // per_row)
+    for r in range(0, rows, step):
+        blocks = flat[r:r + step].float().reshape(-1, per_row // blocksize, blocksize)  # (r, nb, bs)
+        scale = blocks.abs().amax(-1)  # (r, nb)
+        codes = torch.bucketize(blocks / scale.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1), midpoints)
+        codes = codes.to(torch.uint8).reshape(blocks.shape[0], -1, 2)
+        packed[r:r + step] = (codes[..., 0] << 4) | codes[..., 1]
+        absmax[r:r + step] = scale
+    state = NF4State(absmax=absmax, shape=weight.shape, dtype=weight.dtype, blocksize=blocksize)
+    if not double_quant:
+        return packed, state
+    n_blocks = absmax.shape[1]
+    group = math.gcd(n_blocks, NESTED_BLOCKS)  # groups never straddle two rows
+    offset = absmax.mean()
+    centered = (absmax - offset).reshape(rows, -1, group)  # (R, groups, group)
+    absmax2 = centered.abs().amax(-1).clamp_min(torch.finfo(torch.float32).tiny)  # (R, groups)
+    q = ((centered / absmax2.unsqueeze(-1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    code = torch.linspace(-1.0, 1.0, 256, dtype=torch.float32, device=weight.device)
+    return packed, replace(state, absmax=q.reshape(rows, n_blocks), nested=True, offset=offset,
+                           state2=NF4Nested(code=code, absmax=absmax2, blocksize=group))
+
+
 class ReferenceBackend:
     name = "reference"
     priority = 0
@@ -359,6 +543,7 @@ class ReferenceBackend:
     lora_qkv = staticmethod(lora_qkv)
     lora_moe = staticmethod(lora_moe)
     dequantize_nf4 = staticmethod(dequantize_nf4)
+    quantize_nf4 = staticmethod(quantize_nf4)
 
     def available(self) -> bool:
         return True

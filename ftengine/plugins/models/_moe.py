@@ -9,6 +9,10 @@ gets a ``ParamWrapper`` around the experts module, with per-expert factors store
 (:func:`route_experts`) and hands them to ``lora_moe``, which sorts the token/expert pairs by
 expert and runs grouped GEMMs with the LoRA kept low-rank.
 
+With a 4-bit base (``load_in_4bit``) bitsandbytes leaves those 3-D parameters in 16 bits;
+:func:`quantize_experts` stores them NF4 (``quantize_nf4``) and ``lora_moe`` unpacks them a group of
+experts at a time inside its grouped GEMMs.
+
 The router is called as the module it is (peft's path when it is adapted: a ``(E, H)`` matrix is
 cheap), so transformers' output recorder still collects ``router_logits`` for the auxiliary loss.
 """
@@ -22,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ftengine.core.kernels import NF4_EXPERTS_ATTR
 from ftengine.core.kernels import LoRAWeights
 
 GetOp = Callable[[str], Callable[..., Any]]
@@ -86,11 +91,12 @@ def route_experts(experts: nn.Module) -> tuple[tuple[LoRAWeights, LoRAWeights] |
     if getattr(module, "has_bias", False):
         return None, "experts with biases"
     layers = []
+    nf4 = module.__dict__.get(NF4_EXPERTS_ATTR, {})
     for name in ("gate_up_proj", "down_proj"):
-        weight = getattr(module, name)
-        lora = adapters.get(name)
-        layers.append(LoRAWeights(weight=weight) if lora is None else
-                      LoRAWeights(weight=weight, lora_a=lora.lora_a, lora_b=lora.lora_b, scaling=lora.scaling))
+        weight, state = nf4.get(name, (getattr(module, name), None))
+        lora = adapters.get(name) or LoRAWeights(weight=weight)
+        layers.append(LoRAWeights(weight=weight, lora_a=lora.lora_a, lora_b=lora.lora_b, scaling=lora.scaling,
+                                  quant_state=state))
     return (layers[0], layers[1]), "lora" if adapters else "linear"
 
 
@@ -113,12 +119,45 @@ def block_forward(get_op: GetOp, activation: str) -> Callable[..., torch.Tensor]
         _, top_k_weights, top_k_index = self.gate(x)  # (N, K) each
         weights, reason = route_experts(self.experts)
         if weights is None:
+            if NF4_EXPERTS_ATTR in base_experts(self.experts).__dict__:
+                raise RuntimeError(f"4-bit experts run only on the lora_moe op, which cannot take these ({reason})")
             _note_fallback(reason)
             return self.experts(x, top_k_index, top_k_weights).reshape(shape)
         gate_up, down = weights
         return get_op("lora_moe")(x, top_k_index, top_k_weights, gate_up, down, activation=activation).reshape(shape)
 
     return forward
+
+
+def quantize_experts(model: nn.Module, get_op: GetOp, block_classes: tuple[str, ...]) -> int:
+    """Store the fused expert weights of every sparse block NF4; returns how many experts modules.
+
+    Each ``gate_up_proj`` / ``down_proj`` is packed one expert a row (``quantize_nf4``, double-quantized
+    absmax) into ``experts.__dict__[NF4_EXPERTS_ATTR]`` and the parameter becomes a zero-stride
+    stand-in of its shape and dtype, so the 16-bit weight is freed and peft still sizes its adapters
+    from it. Call it before or after peft wraps the experts.
+
+    Args:
+        block_classes: class names of the family's sparse blocks (a ``gate`` router and fused ``experts``).
+    """
+    quantize = get_op("quantize_nf4")
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ not in block_classes:
+            continue
+        experts = base_experts(module.experts)
+        if NF4_EXPERTS_ATTR in experts.__dict__ or not hasattr(experts, "gate_up_proj"):
+            continue
+        store = {}
+        for name in ("gate_up_proj", "down_proj"):
+            param = getattr(experts, name)
+            store[name] = quantize(param.detach())
+            stand_in = torch.zeros((), dtype=param.dtype, device=param.device).expand(param.shape)
+            setattr(experts, name, nn.Parameter(stand_in, requires_grad=False))
+            del param
+        experts.__dict__[NF4_EXPERTS_ATTR] = store
+        count += 1
+    return count
 
 
 def num_experts(config: Any) -> int:

@@ -438,6 +438,9 @@ def patch_model(model: nn.Module, get_op: GetOp, table: PatchTable) -> list[str]
     from ftengine.core.kernels import op_table
 
     backends = op_table()
+    quantized = 0
+    if table.moes and getattr(model, "is_loaded_in_4bit", False):  # bitsandbytes leaves 3-D experts 16-bit
+        quantized = _moe.quantize_experts(model, get_op, table.moes)
     resolved = {name: get_op(name) for name in USED_OPS}  # once, not on every forward
     get_op = resolved.__getitem__
     counts: Counter[str] = Counter()
@@ -495,6 +498,9 @@ def patch_model(model: nn.Module, get_op: GetOp, table: PatchTable) -> list[str]
     for key, n in sorted(counts.items()):
         if key.startswith("custom:"):
             lines.append(f"{key[7:]} x{n} -> lora_linear projections ({backends['lora_linear']})")
+    if quantized:
+        lines.append(f"moe experts x{quantized} stored NF4 ({backends['quantize_nf4']}), unpacked a group of "
+                     "experts at a time in the grouped GEMMs")
     if counts["loss"]:
         softcap = " with final logit softcap" if table.final_softcap else ""
         lines.append(f"causal-LM loss -> linear_cross_entropy{softcap} ({backends['linear_cross_entropy']}), "

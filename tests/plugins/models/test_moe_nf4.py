@@ -1,0 +1,127 @@
+"""4-bit experts (QLoRA on a mixture of experts): with ``load_in_4bit`` the patch stores the fused
+expert weights NF4 and ``lora_moe`` unpacks them a group of experts at a time. The reference is the
+unpatched Hugging Face model (transformers' expert loop, peft's expert LoRA) holding the same
+dequantized weights in fp32: loss, every LoRA gradient and the eval logits. A merged export of the
+4-bit-expert model, reloaded by transformers, gives the in-memory model's logits."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers import AutoTokenizer
+from transformers import Qwen3MoeConfig
+from transformers import Qwen3MoeForCausalLM
+
+import ftengine
+from ftengine.core.kernels import NF4_EXPERTS_ATTR
+from ftengine.core.kernels import get_op
+from ftengine.demo import ASSETS
+from ftengine.plugins.kernels import reference as ref_ops
+
+from .helpers import DEVICE
+from .helpers import LORA_ALPHA
+from .helpers import LORA_R
+from .helpers import adapter
+from .helpers import assert_equivalent
+from .helpers import rel_err
+from .moe_helpers import assert_experts_fused
+
+VOCAB = 640  # the demo tokenizer's, for the export
+
+
+def config() -> Qwen3MoeConfig:
+    cfg = Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+                         num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=64,
+                         tie_word_embeddings=False, initializer_range=0.1)
+    cfg._attn_implementation = "sdpa"
+    cfg._experts_implementation = "eager"
+    return cfg
+
+
+def four_bit_experts(model) -> list[str]:
+    """Patch ``model`` as a 4-bit-loaded one (bitsandbytes' flag; its 2-D projections stay as they are)."""
+    model.is_loaded_in_4bit = True
+    return adapter("qwen3_moe").patch(model, get_op)
+
+
+def copy_dequantized(source, target) -> int:
+    """Put ``source``'s NF4 experts, dequantized, into ``target``'s 16/32-bit expert parameters."""
+    copied = 0
+    modules = dict(target.named_modules())
+    for name, module in source.named_modules():
+        for pname, (packed, state) in module.__dict__.get(NF4_EXPERTS_ATTR, {}).items():
+            getattr(modules[name], pname).data.copy_(ref_ops.dequantize_nf4(packed, state))
+            copied += 1
+    return copied
+
+
+def nf4_pair():
+    """``(unpatched fp32 model on the dequantized experts, patched model with NF4 experts)``, one LoRA on both."""
+    from peft import LoraConfig
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    reference = Qwen3MoeForCausalLM(config()).to(DEVICE, torch.float32)
+    original = {n: p.detach().clone() for n, p in reference.named_parameters() if "experts" in n}
+    patched = copy.deepcopy(reference)
+    lines = four_bit_experts(patched)
+    assert any("stored NF4" in line for line in lines), lines
+    assert copy_dequantized(patched, reference) == 4
+    for name, weight in original.items():  # the experts really went through 4 bits
+        assert 0.02 < rel_err(dict(reference.named_parameters())[name], weight) < 0.15, name
+    targets = [*adapter("qwen3_moe").default_target_modules, "gate"]
+    lora = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, init_lora_weights=False,
+                      target_modules=targets)
+    reference = get_peft_model(reference, lora)
+    patched = get_peft_model(patched, copy.deepcopy(lora))
+    adapters = {k: v for k, v in reference.state_dict().items() if "lora_" in k}
+    assert not patched.load_state_dict(adapters, strict=False).unexpected_keys
+    return reference, patched
+
+
+def test_nf4_experts_match_hf_on_the_dequantized_weights():
+    """On the reference ops (the Triton ones are compared with them in the kernel tests)."""
+    reference, patched = nf4_pair()
+    experts = [m for m in patched.modules() if NF4_EXPERTS_ATTR in m.__dict__]
+    assert len(experts) == 2
+    for module in experts:
+        assert module.gate_up_proj.stride() == (0, 0, 0), "the 16-bit weight must be freed"
+        assert all(packed.dtype == torch.uint8 for packed, _ in module.__dict__[NF4_EXPERTS_ATTR].values())
+    assert_experts_fused("qwen3_moe", patched, n_blocks=2)
+    assert_equivalent(reference, patched, VOCAB, tol=1e-5)
+
+
+def test_nf4_experts_refuse_the_unfused_path():
+    _, patched = nf4_pair()
+    for module in patched.modules():  # as after merging (peft cannot add a delta to a packed weight)
+        if type(module).__name__ == "ParamWrapper":
+            module.merged_adapters = ["default"]
+    with pytest.raises(RuntimeError, match="4-bit experts run only on the lora_moe op"):
+        patched(input_ids=torch.tensor([[1, 2, 3]], device=DEVICE))
+
+
+def test_merged_export_of_nf4_experts_dequantizes(tmp_path):
+    torch.manual_seed(0)
+    base = Qwen3MoeForCausalLM(config())
+    four_bit_experts(base)
+    model = ftengine.add_lora(base, r=4, lora_alpha=8, target_modules=list(adapter("qwen3_moe").default_target_modules),
+                              use_gradient_checkpointing=False)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    model.eval()
+    tokens = torch.tensor([[1, 5, 17, 200, 33, 77, 101, 12, 9, 250]])
+    with torch.no_grad():
+        expected = model(input_ids=tokens).logits[0].float()
+    tokenizer = AutoTokenizer.from_pretrained(str(ASSETS / "tokenizer"))
+    out = ftengine.export(model, tokenizer, str(tmp_path / "merged"), format="merged", dtype="float16")
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    assert reloaded.model.layers[0].mlp.experts.gate_up_proj.stride()[-1] == 1  # real weights, not the stand-in
+    with torch.no_grad():
+        got = reloaded(input_ids=tokens).logits[0]
+    assert rel_err(got, expected) < 2e-3
