@@ -78,3 +78,66 @@ def test_unknown_activation_is_named():
     layers = LoRAWeights(weight=tensors[0]), LoRAWeights(weight=tensors[3])
     with pytest.raises(ValueError, match="relu"):
         lora_moe(x, index, weights, *layers, activation="relu")
+
+
+def _nf4_layers(tensors, scaling=1.5):
+    """NF4 base weights (fp32 unpacked) with fp32 LoRA, and the same with the dequantized weights dense."""
+    from ftengine.plugins.kernels.reference import dequantize_nf4
+    from ftengine.plugins.kernels.reference import quantize_nf4
+
+    w_gu, a_gu, b_gu, w_d, a_d, b_d = (t.float() for t in tensors)
+    quantized, dense = [], []
+    for w, a, b in ((w_gu, a_gu, b_gu), (w_d, a_d, b_d)):
+        packed, state = quantize_nf4(w)
+        a, b = a.requires_grad_(), b.requires_grad_()
+        quantized.append(LoRAWeights(weight=packed, lora_a=a, lora_b=b, scaling=scaling, quant_state=state))
+        dense.append(LoRAWeights(weight=dequantize_nf4(packed, state), lora_a=a, lora_b=b, scaling=scaling))
+    return quantized, dense
+
+
+def test_nf4_experts_unpacked_a_group_at_a_time(monkeypatch):
+    """Same output and gradients as the dequantized weights held dense, while at most one group of experts'
+    unpacked weights is alive at any moment, forward and backward (tracked on every unpacked tensor)."""
+    import weakref
+
+    from ftengine.plugins.kernels import reference
+
+    x, index, weights, tensors = _inputs(seed=5)
+    quantized, dense = _nf4_layers(tensors)
+    per_expert = 2 * FF * H * 4  # the larger (gate_up) expert in fp32
+    monkeypatch.setattr(reference, "EXPERT_GROUP_BYTES", 2 * per_expert)  # groups of 2 of the 5 experts
+    live, peak = [0], [0]
+    unpack = reference.dequantize_nf4
+
+    def tracked(packed, state):
+        out = unpack(packed, state)
+        size = out.numel() * out.element_size()
+        live[0] += size
+        peak[0] = max(peak[0], live[0])
+        weakref.finalize(out, lambda: live.__setitem__(0, live[0] - size))
+        return out
+
+    monkeypatch.setattr(reference, "dequantize_nf4", tracked)
+    grad = torch.randn(N, H)
+    results = []
+    for layers in (quantized, dense):
+        xl, wl = x.float().requires_grad_(), weights.float().requires_grad_()
+        out = lora_moe(xl, index, wl, *layers)
+        out.backward(grad)
+        factors = [t.grad.clone() for layer in layers for t in (layer.lora_a, layer.lora_b)]
+        results.append((out, xl.grad, wl.grad, factors))
+        for layer in layers:
+            layer.lora_a.grad = layer.lora_b.grad = None
+    assert 0 < peak[0] <= 2 * per_expert < E * per_expert
+    (out_q, dx_q, dw_q, f_q), (out_d, dx_d, dw_d, f_d) = results
+    for ours, ref in ((out_q, out_d), (dx_q, dx_d), (dw_q, dw_d), *zip(f_q, f_d, strict=True)):
+        assert rel_err(ours, ref) <= 1e-5
+
+
+def test_expert_groups_cover_every_expert_once():
+    from ftengine.plugins.kernels.reference import expert_groups
+    from ftengine.plugins.kernels.reference import quantize_nf4
+
+    _, state = quantize_nf4(torch.zeros(7, 64, 64, dtype=torch.bfloat16))
+    assert expert_groups(state, torch.bfloat16, budget=3 * 64 * 64 * 2) == [(0, 3), (3, 6), (6, 7)]
+    assert expert_groups(state, torch.bfloat16, budget=1) == [(e, e + 1) for e in range(7)]
