@@ -5,8 +5,8 @@ from ftengine.core.kernels import resolve_op
 from ftengine.plugins.kernels.reference import ReferenceBackend
 from ftengine.plugins.kernels.triton import TritonBackend
 
-REFERENCE_ONLY = ("lora_moe",)
-"""Ops the reference backend runs everywhere (``lora_moe``: ``torch._grouped_mm`` on CPU and CUDA)."""
+REFERENCE_ONLY = ("quantize_nf4",)
+"""Ops the reference backend runs everywhere (``quantize_nf4``: once per weight, at load, in plain torch)."""
 
 
 def test_triton_backend_provides_every_op_from_its_own_module():

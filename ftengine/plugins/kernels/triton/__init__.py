@@ -25,6 +25,7 @@ class TritonBackend:
         "lora_linear": "lora_linear",
         "lora_mlp": "lora_mlp",
         "lora_qkv": "lora_qkv",
+        "lora_moe": "lora_moe",
         "dequantize_nf4": "dequantize_nf4",
     }
 
