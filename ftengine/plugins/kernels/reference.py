@@ -356,7 +356,7 @@ def expert_linear(x: torch.Tensor, layer: LoRAWeights, offsets: torch.Tensor, li
     return y
 
 
-def moe_forward(
+def lora_moe(
     x: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
@@ -366,7 +366,7 @@ def moe_forward(
     linear: GroupedLinear = grouped_linear,
     dequantize: Dequantize | None = None,
 ) -> torch.Tensor:
-    """``lora_moe`` on the grouped GEMM ``linear`` (and NF4 unpacking ``dequantize``) a backend supplies."""
+    """The op; a backend may pass its own grouped GEMM ``linear`` and NF4 unpacking ``dequantize``."""
     n_tokens, top_k = top_k_index.shape
     n_experts = gate_up.weight.shape[0] if gate_up.quant_state is None else gate_up.quant_state.shape[0]
     flat = top_k_index.reshape(-1)  # (S,) with S = N * K, row s is token s // K
@@ -382,15 +382,6 @@ def moe_forward(
     return unsorted.view(n_tokens, top_k, -1).sum(dim=1).to(x.dtype)  # (N, H)
 
 
-def lora_moe(
-    x: torch.Tensor,
-    top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor,
-    gate_up: LoRAWeights,
-    down: LoRAWeights,
-    activation: str = "swiglu",
-) -> torch.Tensor:
-    return moe_forward(x, top_k_index, top_k_weights, gate_up, down, activation)
 
 
 _NF4_CODE = (

@@ -16,11 +16,12 @@ input gradient). The weight gradient kernel sums each expert's rows: ``dW_e = dy
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ftengine.core.kernels import LoRAWeights
 from ftengine.plugins.kernels import reference
 from ftengine.plugins.kernels.triton._utils import interpreting
 from ftengine.plugins.kernels.triton.dequantize_nf4 import dequantize_nf4
@@ -166,13 +167,5 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     return grouped_gemm(x, weight, offsets)
 
 
-def lora_moe(
-    x: torch.Tensor,
-    top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor,
-    gate_up: LoRAWeights,
-    down: LoRAWeights,
-    activation: str = "swiglu",
-) -> torch.Tensor:
-    return reference.moe_forward(x, top_k_index, top_k_weights, gate_up, down, activation,
-                                 linear=grouped_linear, dequantize=dequantize_nf4)
+lora_moe = functools.partial(reference.lora_moe, linear=grouped_linear, dequantize=dequantize_nf4)
+"""The ``lora_moe`` op on :func:`grouped_linear` and the Triton NF4 unpacking."""
