@@ -272,6 +272,40 @@ def _is_multimodal(model: Any) -> bool:
     return any(re.fullmatch(MULTIMODAL_PARTS, name) for name, _ in model.named_modules())
 
 
+def peft_lora_config(lora: LoRAConfig, adapter: Any, model: Any) -> tuple[Any, bool]:
+    """``(peft LoraConfig, per_tower)``: the run's LoRA for ``model`` (``per_tower``: a vision-language
+    model's targets chosen tower by tower)."""
+    from peft import LoraConfig
+
+    targets = target_modules(lora, adapter, model)
+    per_tower = isinstance(targets, str) and lora.target_modules == "all-linear"
+    return LoraConfig(
+        r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+        target_modules=targets,
+        target_parameters=lora.target_parameters, bias=lora.bias, use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora, init_lora_weights=lora.init_lora_weights,
+        modules_to_save=lora.modules_to_save, task_type="CAUSAL_LM",
+        exclude_modules=MULTIMODAL_PARTS if lora.target_modules == "all-linear" and _is_multimodal(model)
+        and not per_tower else None,
+    ), per_tower
+
+
+def attach_lora(model: Any, peft_config: Any) -> Any:
+    """peft's ``get_peft_model``; LoRA dropout on fused mixture-of-experts weights is a :class:`ConfigError`."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as exc:
+        if "lora_dropout" not in str(exc):
+            raise
+        raise ConfigError(f"lora.lora_dropout: {peft_config.lora_dropout} cannot apply to this "
+                          f"{model.config.model_type} model's fused mixture-of-experts weights, which the LoRA "
+                          "targets reach (peft adapts those 3-D parameters in place, with no dropout); set "
+                          "lora.lora_dropout: 0, or leave the experts and the router out of lora.target_modules"
+                          ) from None
+
+
 def adapt(loaded: LoadedModel, lora: LoRAConfig, full_finetuning: bool = False,
           gradient_checkpointing: bool | str = "auto", seed: int = 3407) -> LoadedModel:
     """Stage 3: LoRA adapters attached with peft (or every weight trainable for full fine-tuning)."""
@@ -281,22 +315,9 @@ def adapt(loaded: LoadedModel, lora: LoRAConfig, full_finetuning: bool = False,
             param.requires_grad_(True)
         loaded.notes.append("full fine-tuning: every weight trainable")
     else:
-        from peft import LoraConfig
-        from peft import get_peft_model
-
         torch.manual_seed(seed)
-        targets = target_modules(lora, loaded.adapter, model)
-        per_tower = isinstance(targets, str) and lora.target_modules == "all-linear"
-        peft_config = LoraConfig(
-            r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-            target_modules=targets,
-            target_parameters=lora.target_parameters, bias=lora.bias, use_rslora=lora.use_rslora,
-            use_dora=lora.use_dora, init_lora_weights=lora.init_lora_weights,
-            modules_to_save=lora.modules_to_save, task_type="CAUSAL_LM",
-            exclude_modules=MULTIMODAL_PARTS if lora.target_modules == "all-linear" and _is_multimodal(model)
-            and not per_tower else None,
-        )
-        model = get_peft_model(model, peft_config)
+        peft_config, per_tower = peft_lora_config(lora, loaded.adapter, model)
+        model = attach_lora(model, peft_config)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         targets = vision.describe_targets(lora) if per_tower else ", ".join(
             sorted(peft_config.target_modules) + list(peft_config.target_parameters or ()))

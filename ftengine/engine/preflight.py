@@ -132,6 +132,8 @@ def _architecture_problems(config: RunConfig, hf_config: Any) -> list[str]:
             problems += _unknown_modules("lora.target_modules", lora.target_modules, names, hf_config.model_type)
         problems += _unknown_modules("lora.modules_to_save", lora.modules_to_save or [], names,
                                      hf_config.model_type)
+        if lora.lora_dropout and not problems:
+            problems += _lora_dropout_problems(config, hf_config, model)
     return problems
 
 
@@ -146,6 +148,20 @@ def export_problems(config: RunConfig, hf_config: Any) -> list[str]:
             problems += [f"export[{i}] ({entry.format}): {line}"
                          for line in check(export_options(entry), config, hf_config)]
     return problems
+
+
+def _lora_dropout_problems(config: RunConfig, hf_config: Any, model: Any) -> list[str]:
+    """LoRA attached to the meta model as the run will attach it: peft refuses dropout on fused expert weights."""
+    from ftengine.engine.pipeline import attach_lora
+    from ftengine.engine.pipeline import find_adapter
+    from ftengine.engine.pipeline import peft_lora_config
+
+    peft_config, _ = peft_lora_config(config.lora, find_adapter(hf_config, config.model.adapter), model)
+    try:
+        attach_lora(model, peft_config)
+    except ConfigError as exc:
+        return [str(exc)]
+    return []
 
 
 def _unknown_modules(key: str, wanted: list[str], names: list[str], model_type: str) -> list[str]:

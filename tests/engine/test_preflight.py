@@ -129,3 +129,25 @@ def test_exporters_check_the_run_before_it_trains(tiny_config, tmp_path, monkeyp
     assert lines[1].strip().startswith("export[1] (gguf): chat_template: no chat template named 'no-such-template'")
     assert lines[2].strip().startswith("export[2] (lora): init_lora_weights='pissa' rewrites the base weights")
     assert not (tmp_path / "runs").exists()
+
+
+MOE_CONFIG = {"model_type": "qwen3_moe", "vocab_size": 640, "hidden_size": 64, "intermediate_size": 96,
+              "moe_intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2}
+
+
+@pytest.mark.parametrize(("targets", "refused"), [("all-linear", True), (["q_proj", "v_proj"], False)])
+def test_lora_dropout_on_fused_experts_is_a_config_error(tiny_config, model_copy, targets, refused):
+    """peft cannot put dropout on the 3-D expert weights it adapts in place: said before loading, naming the key;
+    dropout on the attention only stays allowed."""
+    (model_copy / "config.json").write_text(json.dumps(MOE_CONFIG))
+    config = tiny_config()
+    config.model.name_or_path = str(model_copy)
+    config.lora.lora_dropout = 0.1
+    config.lora.target_modules = targets
+    if not refused:
+        preflight.check(config)
+        return
+    with pytest.raises(ConfigError, match=r"lora.lora_dropout: 0.1 cannot apply to this qwen3_moe model's fused "
+                                          r"mixture-of-experts weights.*set lora.lora_dropout: 0"):
+        preflight.check(config)

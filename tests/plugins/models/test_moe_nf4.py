@@ -125,3 +125,11 @@ def test_merged_export_of_nf4_experts_dequantizes(tmp_path):
     with torch.no_grad():
         got = reloaded(input_ids=tokens).logits[0]
     assert rel_err(got, expected) < 2e-3
+
+
+def test_lora_dropout_on_experts_through_the_api_is_a_config_error():
+    from ftengine.core.errors import ConfigError
+
+    model = Qwen3MoeForCausalLM(config())
+    with pytest.raises(ConfigError, match="lora.lora_dropout: 0.05 cannot apply to this qwen3_moe model's fused"):
+        ftengine.add_lora(model, r=4, lora_dropout=0.05, use_gradient_checkpointing=False)
