@@ -21,12 +21,30 @@ the card's dense bf16 figure) and each step's loss.
 
 Mixture of experts: ``qwen3-30b-a3b`` (Qwen3-30B-A3B's shapes: 128 experts, 8 a token) trains the
 same LoRA on the attention and on every expert (PEFT's ``target_parameters`` on the fused expert
-weights; ftengine runs them through the ``lora_moe`` grouped GEMMs). ``nf4`` quantizes its attention
-only (bitsandbytes cannot hold the fused 3-D expert weights in 4-bit): the experts stay bf16, so
-``--layers`` cuts the depth to fit a card, the per-layer shapes unchanged:
-``python benchmarks/e2e.py --out e2e-moe.jsonl --only qwen3-30b-a3b:1:nf4,qwen3-30b-a3b:1:none --layers 16
---frameworks hf,ftengine --steps 3 --warmup 1``. ``--device cpu --only qwen3-moe-tiny:1:none --seq 64``
-runs the script end to end on a CPU (no speed or memory figures worth reporting).
+weights; ftengine runs them through the ``lora_moe`` grouped GEMMs). ``nf4`` quantizes the attention
+with bitsandbytes on both sides; bitsandbytes cannot hold the fused 3-D expert weights, so ``hf``
+keeps them bf16 (58 GB at full depth) while ftengine stores them NF4 at its patch (as a
+``load_in_4bit`` run does) and unpacks them a group of experts at a time.
+
+``ftengine-run`` / ``ftengine-run-unpacked`` (opt-in through ``--frameworks``) run ``ftengine run
+config.yaml`` itself on a chat dataset the script writes, packed or one conversation a row of mixed
+lengths (see ``e2e_run.py``); the checkpoint they load is written once under ``--model-cache``
+(16 GB for Qwen3-8B: the 30B's 61 GB does not fit the device's disk, so run its CLI rows with ``--layers``).
+
+GPU commands (each under 10 minutes on an H100):
+``python benchmarks/e2e.py --out e2e-qwen3.jsonl --only qwen3-8b:1:none,qwen3-8b:4:none,qwen3-8b:1:nf4,qwen3-8b:4:nf4
+--frameworks hf,ftengine --steps 3 --warmup 1``;
+``python benchmarks/e2e.py --out e2e-moe.jsonl --only qwen3-30b-a3b:1:nf4,qwen3-30b-a3b:4:nf4 --frameworks ftengine
+--steps 3 --warmup 1`` (full depth; ``hf`` at full depth needs the 58 GB of bf16 experts plus its adapters'
+optimizer state: add it with ``--layers 16`` for a side-by-side);
+Qwen3-30B-A3B QLoRA in the least memory (LoRA on the attention only: the per-expert adapters' fp32
+weights, gradients and AdamW state alone are ~16 GB): ``python benchmarks/e2e.py --out e2e-moe-attn.jsonl
+--only qwen3-30b-a3b:1:nf4 --frameworks ftengine --steps 3 --warmup 1 --targets q_proj,k_proj,v_proj,o_proj``;
+``python benchmarks/e2e.py --out e2e-cli.jsonl --only qwen3-8b:1:nf4,qwen3-8b:4:nf4 --frameworks
+ftengine,ftengine-run,ftengine-run-unpacked --steps 4 --warmup 2``.
+CPU, every kind of row end to end at tiny shapes (no figures worth reporting): ``python benchmarks/e2e.py
+--device cpu --out /tmp/e2e.jsonl --only qwen3-moe-tiny:1:nf4,qwen3-tiny:2:nf4 --seq 64 --steps 2 --warmup 1
+--frameworks hf,ftengine,ftengine-run,ftengine-run-unpacked``.
 
 Run on the GPU: ``python benchmarks/e2e.py --out e2e.jsonl`` (the default matrix; ``--profile``
 adds one profiled step per run: GPU time by kernel kind, the top kernels, memory at the start of
@@ -49,8 +67,13 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import attach_lora  # noqa: E402
 
 MODELS = {
     "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -61,6 +84,9 @@ MODELS = {
     "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, rms_norm_eps=1e-6,
                        max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=False),
+    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936, rms_norm_eps=1e-6,
+                     max_position_embeddings=40960, rope_theta=1000000.0, tie_word_embeddings=False),
     # 128 experts, 8 a token, every layer sparse; ``--layers`` keeps the per-layer shapes and cuts the depth
     "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
                           num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
@@ -70,18 +96,29 @@ MODELS = {
     # the same architecture at a size the CPU runs in seconds (``--device cpu``: checks the script end to end)
     "qwen3-moe-tiny": dict(model_type="qwen3_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                           num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, vocab_size=512,
+                           num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, vocab_size=640,
                            rms_norm_eps=1e-6, max_position_embeddings=2048, tie_word_embeddings=False),
+    "qwen3-tiny": dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=640, rms_norm_eps=1e-6,
+                       max_position_embeddings=2048, tie_word_embeddings=False),
 }
-FRAMEWORKS = ("hf", "liger", "ftengine", "ftengine-offload", "ftengine-auto")
+LOOP_FRAMEWORKS = ("hf", "liger", "ftengine", "ftengine-offload", "ftengine-auto")
 # ftengine-offload / ftengine-auto: ftengine with those gradient checkpointing modes instead of the standard one
+CLI_FRAMEWORKS = ("ftengine-run", "ftengine-run-unpacked")
+# ``ftengine run config.yaml`` itself (its SFT trainer) on chat rows: packed, or one row a sequence of mixed lengths
+FRAMEWORKS = LOOP_FRAMEWORKS + CLI_FRAMEWORKS
 # (model, micro-batch, quantization): the default matrix
 MATRIX = [(model, micro_batch, quant) for model in ("llama-3.1-8b", "qwen2.5-7b") for quant in ("none", "nf4")
           for micro_batch in (1, 4)]
+QWEN3_MATRIX = [("qwen3-8b", micro_batch, quant) for quant in ("none", "nf4") for micro_batch in (1, 4)] + [
+    ("qwen3-30b-a3b", micro_batch, "nf4") for micro_batch in (1, 4)]
+"""``--matrix qwen3``: Qwen3-8B LoRA and QLoRA, Qwen3-30B-A3B QLoRA (NF4 experts on ftengine), micro-batch 1 and 4."""
+CLI_CACHE = Path(tempfile.gettempdir()) / "ftengine-e2e-models"
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # on the MoE models PEFT maps gate_proj/up_proj/down_proj onto the fused experts (target_parameters; gate and
 # up share one adapter of rank 2r), so both frameworks train the same per-expert LoRA
+LORA_TARGETS = TARGETS  # ``--targets``: what the LoRA adapts (the bare-loop rows)
 GIB = 1024**3
 DEVICE = "cuda"
 
@@ -94,8 +131,9 @@ def synchronize() -> None:
 
 
 def build_model(name: str, quant: str, framework: str, layers: int | None = None):
-    """A random-weight model on the GPU in bf16 (NF4 projections for ``quant == "nf4"``; the experts of
-    a mixture-of-experts model stay bf16); ``layers`` overrides the depth."""
+    """A random-weight model on the GPU in bf16 (NF4 projections for ``quant == "nf4"``; the fused experts of
+    a mixture-of-experts model stay bf16 here, ftengine stores them NF4 when it patches); ``layers`` overrides
+    the depth."""
     import torch
     from transformers import AutoConfig
     from transformers import AutoModelForCausalLM
@@ -215,31 +253,16 @@ def profile_step(model, optimizer, ids) -> dict:
 def prepare(name: str, framework: str, quant: str, layers: int | None = None):
     """``(model, optimizer, n_matmul, patched, checkpointing)``: the model with LoRA, ready to train."""
     import torch
-    from peft import LoraConfig
-    from peft import get_peft_model
 
     model = build_model(name, quant, framework, layers)
     n_matmul = matmul_params(model)
-    patched, checkpointing = [], "standard (non-reentrant), transformers' own"
-    if framework.startswith("ftengine"):
-        from ftengine.core.kernels import get_op
-        from ftengine.core.plugins import adapter_for_model_type
+    if quant == "nf4" and framework.startswith("ftengine"):
+        model.is_loaded_in_4bit = True  # as transformers' bitsandbytes loading marks it: the patch packs the experts
+    model, patched, checkpointing = attach_lora(model, framework, LORA_TARGETS)
+    if framework == "ftengine-offload":
+        from ftengine.engine.memory.embedding_offload import offload_input_embedding
 
-        patched = adapter_for_model_type(model.config.model_type).patch(model, get_op)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
-                                             task_type="CAUSAL_LM"))
-    if framework.startswith("ftengine"):
-        from ftengine.engine.memory.checkpointing import apply_gradient_checkpointing
-
-        checkpointing = apply_gradient_checkpointing(model, framework.partition("-")[2] or True)
-        if framework == "ftengine-offload":
-            from ftengine.engine.memory.embedding_offload import offload_input_embedding
-
-            checkpointing += "; " + offload_input_embedding(model)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model.train()
+        checkpointing += "; " + offload_input_embedding(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     return model, optimizer, n_matmul, patched, checkpointing
 
@@ -279,15 +302,40 @@ def run(name: str, framework: str, micro_batch: int, quant: str, seq: int, steps
     on_gpu = DEVICE == "cuda"
     device = torch.cuda.get_device_name() if on_gpu else "cpu"
     peak = next((v for k, v in PEAK_BF16.items() if k in device), 989e12)
-    return dict(model=name if not layers else f"{name} ({layers} layers)", framework=framework,
-                micro_batch=micro_batch, quant=quant, seq=seq,
+    label = name if not layers else f"{name} ({layers} layers)"
+    if LORA_TARGETS != TARGETS:
+        label += f" (LoRA on {'/'.join(LORA_TARGETS)})"
+    return dict(model=label, framework=framework, micro_batch=micro_batch, quant=quant, seq=seq,
                 tokens_per_s=tokens / step_s, step_s=step_s, mfu=flops_per_token * tokens / step_s / peak,
                 peak_alloc_gib=torch.cuda.max_memory_allocated() / GIB if on_gpu else 0.0,
                 peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB if on_gpu else 0.0, losses=losses,
-                patched=patched,
+                patched=patched, targets=LORA_TARGETS,
                 checkpointing=checkpointing, checkpointed_layers=sum(
                     bool(getattr(m, "gradient_checkpointing", False)) for m in model.base_model.model.model.layers),
                 **extra)
+
+
+def run_through_cli(name: str, framework: str, micro_batch: int, quant: str, args: argparse.Namespace) -> dict:
+    """A row of ``ftengine run`` itself (:mod:`e2e_run`), with the bare loop's MFU formula."""
+    import torch
+    from e2e_run import run_cli
+    from transformers import AutoConfig
+    from transformers import AutoModelForCausalLM
+
+    spec = dict(MODELS[name])
+    if args.layers:
+        spec["num_hidden_layers"] = args.layers
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    with torch.device("meta"):
+        n_matmul = matmul_params(AutoModelForCausalLM.from_config(config))
+    figures = run_cli(name, framework, micro_batch, quant, args.seq, args.steps, args.warmup, args.layers,
+                      args.model_cache, build_model, DEVICE == "cuda")
+    flops_per_token = 6 * n_matmul + 12 * config.num_hidden_layers * config.hidden_size * args.seq
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_BF16.items() if k in device), 989e12)
+    return dict(model=name if not args.layers else f"{name} ({args.layers} layers)", framework=framework,
+                micro_batch=micro_batch, quant=quant, seq=args.seq, peak_reserved_gib=None,
+                mfu=flops_per_token * figures["tokens_per_s"] / peak, **figures)
 
 
 def memory_segments(name: str, micro_batch: int, quant: str, seq: int, framework: str = "ftengine-offload",
@@ -340,8 +388,11 @@ def worker(args: argparse.Namespace) -> None:
         for name, micro_batch, quant in args.matrix:
             row = dict(model=name, framework=args.framework, micro_batch=micro_batch, quant=quant, seq=args.seq)
             try:
-                row = run(name, args.framework, micro_batch, quant, args.seq, args.steps, args.warmup, args.profile,
-                          args.layers)
+                if args.framework in CLI_FRAMEWORKS:
+                    row = run_through_cli(name, args.framework, micro_batch, quant, args)
+                else:
+                    row = run(name, args.framework, micro_batch, quant, args.seq, args.steps, args.warmup,
+                              args.profile, args.layers)
             except torch.cuda.OutOfMemoryError:
                 row["error"] = "out of memory"
             except Exception as exc:  # noqa: BLE001 - one failed configuration must not stop the others
@@ -404,8 +455,12 @@ def report(rows: list[dict], device_line: str) -> str:
         diff = f"{max(abs(a - b) for a, b in zip(r['losses'], hf['losses'], strict=False)):.4f}" if hf else ""
         losses = " ".join(f"{x:.3f}" for x in r["losses"])
         lines.append(head + f"| {r['tokens_per_s']:.0f} | {speedup} | {r['step_s']:.3f} | {r['peak_alloc_gib']:.2f} "
-                     f"| {memory} | {r['peak_reserved_gib']:.1f} | {100 * r['mfu']:.1f}% | {diff} | {losses} |")
+                     f"| {memory} | {_gib(r.get('peak_reserved_gib'))} | {100 * r['mfu']:.1f}% | {diff} | {losses} |")
     return "\n".join(lines) + "\n"
+
+
+def _gib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def format_profile(row: dict) -> str:
@@ -464,8 +519,15 @@ def longest(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="JSON lines written here (GPU run)")
-    parser.add_argument("--frameworks", default=",".join(FRAMEWORKS))
+    parser.add_argument("--frameworks", default=",".join(LOOP_FRAMEWORKS),
+                        help=f"comma-separated, of: {', '.join(FRAMEWORKS)}")
     parser.add_argument("--only", help="comma-separated model:micro_batch:quant triples instead of the default matrix")
+    parser.add_argument("--matrix", choices=("default", "qwen3"), default="default",
+                        help="qwen3: Qwen3-8B LoRA/QLoRA and Qwen3-30B-A3B QLoRA at micro-batch 1 and 4")
+    parser.add_argument("--targets", default=",".join(TARGETS),
+                        help="LoRA targets of the bare-loop rows, e.g. q_proj,k_proj,v_proj,o_proj (attention only)")
+    parser.add_argument("--model-cache", type=Path, default=CLI_CACHE,
+                        help="ftengine-run rows: where the random-weight checkpoints are written (once each)")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=4, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2)
@@ -483,12 +545,13 @@ def main() -> None:
     parser.add_argument("--results", type=Path, help="with --report: the RESULTS.md to write the section into")
     parser.add_argument("--note", default="", help="with --report: a paragraph added under the table")
     args = parser.parse_args()
-    global DEVICE
+    global DEVICE, LORA_TARGETS
     DEVICE = args.device
+    LORA_TARGETS = args.targets.split(",")
     if args.only:
         args.matrix = [(m, int(b), q) for m, b, q in (t.split(":") for t in args.only.split(","))]
     else:
-        args.matrix = MATRIX
+        args.matrix = QWEN3_MATRIX if args.matrix == "qwen3" else MATRIX
     if args.report:
         rows = [json.loads(line) for line in args.report.read_text().splitlines() if line.strip()]
         device = "; ".join(dict.fromkeys(r["device"] for r in rows if "device" in r)) or "unknown"
@@ -526,6 +589,7 @@ def main() -> None:
                    "--device", args.device]
         command += ["--profile"] if args.profile else []
         command += ["--layers", str(args.layers)] if args.layers else []
+        command += ["--model-cache", str(args.model_cache), "--targets", args.targets]
         subprocess.run(command, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 

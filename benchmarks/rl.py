@@ -38,6 +38,11 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+
+from common import attach_lora  # noqa: E402
+from common import random_text  # noqa: E402
+
 QWEN_7B = dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, rms_norm_eps=1e-6,
                max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=False)
@@ -55,16 +60,6 @@ def shapes(tiny: bool) -> dict:
         return dict(model=TINY, prompt=16, answer=16, generations=4, new_tokens=8, micro_batch=2, steps=2, warmup=1)
     return dict(model=QWEN_7B, prompt=1024, answer=1024, generations=8, new_tokens=512, micro_batch=4, steps=2,
                 warmup=1, grpo_prompt=128)
-
-
-def random_text(tokenizer, n_tokens: int, rng: random.Random) -> str:
-    """Random lowercase words of about ``n_tokens`` tokens (trimmed to exactly that many)."""
-    words = []
-    while len(tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]) < n_tokens:
-        words += ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8)))
-                  for _ in range(max(1, n_tokens // 4))]
-    ids = tokenizer(" ".join(words), add_special_tokens=False)["input_ids"][:n_tokens]
-    return tokenizer.decode(ids)
 
 
 def dataset(workload: str, tokenizer, s: dict, rows: int):
@@ -85,10 +80,10 @@ def dataset(workload: str, tokenizer, s: dict, rows: int):
 def build(framework: str, s: dict, device: str):
     """The random-weight model, patched (ftengine), NF4 on the GPU, with LoRA and checkpointing."""
     import torch
-    from peft import LoraConfig
-    from peft import get_peft_model
     from transformers import AutoConfig
     from transformers import AutoModelForCausalLM
+
+    from ftengine.core.plugins import adapter_for_model_type
 
     spec = dict(s["model"])
     config = AutoConfig.for_model(spec.pop("model_type"), **spec, bos_token_id=0, eos_token_id=2, pad_token_id=0)
@@ -97,26 +92,10 @@ def build(framework: str, s: dict, device: str):
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     if device == "cuda":
-        sys.path.insert(0, str(Path(__file__).parent))
         from e2e import quantize_projections
 
         quantize_projections(model)
-    if framework == "ftengine":
-        from ftengine.core.kernels import get_op
-        from ftengine.core.plugins import adapter_for_model_type
-
-        adapter_for_model_type("qwen2").patch(model, get_op)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
-                                             task_type="CAUSAL_LM"))
-    if framework == "ftengine":
-        from ftengine.engine.memory.checkpointing import apply_gradient_checkpointing
-
-        apply_gradient_checkpointing(model, True)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model.train()
-    return model
+    return attach_lora(model, framework, TARGETS, adapter_for_model_type("qwen2"))[0]
 
 
 def trainer_for(workload: str, framework: str, model, tokenizer, data, s: dict, out_dir: str, callbacks: list):

@@ -41,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import e2e  # noqa: E402  (the NF4 projection swap and the environment line are shared with the text benchmark)
+from common import attach_lora  # noqa: E402
 
 TEXT_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                num_key_value_heads=4, vocab_size=152064, rms_norm_eps=1e-6, max_position_embeddings=32768,
@@ -168,25 +169,12 @@ def batch(config, micro_batch: int, device: str, seed: int = 0) -> dict:
 
 def prepare(framework: str, tiny: bool, quant: str, device: str, arch: str = "qwen2_5_vl"):
     import torch
-    from peft import LoraConfig
-    from peft import get_peft_model
 
-    from ftengine.core.kernels import get_op
     from ftengine.core.plugins import get_registry
-    from ftengine.engine.memory.checkpointing import apply_gradient_checkpointing
 
     model = build(tiny, quant, device, arch)
     adapter = get_registry("models")[arch]
-    if framework == "ftengine":
-        adapter.patch(model, get_op)
-    lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=adapter.vision.target_modules())
-    model = get_peft_model(model, lora)
-    if framework == "ftengine":
-        apply_gradient_checkpointing(model, True)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model.train()
+    model = attach_lora(model, framework, adapter.vision.target_modules(), adapter, task_type=None)[0]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     return model, optimizer
 
