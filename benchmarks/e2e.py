@@ -452,7 +452,8 @@ def report(rows: list[dict], device_line: str) -> str:
         hf = base.get(key)
         speedup = f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if hf else ""
         memory = f"{r['peak_alloc_gib'] / hf['peak_alloc_gib']:.3f}x" if hf and hf['peak_alloc_gib'] else ""
-        diff = f"{max(abs(a - b) for a, b in zip(r['losses'], hf['losses'], strict=False)):.4f}" if hf else ""
+        same_tokens = hf and framework not in CLI_FRAMEWORKS  # the CLI rows train on their own chat data
+        diff = f"{max(abs(a - b) for a, b in zip(r['losses'], hf['losses'], strict=False)):.4f}" if same_tokens else ""
         losses = " ".join(f"{x:.3f}" for x in r["losses"])
         lines.append(head + f"| {r['tokens_per_s']:.0f} | {speedup} | {r['step_s']:.3f} | {r['peak_alloc_gib']:.2f} "
                      f"| {memory} | {_gib(r.get('peak_reserved_gib'))} | {100 * r['mfu']:.1f}% | {diff} | {losses} |")

@@ -153,12 +153,14 @@ def assert_packed_equivalent(reference: Any, patched: Any, vocab: int, tol: floa
 
 def assert_bf16_as_close_as_hf(model_cls: type, config: Any, family: str, seq: int = 256,
                                inputs: dict[str, torch.Tensor] | None = None, target_modules: Any = None,
-                               init: Any = None) -> None:
+                               init: Any = None, four_bit_experts: bool = False) -> None:
     """On the GPU at bf16: the patched model's loss, LoRA gradients and eval logits are as close to the fp32
     truth (the unpatched model in fp32) as the unpatched bf16 model is (within 2x plus a floor).
 
     ``inputs`` (with ``labels``) replace the random token batch, e.g. a vision-language batch with pixels;
-    ``init(model)`` changes the random fp32 model before it is copied (Mllama's closed cross-attention gates)."""
+    ``init(model)`` changes the random fp32 model before it is copied (Mllama's closed cross-attention gates);
+    ``four_bit_experts``: the patched model stores its experts NF4 (as under ``load_in_4bit``), the other two
+    hold the same weights dequantized."""
     from peft import LoraConfig
     from peft import get_peft_model
 
@@ -168,12 +170,17 @@ def assert_bf16_as_close_as_hf(model_cls: type, config: Any, family: str, seq: i
         init(base)
     models = {"truth": base, "hf": copy.deepcopy(base).to(torch.bfloat16)}
     models["ours"] = copy.deepcopy(models["hf"])
+    if four_bit_experts:
+        models["ours"].is_loaded_in_4bit = True
     adapter(family).patch(models["ours"], get_op)
+    if four_bit_experts:
+        assert copy_dequantized(models["ours"], models["truth"]) and copy_dequantized(models["ours"], models["hf"])
     lora = LoraConfig(r=16, lora_alpha=16, init_lora_weights=False,
                       target_modules=target_modules or list(adapter(family).default_target_modules))
     models = {k: get_peft_model(m, copy.deepcopy(lora)) for k, m in models.items()}
+    adapters = {k: v for k, v in models["truth"].state_dict().items() if "lora_" in k}
     for key in ("hf", "ours"):
-        models[key].load_state_dict(models["truth"].state_dict())
+        assert not models[key].load_state_dict(adapters, strict=False).unexpected_keys
     assert_fully_fused(family, models["ours"])
     if inputs is None:
         g = torch.Generator().manual_seed(1)
@@ -200,6 +207,19 @@ def assert_bf16_as_close_as_hf(model_cls: type, config: Any, family: str, seq: i
         e_hf = rel_err(results["hf"][1][name].float(), g_truth)
         e_ours = rel_err(results["ours"][1][name].float(), g_truth)
         assert e_ours <= 2 * e_hf + 1e-2, f"gradient of {name}: ours {e_ours:.2e} vs Hugging Face bf16 {e_hf:.2e}"
+
+
+def copy_dequantized(source: Any, target: Any) -> int:
+    """Put ``source``'s NF4-stored experts, dequantized, into ``target``'s expert parameters; returns how many."""
+    from ftengine.core.kernels import NF4_EXPERTS_ATTR
+
+    copied = 0
+    modules = dict(target.named_modules())
+    for name, module in source.named_modules():
+        for pname, (packed, state) in module.__dict__.get(NF4_EXPERTS_ATTR, {}).items():
+            getattr(modules[name], pname).data.copy_(get_op("dequantize_nf4")(packed, state))
+            copied += 1
+    return copied
 
 
 def assert_qlora_matches_peft(model_cls: type, config: Any, family: str, vocab: int, tmp_path: Any,

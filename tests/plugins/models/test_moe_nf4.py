@@ -19,13 +19,13 @@ import ftengine
 from ftengine.core.kernels import NF4_EXPERTS_ATTR
 from ftengine.core.kernels import get_op
 from ftengine.demo import ASSETS
-from ftengine.plugins.kernels import reference as ref_ops
 
 from .helpers import DEVICE
 from .helpers import LORA_ALPHA
 from .helpers import LORA_R
 from .helpers import adapter
 from .helpers import assert_equivalent
+from .helpers import copy_dequantized
 from .helpers import rel_err
 from .moe_helpers import assert_experts_fused
 
@@ -46,17 +46,6 @@ def four_bit_experts(model) -> list[str]:
     """Patch ``model`` as a 4-bit-loaded one (bitsandbytes' flag; its 2-D projections stay as they are)."""
     model.is_loaded_in_4bit = True
     return adapter("qwen3_moe").patch(model, get_op)
-
-
-def copy_dequantized(source, target) -> int:
-    """Put ``source``'s NF4 experts, dequantized, into ``target``'s 16/32-bit expert parameters."""
-    copied = 0
-    modules = dict(target.named_modules())
-    for name, module in source.named_modules():
-        for pname, (packed, state) in module.__dict__.get(NF4_EXPERTS_ATTR, {}).items():
-            getattr(modules[name], pname).data.copy_(ref_ops.dequantize_nf4(packed, state))
-            copied += 1
-    return copied
 
 
 def nf4_pair():
@@ -133,3 +122,18 @@ def test_lora_dropout_on_experts_through_the_api_is_a_config_error():
     model = Qwen3MoeForCausalLM(config())
     with pytest.raises(ConfigError, match="lora.lora_dropout: 0.05 cannot apply to this qwen3_moe model's fused"):
         ftengine.add_lora(model, r=4, lora_dropout=0.05, use_gradient_checkpointing=False)
+
+
+@pytest.mark.gpu
+def test_nf4_experts_bf16_on_gpu_as_close_to_fp32_as_hf(monkeypatch):
+    """bf16 on the GPU, the Triton ops (NF4 unpacking and grouped GEMMs included): as close to the fp32 truth on
+    the same dequantized experts as transformers + peft in bf16."""
+    from .helpers import GPU_SIZES
+    from .helpers import assert_bf16_as_close_as_hf
+    from .helpers import use_backend
+
+    use_backend(monkeypatch, "triton")
+    cfg = Qwen3MoeConfig(**{**GPU_SIZES, "moe_intermediate_size": 128, "num_experts": 8, "num_experts_per_tok": 2,
+                            "num_hidden_layers": 2, "norm_topk_prob": True, "tie_word_embeddings": False})
+    cfg._experts_implementation = "eager"
+    assert_bf16_as_close_as_hf(Qwen3MoeForCausalLM, cfg, "qwen3_moe", four_bit_experts=True)
