@@ -129,7 +129,9 @@ def _architecture_problems(config: RunConfig, hf_config: Any) -> list[str]:
                 problems.append(f"lora.target_modules: the pattern {lora.target_modules!r} matches no module of "
                                 f"this {hf_config.model_type} model")
         elif isinstance(lora.target_modules, list):
-            problems += _unknown_modules("lora.target_modules", lora.target_modules, names, hf_config.model_type)
+            unmatched = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+            if unmatched and not _peft_maps_targets(config, hf_config, unmatched):
+                problems += _unknown_modules("lora.target_modules", unmatched, names, hf_config.model_type)
         problems += _unknown_modules("lora.modules_to_save", lora.modules_to_save or [], names,
                                      hf_config.model_type)
         if lora.lora_dropout and not problems:
@@ -148,6 +150,25 @@ def export_problems(config: RunConfig, hf_config: Any) -> list[str]:
             problems += [f"export[{i}] ({entry.format}): {line}"
                          for line in check(export_options(entry), config, hf_config)]
     return problems
+
+
+def _peft_maps_targets(config: RunConfig, hf_config: Any, targets: list[str]) -> bool:
+    """Whether peft attaches LoRA to ``targets`` (names of no module) on a fresh meta model: it maps the
+    per-expert names of mixture-of-experts checkpoints (``gate_proj``, ``w1``, ...) onto transformers 5's
+    fused expert parameters (gate and up together)."""
+    from peft import get_peft_model
+
+    from ftengine.engine.pipeline import find_adapter
+    from ftengine.engine.pipeline import peft_lora_config
+
+    model = meta_model(hf_config, config.model.trust_remote_code)
+    lora = config.lora.model_copy(update={"lora_dropout": 0.0, "target_modules": targets, "modules_to_save": None})
+    peft_config, _ = peft_lora_config(lora, find_adapter(hf_config, config.model.adapter), model)
+    try:
+        get_peft_model(model, peft_config)
+    except ValueError:
+        return False
+    return True
 
 
 def _lora_dropout_problems(config: RunConfig, hf_config: Any, model: Any) -> list[str]:

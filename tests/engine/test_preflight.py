@@ -151,3 +151,16 @@ def test_lora_dropout_on_fused_experts_is_a_config_error(tiny_config, model_copy
     with pytest.raises(ConfigError, match=r"lora.lora_dropout: 0.1 cannot apply to this qwen3_moe model's fused "
                                           r"mixture-of-experts weights.*set lora.lora_dropout: 0"):
         preflight.check(config)
+
+
+def test_expert_names_peft_maps_onto_fused_experts_pass(tiny_config, model_copy):
+    """``gate_proj`` / ``up_proj`` / ``down_proj`` name no module of a transformers 5 Qwen3-MoE, but peft maps them
+    onto the fused experts: accepted; a name peft cannot map still fails."""
+    (model_copy / "config.json").write_text(json.dumps(MOE_CONFIG))
+    config = tiny_config()
+    config.model.name_or_path = str(model_copy)
+    config.lora.target_modules = ["q_proj", "gate_proj", "up_proj", "down_proj"]
+    preflight.check(config)
+    config.lora.target_modules = ["q_proj", "gate_projj"]
+    with pytest.raises(ConfigError, match="'gate_projj' match no module of this qwen3_moe model"):
+        preflight.check(config)
