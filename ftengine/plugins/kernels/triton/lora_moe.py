@@ -32,6 +32,7 @@ def _grouped_mm_kernel(
     x_ptr, b_ptr, y_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr, K, N,
     stride_xm, stride_xk, stride_be, stride_bk, stride_bn, stride_ym, stride_yn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     # y[rows, cols] = x[rows, :] @ B_e[:, cols] for the tile's expert e; a padding tile has start == end
     tile = tl.program_id(0)
@@ -50,7 +51,10 @@ def _grouped_mm_kernel(
                     mask=(ks[:, None] < K) & (cols[None, :] < N), other=0.0)  # (BK, BN)
         if FP32_DOT:  # the CPU interpreter's bf16 dot is wrong
             a, b = a.to(tl.float32), b.to(tl.float32)
-        acc += tl.dot(a, b)
+        if IEEE:  # fp32 operands get fp32 products, not TF32's
+            acc += tl.dot(a, b, input_precision="ieee")
+        else:
+            acc += tl.dot(a, b)
     tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :] * stride_yn,
              acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols[None, :] < N))
 
@@ -60,6 +64,7 @@ def _grouped_weight_grad_kernel(
     x_ptr, dy_ptr, dw_ptr, offsets_ptr, K, N,
     stride_xm, stride_xk, stride_dym, stride_dyn, stride_we, stride_wn, stride_wk,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     # dW_e[n, k] = sum over the rows m of expert e of dy[m, n] * x[m, k]
     e = tl.program_id(0)
@@ -77,7 +82,10 @@ def _grouped_weight_grad_kernel(
                     mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)  # (BM, BK)
         if FP32_DOT:
             dy, x = dy.to(tl.float32), x.to(tl.float32)
-        acc += tl.dot(tl.trans(dy), x)
+        if IEEE:
+            acc += tl.dot(tl.trans(dy), x, input_precision="ieee")
+        else:
+            acc += tl.dot(tl.trans(dy), x)
     tl.store(dw_ptr + e.to(tl.int64) * stride_we + ns[:, None] * stride_wn + ks[None, :] * stride_wk,
              acc.to(dw_ptr.dtype.element_ty), mask=(ns[:, None] < N) & (ks[None, :] < K))
 
@@ -120,6 +128,7 @@ def _grouped_mm(x: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torc
     _grouped_mm_kernel[grid](
         x, b, y, expert, start, end, k, n, x.stride(0), x.stride(1), b.stride(0), b.stride(1), b.stride(2),
         y.stride(0), y.stride(1), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FP32_DOT=interpreting(),
+        IEEE=x.dtype == torch.float32,
     )
     return y
 
@@ -133,6 +142,7 @@ def _weight_grad(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, weigh
     _grouped_weight_grad_kernel[grid](
         x, dy, dw, offsets, k, n, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dw.stride(0), dw.stride(1),
         dw.stride(2), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FP32_DOT=interpreting(),
+        IEEE=x.dtype == torch.float32,
     )
     return dw
 
