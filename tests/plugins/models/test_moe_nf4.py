@@ -137,3 +137,27 @@ def test_nf4_experts_bf16_on_gpu_as_close_to_fp32_as_hf(monkeypatch):
                             "num_hidden_layers": 2, "norm_topk_prob": True, "tie_word_embeddings": False})
     cfg._experts_implementation = "eager"
     assert_bf16_as_close_as_hf(Qwen3MoeForCausalLM, cfg, "qwen3_moe", four_bit_experts=True)
+
+
+def test_qlora_run_stores_the_experts_nf4(make_tiny_run_config, tmp_path):
+    """``ftengine run``'s pipeline with ``quantization.load_in_4bit`` on a Qwen3-MoE checkpoint: bitsandbytes
+    quantizes the attention, ftengine packs the experts, and the experts' LoRA trains through them."""
+    import shutil
+
+    from ftengine.engine import pipeline
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "qwen3-moe"
+    Qwen3MoeForCausalLM(config()).save_pretrained(str(model_dir))
+    for file in (ASSETS / "tokenizer").iterdir():
+        shutil.copy(file, model_dir / file.name)
+    run_config = make_tiny_run_config(model_dir, ASSETS / "data.jsonl", tmp_path, max_steps=2)
+    run_config.quantization.load_in_4bit = True
+    run_config.quantization.bnb_4bit_compute_dtype = "float32"
+    result = pipeline.run(run_config)
+    assert any("moe experts x2 stored NF4" in note for note in result.notes), result.notes
+    assert result.train.steps == 2 and result.train.last_loss is not None
+    experts = [m for m in result.model.modules() if NF4_EXPERTS_ATTR in m.__dict__]
+    assert len(experts) == 2
+    lora = [p for n, p in result.model.named_parameters() if ".experts." in n and "lora_B" in n]
+    assert lora and all(p.abs().sum() > 0 for p in lora), "the experts' LoRA did not train"
