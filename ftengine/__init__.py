@@ -47,7 +47,8 @@ def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | torch
             :func:`load_dataset`.
         dtype: ``"bfloat16"``, ``"float16"``, ``"float32"`` (or the ``torch`` dtype, as transformers
             takes it) or ``None`` for the device's best.
-        load_in_4bit: QLoRA base (NF4, double quantization, bf16 compute).
+        load_in_4bit: QLoRA base (NF4, double quantization, bf16 compute; a mixture of experts' fused expert
+            weights, which bitsandbytes leaves 16-bit, are packed NF4 by ftengine when the model is patched).
         load_in_8bit: LLM.int8 base.
         full_finetuning: make every weight trainable (no LoRA).
         trust_remote_code: allow hub model code.
