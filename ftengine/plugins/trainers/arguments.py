@@ -60,3 +60,16 @@ def common_arguments(training: Any, output_dir: str, model: Any, extra: dict[str
         **precision_flags(model),
         **(extra or {}),
     )
+
+
+def trl_config(config_class: Any, request: Any, **fields: Any) -> Any:
+    """A trl config (``DPOConfig``, ``GRPOConfig``, ...) of :func:`common_arguments` plus the trainer's ``fields``."""
+    return config_class(**common_arguments(request.training, str(request.output_dir), request.model,
+                                           request.trainer_arguments), **fields)
+
+
+def trainer_inputs(request: Any, args: Any, **overrides: Any) -> dict[str, Any]:
+    """The keyword arguments every trl trainer takes, from the engine's ``TrainRequest``; ``overrides`` win."""
+    return {"model": request.model, "args": args, "train_dataset": request.train_dataset,
+            "eval_dataset": request.eval_dataset, "processing_class": request.tokenizer,
+            "callbacks": request.callbacks, **overrides}

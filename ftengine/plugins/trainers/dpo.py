@@ -1,5 +1,6 @@
 """The ``dpo`` trainer: Direct Preference Optimization on trl's DPOTrainer, any of trl's DPO losses
-(``loss_type``: sigmoid = DPO, ipo = IPO, hinge, robust, ...).
+(``loss_type``: sigmoid = DPO, ipo = IPO, hinge, robust, ...), and SimPO (``loss_type: simpo``,
+reference-free: :mod:`ftengine.plugins.trainers.simpo`).
 
 The data stage hands it conversational ``prompt``/``chosen``/``rejected`` rows (string pairs
 become a user turn and assistant turns); trl renders them with the tokenizer's chat template, so
@@ -21,9 +22,11 @@ import logging
 from typing import Any
 
 from ftengine.core.types import TrainRequest
-from ftengine.plugins.trainers.arguments import common_arguments
+from ftengine.plugins.trainers.arguments import trainer_inputs
+from ftengine.plugins.trainers.arguments import trl_config
 from ftengine.plugins.trainers.logprob_head import install_on_trainer
 from ftengine.plugins.trainers.options import DPOOptions
+from ftengine.plugins.trainers.simpo import simpo_trainer
 
 log = logging.getLogger("ftengine")
 
@@ -60,15 +63,7 @@ def with_reference(trainer_class: Any, request: TrainRequest, args: Any) -> Any:
     """A trl trainer of the DPO family (``DPOTrainer``, ``KTOTrainer``) with the reference of
     :func:`reference_model`, its log-probabilities through the ``token_logprobs`` op."""
     ref_model = reference_model(request)
-    trainer = trainer_class(
-        model=request.model,
-        ref_model=ref_model,
-        args=args,
-        train_dataset=request.train_dataset,
-        eval_dataset=request.eval_dataset,
-        processing_class=request.tokenizer,
-        callbacks=request.callbacks,
-    )
+    trainer = trainer_class(**trainer_inputs(request, args, ref_model=ref_model))
     if ref_model is None:
         drop_ref_adapter(request.model)
     log.info(install_on_trainer(trainer))
@@ -87,15 +82,10 @@ class DPOTrainerPlugin:
         from trl.trainer.dpo_trainer import DPOTrainer  # the class itself, whoever replaced trl.DPOTrainer
 
         options = request.options or DPOOptions()
-        model = request.model
+        if options.loss_type == "simpo":
+            return simpo_trainer(request, options)
         loss_type = options.loss_type if isinstance(options.loss_type, list) else [options.loss_type]
-        args = DPOConfig(
-            **common_arguments(request.training, str(request.output_dir), model, request.trainer_arguments),
-            beta=options.beta,
-            loss_type=loss_type,
-            loss_weights=options.loss_weights,
-            label_smoothing=options.label_smoothing,
-            max_length=request.max_seq_length,
-            precompute_ref_log_probs=False,
-        )
+        args = trl_config(DPOConfig, request, beta=options.beta, loss_type=loss_type,
+                          loss_weights=options.loss_weights, label_smoothing=options.label_smoothing,
+                          max_length=request.max_seq_length, precompute_ref_log_probs=False)
         return with_reference(DPOTrainer, request, args)

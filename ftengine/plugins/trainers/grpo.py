@@ -17,7 +17,8 @@ from typing import Any
 from ftengine.core import plugins
 from ftengine.core.errors import ConfigError
 from ftengine.core.types import TrainRequest
-from ftengine.plugins.trainers.arguments import common_arguments
+from ftengine.plugins.trainers.arguments import trainer_inputs
+from ftengine.plugins.trainers.arguments import trl_config
 from ftengine.plugins.trainers.dpo import drop_ref_adapter
 from ftengine.plugins.trainers.logprob_head import install_on_trainer
 from ftengine.plugins.trainers.options import GRPOOptions
@@ -71,23 +72,12 @@ class GRPOTrainerPlugin:
         if options is None:
             raise ConfigError("training.trainer_options.reward_funcs: grpo needs at least one reward function")
         check_batch(request.training, options)
-        model = request.model
         fields = ("num_generations", "max_completion_length", "temperature", "top_p", "top_k", "beta", "epsilon",
                   "epsilon_high", "loss_type", "scale_rewards", "num_iterations", "mask_truncated_completions",
                   "generation_batch_size", "reward_weights")
-        args = GRPOConfig(
-            **common_arguments(request.training, str(request.output_dir), model, request.trainer_arguments),
-            **{name: getattr(options, name) for name in fields},
-        )
-        trainer = GRPOTrainer(
-            model=model,
-            reward_funcs=reward_functions(options),
-            args=args,
-            train_dataset=request.train_dataset,
-            eval_dataset=request.eval_dataset,
-            processing_class=request.tokenizer,
-            callbacks=[_aliases_callback(), *request.callbacks],
-        )
-        drop_ref_adapter(model)
+        args = trl_config(GRPOConfig, request, **{name: getattr(options, name) for name in fields})
+        trainer = GRPOTrainer(**trainer_inputs(request, args, reward_funcs=reward_functions(options),
+                                               callbacks=[_aliases_callback(), *request.callbacks]))
+        drop_ref_adapter(request.model)
         log.info(install_on_trainer(trainer, temperature=options.temperature))
         return trainer

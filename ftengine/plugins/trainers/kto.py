@@ -13,7 +13,7 @@ from typing import Any
 
 from ftengine.core.errors import ConfigError
 from ftengine.core.types import TrainRequest
-from ftengine.plugins.trainers.arguments import common_arguments
+from ftengine.plugins.trainers.arguments import trl_config
 from ftengine.plugins.trainers.dpo import with_reference
 from ftengine.plugins.trainers.options import KTOOptions
 
@@ -31,13 +31,7 @@ class KTOTrainerPlugin:
             raise ConfigError("training.per_device_train_batch_size: kto needs at least 2 rows per micro-batch "
                               "(its KL term pairs each prompt with another row's completion)")
         options = request.options or KTOOptions()
-        model = request.model
-        args = KTOConfig(
-            **common_arguments(request.training, str(request.output_dir), model, request.trainer_arguments),
-            beta=options.beta,
-            desirable_weight=options.desirable_weight,
-            undesirable_weight=options.undesirable_weight,
-            loss_type=options.loss_type,
-            max_length=request.max_seq_length,
-        )
+        args = trl_config(KTOConfig, request, beta=options.beta, desirable_weight=options.desirable_weight,
+                          undesirable_weight=options.undesirable_weight, loss_type=options.loss_type,
+                          max_length=request.max_seq_length)
         return with_reference(KTOTrainer, request, args)

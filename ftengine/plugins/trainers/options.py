@@ -12,10 +12,11 @@ from typing import Literal
 from pydantic import BaseModel
 from pydantic import ConfigDict
 from pydantic import Field
+from pydantic import ValidationInfo
 from pydantic import field_validator
 
 DPO_LOSS_TYPES = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-                         "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+                         "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm", "simpo"]
 
 
 class Options(BaseModel):
@@ -24,13 +25,46 @@ class Options(BaseModel):
 
 class DPOOptions(Options):
     beta: float = Field(0.1, gt=0, description="Strength of the implicit KL penalty to the reference (IPO: its "
-                                               "regularization parameter).")
+                                               "regularization parameter; SimPO: the reward scale, 2 to 2.5 in "
+                                               "the paper).")
     loss_type: DPO_LOSS_TYPES | list[DPO_LOSS_TYPES] = Field(
-        "sigmoid", description="trl's DPO loss: sigmoid (DPO), ipo (IPO), hinge (SLiC), robust, bco_pair, "
-                               "sppo_hard, nca_pair, aot, apo_zero, discopop, sigmoid_norm (length-normalized), "
-                               "sft...; a list combines several (weights: loss_weights).")
+        "sigmoid", description="The preference loss: sigmoid (DPO), ipo (IPO), hinge (SLiC), robust, exo_pair, "
+                               "bco_pair, sppo_hard, nca_pair, aot, aot_unpaired, apo_zero, apo_down, discopop, "
+                               "sigmoid_norm (length-normalized DPO), sft, or simpo (SimPO: length-normalized and "
+                               "reference-free); a list combines several (weights: loss_weights), simpo excepted.")
     loss_weights: list[float] | None = Field(None, description="Weights of the losses of a loss_type list.")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Robust DPO / cDPO: assumed label noise.")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, validate_default=True,
+        description="Robust DPO / cDPO / aot / SimPO: assumed label noise; exo_pair: its epsilon (> 0).")
+    simpo_gamma: float = Field(0.5, description="SimPO's target reward margin gamma (loss_type simpo): the loss is "
+                                                "-log sigmoid(beta * (mean logp chosen - mean logp rejected) - "
+                                                "simpo_gamma).")
+    cpo_alpha: float = Field(0.0, ge=0, description="Weight of the chosen answer's NLL added to the SimPO loss "
+                                                    "(CPO-SimPO); 0 is plain SimPO.")
+
+    @field_validator("loss_type")
+    @classmethod
+    def _simpo_alone(cls, value: Any) -> Any:
+        if isinstance(value, list) and "simpo" in value and len(value) > 1:
+            raise ValueError("simpo alone (reference-free, it combines with no other loss)")
+        return value
+
+    @field_validator("loss_weights")
+    @classmethod
+    def _one_weight_per_loss(cls, value: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        types = info.data.get("loss_type")
+        count = len(types) if isinstance(types, list) else 1
+        if value is not None and types is not None and len(value) != count:
+            raise ValueError(f"one weight per loss_type ({count})")
+        return value
+
+    @field_validator("label_smoothing")
+    @classmethod
+    def _exo_epsilon(cls, value: float, info: ValidationInfo) -> float:
+        types = info.data.get("loss_type")
+        if value == 0 and "exo_pair" in (types if isinstance(types, list) else [types]):
+            raise ValueError("a value > 0 for exo_pair (its epsilon; 1e-3 in the paper)")
+        return value
 
 
 class ORPOOptions(Options):

@@ -8,7 +8,8 @@ from typing import Any
 
 from ftengine.core.kernels import FUSED_LOSS_ATTR
 from ftengine.core.types import TrainRequest
-from ftengine.plugins.trainers.arguments import common_arguments
+from ftengine.plugins.trainers.arguments import trainer_inputs
+from ftengine.plugins.trainers.arguments import trl_config
 from ftengine.plugins.trainers.collator import PadCollator
 
 
@@ -36,19 +37,8 @@ class SFTTrainerPlugin:
                 return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
         tokenizer = request.tokenizer
-        args = SFTConfig(
-            **common_arguments(request.training, str(request.output_dir), request.model, request.trainer_arguments),
-            dataset_kwargs={"skip_prepare_dataset": True},
-            packing=False,
-        )
+        args = trl_config(SFTConfig, request, dataset_kwargs={"skip_prepare_dataset": True}, packing=False)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         trainer_class = ModelLossSFTTrainer if has_fused_loss(request.model) else SFTTrainer
-        return trainer_class(
-            model=request.model,
-            args=args,
-            train_dataset=request.train_dataset,
-            eval_dataset=request.eval_dataset,
-            processing_class=tokenizer,
-            data_collator=request.data_collator or PadCollator(pad_id),
-            callbacks=request.callbacks,
-        )
+        collator = request.data_collator or PadCollator(pad_id)
+        return trainer_class(**trainer_inputs(request, args, data_collator=collator))

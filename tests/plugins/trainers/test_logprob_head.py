@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ftengine.plugins.trainers import logprob_head
-from ftengine.plugins.trainers import orpo
+from ftengine.plugins.trainers import paired
 
 from .helpers import build
 from .helpers import dataset
@@ -33,7 +33,7 @@ def op_calls(monkeypatch):
         return counted
 
     monkeypatch.setattr(logprob_head, "get_op", counting_get_op)
-    monkeypatch.setattr(orpo, "get_op", counting_get_op)
+    monkeypatch.setattr(paired, "get_op", counting_get_op)
     return calls
 
 
