@@ -290,30 +290,11 @@ class RunDir:
         atomic_write_text(self.metrics_path, "".join(strict_json(m) + "\n" for m in kept))
 
     def plot_loss(self) -> Path | None:
-        """Write ``loss.png`` from ``metrics.jsonl``: the training loss, and the eval loss where there is one."""
-        metrics = [m for m in self.read_metrics() if m.get("loss") is not None]
-        if not metrics or not self.writer:
+        """Write ``loss.png`` from ``metrics.jsonl``: the loss, and for RL runs the reward, KL and
+        completion length (:mod:`ftengine.engine.loss_plot`)."""
+        if not self.writer:
             return None
-        import matplotlib
+        from ftengine.engine.loss_plot import write_plot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        evaluations = [m for m in self.read_metrics() if m.get("eval_loss") is not None]
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-        ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], marker="." if len(metrics) < 60 else None,
-                label="train")
-        if evaluations:
-            ax.plot([m["step"] for m in evaluations], [m["eval_loss"] for m in evaluations], marker="o", label="eval")
-            ax.legend()
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_title(self.path.name)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        out = self.path / "loss.png"
-        tmp = self.path / f".loss.png{_TEMP_FILE}plot"
-        fig.savefig(tmp, format="png")
-        plt.close(fig)
-        os.replace(tmp, out)
-        return out
+        return write_plot(self.read_metrics(), self.path / "loss.png", self.path / f".loss.png{_TEMP_FILE}plot",
+                          self.path.name)

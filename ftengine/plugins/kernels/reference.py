@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 from ftengine.core.hookspecs import hookimpl
 from ftengine.core.kernels import LoRAWeights
+from ftengine.plugins.kernels.lm_head_ops import linear_cross_entropy_op
+from ftengine.plugins.kernels.lm_head_ops import token_logprobs_op
 
 CE_CHUNK_TOKENS = 4096
 
@@ -99,15 +101,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         return dh, dw, None, None, None
 
 
-def linear_cross_entropy(
-    hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    labels: torch.Tensor,
-    ignore_index: int = -100,
-    softcap: float | None = None,
-) -> torch.Tensor:
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    return _ChunkedLinearCE.apply(hidden, lm_head_weight, labels.reshape(-1), ignore_index, softcap)
+linear_cross_entropy = linear_cross_entropy_op(_ChunkedLinearCE)
 
 
 LOGPROB_CHUNK_ELEMENTS = 2**26
@@ -180,16 +174,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
 
 
-def token_logprobs(
-    hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    labels: torch.Tensor,
-    softcap: float | None = None,
-    temperature: float = 1.0,
-    with_stats: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    return _ChunkedTokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, labels.reshape(-1),
-                                       softcap, temperature, with_stats)
+token_logprobs = token_logprobs_op(_ChunkedTokenLogprobs)
 
 
 def _base_weight(layer: LoRAWeights, dtype: torch.dtype) -> torch.Tensor:

@@ -13,6 +13,7 @@ from ftengine.core.config import validate_config
 from ftengine.demo import ASSETS
 from ftengine.demo import grpo_demo_config
 from ftengine.engine import pipeline
+from ftengine.engine.loss_plot import panels
 
 from .helpers import kto_file
 
@@ -84,6 +85,11 @@ def test_grpo_run_records_its_metrics_and_exports(demo_base, tmp_path):
         assert all(key in m for m in records), key
     assert all(0 < m["completion_length"] <= 4 for m in records)
     assert (result.run_dir.path / "loss.png").exists()
+    drawn = panels(records)
+    assert {"loss", "reward", "KL to the reference", "completion length"} <= drawn.keys()
+    assert drawn["reward"][0].values == [m["reward"] for m in records]
+    assert drawn["reward"][0].band == [m["reward_std"] for m in records]
+    assert {c.label for c in drawn["reward"][1:]} == {"format", "exact_match", "ftengine_demo_rewards_digits"}
     assert reloads(demo_base, result)
 
 

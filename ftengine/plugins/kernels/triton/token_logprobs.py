@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ftengine.plugins.kernels.lm_head_ops import token_logprobs_op
 from ftengine.plugins.kernels.triton._utils import interpreting
 from ftengine.plugins.kernels.triton._utils import next_power_of_2
 
@@ -145,14 +146,4 @@ class _TritonTokenLogprobs(torch.autograd.Function):
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
 
 
-def token_logprobs(
-    hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    labels: torch.Tensor,
-    softcap: float | None = None,
-    temperature: float = 1.0,
-    with_stats: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """See :mod:`ftengine.core.kernels` for the contract."""
-    return _TritonTokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]).contiguous(), lm_head_weight,
-                                      labels.reshape(-1), softcap, temperature, with_stats)
+token_logprobs = token_logprobs_op(_TritonTokenLogprobs)

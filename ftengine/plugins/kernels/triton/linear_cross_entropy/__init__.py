@@ -30,6 +30,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ftengine.plugins.kernels.lm_head_ops import linear_cross_entropy_op
 from ftengine.plugins.kernels.triton._op_registry import register_op
 from ftengine.plugins.kernels.triton.linear_cross_entropy import epilogue
 from ftengine.plugins.kernels.triton.linear_cross_entropy import exp_logits_matmul
@@ -134,28 +135,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return dh, dw, None, None, None
 
 
-def linear_cross_entropy(
-    hidden: torch.Tensor,
-    lm_head_weight: torch.Tensor,
-    labels: torch.Tensor,
-    ignore_index: int = -100,
-    softcap: float | None = None,
-) -> torch.Tensor:
-    """Mean cross-entropy of ``hidden @ lm_head_weight.T`` against ``labels``, chunked over tokens.
-
-    Args:
-        hidden: ``(..., H)`` final hidden states.
-        lm_head_weight: ``(V, H)``.
-        labels: ``(...)`` target ids, already shifted; ``ignore_index`` marks tokens without a loss.
-        ignore_index: label value to skip.
-        softcap: if set, logits become ``softcap * tanh(logits / softcap)`` first (Gemma-2).
-
-    Returns:
-        The fp32 scalar loss, averaged over the non-ignored tokens.
-    """
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    labels = labels.reshape(-1)
-    if labels.shape[0] != hidden.shape[0]:
-        raise ValueError(f"linear_cross_entropy: {hidden.shape[0]} hidden rows but {labels.shape[0]} labels")
-    return _LinearCrossEntropy.apply(hidden.contiguous(), lm_head_weight, labels.contiguous(), int(ignore_index),
-                                     None if softcap is None else float(softcap))
+linear_cross_entropy = linear_cross_entropy_op(_LinearCrossEntropy)
