@@ -1,4 +1,4 @@
-"""orpo, kto and grpo end to end on the demo model through the pipeline: the loss (or reward) moves
+"""orpo, kto, dpo's SimPO and grpo end to end on the demo model through the pipeline: the loss (or reward) moves
 the right way, the trainers' metrics reach metrics.jsonl, and the exported adapter reloads with
 peft; the --demo grpo wiring."""
 
@@ -50,6 +50,7 @@ def reloads(base, result):
 
 @pytest.mark.parametrize(("trainer", "options", "margin_key"), [
     ("orpo", {"beta": 0.2}, "log_odds_ratio"), ("kto", {"beta": 0.1}, "rewards/margins"),
+    ("dpo", {"loss_type": "simpo", "beta": 2.0, "simpo_gamma": 0.5}, "rewards/margins"),
 ])
 def test_preference_trainers_lower_their_loss_and_export(trainer, options, margin_key, demo_base, tmp_path):
     data = kto_file(tmp_path, rows=8) if trainer == "kto" else ASSETS / "preference.jsonl"
