@@ -166,3 +166,13 @@ def test_simpo_loss_and_gradients_equal_the_float64_formula(gamma, alpha, eps, d
     for name, grad in trained:
         reference = grads64[name].grad
         assert (grad.double() - reference).norm() <= 1e-4 * reference.norm() + 1e-9, name
+
+
+def test_simpo_full_fine_tuning_builds_no_reference(demo_base, tmp_path):
+    model, tokenizer = lora_model(demo_base, full_finetuning=True)
+    options = {"loss_type": "simpo", "beta": 2.0}
+    trainer = build("dpo", model, tokenizer, dataset("dpo", tokenizer, tmp_path), tmp_path, options)
+    assert getattr(trainer, "ref_model", None) is None
+    loss = trainer.compute_loss(model, dict(next(iter(trainer.get_train_dataloader()))))
+    loss.backward()
+    assert torch.isfinite(loss) and model.get_output_embeddings().weight.grad is not None
