@@ -94,14 +94,13 @@ class FastLanguageModel:
                        max_seq_length: int | None = None, modules_to_save: list[str] | None = None,
                        init_lora_weights: bool | str = True) -> Any:
         """:func:`ftengine.add_lora`; ``use_gradient_checkpointing="unsloth"`` is ftengine's ``"offload"``.
+        ``init_lora_weights="loftq"`` with ``loftq_config`` (peft's ``LoftQConfig``, default 4 bits and one
+        iteration) LoftQ-initialises the adapters of an unquantized base (``load_in_4bit=False``).
 
         Raises:
-            ConfigError: an unknown argument, a LoftQ config (use ``init_lora_weights="loftq"``), or an
-                unknown checkpointing mode.
+            ConfigError: an unknown argument, a ``loftq_config`` without ``init_lora_weights="loftq"``, LoftQ
+                on a 4-bit or 8-bit base, or an unknown checkpointing mode.
         """
-        if loftq_config:
-            raise ConfigError("FastLanguageModel.get_peft_model: loftq_config is not supported; pass "
-                              "init_lora_weights='loftq' for peft's default LoftQ settings")
         if use_gradient_checkpointing not in CHECKPOINTING:
             raise ConfigError(f"FastLanguageModel.get_peft_model: use_gradient_checkpointing must be True, False, "
                               f"'unsloth', 'offload' or 'auto', got {use_gradient_checkpointing!r}")
@@ -110,7 +109,8 @@ class FastLanguageModel:
         peft_model = ftengine.add_lora(
             model, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
             use_gradient_checkpointing=CHECKPOINTING[use_gradient_checkpointing], random_state=random_state,
-            bias=bias, use_rslora=use_rslora, modules_to_save=modules_to_save, init_lora_weights=init_lora_weights)
+            bias=bias, use_rslora=use_rslora, modules_to_save=modules_to_save, init_lora_weights=init_lora_weights,
+            loftq_config=loftq_config or None)
         attach_saving_methods(peft_model)
         return peft_model
 
