@@ -13,9 +13,22 @@ import torch
 NOTEBOOKS = Path(__file__).parent / "notebooks"
 
 
+def notebook_args(**overrides):
+    """The training arguments every notebook sets (Unsloth's values, CPU-sized), with its own on top."""
+    from ftengine.compat import is_bf16_supported
+
+    return {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 2e-3,
+            "fp16": not is_bf16_supported(), "bf16": is_bf16_supported(), "use_cpu": not torch.cuda.is_available(),
+            "logging_steps": 1, "optim": "adamw_torch", "weight_decay": 0.01, "lr_scheduler_type": "linear",
+            "seed": 3407, "output_dir": "outputs", "report_to": "none", **overrides}
+
+
 def run_notebook(name, monkeypatch, tmp_path, **names):
+    """Run a notebook script in ``tmp_path``; ``names`` (the model and data paths) and :func:`notebook_args`
+    are its given globals."""
     monkeypatch.chdir(tmp_path)
-    return runpy.run_path(str(NOTEBOOKS / f"{name}.py"), init_globals={k: str(v) for k, v in names.items()})
+    given = {k: str(v) for k, v in names.items()}
+    return runpy.run_path(str(NOTEBOOKS / f"{name}.py"), init_globals={**given, "notebook_args": notebook_args})
 
 
 def trained_text(tokenizer, row):

@@ -2,8 +2,8 @@
 # The Qwen2.5-VL LaTeX-OCR notebook: FastVisionModel with LoRA on both towers, image conversations built from
 # image + text rows, generation from the processor's inputs, trl's SFTTrainer with UnslothVisionDataCollator;
 # the import changed to ftengine.compat.
+# notebook_args (given by the test) holds the training arguments the notebooks share, at CPU size.
 from ftengine.compat import FastVisionModel
-import torch
 
 model, tokenizer = FastVisionModel.from_pretrained(
     MODEL_NAME,  # noqa: F821
@@ -56,7 +56,6 @@ text_streamer = TextStreamer(tokenizer, skip_prompt=True)
 before = model.generate(**inputs, streamer=text_streamer, max_new_tokens=8, use_cache=True, temperature=1.5, min_p=0.1)
 
 from ftengine.compat import UnslothVisionDataCollator
-from ftengine.compat import is_bf16_supported
 from trl import SFTConfig
 from trl import SFTTrainer
 
@@ -68,21 +67,7 @@ trainer = SFTTrainer(
     data_collator=UnslothVisionDataCollator(model, tokenizer),
     train_dataset=converted_dataset,
     args=SFTConfig(
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=1,
-        warmup_steps=1,
-        max_steps=3,
-        learning_rate=2e-3,
-        fp16=not is_bf16_supported(),
-        bf16=is_bf16_supported(),
-        use_cpu=not torch.cuda.is_available(),
-        logging_steps=1,
-        optim="adamw_torch",
-        weight_decay=0.01,
-        lr_scheduler_type="linear",
-        seed=3407,
-        output_dir="outputs",
-        report_to="none",
+        **notebook_args(per_device_train_batch_size=2, warmup_steps=1, max_steps=3),
         remove_unused_columns=False,
         dataset_text_field="",
         dataset_kwargs={"skip_prepare_dataset": True},
