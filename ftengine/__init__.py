@@ -92,10 +92,11 @@ def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | torch
     # under a launcher the strategy comes with train(): a 4-bit base is stored the way fsdp can shard it
     loaded = pipeline.patch(pipeline.load(config, "fsdp" if distributed.rank_info().distributed else "single"))
     if adapter_dir is not None:
-        from peft import PeftModel
         from transformers import AutoTokenizer
 
-        loaded.model = PeftModel.from_pretrained(loaded.model, str(adapter_dir), is_trainable=True)
+        from ftengine.engine import loftq
+
+        loaded.model = loftq.load_adapter(loaded.model, adapter_dir, is_trainable=True)
         if (adapter_dir / "tokenizer_config.json").exists():
             loaded.tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
             if loaded.processor is not None:

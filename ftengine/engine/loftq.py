@@ -15,6 +15,8 @@ forward adds) is the low-rank part whatever ``lora_alpha`` is. The peft config r
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,8 +95,12 @@ def loftq_factors(weight: torch.Tensor, bits: int, rank: int, iterations: int, s
     return quantized, a, b
 
 
-def initialise(model: Any, bits: int = 4, iterations: int = 1) -> str:
+def initialise(model: Any, bits: int = 4, iterations: int = 1, adapters: bool = True) -> str:
     """LoftQ-initialise every LoRA layer of the peft ``model`` (its active adapter); returns a run note.
+
+    Args:
+        adapters: also set the adapters' factors; ``False`` quantizes the base weights alone (for adapters
+            loaded from a file: the computation is deterministic, so the base is the one they trained on).
 
     Raises:
         ConfigError: a LoRA layer whose base is not a plain ``nn.Linear`` (embeddings, fused expert
@@ -113,8 +119,9 @@ def initialise(model: Any, bits: int = 4, iterations: int = 1) -> str:
                               f"Linear layers only (target the projections)")
         quantized, a, b = loftq_factors(base.weight, bits, module.r[adapter], iterations, module.scaling[adapter])
         base.weight.data = quantized.to(base.weight.dtype)
-        module.lora_A[adapter].weight.data = a.to(module.lora_A[adapter].weight.dtype)
-        module.lora_B[adapter].weight.data = b.to(module.lora_B[adapter].weight.dtype)
+        if adapters:
+            module.lora_A[adapter].weight.data = a.to(module.lora_A[adapter].weight.dtype)
+            module.lora_B[adapter].weight.data = b.to(module.lora_B[adapter].weight.dtype)
         layers += 1
     config = model.peft_config[adapter]
     config.init_lora_weights = "loftq"
@@ -123,3 +130,19 @@ def initialise(model: Any, bits: int = 4, iterations: int = 1) -> str:
     return f"LoftQ: {layers} layers' base weights quantized to {kind} and compensated by their adapters " \
            f"({iterations} iteration{'s' * (iterations != 1)})"
 
+
+def load_adapter(model: Any, adapter_dir: str | Path, is_trainable: bool = False) -> Any:
+    """``PeftModel.from_pretrained(model, adapter_dir)``; a LoftQ adapter (``init_lora_weights: "loftq"`` in its
+    config) goes on the base it trained with: the base's adapted weights quantized as :func:`initialise`
+    did, instead of peft's own LoftQ initialisation (CUDA and scipy only) before the saved factors load."""
+    from peft import PeftConfig
+    from peft import PeftModel
+
+    raw = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    if raw.get("init_lora_weights") != "loftq":
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=is_trainable)
+    settings = raw.get("loftq_config") or {}
+    config = PeftConfig.from_peft_type(**{**raw, "init_lora_weights": True, "loftq_config": {}})
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), config=config, is_trainable=is_trainable)
+    initialise(peft_model, settings.get("loftq_bits", 4), settings.get("loftq_iter", 1), adapters=False)
+    return peft_model

@@ -106,3 +106,20 @@ def test_loftq_refusals(demo_base, tmp_path):
     model = ftengine.add_lora(model, r=4, init_lora_weights="loftq", use_gradient_checkpointing=False)
     with pytest.raises(ExportError, match="rewrote the base weights"):
         ftengine.export(model, tokenizer, str(tmp_path / "lora"), format="lora")
+
+
+def test_loftq_adapter_reloads_on_its_quantized_base(demo_base, tmp_path):
+    model, _ = ftengine.load_model(str(demo_base), dtype="float32")
+    model = ftengine.add_lora(model, r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"],
+                              init_lora_weights="loftq", loftq_config={"loftq_bits": 4, "loftq_iter": 2},
+                              use_gradient_checkpointing=False)
+    for name, p in model.named_parameters():  # as if trained: the adapters moved from their LoftQ start
+        if "lora_B" in name:
+            p.data += 0.01 * torch.randn_like(p)
+    model.save_pretrained(str(tmp_path / "adapter"))  # peft's own files (the lora export refuses LoftQ)
+    reloaded, _ = ftengine.load_model(str(tmp_path / "adapter"), dtype="float32")
+    assert reloaded.peft_config["default"].loftq_config == {"loftq_bits": 4, "loftq_iter": 2}
+    model.eval()
+    reloaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=IDS).logits, model(input_ids=IDS).logits, atol=1e-5, rtol=0)
