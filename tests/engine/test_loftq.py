@@ -104,7 +104,7 @@ def test_loftq_refusals(demo_base, tmp_path):
         validate_config(raw)
     assert "needs an unquantized base" in str(error.value) and "loftq and lora.use_dora" in str(error.value)
     model = ftengine.add_lora(model, r=4, init_lora_weights="loftq", use_gradient_checkpointing=False)
-    with pytest.raises(ExportError, match="rewrote the base weights"):
+    with pytest.raises(ExportError, match="rewrites the base weights"):
         ftengine.export(model, tokenizer, str(tmp_path / "lora"), format="lora")
 
 
