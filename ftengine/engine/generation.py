@@ -19,7 +19,6 @@ import torch
 from ftengine.core.errors import FtengineError
 from ftengine.core.errors import ModelError
 from ftengine.core.types import Message
-from ftengine.engine.vision import text_tokenizer
 
 
 @dataclass
@@ -184,7 +183,7 @@ def open_chat(path: str | Path) -> TransformersChat | LlamaCppChat:
         model, tokenizer, _, _ = load_for_export(source, (), None)
         return TransformersChat(model, tokenizer, f"{source} (latest checkpoint)")
     model, tokenizer = ftengine.load_model(str(source))
-    return TransformersChat(model, text_tokenizer(tokenizer), str(source))  # a vision model chats in text
+    return TransformersChat(model, tokenizer, str(source))
 
 
 def read_prompts(path: Path) -> list[tuple[dict[str, Any], list[Message]]]:
