@@ -150,6 +150,6 @@ class FastModel(FastLanguageModel):
 
 
 class FastVisionModel(FastModel):
-    """Unsloth's loader for vision-language models (Qwen2-VL, Qwen2.5-VL, Gemma 3): ``from_pretrained``
-    returns ``(model, processor)``; ``get_peft_model`` takes ``finetune_vision_layers``,
+    """Unsloth's loader for vision-language models (Qwen2-VL, Qwen2.5-VL, Gemma 3, Llama 3.2 Vision):
+    ``from_pretrained`` returns ``(model, processor)``; ``get_peft_model`` takes ``finetune_vision_layers``,
     ``finetune_language_layers``, ``finetune_attention_modules`` and ``finetune_mlp_modules``."""
