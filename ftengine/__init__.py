@@ -92,10 +92,11 @@ def load_model(name_or_path: str, max_seq_length: int = 2048, dtype: str | torch
     # under a launcher the strategy comes with train(): a 4-bit base is stored the way fsdp can shard it
     loaded = pipeline.patch(pipeline.load(config, "fsdp" if distributed.rank_info().distributed else "single"))
     if adapter_dir is not None:
-        from peft import PeftModel
         from transformers import AutoTokenizer
 
-        loaded.model = PeftModel.from_pretrained(loaded.model, str(adapter_dir), is_trainable=True)
+        from ftengine.engine import loftq
+
+        loaded.model = loftq.load_adapter(loaded.model, adapter_dir, is_trainable=True)
         if (adapter_dir / "tokenizer_config.json").exists():
             loaded.tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
             if loaded.processor is not None:
@@ -132,13 +133,19 @@ def add_lora(model: Any, r: int = 16, lora_alpha: float = 16, lora_dropout: floa
             ``"offload"`` or ``False``.
         random_state: seed of the adapter initialisation.
         **lora_kwargs: ``bias``, ``use_rslora``, ``use_dora``, ``init_lora_weights``, ``modules_to_save``,
-            ``target_parameters`` (peft's: fused mixture-of-experts weights by parameter name).
+            ``target_parameters`` (peft's: fused mixture-of-experts weights by parameter name),
+            ``loftq_config`` (with ``init_lora_weights="loftq"``: peft's ``LoftQConfig`` or a dict of
+            ``loftq_bits``, ``loftq_iter``; the base must be unquantized).
     """
     from ftengine.core.config import LoRAConfig
     from ftengine.core.config import TrainingConfig
     from ftengine.core.config import validate_section
+    from ftengine.engine import loftq
     from ftengine.engine import pipeline
     from ftengine.engine.settings import settings_of
+
+    if lora_kwargs.get("loftq_config") is not None:
+        lora_kwargs["loftq_config"] = loftq.as_dict(lora_kwargs["loftq_config"])
 
     lora = validate_section(LoRAConfig, dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                              target_modules=target_modules, **lora_kwargs), "add_lora")

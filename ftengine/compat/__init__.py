@@ -9,10 +9,13 @@ Every name calls ftengine's Python API; nothing here trains, formats or exports 
 
 from ftengine.compat.models import FastLanguageModel
 from ftengine.compat.models import FastModel
+from ftengine.compat.models import FastVisionModel
 from ftengine.compat.models import is_bf16_supported
+from ftengine.compat.trainers import UnslothVisionDataCollator
 from ftengine.compat.trainers import install
 
-__all__ = ["FastLanguageModel", "FastModel", "is_bf16_supported", "PatchDPOTrainer"]
+__all__ = ["FastLanguageModel", "FastModel", "FastVisionModel", "UnslothVisionDataCollator", "is_bf16_supported",
+           "PatchDPOTrainer"]
 
 
 def PatchDPOTrainer() -> None:  # noqa: N802 (Unsloth's name)

@@ -45,6 +45,12 @@ def _hub_token(token: str | None) -> Iterator[None]:
             os.environ["HF_TOKEN"] = previous
 
 
+def _checkpointing(mode: Any, where: str) -> None:
+    if mode not in CHECKPOINTING:
+        raise ConfigError(f"{where}: use_gradient_checkpointing must be True, False, 'unsloth', 'offload' or 'auto', "
+                          f"got {mode!r}")
+
+
 class FastLanguageModel:
     """Unsloth's ``FastLanguageModel``: ``from_pretrained``, ``get_peft_model``, ``for_inference`` and
     ``for_training``, each a call of ftengine's Python API; the models it returns carry
@@ -56,8 +62,10 @@ class FastLanguageModel:
                         load_in_8bit: bool = False, full_finetuning: bool = False, token: str | None = None,
                         device_map: Any = "sequential", rope_scaling: dict[str, Any] | None = None,
                         trust_remote_code: bool = False, fix_tokenizer: bool = True,
-                        attn_implementation: str = "auto") -> tuple[Any, Any]:
-        """:func:`ftengine.load_model` (patched with the kernel ops), the QLoRA default included.
+                        attn_implementation: str = "auto", use_gradient_checkpointing: bool | str = "unsloth"
+                        ) -> tuple[Any, Any]:
+        """:func:`ftengine.load_model` (patched with the kernel ops), the QLoRA default included; a
+        vision-language model comes with its processor in the tokenizer's place.
 
         Args:
             model_name: local Hugging Face directory or hub id.
@@ -68,6 +76,7 @@ class FastLanguageModel:
             rope_scaling: transformers' ``rope_scaling`` dict (``{"rope_type": "yarn", "factor": 4.0, ...}``),
                 as :func:`ftengine.load_model` takes it.
             fix_tokenizer: a pad token is always set (the EOS when the tokenizer has none).
+            use_gradient_checkpointing: checked here; :meth:`get_peft_model`'s argument sets the mode.
 
         Raises:
             ConfigError: an unknown argument (with a did-you-mean), or a value ftengine does not support.
@@ -75,6 +84,7 @@ class FastLanguageModel:
         if not any(device_map == value for value in SINGLE_DEVICE_MAPS):
             raise ConfigError(f"FastLanguageModel.from_pretrained: device_map={device_map!r} is not supported; "
                               f"ftengine puts the whole model on one GPU (use 'sequential', 'auto' or None)")
+        _checkpointing(use_gradient_checkpointing, "FastLanguageModel.from_pretrained")
         if full_finetuning:
             load_in_4bit = load_in_8bit = False
         with _hub_token(token):
@@ -92,25 +102,29 @@ class FastLanguageModel:
                        use_gradient_checkpointing: bool | str = "unsloth", random_state: int = 3407,
                        use_rslora: bool = False, loftq_config: dict[str, Any] | None = None,
                        max_seq_length: int | None = None, modules_to_save: list[str] | None = None,
-                       init_lora_weights: bool | str = True) -> Any:
+                       init_lora_weights: bool | str = True, finetune_vision_layers: bool = True,
+                       finetune_language_layers: bool = True, finetune_attention_modules: bool = True,
+                       finetune_mlp_modules: bool = True) -> Any:
         """:func:`ftengine.add_lora`; ``use_gradient_checkpointing="unsloth"`` is ftengine's ``"offload"``.
+        ``init_lora_weights="loftq"`` with ``loftq_config`` (peft's ``LoftQConfig``, default 4 bits and one
+        iteration) LoftQ-initialises the adapters of an unquantized base (``load_in_4bit=False``). The
+        ``finetune_*`` switches pick the towers and projections of a vision-language model (with
+        ``target_modules="all-linear"``); a text model has one tower and ignores them.
 
         Raises:
-            ConfigError: an unknown argument, a LoftQ config (use ``init_lora_weights="loftq"``), or an
-                unknown checkpointing mode.
+            ConfigError: an unknown argument, a ``loftq_config`` without ``init_lora_weights="loftq"``, LoftQ
+                on a 4-bit or 8-bit base, or an unknown checkpointing mode.
         """
-        if loftq_config:
-            raise ConfigError("FastLanguageModel.get_peft_model: loftq_config is not supported; pass "
-                              "init_lora_weights='loftq' for peft's default LoftQ settings")
-        if use_gradient_checkpointing not in CHECKPOINTING:
-            raise ConfigError(f"FastLanguageModel.get_peft_model: use_gradient_checkpointing must be True, False, "
-                              f"'unsloth', 'offload' or 'auto', got {use_gradient_checkpointing!r}")
+        _checkpointing(use_gradient_checkpointing, "FastLanguageModel.get_peft_model")
         if max_seq_length is not None:
             remember_settings(model, dataclasses.replace(settings_of(model), max_seq_length=max_seq_length))
         peft_model = ftengine.add_lora(
             model, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
             use_gradient_checkpointing=CHECKPOINTING[use_gradient_checkpointing], random_state=random_state,
-            bias=bias, use_rslora=use_rslora, modules_to_save=modules_to_save, init_lora_weights=init_lora_weights)
+            bias=bias, use_rslora=use_rslora, modules_to_save=modules_to_save, init_lora_weights=init_lora_weights,
+            loftq_config=loftq_config or None, finetune_vision_layers=finetune_vision_layers,
+            finetune_language_layers=finetune_language_layers, finetune_attention_modules=finetune_attention_modules,
+            finetune_mlp_modules=finetune_mlp_modules)
         attach_saving_methods(peft_model)
         return peft_model
 
@@ -133,3 +147,9 @@ class FastLanguageModel:
 
 class FastModel(FastLanguageModel):
     """Unsloth's newer name for the same loader."""
+
+
+class FastVisionModel(FastModel):
+    """Unsloth's loader for vision-language models (Qwen2-VL, Qwen2.5-VL, Gemma 3, Llama 3.2 Vision):
+    ``from_pretrained`` returns ``(model, processor)``; ``get_peft_model`` takes ``finetune_vision_layers``,
+    ``finetune_language_layers``, ``finetune_attention_modules`` and ``finetune_mlp_modules``."""

@@ -20,6 +20,8 @@ from trl.trainer.sft_trainer import SFTTrainer as TrlSFTTrainer
 import ftengine
 from ftengine.compat._arguments import strict
 from ftengine.core.errors import ConfigError
+from ftengine.engine import vision
+from ftengine.engine import vision_api
 from ftengine.engine.settings import settings_of
 
 TRAINING_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "max_steps",
@@ -69,11 +71,52 @@ def _texts(dataset: Any, text_field: str, formatting_func: Any) -> list[str] | N
     return [row[text_field] for row in _rows(dataset)]
 
 
+class UnslothVisionDataCollator:
+    """Unsloth's collator for image conversations (``{"messages": [...]}`` rows whose image parts hold PIL
+    images, paths or bytes). Handed to ``SFTTrainer(data_collator=...)`` it makes the trainer read the rows
+    with :func:`ftengine.load_dataset` and the processor (each row checked, images counted) and batch them
+    with ftengine's vision collator; called itself it batches rows the same way.
+
+    As Unsloth's, it trains every text token (image tokens and padding masked); with
+    ``train_on_responses_only`` only the assistant turns, found from the chat template (so
+    ``instruction_part`` and ``response_part`` are taken and not needed).
+    """
+
+    @strict
+    def __init__(self, model: Any, processor: Any, max_seq_length: int | None = None,
+                 train_on_responses_only: bool = False, instruction_part: str | None = None,
+                 response_part: str | None = None) -> None:
+        if not vision_api.is_processor(processor):
+            raise ConfigError("UnslothVisionDataCollator: pass the processor FastVisionModel.from_pretrained "
+                              f"returned, got {type(processor).__name__}")
+        self.processor = processor
+        self.max_seq_length = max_seq_length or settings_of(model).max_seq_length
+        self.train_on = "assistant" if train_on_responses_only else "all"
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        conversations = [vision.with_images_opened(row["messages"], None) for row in rows]
+        return vision.encode_batch(self.processor, conversations, self.train_on)
+
+
+def _vision_sft(model: Any, args: Any, collator: UnslothVisionDataCollator, train_dataset: Any,
+                eval_dataset: Any, callbacks: list[Any] | None, max_length: int | None) -> Any:
+    max_length = max_length or collator.max_seq_length
+    datasets = [None if d is None else ftengine.load_dataset(d, collator.processor, max_seq_length=max_length,
+                                                             train_on=collator.train_on)
+                for d in (train_dataset, eval_dataset)]
+    return ftengine.make_trainer(model, collator.processor, datasets[0], "sft", eval_dataset=datasets[1],
+                                 output_dir=getattr(args, "output_dir", None) or "outputs", callbacks=callbacks,
+                                 max_seq_length=max_length, **training_keys(args))
+
+
 @strict
 def _sft(model: Any, args: Any = None, data_collator: Any = None, train_dataset: Any = None, eval_dataset: Any = None,
          processing_class: Any = None, tokenizer: Any = None, callbacks: list[Any] | None = None,
          formatting_func: Any = None, dataset_text_field: str | None = None, max_seq_length: int | None = None,
          packing: bool | None = None, dataset_num_proc: int | None = None) -> Any:
+    if isinstance(data_collator, UnslothVisionDataCollator):
+        return _vision_sft(model, args, data_collator, train_dataset, eval_dataset, callbacks,
+                           max_seq_length or getattr(args, "max_length", None))
     tokenizer = tokenizer if tokenizer is not None else processing_class
     if tokenizer is None:
         raise ConfigError("SFTTrainer: pass tokenizer= (or processing_class=)")

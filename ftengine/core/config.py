@@ -107,6 +107,14 @@ class QuantizationConfig(Section):
         "bfloat16", description="dtype the 4-bit weights are dequantized to for matmuls.")
 
 
+class LoftQConfig(Section):
+    """LoftQ initialisation (``lora.init_lora_weights: loftq``), peft's ``LoftQConfig`` names."""
+
+    loftq_bits: Literal[4, 8] = Field(4, description="Bits of the quantization the adapters compensate: 4 (NF4, "
+                                                     "as load_in_4bit) or 8 (int8, as load_in_8bit).")
+    loftq_iter: int = Field(1, gt=0, description="Alternating quantize / low-rank steps.")
+
+
 class LoRAConfig(Section):
     r: int = Field(16, gt=0, description="LoRA rank.")
     lora_alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scaling = lora_alpha / r).")
@@ -120,7 +128,10 @@ class LoRAConfig(Section):
     use_rslora: bool = Field(False, description="Rank-stabilised LoRA (scaling = lora_alpha / sqrt(r)).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     init_lora_weights: bool | Literal["gaussian", "pissa", "pissa_niter_4", "olora", "loftq"] = Field(
-        True, description="peft initialisation of the adapters.")
+        True, description="peft initialisation of the adapters; loftq quantizes the (unquantized) base weights "
+                          "and starts the adapters at the best low-rank fit of the quantization error.")
+    loftq_config: LoftQConfig | None = Field(None, description="LoftQ settings (with init_lora_weights: loftq; "
+                                                               "default 4 bits, 1 iteration).")
     modules_to_save: list[str] | None = Field(None, description="Extra modules trained in full (e.g. embed_tokens, "
                                                                 "lm_head for added tokens).")
     finetune_vision_layers: bool = Field(True, description="Vision-language models with all-linear targets: "
@@ -422,6 +433,14 @@ def check_combinations(config: RunConfig) -> list[str]:
         problems.append("quantization: load_in_4bit and load_in_8bit are exclusive; choose one")
     if config.model.full_finetuning and (config.quantization.load_in_4bit or config.quantization.load_in_8bit):
         problems.append("model.full_finetuning: a quantized base cannot be fully fine-tuned; use LoRA (QLoRA)")
+    if config.lora.loftq_config is not None and config.lora.init_lora_weights != "loftq":
+        problems.append("lora.loftq_config: used only with lora.init_lora_weights: loftq")
+    if config.lora.init_lora_weights == "loftq" and (config.quantization.load_in_4bit
+                                                     or config.quantization.load_in_8bit):
+        problems.append("lora.init_lora_weights: loftq needs an unquantized base (it quantizes the weights itself); "
+                        "drop quantization.load_in_4bit / load_in_8bit")
+    if config.lora.init_lora_weights == "loftq" and config.lora.use_dora:
+        problems.append("lora.init_lora_weights: loftq and lora.use_dora are exclusive")
     if config.model.full_finetuning and config.model.offload_embedding:
         problems.append("model.offload_embedding: full fine-tuning trains the embedding, which must stay on the GPU")
     t = config.training

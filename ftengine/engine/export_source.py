@@ -10,6 +10,7 @@ from ftengine.core.config import RunConfig
 from ftengine.core.config import load_config
 from ftengine.core.config import validate_exports
 from ftengine.core.errors import FtengineError
+from ftengine.engine import loftq
 from ftengine.engine import pipeline
 from ftengine.engine.exporting import export_all
 from ftengine.engine.rundir import CHECKPOINT_MARKER
@@ -45,9 +46,7 @@ def load_checkpoint(config: RunConfig, checkpoint: Path) -> tuple[Any, Any]:
     loaded = pipeline.load(config)
     model = loaded.model
     if not config.model.full_finetuning:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(checkpoint))
+        model = loftq.load_adapter(model, checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
     model.eval()
     if loaded.processor is not None:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ftengine.core import plugins
+from ftengine.core.config import LoftQConfig
 from ftengine.core.config import LoRAConfig
 from ftengine.core.config import RunConfig
 from ftengine.core.config import TrainingConfig
@@ -43,6 +44,9 @@ from ftengine.engine.failures import disk_full
 from ftengine.engine.failures import error_line
 from ftengine.engine.failures import is_disk_full
 from ftengine.engine.guard import NonFiniteGuard
+from ftengine.engine.loftq import check_unquantized
+from ftengine.engine.loftq import initialise as loftq_initialise
+from ftengine.engine.loftq import requested as loftq_requested
 from ftengine.engine.memory import checkpointing
 from ftengine.engine.progress import CheckpointMarkerCallback
 from ftengine.engine.progress import InterruptCallback
@@ -283,7 +287,8 @@ def peft_lora_config(lora: LoRAConfig, adapter: Any, model: Any) -> tuple[Any, b
         r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
         target_modules=targets,
         target_parameters=lora.target_parameters, bias=lora.bias, use_rslora=lora.use_rslora,
-        use_dora=lora.use_dora, init_lora_weights=lora.init_lora_weights,
+        use_dora=lora.use_dora,  # LoftQ: peft's default start, then ftengine's LoftQ (engine/loftq.py) in adapt
+        init_lora_weights=True if lora.init_lora_weights == "loftq" else lora.init_lora_weights,
         modules_to_save=lora.modules_to_save, task_type="CAUSAL_LM",
         exclude_modules=MULTIMODAL_PARTS if lora.target_modules == "all-linear" and _is_multimodal(model)
         and not per_tower else None,
@@ -315,9 +320,15 @@ def adapt(loaded: LoadedModel, lora: LoRAConfig, full_finetuning: bool = False,
             param.requires_grad_(True)
         loaded.notes.append("full fine-tuning: every weight trainable")
     else:
+        loftq = loftq_requested(lora)
+        if loftq:
+            check_unquantized(model)
         torch.manual_seed(seed)
         peft_config, per_tower = peft_lora_config(lora, loaded.adapter, model)
         model = attach_lora(model, peft_config)
+        if loftq:
+            settings = lora.loftq_config or LoftQConfig()
+            loaded.notes.append(loftq_initialise(model, settings.loftq_bits, settings.loftq_iter))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         targets = vision.describe_targets(lora) if per_tower else ", ".join(
             sorted(peft_config.target_modules) + list(peft_config.target_parameters or ()))

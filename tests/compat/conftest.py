@@ -68,3 +68,31 @@ def preference_file(tmp_path):
     rows = [json.loads(line) for line in (ASSETS / "preference.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if all(isinstance(r[k], str) for k in ("prompt", "chosen", "rejected"))][:16]
     return write_jsonl(tmp_path / "preference.jsonl", rows)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen25_vl(tmp_path_factory):
+    """The vision demo's random Qwen2.5-VL (2 vision blocks, 3 language layers) with its processor files."""
+    import os
+
+    os.environ.setdefault("FTENGINE_CACHE", str(tmp_path_factory.mktemp("ftengine-cache")))
+    from ftengine.demo.vision import base_model_dir
+
+    return base_model_dir()
+
+
+@pytest.fixture
+def latex_ocr_file(tiny_qwen25_vl, tmp_path):
+    """LaTeX-OCR-shaped rows (an ``image`` column of PNG bytes and its LaTeX ``text``) as Parquet."""
+    import datasets
+
+    from ftengine.demo.vision import data_dir
+
+    folder = data_dir()
+    rows = [json.loads(line) for line in (folder / "data.jsonl").read_text().splitlines()][:8]
+    table = datasets.Dataset.from_dict(
+        {"image": [{"bytes": (folder / r["image"]).read_bytes(), "path": None} for r in rows],
+         "text": [r["text"] for r in rows]},
+        features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}))
+    table.to_parquet(str(tmp_path / "latex_ocr.parquet"))
+    return tmp_path / "latex_ocr.parquet"

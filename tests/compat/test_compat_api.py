@@ -116,3 +116,26 @@ def test_save_methods_and_pushes_fail_clearly(tiny_llama, monkeypatch, tmp_path)
     model.save_pretrained_merged(str(tmp_path / "out4"), tokenizer, save_method="merged_4bit")
     written = json.loads((tmp_path / "out4" / "config.json").read_text())["quantization_config"]
     assert written["load_in_4bit"] and written["bnb_4bit_quant_type"] == "nf4"
+
+
+def test_vision_model_switches_and_collator(tiny_qwen25_vl, latex_ocr_file):
+    import datasets
+    import torch
+
+    from ftengine.compat import FastVisionModel
+    from ftengine.compat import UnslothVisionDataCollator
+
+    model, processor = FastVisionModel.from_pretrained(str(tiny_qwen25_vl), load_in_4bit=False, dtype=torch.float32)
+    assert processor.image_processor is not None and processor.tokenizer.pad_token is not None
+    with pytest.raises(ConfigError, match="pass the processor"):
+        UnslothVisionDataCollator(model, processor.tokenizer)
+    model = FastVisionModel.get_peft_model(model, r=4, finetune_vision_layers=False, finetune_mlp_modules=False,
+                                           use_gradient_checkpointing=False)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all(".language_model." in n and ".self_attn." in n for n in trained)
+    row = datasets.load_dataset("parquet", data_files=str(latex_ocr_file), split="train")[0]
+    messages = [{"role": "user", "content": [{"type": "image", "image": row["image"]}]},
+                {"role": "assistant", "content": [{"type": "text", "text": row["text"]}]}]
+    batch = UnslothVisionDataCollator(model, processor, train_on_responses_only=True)([{"messages": messages}])
+    answer = processor.tokenizer.decode(batch["labels"][0][batch["labels"][0] != -100])
+    assert answer.startswith(row["text"] + processor.tokenizer.eos_token)

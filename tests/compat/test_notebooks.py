@@ -13,9 +13,22 @@ import torch
 NOTEBOOKS = Path(__file__).parent / "notebooks"
 
 
+def notebook_args(**overrides):
+    """The training arguments every notebook sets (Unsloth's values, CPU-sized), with its own on top."""
+    from ftengine.compat import is_bf16_supported
+
+    return {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 2e-3,
+            "fp16": not is_bf16_supported(), "bf16": is_bf16_supported(), "use_cpu": not torch.cuda.is_available(),
+            "logging_steps": 1, "optim": "adamw_torch", "weight_decay": 0.01, "lr_scheduler_type": "linear",
+            "seed": 3407, "output_dir": "outputs", "report_to": "none", **overrides}
+
+
 def run_notebook(name, monkeypatch, tmp_path, **names):
+    """Run a notebook script in ``tmp_path``; ``names`` (the model and data paths) and :func:`notebook_args`
+    are its given globals."""
     monkeypatch.chdir(tmp_path)
-    return runpy.run_path(str(NOTEBOOKS / f"{name}.py"), init_globals={k: str(v) for k, v in names.items()})
+    given = {k: str(v) for k, v in names.items()}
+    return runpy.run_path(str(NOTEBOOKS / f"{name}.py"), init_globals={**given, "notebook_args": notebook_args})
 
 
 def trained_text(tokenizer, row):
@@ -115,3 +128,39 @@ def test_dpo_notebook(tiny_llama, preference_file, monkeypatch, tmp_path):
     assert any("rewards/chosen" in entry for entry in trainer.state.log_history)
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().max() > 0 for p in lora_b)  # trained from peft's zero init
+
+
+def test_qwen25_vl_latex_ocr_notebook(tiny_qwen25_vl, latex_ocr_file, monkeypatch, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from ftengine.engine import vision
+
+    ns = run_notebook("qwen25_vl_latex_ocr", monkeypatch, tmp_path, MODEL_NAME=tiny_qwen25_vl,
+                      DATA_FILE=latex_ocr_file)
+    trainer, model, processor = ns["trainer"], ns["model"], ns["tokenizer"]
+    assert ns["before"].shape[1] > ns["inputs"]["input_ids"].shape[1]  # the untrained model answered
+    # Every text token trains, as Unsloth's collator: the image tokens (and the first token) are -100.
+    row = ns["converted_dataset"][0]["messages"]
+    text = processor.apply_chat_template(vision.for_template(row))
+    expected = processor(text=[text], images=[row[0]["content"][1]["image"]], return_tensors="pt")["input_ids"][0]
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    assert torch.equal(batch["input_ids"][0], expected)
+    image = expected == processor.image_token_id
+    assert image.sum() > 0 and (batch["labels"][0][image] == -100).all()
+    assert torch.equal(batch["labels"][0][1:][~image[1:]], expected[1:][~image[1:]])
+    history = losses(trainer)
+    assert len(history) == 3 and all(math.isfinite(x) for x in history) and history[-1] < history[0]
+    # LoRA on both towers, trained from peft's zero B.
+    trained = {n: p for n, p in model.named_parameters() if "lora_B" in n}
+    assert any(".visual.blocks." in n and p.abs().max() > 0 for n, p in trained.items())
+    assert any(".language_model." in n and p.abs().max() > 0 for n, p in trained.items())
+    # The saved adapter and processor, loaded by peft / ftengine on the untouched base, give the trained logits.
+    saved = vision.load_processor(str(tmp_path / "lora_model"), model.config)
+    assert saved.chat_template == processor.chat_template
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    base = AutoModelForImageTextToText.from_pretrained(str(tiny_qwen25_vl), dtype=torch.float32)
+    reloaded = PeftModel.from_pretrained(base, str(tmp_path / "lora_model")).eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, atol=1e-4, rtol=1e-4)

@@ -1,8 +1,8 @@
 # ruff: noqa: E402, E501, I001, B905, F821  (kept as the notebooks are written: imports where they are used)
 # The Alpaca notebook (instruction/input/output rows in a prompt template with the EOS appended), saving
 # the adapter and the merged 16-bit model; the import changed to ftengine.compat.
+# notebook_args (given by the test) holds the training arguments the notebooks share, at CPU size.
 from ftengine.compat import FastLanguageModel
-import torch
 
 max_seq_length = 256
 model, tokenizer = FastLanguageModel.from_pretrained(
@@ -49,31 +49,11 @@ dataset = dataset.map(formatting_prompts_func, batched=True)
 from trl import SFTConfig
 from trl import SFTTrainer
 
-from ftengine.compat import is_bf16_supported
-
 trainer = SFTTrainer(
     model=model,
     tokenizer=tokenizer,
     train_dataset=dataset,
-    args=SFTConfig(
-        dataset_text_field="text",
-        max_length=max_seq_length,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=1,
-        warmup_steps=1,
-        max_steps=4,
-        learning_rate=2e-3,
-        fp16=not is_bf16_supported(),
-        bf16=is_bf16_supported(),
-        use_cpu=not torch.cuda.is_available(),
-        logging_steps=1,
-        optim="adamw_torch",
-        weight_decay=0.01,
-        lr_scheduler_type="linear",
-        seed=3407,
-        output_dir="outputs",
-        report_to="none",
-    ),
+    args=SFTConfig(**notebook_args(dataset_text_field="text", max_length=max_seq_length, warmup_steps=1, max_steps=4)),
 )
 trainer_stats = trainer.train()
 

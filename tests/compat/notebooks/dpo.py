@@ -1,9 +1,9 @@
 # ruff: noqa: E402, E501, I001, B905, F821  (kept as the notebooks are written: imports where they are used)
 # The DPO notebook (Zephyr style): prompt/chosen/rejected strings, trl's DPOTrainer with beta and
 # lengths; the import changed to ftengine.compat.
+# notebook_args (given by the test) holds the training arguments the notebooks share, at CPU size.
 from ftengine.compat import FastLanguageModel
 from ftengine.compat import PatchDPOTrainer
-import torch
 
 PatchDPOTrainer()
 
@@ -19,28 +19,10 @@ raw_datasets = load_dataset("json", data_files=DATA_FILE, split="train")  # noqa
 from trl import DPOConfig
 from trl import DPOTrainer
 
-from ftengine.compat import is_bf16_supported
-
 dpo_trainer = DPOTrainer(
     model=model,
     ref_model=None,
-    args=DPOConfig(
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=1,
-        warmup_steps=0.1,
-        max_steps=4,
-        learning_rate=5e-4,
-        fp16=not is_bf16_supported(),
-        bf16=is_bf16_supported(),
-        use_cpu=not torch.cuda.is_available(),
-        logging_steps=1,
-        optim="adamw_torch",
-        weight_decay=0.0,
-        lr_scheduler_type="linear",
-        seed=42,
-        output_dir="outputs",
-        report_to="none",
-    ),
+    args=DPOConfig(**notebook_args(warmup_steps=0.1, max_steps=4, learning_rate=5e-4, weight_decay=0.0, seed=42)),
     beta=0.1,
     train_dataset=raw_datasets,
     tokenizer=tokenizer,

@@ -1,8 +1,8 @@
 # ruff: noqa: E402, E501, I001, B905, F821  (kept as the notebooks are written: imports where they are used)
 # The Llama-3.1 conversational notebook (ShareGPT data, Llama 3.1 template, responses only), with the
 # import changed to ftengine.compat; MODEL_NAME and DATA_FILE stand for the hub ids, small step counts.
+# notebook_args (given by the test) holds the training arguments the notebooks share, at CPU size.
 from ftengine.compat import FastLanguageModel
-import torch
 
 max_seq_length = 128
 dtype = None
@@ -52,8 +52,6 @@ from transformers import DataCollatorForSeq2Seq
 from transformers import TrainingArguments
 from trl import SFTTrainer
 
-from ftengine.compat import is_bf16_supported
-
 trainer = SFTTrainer(
     model=model,
     tokenizer=tokenizer,
@@ -63,23 +61,7 @@ trainer = SFTTrainer(
     data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer),
     dataset_num_proc=2,
     packing=False,
-    args=TrainingArguments(
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=1,
-        warmup_steps=1,
-        max_steps=8,
-        learning_rate=2e-3,
-        fp16=not is_bf16_supported(),
-        bf16=is_bf16_supported(),
-        use_cpu=not torch.cuda.is_available(),
-        logging_steps=1,
-        optim="adamw_torch",
-        weight_decay=0.01,
-        lr_scheduler_type="linear",
-        seed=3407,
-        output_dir="outputs",
-        report_to="none",
-    ),
+    args=TrainingArguments(**notebook_args(warmup_steps=1, max_steps=8)),
 )
 
 from ftengine.compat.chat_templates import train_on_responses_only

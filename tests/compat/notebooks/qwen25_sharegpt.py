@@ -1,8 +1,8 @@
 # ruff: noqa: E402, E501, I001, B905, F821  (kept as the notebooks are written: imports where they are used)
 # The Qwen2.5 conversational notebook: ShareGPT rows mapped onto the template (mapping=), a conversation
 # built with to_sharegpt, responses only; then GGUF saving. The import changed to ftengine.compat.
+# notebook_args (given by the test) holds the training arguments the notebooks share, at CPU size.
 from ftengine.compat import FastLanguageModel
-import torch
 
 model, tokenizer = FastLanguageModel.from_pretrained(
     model_name=MODEL_NAME,  # noqa: F821
@@ -49,9 +49,7 @@ trainer = SFTTrainer(
     train_dataset=dataset,
     dataset_text_field="text",
     max_seq_length=256,
-    args=TrainingArguments(per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=4,
-                           learning_rate=2e-3, logging_steps=1, output_dir="outputs", report_to="none",
-                           use_cpu=not torch.cuda.is_available()),
+    args=TrainingArguments(**notebook_args(max_steps=4)),
 )
 
 from ftengine.compat.chat_templates import train_on_responses_only
