@@ -68,6 +68,8 @@ NEW_FTYPES = {
     "q3_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_M,
     "iq4_xs": llama_cpp.LLAMA_FTYPE_MOSTLY_IQ4_XS,
     "q3_k_s": llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_S,
+    "q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1,
+    "q5_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_0,
 }
 """One mix per new type family, checked on the Llama model only."""
 FLOAT_TOLERANCE = {"f32": 1e-3, "f16": 1e-2, "bf16": 1e-2}
@@ -142,6 +144,21 @@ def _logit_error(path, reference) -> float:
     llm.close()
     diff, ref = np.concatenate(diffs), np.concatenate(refs)
     return float(np.sqrt((diff**2).mean() / (ref**2).mean()))
+
+
+def _kl(path, reference) -> float:
+    """Mean KL(transformers || llama.cpp) of the next-token distributions over all prompts and positions."""
+    llm = _llama(path)
+    kls = []
+    for ids, ref in zip(PROMPTS, reference, strict=True):
+        llm.reset()
+        llm.eval(ids)
+        ours = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
+        ours = ours - np.logaddexp.reduce(ours, axis=-1, keepdims=True)
+        ref = ref.astype(np.float64) - np.logaddexp.reduce(ref.astype(np.float64), axis=-1, keepdims=True)
+        kls.append((np.exp(ref) * (ref - ours)).sum(axis=-1))
+    llm.close()
+    return float(np.concatenate(kls).mean())
 
 
 def _llama_cpp_quantize(source, target, quantization: str, imatrix=None) -> None:
@@ -219,10 +236,14 @@ def test_new_mixes_match_llama_cpp_quantizer(setups, quantization):
     assert _logit_error(ours, setup["logits"]) <= 1.15 * _logit_error(theirs, setup["logits"]) + 1e-3
 
 
-@pytest.mark.parametrize("quantization", ["q4_k_m", pytest.param("q3_k_s", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("quantization", ["q4_k_m", "q4_0", pytest.param("q3_k_s", marks=pytest.mark.slow),
+                                          pytest.param("q5_1", marks=pytest.mark.slow),
+                                          pytest.param("q4_1", marks=pytest.mark.slow),
+                                          pytest.param("q5_0", marks=pytest.mark.slow)])
 def test_imatrix_export_matches_llama_cpp_quantizer_with_the_same_imatrix(setups, quantization):
     """Our imatrix of the model's activations, used by our quantizers and by llama.cpp's: the same tensor
-    types, an importance-weighted error at most llama.cpp's, and lower than without the imatrix."""
+    types, an importance-weighted error at most llama.cpp's and lower than without the imatrix, and
+    llama.cpp's next-token distributions no further from the float model's than without it."""
     setup = setups["llama"]
     rows = [ids * 4 for ids in PROMPTS]
     imatrix = collect(setup["model"], rows, gguf_name_of(setup["model"]), chunk_size=32)
@@ -236,6 +257,7 @@ def test_imatrix_export_matches_llama_cpp_quantizer_with_the_same_imatrix(setups
     assert ours_sse <= 1.02 * theirs_sse, (ours_sse, theirs_sse)
     plain_sse, _, _, _ = _tensor_errors(setup["f32"], plain, theirs, imatrix)
     assert ours_sse < plain_sse
+    assert _kl(ours, setup["logits"]) <= _kl(plain, setup["logits"])
 
 
 def test_llama3_rope_scaling_is_exported(setups):

@@ -85,7 +85,7 @@ def test_k_quants_beat_naive_min_max(qtype, kind):
     assert ours < naive, (qtype.name, kind, ours, naive)
 
 
-WEIGHTED_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS]
+WEIGHTED_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.IQ4_XS, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1]
 
 
 def _importance(cols: int, seed: int = 3) -> torch.Tensor:
@@ -133,6 +133,27 @@ def test_importance_lowers_the_weighted_error(qtype):
     plain = _weighted_error(x, quantize(x, qtype), qtype, importance)
     weighted = _weighted_error(x, quantize(x, qtype, importance=importance), qtype, importance)
     assert weighted < 0.95 * plain, (plain, weighted)
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1])
+def test_legacy_types_with_importance_degenerate_blocks(qtype):
+    """The weighted legacy search on blocks that break naive fits: zeros, constants, an outlier, and
+    columns of zero importance (fitted unweighted, not dropped to zero)."""
+    x = torch.randn(5, 256)
+    x[0] = 0
+    x[1] = 0.25
+    x[2] = -3.0
+    x[3, 7] = 1e4
+    importance = torch.rand(256) + 0.5
+    importance[64:96] = 0  # a whole block of columns no calibration token reached
+    y = torch.from_numpy(gguf_quants.dequantize(quantize(x, qtype, importance=importance), qtype)).reshape(x.shape)
+    assert torch.isfinite(y).all()
+    assert (y[0] == 0).all()
+    torch.testing.assert_close(y[1], x[1], atol=2e-3, rtol=0)
+    torch.testing.assert_close(y[2], x[2], atol=2e-2, rtol=0)
+    assert y[3, 7] == pytest.approx(1e4, rel=1e-2)
+    step = x[4, 64:96].abs().max() / 7  # a 4-bit step of that block: the unweighted fit keeps it close
+    assert (y[4, 64:96] - x[4, 64:96]).abs().max() <= step
 
 
 def test_importance_must_match_the_columns():

@@ -23,13 +23,13 @@ def _inverse(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d == 0, torch.zeros_like(d), (1 / d.double()).float())
 
 
-def _nibbles(q: torch.Tensor) -> torch.Tensor:
+def nibbles(q: torch.Tensor) -> torch.Tensor:
     """``(n, 32)`` values -> ``(n, 16)`` bytes of their low four bits."""
     q = q & 0xF
     return q[:, :16] | (q[:, 16:] << 4)
 
 
-def _high_bits(q: torch.Tensor) -> torch.Tensor:
+def high_bits(q: torch.Tensor) -> torch.Tensor:
     """``(n, 32)`` 5-bit values -> ``(n, 4)``: a little-endian uint32 with bit 4 of value ``j`` at bit ``j``."""
     bits = ((q >> 4) & 1).to(torch.int32).reshape(-1, 4, 8)
     weights = 1 << torch.arange(8, dtype=torch.int32, device=q.device)
@@ -48,7 +48,7 @@ def _affine(x: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor, t
 def quantize_q4_1(x: torch.Tensor) -> torch.Tensor:
     """``(n, 32)`` float32 -> ``(n, 20)`` uint8 Q4_1 blocks."""
     d, lo, q = _affine(x, 15)
-    return torch.cat([fp16_bytes(d), fp16_bytes(lo), _nibbles(q)], dim=-1)
+    return torch.cat([fp16_bytes(d), fp16_bytes(lo), nibbles(q)], dim=-1)
 
 
 def quantize_q5_0(x: torch.Tensor) -> torch.Tensor:
@@ -56,10 +56,10 @@ def quantize_q5_0(x: torch.Tensor) -> torch.Tensor:
     peak = torch.gather(x, -1, x.abs().argmax(dim=-1, keepdim=True))  # (n, 1), signed
     d = (peak.double() / -16).float()
     q = torch.trunc(x * _inverse(d) + 16.5).clamp_(0, 31).to(torch.uint8)
-    return torch.cat([fp16_bytes(d), _high_bits(q), _nibbles(q)], dim=-1)
+    return torch.cat([fp16_bytes(d), high_bits(q), nibbles(q)], dim=-1)
 
 
 def quantize_q5_1(x: torch.Tensor) -> torch.Tensor:
     """``(n, 32)`` float32 -> ``(n, 24)`` uint8 Q5_1 blocks."""
     d, lo, q = _affine(x, 31)
-    return torch.cat([fp16_bytes(d), fp16_bytes(lo), _high_bits(q), _nibbles(q)], dim=-1)
+    return torch.cat([fp16_bytes(d), fp16_bytes(lo), high_bits(q), nibbles(q)], dim=-1)
