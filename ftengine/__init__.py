@@ -13,6 +13,7 @@ The Python API: thin functions over the same pipeline stages ``ftengine run`` us
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -355,12 +356,17 @@ def _prepared(dataset: Any, tokenizer: Any, trainer: str) -> Any:
 def export(model: Any, tokenizer: Any, output_dir: str, format: str = "lora", overwrite: bool = False,
            calibration: Any = None, **options: Any) -> Path:
     """Export with a registered exporter (``lora``, ``merged``, ``gguf``, ...) into ``output_dir``,
-    written atomically. ``options`` are the exporter's (e.g. ``quantization="q4_k_m"``); ``calibration``
-    (training rows: a dataset or list of dicts with ``input_ids`` or text) feeds ``imatrix=True``."""
+    written atomically. ``options`` are the exporter's (e.g. ``quantization="q4_k_m"``, ``imatrix=True`` or
+    a llama.cpp imatrix path); ``calibration`` feeds ``imatrix=True``: training rows (a dataset or list of
+    dicts with ``input_ids`` or text), or a calibration file's path as ``ftengine export --calibration-data``
+    takes it (then ``imatrix`` defaults to true)."""
     from ftengine.core.config import validate_exports
     from ftengine.engine import distributed
     from ftengine.engine.exporting import export_one
 
+    if isinstance(calibration, (str, os.PathLike)):
+        options = {"imatrix": True, **options, "imatrix_data": str(calibration)}
+        calibration = None
     (entry,) = validate_exports([{"format": format, **options}], source="export")
     target = Path(output_dir)
     if not distributed.exports_here(model):  # another rank of a data-parallel job: rank 0 writes it

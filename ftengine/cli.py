@@ -285,19 +285,26 @@ def config_schema_cmd() -> None:
 @click.argument("source", type=click.Path(exists=True, file_okay=False))
 @click.option("--format", "formats", multiple=True, required=True, help="Exporter name (lora, merged, gguf...); "
                                                                       "repeat for several.")
-@click.option("--quant", "quantization", help="GGUF quantization (q8_0, q4_k_m, ...; comma-separated for several).")
+@click.option("--quant", "--quantization", "quantization",
+              help="GGUF quantization (q8_0, q4_k_m, ...; comma-separated for several).")
+@click.option("--imatrix", is_flag=False, flag_value=True, default=None, type=click.UNPROCESSED, metavar="[PATH]",
+              help="GGUF importance matrix: alone, collected on the run's training data (or --calibration-data); "
+                   "with a path, read from a llama.cpp imatrix file (.gguf or .dat).")
+@click.option("--calibration-data", type=click.Path(dir_okay=False),
+              help="Calibration text for --imatrix (.txt, or .json/.jsonl whose strings are used).")
 @click.option("--output", type=click.Path(file_okay=False), help="Output directory (default: SOURCE/exports).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
-def export(source: str, formats: tuple[str, ...], quantization: str | None, output: str | None, overwrite: bool,
-           debug: bool) -> None:
+def export(source: str, formats: tuple[str, ...], quantization: str | None, imatrix: bool | str | None,
+           calibration_data: str | None, output: str | None, overwrite: bool, debug: bool) -> None:
     """Export a finished run directory or one of its checkpoints."""
     setup_logging(debug)
     quiet_libraries()
     from ftengine.engine.export_source import export_run
 
     try:
-        results = export_run(Path(source), formats, quantization, Path(output) if output else None, overwrite)
+        results = export_run(Path(source), formats, quantization, Path(output) if output else None, overwrite,
+                             imatrix, calibration_data)
     except Exception as exc:  # noqa: BLE001 - every failure is one line; --debug shows the traceback
         fail(exc, debug)
         return
