@@ -1,14 +1,21 @@
-"""Time GGUF quantization of an 8B-shaped model (Llama 3 8B tensor shapes, random bf16 weights).
+"""Time GGUF exports of an 8B-shaped model (Llama 3 8B tensor shapes, random bf16 weights).
 
-No checkpoint is needed: one random tensor per distinct shape is made once and quantized for every
-tensor of that shape, with the same per-tensor type choice as a real export (``q4_k_m`` puts
-attn_v / ffn_down of some layers and the output at Q6_K, ...). Only quantization is timed; the
-source tensors start on the CPU, as the merged weights of a real export do.
+Two modes. The default times quantization only: one random tensor per distinct shape is made once
+and quantized for every tensor of that shape, with the same per-tensor type choice as a real export
+(``q4_k_m`` puts attn_v / ffn_down of some layers and the output at Q6_K, ...); the source tensors
+start on the CPU, as the merged weights of a real export do.
+
+``--files`` runs the real export path instead: a whole ``LlamaForCausalLM`` of that shape is built
+in bf16 (random weights, the demo tokenizer padded to the vocabulary as llama.cpp's converter pads
+it) and ``write_gguf`` writes one complete file per type, one type after the other in this one
+process (each file is deleted once measured, so the disk holds one at a time). Per type: wall time,
+file size and the peak host memory (resident set, sampled every 20 ms) over the model's own.
 
 Run (on the GPU machine, or anywhere for a smaller check)::
 
-    python benchmarks/export.py                          # q8_0 and q4_k_m, 32 layers
-    python benchmarks/export.py --types q8_0,q4_k_m,q6_k --layers 4 --json results.jsonl
+    python benchmarks/export.py                          # q8_0 and q4_k_m, 32 layers, quantization only
+    python benchmarks/export.py --files --json export.jsonl                    # every type, whole files
+    python benchmarks/export.py --files --tiny           # every type, a 2-layer model: a CPU smoke check
 """
 
 from __future__ import annotations
@@ -17,8 +24,12 @@ import argparse
 import json
 import platform
 import statistics
+import tempfile
+import threading
 import time
+from pathlib import Path
 
+import psutil
 import torch
 
 from ftengine.plugins.exporters.gguf import mixes
@@ -26,6 +37,10 @@ from ftengine.plugins.exporters.gguf.quants import quantize
 from ftengine.plugins.exporters.gguf.quants.common import compute_device
 
 LLAMA3_8B = dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256)
+TINY = dict(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=1, vocab=640)
+ALL_TYPES = ["q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s", "q4_1", "q4_0", "iq4_nl",
+             "iq4_xs", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k"]
+REPO = Path(__file__).resolve().parent.parent
 
 
 def tensor_shapes(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int):
@@ -63,6 +78,95 @@ def run(quantization: str, shapes: list, layers: int) -> dict:
             "mweights_per_s": weights / seconds / 1e6, "gib_out": out_bytes / 2**30}
 
 
+class PeakMemory:
+    """The largest resident set of this process while in the ``with`` block, sampled every ``period`` s."""
+
+    def __init__(self, period: float = 0.02) -> None:
+        self.period, self.peak, self._process = period, 0, psutil.Process()
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> PeakMemory:
+        self.peak = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+
+def random_model(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int):
+    """A bf16 ``LlamaForCausalLM`` of the given shape with N(0, 0.02) weights (norms at 1), built without
+    a float32 copy: parameters are allocated empty and filled in place."""
+    from transformers import LlamaConfig
+    from transformers import LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    model = model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float32) * 0.02)
+    return model.eval()
+
+
+def write_files(types: list[str], shape: dict, directory: Path, json_path: str | None) -> list[dict]:
+    """Build the model once, then write one whole GGUF file per type; one row per type."""
+    from transformers import AutoTokenizer
+
+    from ftengine.plugins.exporters.gguf.writer import write_gguf
+
+    tokenizer = AutoTokenizer.from_pretrained(str(REPO / "ftengine" / "demo" / "tokenizer"))
+    started = time.perf_counter()
+    model = random_model(**shape)
+    build = time.perf_counter() - started
+    weights = sum(p.numel() for p in model.parameters())
+    base_rss = psutil.Process().memory_info().rss
+    print(f"model: {weights / 1e9:.2f} B weights built in {build:.1f} s, resident {base_rss / 2**30:.2f} GiB")
+    print(f"{'type':8} {'seconds':>8} {'GiB file':>9} {'peak GiB':>9} {'over model GiB':>15}")
+    rows = []
+    for quantization in types:
+        path = directory / f"model-{quantization}.gguf"
+        with PeakMemory() as memory:
+            start = time.perf_counter()
+            write_gguf(model, tokenizer, path, quantization)
+            seconds = time.perf_counter() - start
+        size = path.stat().st_size
+        path.unlink()
+        row = {"quantization": quantization, "weights": weights, "seconds": seconds, "gib_file": size / 2**30,
+               "peak_rss_gib": memory.peak / 2**30, "over_model_gib": (memory.peak - base_rss) / 2**30}
+        rows.append(row)
+        print(f"{quantization:8} {seconds:>8.1f} {row['gib_file']:>9.2f} {row['peak_rss_gib']:>9.2f} "
+              f"{row['over_model_gib']:>15.2f}", flush=True)
+        if json_path:
+            with open(json_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({**row, "mode": "files", "device": device_line(), "layers": shape["layers"],
+                                         "model_build_seconds": build}) + "\n")
+    total = time.perf_counter() - started
+    print(f"total wall time {total:.1f} s (model build included); peak resident "
+          f"{max(r['peak_rss_gib'] for r in rows):.2f} GiB")
+    return rows
+
+
 def device_line() -> str:
     """The machine the numbers were taken on."""
     device = compute_device()
@@ -75,13 +179,23 @@ def device_line() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--types", default="q8_0,q4_k_m", help="comma-separated quantizations")
+    parser.add_argument("--types", help="comma-separated quantizations (default: q8_0,q4_k_m; with --files, all)")
     parser.add_argument("--layers", type=int, default=LLAMA3_8B["layers"], help="blocks (32 = the full 8B)")
     parser.add_argument("--repeats", type=int, default=1, help="full passes per type; the median is reported")
+    parser.add_argument("--files", action="store_true", help="write whole GGUF files through write_gguf")
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer, hidden-256 model (a CPU smoke check)")
+    parser.add_argument("--out", help="--files: directory for the files (default: a temporary one)")
     parser.add_argument("--json", help="append one JSON line per type to this file")
     args = parser.parse_args()
 
-    config = {**LLAMA3_8B, "layers": args.layers}
+    config = dict(TINY) if args.tiny else {**LLAMA3_8B, "layers": args.layers}
+    if args.files:
+        types = [mixes.check_quantization(q) for q in (args.types.split(",") if args.types else ALL_TYPES)]
+        print(device_line())
+        with tempfile.TemporaryDirectory(dir=args.out) as directory:
+            write_files(types, config, Path(directory), args.json)
+        return
+    args.types = args.types or "q8_0,q4_k_m"
     shapes = list(tensor_shapes(**config))
     print(device_line())
     print(f"{'type':8} {'tensors':>7} {'weights':>14} {'seconds':>9} {'M weights/s':>12} {'GiB out':>8}")

@@ -2,8 +2,8 @@
 
 One quantization writes ``model-<type>.gguf`` and ``Modelfile`` into the export directory; a list
 writes one sub-directory per type (``<type>/model-<type>.gguf`` and its ``Modelfile``), the LoRA
-merged once for all. With ``imatrix`` the K-quant and IQ4 types are quantized against an importance
-matrix, computed here (and saved as ``imatrix.gguf``) or read from a llama.cpp file. A
+merged once for all. With ``imatrix`` the K-quant, IQ4 and legacy 4-/5-bit types are quantized against an
+importance matrix, computed here (and saved as ``imatrix.gguf``) or read from a llama.cpp file. A
 vision-language model's export adds ``mmproj-<name>-f16.gguf`` (its vision tower and projector, once
 for all types) beside them, and each Modelfile names both files.
 """
@@ -50,9 +50,9 @@ class GGUFOptions(BaseModel):
         f"(llama.cpp's names), or {', '.join(mixes.ALIASES)}"
     )
     imatrix: bool | str = Field(
-        False, description="importance matrix for the K-quant and IQ4 types: true computes one from calibration "
-        "text (imatrix_data, else a sample of the run's training data) and saves it as imatrix.gguf; a path reads "
-        "a llama.cpp imatrix file (.gguf or legacy .dat)"
+        False, description="importance matrix for the K-quant, IQ4 and Q4_0/Q4_1/Q5_0/Q5_1 types: true computes one "
+        "from calibration text (imatrix_data, else a sample of the run's training data) and saves it as imatrix.gguf; "
+        "a path reads a llama.cpp imatrix file (.gguf or legacy .dat)"
     )
     imatrix_data: str | None = Field(
         None, description="calibration text for imatrix: true (a .txt file, or .json/.jsonl whose strings are used)"

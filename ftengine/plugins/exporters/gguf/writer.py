@@ -232,7 +232,7 @@ def write_ggufs(
             :data:`ftengine.plugins.exporters.gguf.mixes.QUANTIZATIONS`) -> output file; each is
             written as ``<path>.partial`` and renamed when complete.
         name: ``general.name`` (default: the model's directory or hub name).
-        imatrix: importances the K-quant and IQ4 quantizers weigh their scale searches with (and
+        imatrix: importances the K-quant, IQ4 and legacy 4-/5-bit quantizers weigh their scale searches with (and
             that change some tensor types of the mixes, as in llama.cpp).
         sink: ``sink(hf_name, tensor)`` called with every merged weight (float32, CPU) as it passes,
             the tensors the language model does not take included (a vision tower for the mmproj file).
