@@ -541,7 +541,10 @@ def _run_locked(config: RunConfig, run_dir: RunDir, resume: bool, rank: Any) -> 
     train_ds = None  # the training rows: the default calibration text of exports that take one
     try:
         if trained:
+            from ftengine.engine.export_source import TrainingRows
+
             model, tokenizer, result, report, notes = _finished_training(config, run_dir, state)
+            train_ds = TrainingRows(config, tokenizer)  # read only if an export calibrates on them
             memory = peak_memory()
             exported = model if rank.is_main else None
         else:

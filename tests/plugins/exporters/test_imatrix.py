@@ -208,6 +208,7 @@ def test_run_exports_gguf_with_an_imatrix_of_its_training_data(demo_base, tmp_pa
     from ftengine.core.config import validate_config
     from ftengine.demo import demo_config
     from ftengine.engine.pipeline import run
+    from ftengine.plugins.models._patching import routing_report
 
     raw = demo_config().model_dump(mode="json")
     raw["training"].update(max_steps=2, save_steps=100, logging_steps=1)
@@ -219,5 +220,39 @@ def test_run_exports_gguf_with_an_imatrix_of_its_training_data(demo_base, tmp_pa
     assert sorted(p.name for p in exports.iterdir()) == ["gguf", "gguf-2"]
     imatrix = ImportanceMatrix.load(exports / "gguf" / "imatrix.gguf")
     assert imatrix.datasets == ["training data"] and imatrix.chunk_count == 2
+    layers = result.model.config.num_hidden_layers
+    every_linear = {f"blk.{i}.{name}.weight" for i in range(layers) for name in (
+        "attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")}
+    assert every_linear <= set(imatrix.counts)  # through the patched model's layers too
+    assert {imatrix.counts[name] for name in every_linear} == {2 * 64}
+    assert any("lora" in line for line in routing_report(result.model))  # patched again afterwards
     assert (exports / "gguf" / "iq4_nl" / "model-iq4_nl.gguf").exists()
     assert (exports / "gguf-2" / "model-q4_0.gguf").exists()
+
+
+def test_a_resumed_run_calibrates_its_missing_export_on_the_training_rows(demo_base, tmp_path, monkeypatch):
+    """Training finished but the gguf export failed: ``--resume`` writes it, its imatrix computed on the
+    run's training rows (read again from data.path, tokenized as the run did)."""
+    from ftengine.core.config import validate_config
+    from ftengine.demo import demo_config
+    from ftengine.engine.pipeline import run
+    from ftengine.engine.rundir import RunDir
+    from ftengine.plugins.exporters.gguf import exporter as exporter_module
+
+    raw = demo_config().model_dump(mode="json")
+    raw["training"].update(max_steps=2, save_steps=2, logging_steps=1)
+    raw["export"] = [{"format": "gguf", "quantization": "iq4_nl", "imatrix": True, "imatrix_chunks": 2,
+                      "imatrix_chunk_size": 64}]
+    config = validate_config(raw)
+
+    def disk_trouble(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(exporter_module, "write_ggufs", disk_trouble)
+        first = run(config, output_dir=str(tmp_path))
+    assert first.failed_exports and first.run_dir.status()["status"] == "exports_failed"
+    again = run(config, run_dir=RunDir(first.run_dir.path), resume=True)
+    assert again.run_dir.status()["status"] == "completed" and again.train.steps == 2
+    imatrix = ImportanceMatrix.load(again.run_dir.exports / "gguf" / "imatrix.gguf")
+    assert imatrix.datasets == ["training data"] and imatrix.chunk_count == 2

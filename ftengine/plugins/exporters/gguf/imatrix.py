@@ -19,7 +19,9 @@ import ctypes
 import struct
 from collections.abc import Callable
 from collections.abc import Iterable
+from collections.abc import Iterator
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
@@ -32,6 +34,8 @@ from gguf import GGUFWriter
 from torch import nn
 
 from ftengine.core.errors import ExportError
+from ftengine.core.kernels import get_op
+from ftengine.core.plugins import adapter_for_model_type
 from ftengine.plugins.exporters.merged_tensors import checkpoint_layer_name
 
 
@@ -177,6 +181,21 @@ class ImportanceMatrix:
         return out
 
 
+@contextmanager
+def plain_forwards(model: nn.Module) -> Iterator[None]:
+    """The model runs Hugging Face's own forwards inside the block, its adapter's kernel patches put back
+    after. The fused forwards read the linear layers' weights themselves, so hooks on those layers would
+    never fire while they are in place."""
+    adapter = adapter_for_model_type(model.config.model_type)
+    unpatch = getattr(adapter, "unpatch", None)
+    restored = unpatch(model) if unpatch is not None else 0
+    try:
+        yield
+    finally:
+        if restored:
+            adapter.patch(model, get_op)
+
+
 def collect(
     model: nn.Module,
     rows: Iterable[Sequence[int]],
@@ -188,7 +207,8 @@ def collect(
     """Run ``model`` over calibration tokens and record the squared inputs of every linear layer.
 
     Args:
-        model: a causal LM, plain or peft (adapters active: the merged model's activations).
+        model: a causal LM, plain or peft (adapters active: the merged model's activations), patched
+            or not (:func:`plain_forwards`).
         rows: token-id sequences; they are concatenated and cut into chunks of ``chunk_size``.
         gguf_name: a weight's checkpoint name (``model.layers.0.mlp.down_proj.weight``) -> its GGUF
             name, or ``None`` for weights not in the GGUF file.
@@ -233,7 +253,7 @@ def collect(
             handles.append(module.register_forward_pre_hook(hook(name)))
     device = next(model.parameters()).device
     try:
-        with torch.no_grad():
+        with torch.no_grad(), plain_forwards(base):
             for chunk in chunks:
                 model(input_ids=torch.tensor([chunk], device=device), use_cache=False)
                 result.chunk_count += 1
