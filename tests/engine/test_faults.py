@@ -18,6 +18,7 @@ from ftengine.core.errors import ExportError
 from ftengine.core.errors import FtengineError
 from ftengine.core.errors import NonFiniteError
 from ftengine.core.errors import RunLockedError
+from ftengine.engine import exporting
 from ftengine.engine import pipeline
 from ftengine.engine.export_source import export_run
 from ftengine.engine.guard import NonFiniteGuard
@@ -223,7 +224,7 @@ def test_without_the_guard_an_infinite_learning_rate_completes_with_a_nan_adapte
     """What the guard prevents: the same run with its checks switched off 'completes'."""
     monkeypatch.setattr(NonFiniteGuard, "_problem", lambda self, model, optimizer: None)
     monkeypatch.setattr(NonFiniteGuard, "on_optimizer_step", lambda self, args, state, control, **kw: control)
-    monkeypatch.setattr(pipeline, "first_non_finite", lambda named: None)
+    monkeypatch.setattr(exporting, "first_non_finite", lambda named: None)
     cfg = config.model_copy(deep=True)
     cfg.training.__dict__["learning_rate"] = float("inf")
     result = pipeline.run(cfg, run_dir=RunDir(tmp_path / "run"))
