@@ -241,7 +241,7 @@ def train(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft", eval_d
             ``module:function`` strings or any callables).
 
     Returns:
-        A :class:`ftengine.engine.pipeline.TrainResult`.
+        A :class:`ftengine.engine.training.TrainResult`.
     """
     from ftengine.core import plugins
     from ftengine.core.config import RunConfig

@@ -22,15 +22,11 @@ from ftengine.core import plugins
 from ftengine.core.config import LoftQConfig
 from ftengine.core.config import LoRAConfig
 from ftengine.core.config import RunConfig
-from ftengine.core.config import TrainingConfig
 from ftengine.core.config import dump_config
-from ftengine.core.config import trainer_options
 from ftengine.core.errors import ConfigError
 from ftengine.core.errors import ModelError
-from ftengine.core.errors import NonFiniteError
 from ftengine.core.errors import StoppedAtOnce
 from ftengine.core.kernels import get_op
-from ftengine.core.types import TrainRequest
 from ftengine.engine import distributed
 from ftengine.engine import hub
 from ftengine.engine import run_data
@@ -43,19 +39,16 @@ from ftengine.engine.failures import directory_bytes
 from ftengine.engine.failures import disk_full
 from ftengine.engine.failures import error_line
 from ftengine.engine.failures import is_disk_full
-from ftengine.engine.guard import NonFiniteGuard
 from ftengine.engine.loftq import check_unquantized
 from ftengine.engine.loftq import initialise as loftq_initialise
 from ftengine.engine.loftq import requested as loftq_requested
 from ftengine.engine.memory import checkpointing
-from ftengine.engine.progress import CheckpointMarkerCallback
-from ftengine.engine.progress import InterruptCallback
-from ftengine.engine.progress import ProgressCallback
 from ftengine.engine.rope_scaling import apply_rope_scaling
 from ftengine.engine.rundir import RunDir
 from ftengine.engine.settings import ModelSettings
 from ftengine.engine.settings import remember_settings
-from ftengine.engine.settings import settings_of
+from ftengine.engine.training import TrainResult
+from ftengine.engine.training import train
 
 log = logging.getLogger("ftengine")
 
@@ -69,19 +62,6 @@ class LoadedModel:
     settings: ModelSettings = field(default_factory=ModelSettings)
     processor: Any = None  # vision-language models: the processor (``tokenizer`` is its tokenizer)
     collator: Any = None  # set by the data stage when it batches rows itself (images)
-
-
-@dataclass
-class TrainResult:
-    steps: int
-    first_loss: float | None
-    last_loss: float | None
-    wall_seconds: float
-    interrupted: bool
-    checkpoint: str | None
-    losses: list[tuple[int, float]] = field(default_factory=list)
-    skipped_steps: list[int] = field(default_factory=list)  # steps dropped by training.on_nonfinite: skip_step
-    eval_losses: list[tuple[int, float]] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- load
@@ -347,69 +327,6 @@ def adapt(loaded: LoadedModel, lora: LoRAConfig, full_finetuning: bool = False,
         loaded.notes.append("projections: " + "; ".join(routes(model)))
     loaded.model = model
     return loaded
-
-
-# ----------------------------------------------------------------------------- train
-
-
-def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, training: TrainingConfig,
-          run_dir: RunDir, resume_from: Path | None = None, ref_model: Any = None,
-          settings: ModelSettings | None = None, strategy: str = "single",
-          trainer_arguments: dict[str, Any] | None = None, data_collator: Any = None) -> TrainResult:
-    """Stage 5: the trainer plugin runs, with the engine's progress, checkpoint and interrupt callbacks.
-
-    ``settings`` default to those :func:`load` left on the model; ``strategy`` and
-    ``trainer_arguments``: see :mod:`ftengine.engine.distributed`."""
-    settings = settings or settings_of(model)
-    trainer_plugin = plugins.get("trainers", training.trainer)
-    progress = ProgressCallback(run_dir.metrics_path, main=run_dir.writer)
-    interrupt = InterruptCallback()
-    markers = CheckpointMarkerCallback(distributed.rank_info().world_size, strategy)
-    guard = NonFiniteGuard(training.on_nonfinite, training.max_nonfinite_steps)
-    callbacks = [progress, markers, interrupt]
-    if training.early_stopping_patience:
-        from transformers import EarlyStoppingCallback
-
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=training.early_stopping_patience))
-    callbacks.append(guard)  # last: it vetoes the saves the others ask for once a step went non-finite
-    request = TrainRequest(model=model, tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                           training=training, output_dir=run_dir.checkpoints, ref_model=ref_model,
-                           callbacks=callbacks, max_seq_length=settings.max_seq_length,
-                           attn_implementation=model.config._attn_implementation,
-                           trainer_arguments=trainer_arguments or {},
-                           options=trainer_options(training), data_collator=data_collator)
-    trainer = trainer_plugin.create(request)
-    guard.watch(trainer)
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # the engine's ProgressCallback reports instead
-    start = time.perf_counter()
-    interrupt.install()
-    try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    finally:
-        interrupt.restore()
-        checkpointing.release_host_buffers(model)
-    wall = time.perf_counter() - start
-    metrics = run_dir.read_metrics()
-    losses = [(m["step"], m["loss"]) for m in metrics if m.get("loss") is not None]
-    eval_losses = [(m["step"], m["eval_loss"]) for m in metrics if m.get("eval_loss") is not None]
-    run_dir.plot_loss()
-    latest = run_dir.latest_checkpoint()
-    if guard.failure is not None:
-        raise NonFiniteError(f"{guard.failure}; training stopped, nothing of that step was saved; last good "
-                             f"checkpoint: {latest or 'none'}")
-    return TrainResult(
-        steps=trainer.state.global_step,
-        first_loss=losses[0][1] if losses else None,
-        last_loss=losses[-1][1] if losses else None,
-        wall_seconds=wall,
-        interrupted=interrupt.interrupted,
-        checkpoint=str(latest) if latest else None,
-        losses=losses,
-        skipped_steps=guard.skipped,
-        eval_losses=eval_losses,
-    )
 
 
 # ----------------------------------------------------------------------------- a whole run
