@@ -328,14 +328,10 @@ def _prepared_pair(dataset: Any, eval_dataset: Any, tokenizer: Any, trainer: str
     if not vision_api.is_processor(tokenizer):
         eval_dataset = _prepared(eval_dataset, tokenizer, trainer) if eval_dataset is not None else None
         return _prepared(dataset, tokenizer, trainer), eval_dataset, tokenizer, None
-    sets = [d if d is None or getattr(d, vision_api.ROWS_ATTR, None) is not None or _is_row_numbers(d)
+    sets = [d if d is None or "row" in (getattr(d, "column_names", None) or ())
             else load_dataset(d, tokenizer, trainer=trainer) for d in (dataset, eval_dataset)]
     train_ds, eval_ds, collator = vision_api.collated(tokenizer, *sets)
     return train_ds, eval_ds, tokenizer.tokenizer, collator
-
-
-def _is_row_numbers(dataset: Any) -> bool:
-    return getattr(dataset, "column_names", None) == ["row"]
 
 
 def _prepared(dataset: Any, tokenizer: Any, trainer: str) -> Any:

@@ -2,13 +2,16 @@
 :func:`ftengine.load_dataset` / :func:`ftengine.train` take it where a text model takes its tokenizer.
 
 A dataset of image conversations keeps its rows (images opened) beside the ``datasets.Dataset`` that the
-trainer iterates (row numbers, as in a config run): Arrow cannot hold opened images next to string
-contents. :func:`collated` joins a training and an evaluation set under one
+trainer iterates: Arrow cannot hold opened images next to string contents. The dataset holds each row's
+number and the key of its row set (``row``, ``row_set``), so that a copy made with ``select``,
+``shuffle``, ``filter``, ``train_test_split`` or a ``map`` that keeps those columns still finds its
+rows. :func:`collated` joins a training and an evaluation set under one
 :class:`~ftengine.engine.vision.VisionCollator`.
 """
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from ftengine.core import plugins
@@ -17,8 +20,14 @@ from ftengine.engine import vision
 from ftengine.engine.data import DataReport
 from ftengine.engine.data import load_samples
 
-ROWS_ATTR = "ftengine_rows"
-TRAIN_ON_ATTR = "ftengine_train_on"
+ROW_COLUMNS = ("row", "row_set")
+_ROW_SETS: dict[str, tuple[list[Any], str]] = {}
+"""Row-set key -> (the rows, the dataset's ``train_on``), for every set :func:`vision_dataset` made in this process."""
+
+
+def is_vision_dataset(dataset: Any) -> bool:
+    """Whether ``dataset`` is (a copy of) a set :func:`vision_dataset` made: its row-number columns are there."""
+    return set(ROW_COLUMNS) <= set(getattr(dataset, "column_names", None) or ())
 
 
 def is_processor(tokenizer: Any) -> bool:
@@ -59,27 +68,31 @@ def vision_dataset(data: Any, processor: Any, config: Any, max_seq_length: int, 
                               images_per_turn_limit(processor))
     if not rows:
         raise DataError(f"{config.path or 'the rows'}: no usable image conversation ({report.skipped} skipped)")
-    dataset = datasets.Dataset.from_list([{"row": i} for i in range(len(rows))])
-    setattr(dataset, ROWS_ATTR, rows)
-    setattr(dataset, TRAIN_ON_ATTR, config.train_on)
-    return dataset
+    key = uuid.uuid4().hex
+    _ROW_SETS[key] = (rows, config.train_on)
+    return datasets.Dataset.from_dict({"row": list(range(len(rows))), "row_set": [key] * len(rows)})
 
 
 def collated(processor: Any, train: Any, evaluation: Any = None) -> tuple[Any, Any, vision.VisionCollator]:
     """The training and evaluation sets renumbered into one list of rows, and the collator over it.
 
     Raises:
-        DataError: a set that :func:`vision_dataset` did not make (a mapped or filtered copy loses its rows).
+        DataError: a set that :func:`vision_dataset` did not make, or a copy that dropped its ``row`` /
+            ``row_set`` columns.
     """
     import datasets
 
     parts = [d for d in (train, evaluation) if d is not None]
-    if any(getattr(d, ROWS_ATTR, None) is None for d in parts):
+    if not all(is_vision_dataset(d) and all(key in _ROW_SETS for key in set(d["row_set"])) for d in parts):
         raise DataError("train: a vision-language model trains on the dataset ftengine.load_dataset(data, processor) "
-                        "returns (rows with their images; a mapped or filtered copy loses them)")
-    rows = [row for d in parts for row in getattr(d, ROWS_ATTR)]
-    n_train = len(getattr(train, ROWS_ATTR))
-    train_ds = datasets.Dataset.from_list([{"row": i} for i in range(n_train)])
-    eval_ds = (datasets.Dataset.from_list([{"row": n_train + i} for i in range(len(rows) - n_train)])
-               if evaluation is not None else None)
-    return train_ds, eval_ds, vision.VisionCollator(processor, rows, getattr(train, TRAIN_ON_ATTR))
+                        "returns, or a copy of it that keeps its 'row' and 'row_set' columns (select, shuffle, "
+                        "filter, train_test_split)")
+    if len(train) == 0:
+        raise DataError("train: the training set holds no rows")
+    picked = [[_ROW_SETS[key][0][i] for i, key in zip(d["row"], d["row_set"], strict=True)] for d in parts]
+    rows = [row for part in picked for row in part]
+    n_train = len(picked[0])
+    train_ds = datasets.Dataset.from_dict({"row": list(range(n_train))})
+    eval_ds = (datasets.Dataset.from_dict({"row": list(range(n_train, len(rows)))}) if evaluation is not None
+               else None)
+    return train_ds, eval_ds, vision.VisionCollator(processor, rows, _ROW_SETS[train["row_set"][0]][1])
