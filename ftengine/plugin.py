@@ -4,7 +4,8 @@ The hooks are documented in :mod:`ftengine.core.hookspecs`; the interfaces the r
 satisfy in :mod:`ftengine.core.types`; the kernel ops' signatures in :mod:`ftengine.core.kernels`.
 The names below are the stable surface: each says in its docstring since which version it exists,
 and none is removed or changed incompatibly before a major version. The building blocks
-(:class:`DecoderAdapter`, :class:`PatchTable`, :class:`GGUFLayout`, :func:`iter_merged_tensors`)
+(:class:`DecoderAdapter`, :class:`PatchTable` with :func:`linear_projection` and :func:`attention_function`
+for a family's own blocks, :class:`GGUFLayout`, :func:`iter_merged_tensors`)
 are what the first-party plugins use themselves.
 
 .. versionadded:: 0.1
@@ -41,7 +42,10 @@ from ftengine.plugins.exporters.merged_tensors import iter_merged_tensors
 from ftengine.plugins.models._adapter import DecoderAdapter
 from ftengine.plugins.models._gguf import GGUFLayout
 from ftengine.plugins.models._mmproj import MmprojLayout
+from ftengine.plugins.models._patching import GetOp
 from ftengine.plugins.models._patching import PatchTable
+from ftengine.plugins.models._patching import attention_function
+from ftengine.plugins.models._patching import linear_projection
 
 __all__ = [
     "OP_NAMES",
@@ -55,6 +59,7 @@ __all__ = [
     "Exporter",
     "FtengineError",
     "GGUFLayout",
+    "GetOp",
     "GGUFSupport",
     "KernelBackend",
     "LoRAWeights",
@@ -70,8 +75,10 @@ __all__ = [
     "Sample",
     "TrainRequest",
     "TrainerPlugin",
+    "attention_function",
     "begin_forward",
     "get_op",
     "hookimpl",
     "iter_merged_tensors",
+    "linear_projection",
 ]

@@ -33,6 +33,10 @@ from ftengine.core.kernels import begin_forward
 from ftengine.plugins.models import _moe
 
 GetOp = Callable[[str], Callable[..., Any]]
+"""``get_op(name)``: the kernel op of that name from the active backend (what a patched forward calls).
+
+.. versionadded:: 0.1
+"""
 
 ACTIVATIONS: dict[str, str] = {
     "silu": "swiglu",
@@ -75,7 +79,7 @@ class PatchTable:
         decoder: the attribute of a causal-LM class holding the decoder (``model``).
         moes: sparse mixture-of-experts blocks (a ``gate`` router and fused ``experts``), run on ``lora_moe``.
         custom: ``(class name, factory)`` pairs for a family's own blocks (Mllama's cross-attention):
-            ``factory(get_op)`` returns the forward, written on the helpers here (:func:`linear`,
+            ``factory(get_op)`` returns the forward, written on the helpers here (:func:`linear_projection`,
             :func:`attention_function`).
 
     .. versionadded:: 0.1
@@ -213,8 +217,13 @@ def _gate(get_op: GetOp, activation: str, gate: torch.Tensor, up: torch.Tensor) 
     return get_op("geglu")(gate, up, "tanh" if activation == "geglu_tanh" else "none")
 
 
-def linear(get_op: GetOp, module: nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:
-    """One projection through ``lora_linear`` when it routes, else the module itself (peft's path)."""
+def linear_projection(get_op: GetOp, module: nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:
+    """``module(x)`` through the ``lora_linear`` op when the module routes (a plain, 4-bit or LoRA-wrapped
+    ``nn.Linear`` whose adapters the op serves), else the module itself (peft's path); ``what`` names the
+    projection in the fallback report (``"cross-attention q_proj"``). For :attr:`PatchTable.custom` forwards.
+
+    .. versionadded:: 0.1
+    """
     projected = _project(get_op, [module], x, what)
     return projected[0] if projected is not None else module(x)
 
@@ -235,8 +244,9 @@ def _fused_mlp_forward(get_op: GetOp, activation: str, gate_up: str) -> Callable
     weight), split in halves, the gate op, and ``lora_linear`` for ``down_proj``."""
 
     def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(get_op, getattr(self, gate_up), x, f"MLP {gate_up}").chunk(2, dim=-1)  # (B, T, I) each
-        return linear(get_op, self.down_proj, _gate(get_op, activation, gate, up), "MLP down_proj")
+        fused = linear_projection(get_op, getattr(self, gate_up), x, f"MLP {gate_up}")  # (B, T, 2I)
+        gate, up = fused.chunk(2, dim=-1)  # (B, T, I) each
+        return linear_projection(get_op, self.down_proj, _gate(get_op, activation, gate, up), "MLP down_proj")
 
     return forward
 
@@ -248,7 +258,7 @@ def _qkv(get_op: GetOp, module: nn.Module, x: torch.Tensor, fused: str | None) -
         projections = [module.q_proj, module.k_proj, module.v_proj]
         qkv = _project(get_op, projections, x, "attention q/k/v")
         return qkv if qkv is not None else [p(x) for p in projections]
-    qkv = linear(get_op, getattr(module, fused), x, f"attention {fused}")
+    qkv = linear_projection(get_op, getattr(module, fused), x, f"attention {fused}")
     q_size = module.config.num_attention_heads * module.head_dim
     kv_size = (qkv.shape[-1] - q_size) // 2
     return list(qkv.split([q_size, kv_size, kv_size], dim=-1))
@@ -314,13 +324,18 @@ def _attention_forward(get_op: GetOp, attention_kwargs: tuple[tuple[str, str], .
             **kwargs,
         )
         out = out.reshape(*batch_shape, -1).contiguous()  # (B, T, heads * D)
-        return linear(get_op, self.o_proj, out, "attention o_proj"), weights
+        return linear_projection(get_op, self.o_proj, out, "attention o_proj"), weights
 
     return forward
 
 
 def attention_function(module: nn.Module) -> Callable[..., Any]:
-    """The configured attention implementation; "eager" is the module's own family's eager function."""
+    """The attention function the model is configured with (``config._attn_implementation`` looked up in
+    transformers' registry; "eager" is the module's own family's ``eager_attention_forward``), called as
+    transformers' attention modules call it. For :attr:`PatchTable.custom` forwards.
+
+    .. versionadded:: 0.1
+    """
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     implementation = module.config._attn_implementation

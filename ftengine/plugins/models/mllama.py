@@ -26,7 +26,7 @@ from ftengine.plugins.models._adapter import DecoderAdapter
 from ftengine.plugins.models._patching import GetOp
 from ftengine.plugins.models._patching import PatchTable
 from ftengine.plugins.models._patching import attention_function
-from ftengine.plugins.models._patching import linear
+from ftengine.plugins.models._patching import linear_projection
 from ftengine.plugins.models._vision import VisionSpec
 
 
@@ -43,11 +43,11 @@ def cross_attention_forward(get_op: GetOp) -> Callable[..., Any]:
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length = hidden_states.shape[:2]
-        q = linear(get_op, self.q_proj, hidden_states, "cross-attention q_proj")  # (B, T, heads * D)
+        q = linear_projection(get_op, self.q_proj, hidden_states, "cross-attention q_proj")  # (B, T, heads * D)
         q = self.q_norm(q.view(batch, length, -1, self.head_dim).transpose(1, 2))  # (B, heads, T, D)
         if cross_attention_states is not None:
             # (B, images * tiles * patches, H) -> (B, kv_heads, S, D)
-            k, v = (linear(get_op, p, cross_attention_states, f"cross-attention {name}")
+            k, v = (linear_projection(get_op, p, cross_attention_states, f"cross-attention {name}")
                     .view(batch, -1, self.num_key_value_heads, self.head_dim).transpose(1, 2)
                     for p, name in ((self.k_proj, "k_proj"), (self.v_proj, "v_proj")))
             k = self.k_norm(k)
@@ -60,7 +60,7 @@ def cross_attention_forward(get_op: GetOp) -> Callable[..., Any]:
         out, weights = attend(self, q, k, v, attention_mask, dropout=self.dropout if self.training else 0.0,
                               scaling=self.scaling, **kwargs)
         out = out.reshape(batch, length, -1).contiguous()  # (B, T, heads * D)
-        return linear(get_op, self.o_proj, out, "cross-attention o_proj"), weights
+        return linear_projection(get_op, self.o_proj, out, "cross-attention o_proj"), weights
 
     return forward
 
