@@ -177,8 +177,9 @@ def run(config: str | None, output_dir: str | None, resume_dir: str | None, demo
             what = {"dpo": "DPO with LoRA", "grpo": "GRPO with LoRA (toy arithmetic)",
                     "vision": "LoRA on formula images"}.get(kind, "LoRA")
             arch = "Qwen2.5-VL" if kind == "vision" else "Qwen2"
-            click.echo(f"ftengine demo: {what} on a tiny {arch}-architecture model (random initial weights), "
-                       "on the CPU", err=True)
+            start = ("random initial weights, warmed up by a few seconds of SFT on other sums" if kind == "grpo"
+                     else "random initial weights")
+            click.echo(f"ftengine demo: {what} on a tiny {arch}-architecture model ({start}), on the CPU", err=True)
             cfg = demo_config(kind)
         else:
             cfg = load_config(config)

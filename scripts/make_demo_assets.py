@@ -1,6 +1,6 @@
 """Regenerates the built-in demo's assets in ftengine/demo/: the instruction dataset, the
-byte-level BPE tokenizer trained on it, the preference (DPO) dataset over the same facts, and the
-tiny Qwen2 config.
+byte-level BPE tokenizer trained on it, the preference (DPO) dataset over the same facts, the GRPO
+demo's arithmetic (warm-up rows and prompts), and the tiny Qwen2 config.
 
     python scripts/make_demo_assets.py
 """
@@ -123,6 +123,28 @@ def preference_rows() -> list[dict]:
     return out
 
 
+ARITHMETIC_SYSTEM = "Answer with the number only."
+WARMUP_PROBLEMS = 60
+
+
+def arithmetic_rows() -> tuple[list[dict], list[dict]]:
+    """Every sum and difference of two digits whose answer is one digit (110 problems), shuffled: the
+    first 60 with their answers are the GRPO demo's warm-up SFT rows, the other 50 its GRPO prompts
+    (with the ``answer`` and ``format_pattern`` columns its rewards read)."""
+    problems = [(f"What is {a} + {b}?", a + b) for a in range(10) for b in range(10) if a + b <= 9]
+    problems += [(f"What is {a} - {b}?", a - b) for a in range(10) for b in range(a + 1)]
+    random.Random(1).shuffle(problems)
+
+    def prompt(question: str) -> list[dict]:
+        return [{"role": "system", "content": ARITHMETIC_SYSTEM}, {"role": "user", "content": question}]
+
+    warmup = [{"messages": prompt(q) + [{"role": "assistant", "content": str(a)}]}
+              for q, a in problems[:WARMUP_PROBLEMS]]
+    prompts = [{"messages": prompt(q), "answer": str(a), "format_pattern": "\\s*-?\\d+\\s*"}
+               for q, a in problems[WARMUP_PROBLEMS:]]
+    return warmup, prompts
+
+
 def write_jsonl(path: Path, data: list[dict]) -> None:
     with path.open("w") as handle:
         for row in data:
@@ -162,6 +184,9 @@ def main() -> None:
     write_jsonl(DEMO / "data.jsonl", data)
     pairs = preference_rows()
     write_jsonl(DEMO / "preference.jsonl", pairs)
+    warmup, prompts = arithmetic_rows()
+    write_jsonl(DEMO / "arithmetic_warmup.jsonl", warmup)
+    write_jsonl(DEMO / "arithmetic.jsonl", prompts)
     texts = [m["content"] for row in data for m in row["messages"]] + ["system user assistant"]
     tokenizer(texts * 4)
     print(f"{len(data)} rows and {len(pairs)} preference pairs written to {DEMO}")

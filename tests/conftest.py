@@ -41,6 +41,14 @@ def demo_base(tmp_path_factory):
     return base_model_dir()
 
 
+@pytest.fixture(scope="session")
+def grpo_base(demo_base):
+    """The GRPO demo's warm-started model directory (built once, in the same temporary cache)."""
+    from ftengine.demo import grpo_base_dir
+
+    return grpo_base_dir()
+
+
 def tiny_run_config(base, data, tmp_path, **training):
     """A few-step LoRA run on the demo model: the shape most pipeline tests need."""
     from ftengine.core.config import validate_config

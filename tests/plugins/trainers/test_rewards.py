@@ -47,8 +47,8 @@ def test_builtins_are_registered():
 def test_names_modules_files_and_callables_resolve(tmp_path):
     registered = plugins.get_registry("rewards")
     assert resolve_reward("format", registered) == ("format", format_reward)
-    name, function = resolve_reward("ftengine.demo.rewards:digits", registered)
-    assert function(completions=["12", "a1"]) == [1.0, 0.5]
+    name, function = resolve_reward("ftengine.demo.rewards:closeness", registered)
+    assert function(completions=["7", "x", "then 12", "-9"], answer=["7", "7", "7", "7"]) == [1.0, 0.0, 0.5, 0.0]
     source = tmp_path / "my_rewards.py"
     source.write_text("def shout(completions, **columns):\n    return [float(c.isupper()) for c in completions]\n")
     assert resolve_reward(f"{source}:shout", registered)[1](completions=["HI", "hi"]) == [1.0, 0.0]
