@@ -54,7 +54,8 @@ def fit_affine(
         use_mad: minimise the weighted absolute error instead of the squared one (Q2_K).
 
     Returns:
-        ``(scale, neg_min)``, each ``(n,)``, with ``neg_min >= 0``.
+        ``(scale, neg_min, levels)``: ``(n,)`` each with ``neg_min >= 0``, and the winning grid's levels
+        ``(n, m)`` (those the least-squares ``scale`` and offset were solved for).
     """
     hi = x.amax(dim=-1, keepdim=True)  # (n, 1)
     lo = x.amin(dim=-1, keepdim=True).clamp(max=0)
@@ -82,7 +83,8 @@ def fit_affine(
 
     best_scale = torch.where(flat, ones, hi - lo) / nmax
     best_min = lo
-    best_err = error(best_scale, best_min, *assign(float(nmax), lo))
+    best_levels, *sums = assign(float(nmax), lo)
+    best_err = error(best_scale, best_min, best_levels, *sums)
     for i in range(nstep + 1):
         levels, sum_l, sum_l2, sum_xl = assign(rmin + rdelta * i + nmax, best_min)
         det = sum_w * sum_l2 - sum_l * sum_l
@@ -97,9 +99,11 @@ def fit_affine(
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
         best_min = torch.where(better, offset, best_min)
+        best_levels = torch.where(better, levels, best_levels)
     best_scale = torch.where(flat, torch.zeros_like(best_scale), best_scale)
     best_min = torch.where(flat, lo, best_min)
-    return best_scale.squeeze(-1), (-best_min).squeeze(-1)
+    best_levels = torch.where(flat, torch.zeros_like(best_levels), best_levels)
+    return best_scale.squeeze(-1), (-best_min).squeeze(-1), best_levels
 
 
 def fit_symmetric(x: torch.Tensor, w: torch.Tensor, nmax: int, nsteps: int = 9) -> tuple[torch.Tensor, torch.Tensor]:

@@ -57,12 +57,12 @@ def quantize_q2_k(x: torch.Tensor, importance: torch.Tensor | None = None) -> to
     n = x.shape[0]
     sub = x.reshape(n * 16, 16)
     if importance is None:
-        scales, mins = fit_affine(sub, sub.abs(), 3, -0.5, 0.1, 15, use_mad=True)
+        scales, mins, _ = fit_affine(sub, sub.abs(), 3, -0.5, 0.1, 15, use_mad=True)
         d, ls = _round_against_max(scales.reshape(n, 16), 15)
         dmin, lm = _round_against_max(mins.reshape(n, 16), 15)
     else:
         w = importance_weights(x, importance, QK_K, 1.0).reshape(n * 16, 16)
-        scales, mins = fit_affine(sub, w, 3, -0.9, 0.05, 36)
+        scales, mins, _ = fit_affine(sub, w, 3, -0.9, 0.05, 36)
         sum_w = w.sum(dim=-1).reshape(n, 16)
         d, ls = fit_positive(scales.reshape(n, 16), sum_w, 15)
         dmin, lm = fit_positive(mins.reshape(n, 16), sum_w, 15)

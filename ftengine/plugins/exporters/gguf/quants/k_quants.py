@@ -73,7 +73,7 @@ def _levels_affine(x: torch.Tensor, importance: torch.Tensor | None, nmax: int, 
     sub = x.reshape(n * 8, 32)
     if importance is None:
         w = torch.sqrt((sub * sub).mean(dim=-1, keepdim=True)) + sub.abs()
-        scales, mins = fit_affine(sub, w, nmax, rmin, rdelta, nstep)
+        scales, mins, _ = fit_affine(sub, w, nmax, rmin, rdelta, nstep)
         scales, mins = scales.reshape(n, 8), mins.reshape(n, 8)
         max_scale = scales.amax(dim=-1, keepdim=True)  # (n, 1)
         max_min = mins.amax(dim=-1, keepdim=True)
@@ -85,7 +85,7 @@ def _levels_affine(x: torch.Tensor, importance: torch.Tensor | None, nmax: int, 
         dmin = max_min / 63
     else:
         w = importance_weights(x, importance, QK_K, 2.0).reshape(n * 8, 32)
-        scales, mins = fit_affine(sub, w, nmax, -0.9, 0.05, 36)
+        scales, mins, _ = fit_affine(sub, w, nmax, -0.9, 0.05, 36)
         sum_w = w.sum(dim=-1).reshape(n, 8)
         d, ls = fit_positive(scales.reshape(n, 8), sum_w, 63)
         dmin, lm = fit_positive(mins.reshape(n, 8), sum_w, 63)

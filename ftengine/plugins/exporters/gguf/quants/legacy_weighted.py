@@ -1,31 +1,32 @@
-"""Q4_0, Q4_1, Q5_0 and Q5_1 with an importance matrix: a weighted scale search per block of 32.
+"""Q4_0, Q4_1, Q5_0 and Q5_1 with an importance matrix: llama.cpp's weighted search per block of 32.
 
 Without an importance matrix these types keep ggml's reference rounding (``q4_0.py``, ``legacy.py``),
 as llama.cpp does. With one, each weight counts ``w = imatrix[col] * sqrt(sigma2 + x**2)`` in the fit
-(``sigma2`` the mean of ``x**2`` over the whole row), as in llama.cpp's imatrix path for these types:
+(``sigma2`` the mean of ``x**2`` over the whole row), and the search is llama.cpp's own, so that the
+files agree with ``llama-quantize``'s byte for byte but for near ties that float summation order breaks:
 
 * Q4_0 / Q5_0 (``x ~ d * (q - 8)`` / ``d * (q - 16)``): the nineteen grids around the one mapping the
-  block's largest magnitude to the most negative level (:func:`fit_symmetric`), then a few weighted
-  least-squares refinements of ``d`` (:func:`refine_symmetric`).
-* Q4_1 / Q5_1 (``x ~ d * q + m``): the weighted affine sweep over stretched and shrunk grids
-  (:func:`fit_affine`, 37 grids), then alternating nearest levels and the weighted least-squares
-  ``(d, m)``; unlike the sweep, the refit may give ``m > 0`` (the format stores ``m`` signed).
+  block's largest magnitude to the most negative level; the winner's levels and its weighted
+  least-squares ``d`` are stored (:func:`fit_symmetric`).
+* Q4_1 / Q5_1 (``x ~ d * q + m``): the weighted affine sweep over 37 stretched and shrunk grids, each
+  with its weighted least-squares ``(d, m)``; the best grid's levels, ``d`` and ``m`` are stored
+  (:func:`fit_affine`).
 
-The values are finally rounded against the fp16 ``d`` (and ``m``) the file stores, so the decoder's
-weights are the nearest the stored scales allow. Blocks whose importances are all zero are fitted
-unweighted. The bytes are laid out exactly as the reference quantizers lay them.
+A finer fit is possible (refitting ``d`` after rounding it to the stored fp16, alternating levels and
+scales) and lowers the weighted error per tensor, but on held-out text it measured no better than
+llama.cpp's search (``benchmarks/RESULTS.md``), so these files are llama.cpp's. One deliberate
+difference: a block whose importances are all zero is fitted unweighted (llama.cpp's weights would
+zero a Q4_0 / Q5_0 block).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ftengine.plugins.exporters.gguf.quants.common import as_fp16
 from ftengine.plugins.exporters.gguf.quants.common import fp16_bytes
 from ftengine.plugins.exporters.gguf.quants.fitting import fit_affine
 from ftengine.plugins.exporters.gguf.quants.fitting import fit_symmetric
 from ftengine.plugins.exporters.gguf.quants.fitting import importance_weights
-from ftengine.plugins.exporters.gguf.quants.fitting import refine_symmetric
 from ftengine.plugins.exporters.gguf.quants.legacy import high_bits
 from ftengine.plugins.exporters.gguf.quants.legacy import nibbles
 
@@ -37,41 +38,17 @@ def _weights(x: torch.Tensor, importance: torch.Tensor, row_length: int) -> torc
 
 
 def _symmetric(x: torch.Tensor, importance: torch.Tensor, row_length: int, nmax: int) -> tuple[torch.Tensor, ...]:
-    """Stored fp16 ``d`` ``(n, 1)`` and levels ``0..2*nmax-1`` ``(n, 32)`` of ``x ~ d * (q - nmax)``."""
-    w = _weights(x, importance, row_length)
-    scale, _ = fit_symmetric(x, w, nmax)
-    d = as_fp16(refine_symmetric(x, w, scale, nmax)).unsqueeze(-1)  # (n, 1)
-    safe = torch.where(d == 0, torch.ones_like(d), d)
-    q = torch.round(x / safe).clamp_(-nmax, nmax - 1) + nmax
-    return d, q.to(torch.uint8)
+    """``d`` ``(n, 1)`` and levels ``0..2*nmax-1`` ``(n, 32)`` of ``x ~ d * (q - nmax)`` (all-zero blocks: 0s)."""
+    scale, inv_grid = fit_symmetric(x, _weights(x, importance, row_length), nmax)
+    inv_grid = inv_grid.unsqueeze(-1)  # (n, 1)
+    q = torch.where(inv_grid == 0, torch.zeros_like(x), torch.round(inv_grid * x).clamp_(-nmax, nmax - 1) + nmax)
+    return scale.unsqueeze(-1), q.to(torch.uint8)
 
 
-def _affine(x: torch.Tensor, importance: torch.Tensor, row_length: int, nmax: int,
-            iters: int = 3) -> tuple[torch.Tensor, ...]:
-    """Stored fp16 ``d``, ``m`` ``(n, 1)`` and levels ``0..nmax`` ``(n, 32)`` of ``x ~ d * q + m``."""
-    w = _weights(x, importance, row_length)
-    scale, neg_min = fit_affine(x, w, nmax, -0.9, 0.05, 36)
-    d, m = scale.unsqueeze(-1), -neg_min.unsqueeze(-1)  # (n, 1)
-    sum_w = w.sum(dim=-1, keepdim=True)
-    sum_x = (w * x).sum(dim=-1, keepdim=True)
-
-    def stored_levels(d, m):
-        d, m = as_fp16(d), as_fp16(m)
-        safe = torch.where(d > 0, d, torch.ones_like(d))
-        return d, m, torch.where(d > 0, torch.round((x - m) / safe).clamp_(0, nmax), torch.zeros_like(x))
-
-    d, m, q = stored_levels(d, m)
-    for _ in range(iters):  # levels fixed: the weighted least-squares (d, m), kept where it is a proper fit
-        wl = w * q
-        sum_l, sum_l2, sum_xl = wl.sum(dim=-1, keepdim=True), (wl * q).sum(dim=-1, keepdim=True), \
-            (wl * x).sum(dim=-1, keepdim=True)
-        det = sum_w * sum_l2 - sum_l * sum_l
-        safe_det = torch.where(det > 0, det, torch.ones_like(det))
-        new_d = (sum_w * sum_xl - sum_x * sum_l) / safe_det
-        new_m = (sum_l2 * sum_x - sum_l * sum_xl) / safe_det
-        take = (det > 0) & (new_d > 0)
-        d, m, q = stored_levels(torch.where(take, new_d, d), torch.where(take, new_m, m))
-    return d, m, q.to(torch.uint8)
+def _affine(x: torch.Tensor, importance: torch.Tensor, row_length: int, nmax: int) -> tuple[torch.Tensor, ...]:
+    """``d``, ``m`` ``(n, 1)`` and levels ``0..nmax`` ``(n, 32)`` of ``x ~ d * q + m``."""
+    scale, neg_min, levels = fit_affine(x, _weights(x, importance, row_length), nmax, -0.9, 0.05, 36)
+    return scale.unsqueeze(-1), -neg_min.unsqueeze(-1), levels.to(torch.uint8)
 
 
 def quantize_q4_0(x: torch.Tensor, importance: torch.Tensor, row_length: int) -> torch.Tensor:
