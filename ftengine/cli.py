@@ -104,6 +104,12 @@ def print_summary(result: Any) -> None:
     rows = [("run directory", str(result.run_dir.path)), ("steps", str(t.steps))]
     if t.first_loss is not None:
         rows.append(("loss", f"{t.first_loss:.4f} -> {t.last_loss:.4f} (first -> last logged)"))
+    if t.rewards.get("reward"):
+        parts = [f"{name} {values[0][1]:.2f} -> {values[-1][1]:.2f}" for name, values in t.rewards.items()
+                 if name != "reward"]
+        total = t.rewards["reward"]
+        rows.append(("reward", f"{total[0][1]:.2f} -> {total[-1][1]:.2f} (first -> last logged mean"
+                               + (f"; {', '.join(parts)})" if parts else ")")))
     if t.eval_losses:
         rows.append(("eval loss", f"{t.eval_losses[0][1]:.4f} -> {t.eval_losses[-1][1]:.4f} "
                                   f"({len(t.eval_losses)} evaluations)"))

@@ -36,6 +36,25 @@ class TrainResult:
     losses: list[tuple[int, float]] = field(default_factory=list)
     skipped_steps: list[int] = field(default_factory=list)  # steps dropped by training.on_nonfinite: skip_step
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    rewards: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    """An RL trainer's logged mean rewards: ``"reward"`` (the weighted total) and each reward function's."""
+
+
+def reward_curves(metrics: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """``(step, mean)`` per logged step of the total ``reward`` and of each ``rewards/<name>/mean``, as RL
+    trainers log them; empty for trainers without rewards."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for record in metrics:
+        for key, value in record.items():
+            if key == "reward":
+                name = key
+            elif key.startswith("rewards/") and key.endswith("/mean"):
+                name = key.removeprefix("rewards/").removesuffix("/mean")
+            else:
+                continue
+            if value is not None:
+                curves.setdefault(name, []).append((record["step"], value))
+    return curves
 
 
 def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, training: TrainingConfig,
@@ -80,6 +99,7 @@ def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, tra
     metrics = run_dir.read_metrics()
     losses = [(m["step"], m["loss"]) for m in metrics if m.get("loss") is not None]
     eval_losses = [(m["step"], m["eval_loss"]) for m in metrics if m.get("eval_loss") is not None]
+    rewards = reward_curves(metrics)
     run_dir.plot_loss()
     latest = run_dir.latest_checkpoint()
     if guard.failure is not None:
@@ -95,4 +115,5 @@ def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, tra
         losses=losses,
         skipped_steps=guard.skipped,
         eval_losses=eval_losses,
+        rewards=rewards,
     )

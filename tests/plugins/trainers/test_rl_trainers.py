@@ -78,9 +78,19 @@ def grpo_config(base, tmp_path, steps, rows=8):
     return config
 
 
-def test_grpo_run_records_its_metrics_and_exports(grpo_base, demo_base, tmp_path):
+def test_grpo_run_records_its_metrics_and_exports(grpo_base, demo_base, tmp_path, capsys):
+    from ftengine.cli import print_summary
+
     result = pipeline.run(grpo_config(demo_base, tmp_path, steps=2))
     records = metrics(result)
+    curves = result.train.rewards
+    assert set(curves) == {"reward", "format", "exact_match", "ftengine_demo_rewards_closeness"}
+    assert curves["reward"] == [(m["step"], m["reward"]) for m in records]
+    assert curves["exact_match"] == [(m["step"], m["rewards/exact_match/mean"]) for m in records]
+    print_summary(result)
+    (line,) = [row for row in capsys.readouterr().out.splitlines() if row.strip().startswith("reward ")]
+    first, last = records[0]["reward"], records[-1]["reward"]
+    assert f"{first:.2f} -> {last:.2f} (first -> last logged mean; format " in line and "exact_match" in line
     assert [m["step"] for m in records] == [1, 2]
     for key in ("reward", "reward_std", "kl", "completion_length", "rewards/exact_match/mean",
                 "rewards/ftengine_demo_rewards_closeness/mean"):
