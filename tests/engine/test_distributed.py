@@ -7,7 +7,6 @@ rank are marked ``slow``.
 """
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -30,8 +29,7 @@ from ftengine.engine.exporting import export_all
 from ftengine.engine.launch import first_failure
 from ftengine.engine.rundir import CHECKPOINT_MARKER
 from ftengine.engine.rundir import RunDir
-
-ROOT = Path(__file__).parents[2]
+from tests.child_env import child_env
 
 
 def raw_config(base, tmp_path, processes=2, **training):
@@ -61,8 +59,7 @@ def one_process_twin(raw, processes=2):
 
 
 def launch_cli(args, tmp_path, extra_pythonpath=None, wait=True):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [extra_pythonpath, str(ROOT)])),
-               OMP_NUM_THREADS="1")
+    env = child_env(extra_pythonpath, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "ftengine", "run", *args], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if not wait:
@@ -394,7 +391,7 @@ def test_fsdp_sharded_weights_gathered_to_rank_0_export_like_one_process(demo_ba
                      {"format": "gguf", "quantization": "f16"}]
     config = write_yaml(raw, tmp_path / "config.yaml")
     worker = Path(__file__).parent / "fsdp_export_worker.py"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = child_env(OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            str(worker), str(config), str(tmp_path / "out")], env=env, capture_output=True, text=True,
                           timeout=600)
@@ -446,7 +443,7 @@ def test_the_python_api_under_torchrun_trains_data_parallel(demo_base, tmp_path)
     from ftengine.demo import ASSETS
 
     worker = Path(__file__).parent / "api_worker.py"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = child_env(OMP_NUM_THREADS="1")
     args = [str(worker), str(demo_base), str(ASSETS / "data.jsonl")]
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            *args, str(tmp_path / "two"), "2"], env=env, capture_output=True, text=True, timeout=600)

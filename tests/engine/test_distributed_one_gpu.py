@@ -3,19 +3,20 @@ the configured strategy, the patched model's kernel ops on the expected backend,
 On a GPU: ddp, fsdp and QLoRA under fsdp on the Triton backend; on the CPU: ddp over gloo."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.child_env import child_env
+
 SCRIPT = Path(__file__).parents[2] / "scripts" / "check_one_gpu.py"
 
 
 def run_check(tmp_path, device):
     out = tmp_path / "one.jsonl"
-    env = dict(os.environ, PYTHONPATH=str(SCRIPT.parents[1]))
+    env = child_env()
     done = subprocess.run([sys.executable, str(SCRIPT), "--device", device, "--out", str(out)], env=env,
                           capture_output=True, text=True, timeout=600)
     rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []

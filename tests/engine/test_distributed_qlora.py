@@ -3,7 +3,6 @@ shard like every other weight, the model adapter's fused NF4 + LoRA ops still co
 projection, and two processes train like one process on the same global batch."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +12,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).parents[2]
+from tests.child_env import child_env
+
 WORKER = Path(__file__).parent / "qlora_fsdp_worker.py"
 
 
 def run_worker(config, out, processes):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = child_env(OMP_NUM_THREADS="1")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
     command = [*(launcher if processes > 1 else [sys.executable]), str(WORKER), str(config), str(out)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
