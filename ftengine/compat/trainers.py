@@ -78,8 +78,10 @@ class UnslothVisionDataCollator:
     with ftengine's vision collator; called itself it batches rows the same way.
 
     As Unsloth's, it trains every text token (image tokens and padding masked); with
-    ``train_on_responses_only`` only the assistant turns, found from the chat template (so
-    ``instruction_part`` and ``response_part`` are taken and not needed).
+    ``train_on_responses_only`` only the assistant turns, found from the chat template. ``instruction_part``
+    and ``response_part``, where given, are checked against that template (each must open the user /
+    assistant turns it renders), so that a pair naming other spans is refused rather than silently
+    trained differently.
     """
 
     @strict
@@ -92,10 +94,29 @@ class UnslothVisionDataCollator:
         self.processor = processor
         self.max_seq_length = max_seq_length or settings_of(model).max_seq_length
         self.train_on = "assistant" if train_on_responses_only else "all"
+        if train_on_responses_only:
+            _check_turn_markers(processor, instruction_part, response_part)
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         conversations = [vision.with_images_opened(row["messages"], None) for row in rows]
         return vision.encode_batch(self.processor, conversations, self.train_on)
+
+
+def _check_turn_markers(processor: Any, instruction_part: str | None, response_part: str | None) -> None:
+    """Raises:
+        ConfigError: a given ``instruction_part`` / ``response_part`` does not come right before the user /
+            assistant text in the processor's chat template."""
+    user, answer = "ftengine-user-text", "ftengine-assistant-text"
+    rendered = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": user}]},
+         {"role": "assistant", "content": [{"type": "text", "text": answer}]}], tokenize=False)
+    for name, part, text, role in (("instruction_part", instruction_part, user, "user"),
+                                   ("response_part", response_part, answer, "assistant")):
+        before = rendered[:rendered.find(text)]
+        if part is not None and not before.rstrip().endswith(part.rstrip()):
+            raise ConfigError(f"UnslothVisionDataCollator: {name} {part!r} does not open the {role} turns of this "
+                              f"processor's chat template (its {role} text follows {before[-40:]!r}); ftengine "
+                              "trains the assistant turns the template marks: leave it out or pass the template's")
 
 
 def _vision_sft(model: Any, args: Any, collator: UnslothVisionDataCollator, train_dataset: Any,

@@ -1,6 +1,7 @@
 """The compat names one by one: arguments, template names and mappings, data helpers, save methods."""
 
 import json
+import re
 
 import pytest
 from transformers import AutoTokenizer
@@ -136,6 +137,12 @@ def test_vision_model_switches_and_collator(tiny_qwen25_vl, latex_ocr_file):
     row = datasets.load_dataset("parquet", data_files=str(latex_ocr_file), split="train")[0]
     messages = [{"role": "user", "content": [{"type": "image", "image": row["image"]}]},
                 {"role": "assistant", "content": [{"type": "text", "text": row["text"]}]}]
-    batch = UnslothVisionDataCollator(model, processor, train_on_responses_only=True)([{"messages": messages}])
-    answer = processor.tokenizer.decode(batch["labels"][0][batch["labels"][0] != -100])
-    assert answer.startswith(row["text"] + processor.tokenizer.eos_token)
+    for parts in ({}, {"instruction_part": "<|im_start|>user\n", "response_part": "<|im_start|>assistant\n"}):
+        collator = UnslothVisionDataCollator(model, processor, train_on_responses_only=True, **parts)
+        batch = collator([{"messages": messages}])
+        answer = processor.tokenizer.decode(batch["labels"][0][batch["labels"][0] != -100])
+        assert answer.startswith(row["text"] + processor.tokenizer.eos_token)
+    wrong = "<start_of_turn>model\n"
+    with pytest.raises(ConfigError, match=re.escape(f"response_part {wrong!r} does not open the assistant turns")):
+        UnslothVisionDataCollator(model, processor, train_on_responses_only=True,
+                                  instruction_part="<|im_start|>user\n", response_part=wrong)
