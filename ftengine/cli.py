@@ -198,8 +198,8 @@ def run(config: str | None, output_dir: str | None, resume_dir: str | None, demo
             except LaunchInterrupted as exc:
                 click.echo(f"interrupted: {exc}", err=True)
                 sys.exit(EXIT_INTERRUPTED)
-            if demo and (run_dir.exports / "merged").is_dir():
-                _demo_answer(run_dir.exports / "merged", demo_kind)
+            if demo:
+                _demo_answer(run_dir.exports, demo_kind)
             return
         if gpus:
             raise FtengineError(f"--gpus {gpus}: this process is already one of {rank.world_size} launched by "
@@ -228,20 +228,29 @@ def run(config: str | None, output_dir: str | None, resume_dir: str | None, demo
         click.echo(f"interrupted at step {result.train.steps}; checkpoint: {result.train.checkpoint}\n"
                    f"resume with: ftengine run --resume {result.run_dir.path}", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    if demo and "merged" in result.exports:
-        _demo_answer(result.exports["merged"][0], demo_kind)
+    if demo:
+        _demo_answer(result.run_dir.exports, demo_kind)
 
 
-def _demo_answer(merged: Path, kind: str | None) -> None:
+def _demo_answer(exports: Path, kind: str | None) -> None:
+    """What the demo's exported model now does: the GRPO prompts answered, the formula read, the question asked."""
+    if kind == "grpo":
+        if (exports / "lora").is_dir():
+            from ftengine.demo import grpo_report
+
+            click.echo(grpo_report(exports / "lora"))
+        return
+    if not (exports / "merged").is_dir():
+        return
     if kind == "vision":
         from ftengine.demo.vision import compare_readings
 
-        click.echo(compare_readings(merged))
+        click.echo(compare_readings(exports / "merged"))
         return
     from ftengine.demo import PROMPT
     from ftengine.demo import ask
 
-    answer = ask(merged)
+    answer = ask(exports / "merged")
     click.echo(f"\nthe merged model, reloaded with transformers:\n  Q: {PROMPT}\n  A: {answer}")
 
 

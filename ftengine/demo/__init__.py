@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from ftengine.core.config import RunConfig
 from ftengine.core.config import validate_config
@@ -152,6 +153,40 @@ def grpo_demo_config() -> RunConfig:
         "export": [{"format": "lora"}],
         "output": {"name": "demo-grpo"},
     }, source="built-in GRPO demo")
+
+
+def arithmetic_accuracy(model: Any, tokenizer: Any) -> float:
+    """The share of the GRPO demo's prompts (``arithmetic.jsonl``) that ``model`` answers exactly right, greedily."""
+    import torch
+
+    from ftengine.plugins.trainers.rewards import exact_match
+
+    rows = [json.loads(line) for line in (ASSETS / "arithmetic.jsonl").read_text().splitlines()]
+    tokenizer.padding_side = "left"
+    batch = tokenizer.apply_chat_template([r["messages"] for r in rows], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True, padding=True)
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+    answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return sum(exact_match(answers, [r["answer"] for r in rows])) / len(rows)
+
+
+def grpo_report(adapter_dir: Path) -> str:
+    """Greedy accuracy on the GRPO prompts of the warm start, then with the trained adapter (reloaded with peft)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from transformers import AutoTokenizer
+
+    base = grpo_base_dir()
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    before = arithmetic_accuracy(model, tokenizer)
+    after = arithmetic_accuracy(PeftModel.from_pretrained(model, str(adapter_dir)), tokenizer)
+    return (f"\nexact answers to the {len((ASSETS / 'arithmetic.jsonl').read_text().splitlines())} GRPO prompts "
+            f"(greedy): {before:.0%} before GRPO, {after:.0%} with the trained adapter (reloaded with peft)")
 
 
 def ask(model_dir: Path, question: str = PROMPT, max_new_tokens: int = 24) -> str:

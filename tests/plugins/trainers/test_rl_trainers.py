@@ -11,7 +11,9 @@ import torch
 
 from ftengine.core.config import validate_config
 from ftengine.demo import ASSETS
+from ftengine.demo import arithmetic_accuracy
 from ftengine.demo import grpo_demo_config
+from ftengine.demo import grpo_report
 from ftengine.engine import pipeline
 from ftengine.engine.loss_plot import panels
 
@@ -105,22 +107,6 @@ def test_grpo_run_records_its_metrics_and_exports(grpo_base, demo_base, tmp_path
     assert reloads(demo_base, result)
 
 
-def greedy_accuracy(model, tokenizer):
-    """Exact-match share of the model's greedy answers to every GRPO demo prompt."""
-    from ftengine.plugins.trainers.rewards import exact_match
-
-    rows = [json.loads(line) for line in (ASSETS / "arithmetic.jsonl").read_text().splitlines()]
-    tokenizer.padding_side = "left"
-    batch = tokenizer.apply_chat_template([r["messages"] for r in rows], add_generation_prompt=True,
-                                          return_tensors="pt", return_dict=True, padding=True)
-    model.eval()
-    with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
-    answers = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    return sum(exact_match(answers, [r["answer"] for r in rows])) / len(rows)
-
-
 @pytest.mark.slow
 def test_grpo_demo_learns_the_sums_it_was_not_shown(grpo_base, tmp_path):
     """The warm start answers in the format but rarely right; GRPO on the held-out sums raises both the
@@ -130,7 +116,7 @@ def test_grpo_demo_learns_the_sums_it_was_not_shown(grpo_base, tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(str(grpo_base))
     start = AutoModelForCausalLM.from_pretrained(str(grpo_base), dtype=torch.float32)
-    before = greedy_accuracy(start, tokenizer)
+    before = arithmetic_accuracy(start, tokenizer)
     config = grpo_demo_config()
     config.training.max_steps = 60
     config.output.dir = str(tmp_path / "runs")
@@ -139,7 +125,10 @@ def test_grpo_demo_learns_the_sums_it_was_not_shown(grpo_base, tmp_path):
     formats = [m["rewards/format/mean"] for m in metrics(result) if "rewards/format/mean" in m]
     assert min(formats) > 0.9, formats
     assert sum(rewards[-4:]) / 4 > sum(rewards[:2]) / 2 + 0.08, rewards
-    assert greedy_accuracy(result.model, tokenizer) >= before + 0.1
+    after = arithmetic_accuracy(result.model, tokenizer)
+    assert after >= before + 0.1
+    report = grpo_report(result.exports["lora"][0])  # what `ftengine run --demo grpo` prints at the end
+    assert f"{before:.0%} before GRPO, {after:.0%} with the trained adapter" in report
 
 
 def test_grpo_refuses_a_batch_that_splits_a_group(demo_base, tmp_path):
