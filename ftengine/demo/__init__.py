@@ -155,13 +155,18 @@ def grpo_demo_config() -> RunConfig:
     }, source="built-in GRPO demo")
 
 
-def arithmetic_accuracy(model: Any, tokenizer: Any) -> float:
-    """The share of the GRPO demo's prompts (``arithmetic.jsonl``) that ``model`` answers exactly right, greedily."""
+def arithmetic_prompts() -> list[dict[str, Any]]:
+    """The GRPO demo's prompt rows (``arithmetic.jsonl``)."""
+    return [json.loads(line) for line in (ASSETS / "arithmetic.jsonl").read_text().splitlines()]
+
+
+def arithmetic_accuracy(model: Any, tokenizer: Any, rows: list[dict[str, Any]] | None = None) -> float:
+    """The share of ``rows`` (default :func:`arithmetic_prompts`) that ``model`` answers exactly right, greedily."""
     import torch
 
     from ftengine.plugins.trainers.rewards import exact_match
 
-    rows = [json.loads(line) for line in (ASSETS / "arithmetic.jsonl").read_text().splitlines()]
+    rows = rows if rows is not None else arithmetic_prompts()
     tokenizer.padding_side = "left"
     batch = tokenizer.apply_chat_template([r["messages"] for r in rows], add_generation_prompt=True,
                                           return_tensors="pt", return_dict=True, padding=True)
@@ -183,10 +188,11 @@ def grpo_report(adapter_dir: Path) -> str:
     base = grpo_base_dir()
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    before = arithmetic_accuracy(model, tokenizer)
-    after = arithmetic_accuracy(PeftModel.from_pretrained(model, str(adapter_dir)), tokenizer)
-    return (f"\nexact answers to the {len((ASSETS / 'arithmetic.jsonl').read_text().splitlines())} GRPO prompts "
-            f"(greedy): {before:.0%} before GRPO, {after:.0%} with the trained adapter (reloaded with peft)")
+    rows = arithmetic_prompts()
+    before = arithmetic_accuracy(model, tokenizer, rows)
+    after = arithmetic_accuracy(PeftModel.from_pretrained(model, str(adapter_dir)), tokenizer, rows)
+    return (f"\nexact answers to the {len(rows)} GRPO prompts (greedy): {before:.0%} before GRPO, {after:.0%} "
+            "with the trained adapter (reloaded with peft)")
 
 
 def ask(model_dir: Path, question: str = PROMPT, max_new_tokens: int = 24) -> str:

@@ -83,16 +83,17 @@ def collated(processor: Any, train: Any, evaluation: Any = None) -> tuple[Any, A
     import datasets
 
     parts = [d for d in (train, evaluation) if d is not None]
-    if not all(is_vision_dataset(d) and all(key in _ROW_SETS for key in set(d["row_set"])) for d in parts):
+    columns = [(d["row"], d["row_set"]) if is_vision_dataset(d) else None for d in parts]
+    if not all(c is not None and set(c[1]) <= _ROW_SETS.keys() for c in columns):
         raise DataError("train: a vision-language model trains on the dataset ftengine.load_dataset(data, processor) "
                         "returns, or a copy of it that keeps its 'row' and 'row_set' columns (select, shuffle, "
                         "filter, train_test_split)")
     if len(train) == 0:
         raise DataError("train: the training set holds no rows")
-    picked = [[_ROW_SETS[key][0][i] for i, key in zip(d["row"], d["row_set"], strict=True)] for d in parts]
+    picked = [[_ROW_SETS[key][0][i] for i, key in zip(numbers, keys, strict=True)] for numbers, keys in columns]
     rows = [row for part in picked for row in part]
     n_train = len(picked[0])
     train_ds = datasets.Dataset.from_dict({"row": list(range(n_train))})
     eval_ds = (datasets.Dataset.from_dict({"row": list(range(n_train, len(rows)))}) if evaluation is not None
                else None)
-    return train_ds, eval_ds, vision.VisionCollator(processor, rows, _ROW_SETS[train["row_set"][0]][1])
+    return train_ds, eval_ds, vision.VisionCollator(processor, rows, _ROW_SETS[columns[0][1][0]][1])
