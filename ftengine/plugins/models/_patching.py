@@ -357,8 +357,8 @@ def _causal_lm_forward(get_op: GetOp, original: Callable[..., Any], softcap_attr
         begin_forward()
         bound = signature.bind(self, *args, **kwargs)
         labels = bound.arguments.get("labels")
-        head_weight = route_lm_head(self)
-        if labels is None or not self.training or head_weight is None:
+        head = fused_lm_head(self)
+        if labels is None or not self.training or head is None:
             return original(self, *args, **kwargs)
         inputs = {k: v for k, v in bound.arguments.items() if k not in not_for_body}
         extra = dict(bound.arguments.get(var_keyword, {})) if var_keyword else {}
@@ -370,8 +370,13 @@ def _causal_lm_forward(get_op: GetOp, original: Callable[..., Any], softcap_attr
             inputs["labels"] = labels
         outputs = body(**inputs, **extra)
         hidden = outputs.last_hidden_state  # (B, T, H)
-        softcap = getattr(self.config.get_text_config(), softcap_attr, None) if softcap_attr else None
-        loss = causal_lm_loss(get_op, hidden, head_weight, labels, softcap, **loss_kwargs)
+        text_config = self.config.get_text_config()
+        softcap = getattr(text_config, softcap_attr, None) if softcap_attr else None
+        if type(head.weight).__name__ == "DTensor":  # sharded in its own FSDP2 unit: only its forward gathers it
+            logits = head(hidden) if softcap is None else softcap * torch.tanh(head(hidden) / softcap)
+            loss = self.loss_function(logits, labels, text_config.vocab_size, **loss_kwargs)
+        else:
+            loss = causal_lm_loss(get_op, hidden, head.weight, labels, softcap, **loss_kwargs)
         aux = _moe.aux_loss(self, outputs, inputs.get("attention_mask"))
         if aux is not None:
             loss = loss + self.config.router_aux_loss_coef * aux
@@ -388,12 +393,27 @@ def _causal_lm_forward(get_op: GetOp, original: Callable[..., Any], softcap_attr
     return forward
 
 
-def route_lm_head(model: nn.Module) -> torch.Tensor | None:
-    """The LM head's weight when the fused loss can use it (a plain ``nn.Linear`` without bias)."""
+def fused_lm_head(model: nn.Module) -> nn.Linear | None:
+    """The LM head when the fused loss can use its weight: a plain ``nn.Linear`` without bias, or the class
+    FSDP2's ``fully_shard`` makes of one.
+
+    accelerate's FSDP2 puts the final norm and the LM head in one unit kept gathered after its forward, so
+    once the body has run the head's weight is a whole tensor; a head whose weight is still a sharded
+    ``DTensor`` then (a unit of its own, gathered only by its own forward) is called for the logits instead.
+    """
     head = getattr(model, "lm_head", None)
-    if type(head) is not nn.Linear or head.bias is not None:
+    if not _plain_linear(head) or head.bias is not None:
         return None
-    return head.weight
+    return head
+
+
+def _plain_linear(module: Any) -> bool:
+    """``nn.Linear`` itself, or the class FSDP2's ``fully_shard`` makes of it (``FSDPLinear``): not a subclass
+    with its own forward (bitsandbytes' 4-bit layer, a LoRA layer)."""
+    if type(module) is nn.Linear:
+        return True
+    bases = type(module).__bases__
+    return len(bases) == 2 and bases[0].__name__ == "FSDPModule" and bases[1] is nn.Linear
 
 
 def causal_lm_loss(
