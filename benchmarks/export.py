@@ -192,6 +192,8 @@ def main() -> None:
     if args.files:
         types = [mixes.check_quantization(q) for q in (args.types.split(",") if args.types else ALL_TYPES)]
         print(device_line())
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=args.out) as directory:
             write_files(types, config, Path(directory), args.json)
         return
