@@ -56,6 +56,11 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", 
 """Projection attributes of the patched attention and MLP modules (separate or fused)."""
 
 _PATCHED = "_ftengine_patched"
+DECODE_ROWS = 64
+"""Without autograd, a forward over at most this many rows (a decode step: one row a sequence) runs the
+module's own forward: there the host's time per launch sets the speed, and transformers' modules launch
+fewer host-heavy calls than the fused ops, whose gains (less memory kept for the backward, fewer passes
+over large activations) need a backward or many rows."""
 
 
 @dataclass(frozen=True)
@@ -459,6 +464,21 @@ def _set_forward(module: nn.Module, function: Callable[..., Any]) -> None:
     module.__dict__[_PATCHED] = module.forward  # ours, to tell it from a later wrapper (trl's fused LM head)
 
 
+def _eager_when_decoding(function: Callable[..., Any], original: Callable[..., Any]) -> Callable[..., Any]:
+    """``function``, except that a forward without autograd over at most :data:`DECODE_ROWS` rows of hidden
+    states (the first argument, or ``hidden_states=``) runs ``original``, the class's own forward."""
+
+    @functools.wraps(function)
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if torch.is_tensor(hidden) and hidden.numel() <= DECODE_ROWS * hidden.shape[-1]:
+                return original(self, *args, **kwargs)
+        return function(self, *args, **kwargs)
+
+    return forward
+
+
 def patch_model(model: nn.Module, get_op: GetOp, table: PatchTable) -> list[str]:
     """Give every module matching ``table`` a forward on the kernel ops.
 
@@ -485,10 +505,11 @@ def patch_model(model: nn.Module, get_op: GetOp, table: PatchTable) -> list[str]
         if _is_patched(module):
             continue
         if cls in table.norms:
-            _set_forward(module, _norm_forward(get_op, table.norm_offset))
+            _set_forward(module, _eager_when_decoding(_norm_forward(get_op, table.norm_offset), type(module).forward))
             counts["rms_norm"] += 1
         elif cls in table.attentions:
-            _set_forward(module, _attention_forward(get_op, table.attention_kwargs, table.fused_qkv))
+            forward = _attention_forward(get_op, table.attention_kwargs, table.fused_qkv)
+            _set_forward(module, _eager_when_decoding(forward, type(module).forward))
             counts["attention"] += 1
         elif cls in table.mlps:
             activation = ACTIVATIONS.get(getattr(module.config, "hidden_activation", None) or module.config.hidden_act)
@@ -497,7 +518,7 @@ def patch_model(model: nn.Module, get_op: GetOp, table: PatchTable) -> list[str]
                 continue
             forward = (_mlp_forward(get_op, activation) if table.fused_gate_up is None
                        else _fused_mlp_forward(get_op, activation, table.fused_gate_up))
-            _set_forward(module, forward)
+            _set_forward(module, _eager_when_decoding(forward, type(module).forward))
             counts[f"mlp:{activation}"] += 1
         elif cls in table.moes:
             hidden_act = _moe.base_experts(module.experts).config.hidden_act

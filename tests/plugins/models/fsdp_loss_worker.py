@@ -19,30 +19,16 @@ from transformers import Qwen2ForCausalLM
 
 from ftengine.core import kernels
 from tests.plugins.models.helpers import batch
+from tests.plugins.models.helpers import counting_resolve_op
 from tests.plugins.models.helpers import tiny_pair
 
 VOCAB = 128
 
 
-def count_calls(calls: collections.Counter) -> None:
-    resolve = kernels.resolve_op
-
-    def counting(name, backends):
-        backend, fn = resolve(name, backends)
-
-        def call(*args, **kwargs):
-            calls[name] += 1
-            return fn(*args, **kwargs)
-
-        return backend, call
-
-    kernels.resolve_op = counting
-
-
 def main() -> None:
     dist.init_process_group("gloo")
     calls = collections.Counter()
-    count_calls(calls)
+    kernels.resolve_op = counting_resolve_op(calls)
     config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
                          tie_word_embeddings=False)

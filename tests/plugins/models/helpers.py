@@ -8,12 +8,15 @@ patched model with the unpatched Hugging Face one: logits without labels, the lo
 
 from __future__ import annotations
 
+import collections
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 
+from ftengine.core import kernels
 from ftengine.core.kernels import get_op
 from ftengine.core.plugins import get_registry
 from ftengine.plugins.models._patching import USED_OPS
@@ -24,6 +27,23 @@ GPU_SIZES = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BATCH, SEQ = 2, 12
 LORA_R, LORA_ALPHA = 4, 8
+
+
+def counting_resolve_op(calls: collections.Counter) -> Callable[..., Any]:
+    """``kernels.resolve_op`` whose ops count their calls by name in ``calls`` (ops are resolved when a model is
+    patched, so install it before)."""
+    resolve = kernels.resolve_op
+
+    def counting(name, backends):
+        backend, fn = resolve(name, backends)
+
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return backend, call
+
+    return counting
 
 
 def adapter(name: str) -> Any:
