@@ -8,7 +8,9 @@ adapters) with the same trl trainer and the same data:
   for DPO / GRPO log-probabilities, full logits for ORPO);
 - ``ftengine``: the model adapter's patch (the Triton ops on a GPU), ftengine's trainer plugin
   (log-probabilities through the ``token_logprobs`` op, ORPO without full logits) and ftengine's
-  gradient checkpointing.
+  gradient checkpointing of every layer;
+- ``ftengine-auto`` / ``ftengine-offload``: the same with ftengine's ``auto`` checkpointing (only the
+  layers whose activations do not fit in the card's free memory, the training default) or ``offload``.
 
 Workloads: ``grpo`` (prompts of 128 tokens, 8 generations x 512 new tokens each, micro-batch 8:
 one prompt group a step, the reference with the adapter off, beta 0.04), ``dpo`` and ``orpo``
@@ -52,6 +54,7 @@ TINY = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidde
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WORKLOADS = ("grpo", "dpo", "orpo")
 FRAMEWORKS = ("trl", "ftengine")
+CHOICES = FRAMEWORKS + ("ftengine-auto", "ftengine-offload")
 GIB = 1024**3
 
 
@@ -114,7 +117,7 @@ def trainer_for(workload: str, framework: str, model, tokenizer, data, s: dict, 
                               learning_rate=1e-5, save_steps=10_000, logging_steps=1, gradient_checkpointing=False)
     plugin = get("trainers", workload)
     max_seq_length = s["prompt"] + s["answer"]
-    if framework == "ftengine":
+    if framework.startswith("ftengine"):
         request = TrainRequest(model=model, tokenizer=tokenizer, train_dataset=data, eval_dataset=None,
                                training=training, output_dir=Path(out_dir), callbacks=callbacks,
                                max_seq_length=max_seq_length,
@@ -229,6 +232,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (the CPU smoke test)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # workload:framework, in a child process
     args = parser.parse_args()
+    unknown = sorted(set(args.frameworks.split(",")) - set(CHOICES))
+    if unknown:
+        parser.error(f"--frameworks: unknown {', '.join(unknown)}; expected some of {', '.join(CHOICES)}")
     if args.worker:
         workload, framework = args.worker.split(":")
         try:
