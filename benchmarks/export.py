@@ -10,12 +10,17 @@ in bf16 (random weights, the demo tokenizer padded to the vocabulary as llama.cp
 it) and ``write_gguf`` writes one complete file per type, one type after the other in this one
 process (each file is deleted once measured, so the disk holds one at a time). Per type: wall time,
 file size and the peak host memory (resident set, sampled every 20 ms) over the model's own.
+``--files --together`` writes every type in one ``write_ggufs`` call instead, as an export entry with a
+list of quantizations does (one merge of the weights, each tensor quantized to every type as it
+passes): one row with the total time, the files' sizes and the peak host memory, also as a multiple of
+the model's 16-bit size.
 
 Run (on the GPU machine, or anywhere for a smaller check)::
 
     python benchmarks/export.py                          # q8_0 and q4_k_m, 32 layers, quantization only
     python benchmarks/export.py --files --json export.jsonl                    # every type, whole files
     python benchmarks/export.py --files --tiny           # every type, a 2-layer model: a CPU smoke check
+    python benchmarks/export.py --files --together --json export.jsonl         # every type in one run
 """
 
 from __future__ import annotations
@@ -129,11 +134,9 @@ def random_model(hidden: int, intermediate: int, layers: int, heads: int, kv_hea
     return model.eval()
 
 
-def write_files(types: list[str], shape: dict, directory: Path, json_path: str | None) -> list[dict]:
-    """Build the model once, then write one whole GGUF file per type; one row per type."""
+def built_model(shape: dict) -> tuple:
+    """``(tokenizer, model, weights, build seconds, resident bytes after)``: the demo tokenizer and the model."""
     from transformers import AutoTokenizer
-
-    from ftengine.plugins.exporters.gguf.writer import write_gguf
 
     tokenizer = AutoTokenizer.from_pretrained(str(REPO / "ftengine" / "demo" / "tokenizer"))
     started = time.perf_counter()
@@ -142,6 +145,15 @@ def write_files(types: list[str], shape: dict, directory: Path, json_path: str |
     weights = sum(p.numel() for p in model.parameters())
     base_rss = psutil.Process().memory_info().rss
     print(f"model: {weights / 1e9:.2f} B weights built in {build:.1f} s, resident {base_rss / 2**30:.2f} GiB")
+    return tokenizer, model, weights, build, base_rss
+
+
+def write_files(types: list[str], shape: dict, directory: Path, json_path: str | None) -> list[dict]:
+    """Build the model once, then write one whole GGUF file per type; one row per type."""
+    from ftengine.plugins.exporters.gguf.writer import write_gguf
+
+    started = time.perf_counter()
+    tokenizer, model, weights, build, base_rss = built_model(shape)
     print(f"{'type':8} {'seconds':>8} {'GiB file':>9} {'peak GiB':>9} {'over model GiB':>15}")
     rows = []
     for quantization in types:
@@ -167,6 +179,31 @@ def write_files(types: list[str], shape: dict, directory: Path, json_path: str |
     return rows
 
 
+def write_together(types: list[str], shape: dict, directory: Path, json_path: str | None) -> dict:
+    """Build the model once, then write every type's file in one ``write_ggufs`` call; one row."""
+    from ftengine.plugins.exporters.gguf.writer import write_ggufs
+
+    tokenizer, model, weights, build, base_rss = built_model(shape)
+    targets = {q: directory / f"model-{q}.gguf" for q in types}
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        write_ggufs(model, tokenizer, targets)
+        seconds = time.perf_counter() - start
+    sizes = {q: p.stat().st_size / 2**30 for q, p in targets.items()}
+    f16_gib = weights * 2 / 2**30
+    row = {"quantizations": types, "weights": weights, "seconds": seconds, "gib_files": sizes,
+           "peak_rss_gib": memory.peak / 2**30, "over_model_gib": (memory.peak - base_rss) / 2**30,
+           "peak_over_f16": memory.peak / 2**30 / f16_gib}
+    print(f"{len(types)} types in one run: {seconds:.1f} s, {sum(sizes.values()):.2f} GiB of files; peak resident "
+          f"{row['peak_rss_gib']:.2f} GiB ({row['over_model_gib']:.2f} over the model), {row['peak_over_f16']:.2f}x "
+          f"the 16-bit size ({f16_gib:.2f} GiB)")
+    if json_path:
+        with open(json_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({**row, "mode": "together", "device": device_line(), "layers": shape["layers"],
+                                     "model_build_seconds": build}) + "\n")
+    return row
+
+
 def device_line() -> str:
     """The machine the numbers were taken on."""
     device = compute_device()
@@ -183,6 +220,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=LLAMA3_8B["layers"], help="blocks (32 = the full 8B)")
     parser.add_argument("--repeats", type=int, default=1, help="full passes per type; the median is reported")
     parser.add_argument("--files", action="store_true", help="write whole GGUF files through write_gguf")
+    parser.add_argument("--together", action="store_true", help="--files: every type in one write_ggufs call")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer, hidden-256 model (a CPU smoke check)")
     parser.add_argument("--out", help="--files: directory for the files (default: a temporary one)")
     parser.add_argument("--json", help="append one JSON line per type to this file")
@@ -195,7 +233,7 @@ def main() -> None:
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=args.out) as directory:
-            write_files(types, config, Path(directory), args.json)
+            (write_together if args.together else write_files)(types, config, Path(directory), args.json)
         return
     args.types = args.types or "q8_0,q4_k_m"
     shapes = list(tensor_shapes(**config))

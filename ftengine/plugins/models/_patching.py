@@ -87,6 +87,10 @@ class PatchTable:
             ``factory(get_op)`` returns the forward, written on the helpers here (:func:`linear_projection`,
             :func:`attention_function`).
 
+    The norms, attentions and MLPs keep their class's own forward for decode steps (no autograd, at most
+    :data:`DECODE_ROWS` rows), so that forward must still run on the patched module; ``moes`` and ``custom``
+    blocks always run the patched forward.
+
     .. versionadded:: 0.1
     """
 
