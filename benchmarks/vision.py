@@ -23,8 +23,9 @@ self- and cross-attention and MLP projections.
 
 GPU: ``python benchmarks/vision.py --out vision.jsonl`` (LoRA and QLoRA at micro-batches 4 and 8, both
 frameworks; about 6 minutes on an H100), ``python benchmarks/vision.py --arch mllama --out vision.jsonl``
-(the same for Llama 3.2 Vision), then ``python benchmarks/vision.py --report vision.jsonl`` prints the
-table. CPU smoke run at a tiny shape: ``python benchmarks/vision.py --tiny --device cpu [--arch mllama]``.
+(the same for Llama 3.2 Vision at micro-batches 1 and 2), then ``python benchmarks/vision.py --report
+vision.jsonl`` prints the table. CPU smoke run at a tiny shape: ``python benchmarks/vision.py --tiny
+--device cpu [--arch mllama]``.
 """
 
 from __future__ import annotations
@@ -237,7 +238,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a two-layer model (a CPU smoke run)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--arch", default="qwen2_5_vl", choices=sorted(MODEL_NAMES))
-    parser.add_argument("--micro-batches", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--micro-batches", type=int, nargs="+",
+                        help="default: 4 and 8 (Qwen2.5-VL), 1 and 2 (mllama: at 4 HF + PEFT outgrows 80 GB)")
     parser.add_argument("--quant", nargs="+", default=["none", "nf4"], choices=("none", "nf4"))
     parser.add_argument("--frameworks", nargs="+", default=["hf", "ftengine"], choices=("hf", "ftengine"))
     parser.add_argument("--steps", type=int, default=5)
@@ -248,9 +250,10 @@ def main() -> None:
     if args.report:
         print(report([json.loads(line) for line in args.report.read_text().splitlines() if line.strip()]))
         return
+    micro_batches = args.micro_batches or ([1, 2] if args.arch == "mllama" else [4, 8])
     rows = []
     for quant in args.quant:
-        for micro_batch in args.micro_batches:
+        for micro_batch in micro_batches:
             for framework in args.frameworks:
                 row = run(framework, micro_batch, quant, args.tiny, args.device, args.steps, args.warmup, args.arch)
                 print(json.dumps(row), flush=True)

@@ -38,10 +38,16 @@ def _model_at(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | 
 
 
 def key_path(loc: tuple[Any, ...]) -> str:
-    """``("export", 0, "quantization")`` -> ``export[0].quantization``."""
+    """``("export", 0, "quantization")`` -> ``export[0].quantization``; a key that is empty or holds characters
+    that do not print (a line break) is quoted, ``data.columns['\\r']``, so a message stays one line a problem."""
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and (not part or not part.isprintable()):
+            out += f"[{part!r}]"
+        else:
+            out += f".{part}" if out else str(part)
     return out
 
 

@@ -40,6 +40,12 @@ def test_wrong_type_names_key_value_and_type():
     assert "training.max_steps: expected an integer, got 'ten' (str)" in message
 
 
+def test_a_key_with_a_line_break_or_no_characters_is_quoted_on_its_problems_line():
+    message = problems({**MINIMAL, "data": {"path": "d.jsonl", "columns": {"\x1e\r": None, "": None}}})
+    assert sorted(message.splitlines()[1:]) == ["  data.columns['']: expected a string, got None (NoneType)",
+                                                "  data.columns['\\x1e\\r']: expected a string, got None (NoneType)"]
+
+
 def test_union_choices_in_one_line():
     message = problems({**MINIMAL, "training": {"gradient_checkpointing": "sometimes"}})
     assert "training.gradient_checkpointing: expected true or false or 'offload' or 'auto', got 'sometimes'" in message
