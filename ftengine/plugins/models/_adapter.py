@@ -27,7 +27,8 @@ class DecoderAdapter:
         gguf: the family's llama.cpp layout (:class:`GGUFLayout`), or ``None`` when it cannot be
             exported to GGUF.
         vision: the towers of a vision-language family (:class:`VisionSpec`; ``None`` for a text-only
-            one); with it, :meth:`patch` patches the language tower and the top-level loss only.
+            one); with it, :meth:`patch` patches the language tower, the top-level loss and what the spec's
+            ``tower`` table names in the vision tower.
 
     Example::
 
@@ -60,8 +61,12 @@ class DecoderAdapter:
         """
         if self.vision is None or not _has_module(model, self.vision.language):
             return patch_model(model, get_op, self.table)
-        # The vision tower may share a norm class with the text (Qwen2.5-VL): it keeps HF's own forwards.
+        # The towers are patched apart: the vision tower may share a norm class with the text (Qwen2.5-VL) and
+        # gets only what its own table names.
         lines = patch_model(self.vision.language_tower(model), get_op, replace(self.table, causal_lms=()))
+        if self.vision.tower is not None:
+            tower = model.get_submodule(self.vision.vision)
+            lines += [f"vision tower: {line}" for line in patch_model(tower, get_op, self.vision.tower)]
         only_loss = PatchTable(norms=(), attentions=(), mlps=(), causal_lms=self.table.causal_lms,
                                final_softcap=self.table.final_softcap, decoder=self.table.decoder)
         return lines + patch_model(model, get_op, only_loss)

@@ -483,6 +483,20 @@ def _eager_when_decoding(function: Callable[..., Any], original: Callable[..., A
     return forward
 
 
+def _mlp_activation(module: nn.Module) -> tuple[str, str | None]:
+    """``(hidden_act, lora_mlp activation or None)`` of a gated MLP: from its config, or, for an MLP that keeps no
+    config (Qwen2.5-VL's vision MLP), from the class of its ``act_fn``."""
+    config = getattr(module, "config", None)
+    if config is not None:
+        hidden_act = getattr(config, "hidden_activation", None) or config.hidden_act
+        return hidden_act, ACTIVATIONS.get(hidden_act)
+    from transformers.activations import ACT2FN
+
+    act_fn = type(getattr(module, "act_fn", None))
+    hidden_act = next((name for name in ACTIVATIONS if type(ACT2FN[name]) is act_fn), act_fn.__name__)
+    return hidden_act, ACTIVATIONS.get(hidden_act)
+
+
 def patch_model(model: nn.Module, get_op: GetOp, table: PatchTable) -> list[str]:
     """Give every module matching ``table`` a forward on the kernel ops.
 
@@ -516,9 +530,9 @@ def patch_model(model: nn.Module, get_op: GetOp, table: PatchTable) -> list[str]
             _set_forward(module, _eager_when_decoding(forward, type(module).forward))
             counts["attention"] += 1
         elif cls in table.mlps:
-            activation = ACTIVATIONS.get(getattr(module.config, "hidden_activation", None) or module.config.hidden_act)
+            hidden_act, activation = _mlp_activation(module)
             if activation is None:
-                skipped.append(f"MLP {cls}: activation {module.config.hidden_act!r} has no fused op (left as is)")
+                skipped.append(f"MLP {cls}: activation {hidden_act!r} has no fused op (left as is)")
                 continue
             forward = (_mlp_forward(get_op, activation) if table.fused_gate_up is None
                        else _fused_mlp_forward(get_op, activation, table.fused_gate_up))

@@ -4,8 +4,9 @@ modules train, stay 16-bit and go to the ``mmproj`` GGUF.
 A :class:`VisionSpec` is data, like the patch tables: module-name prefixes of the language tower,
 the vision tower and the projector, and the short names of their attention and MLP projections.
 The engine reads it through the adapter's optional ``vision`` attribute (``lora.finetune_*`` keys,
-QLoRA's skipped modules); the patching restricts itself to the language tower with it, so the
-vision tower runs Hugging Face's own code.
+QLoRA's skipped modules); the patching applies the adapter's table to the language tower alone,
+and to the vision tower only what ``VisionSpec.tower`` names (nothing by default: Hugging Face's
+own code).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any
+
+from ftengine.plugins.models._patching import PatchTable
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,8 @@ class VisionSpec:
             ``proj`` convolution).
         keep_16bit: further prefixes QLoRA leaves unquantized (besides the vision tower and projector).
         max_images_per_turn: the most images one message may hold (Llama 3.2 Vision: one), or ``None``.
+        tower: the vision tower's modules to patch onto the kernel ops (its RMSNorms and gated MLPs; a
+            :class:`PatchTable` without ``causal_lms``), or ``None``: the tower keeps Hugging Face's forwards.
     """
 
     language: str
@@ -40,6 +45,7 @@ class VisionSpec:
     vision_mlp: tuple[str, ...] = ("fc1", "fc2")
     keep_16bit: tuple[str, ...] = ()
     max_images_per_turn: int | None = None
+    tower: PatchTable | None = None
 
     def target_modules(self, vision_layers: bool = True, language_layers: bool = True, attention: bool = True,
                        mlp: bool = True) -> str | None:

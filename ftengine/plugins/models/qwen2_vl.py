@@ -5,8 +5,10 @@ The language tower is Qwen2's (biased q/k/v, SwiGLU, RMSNorm). Its rope is "mrop
 has three ids (time, height, width; equal for text tokens) and the rotary frequencies are split in
 ``mrope_section`` parts, each taking its angle from one of the three ids. transformers composes
 those sections inside the rotary embedding, so the attention receives ordinary ``(B, T, D)`` cos and
-sin tables and the ``rope`` op applies them unchanged. The vision tower runs Hugging Face's code
-(LoRA can still reach its ``qkv``/``proj`` and MLP projections).
+sin tables and the ``rope`` op applies them unchanged. Qwen2.5-VL's vision tower shares the language
+tower's RMSNorm class and has a gated SwiGLU MLP (with biases), both patched like the language
+tower's; its window attention, and all of Qwen2-VL's tower (LayerNorms, a plain GELU MLP), run Hugging
+Face's code (LoRA can still reach their ``qkv``/``proj`` and MLP projections).
 GGUF: llama.cpp's ``qwen2vl`` architecture for the language tower, the mrope sections as
 ``rope.dimension_sections``; the vision tower and merger as an mmproj file (projector
 ``qwen2vl_merger`` / ``qwen2.5vl_merger``): fused qkv split in three, the two-frame Conv3d patch
@@ -87,8 +89,10 @@ def qwen_vl_mmproj(projector_type: str, hparams: Any) -> MmprojLayout:
                         image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, split=split_qwen_vision)
 
 
-def qwen_vl_adapter(name: str, classes: str, vision_mlp: tuple[str, ...], mmproj: MmprojLayout) -> DecoderAdapter:
-    """A Qwen VL generation's adapter; ``classes`` prefixes its Hugging Face class names."""
+def qwen_vl_adapter(name: str, classes: str, vision_mlp: tuple[str, ...], mmproj: MmprojLayout,
+                    tower: PatchTable | None = None) -> DecoderAdapter:
+    """A Qwen VL generation's adapter; ``classes`` prefixes its Hugging Face class names; ``tower``: what to patch
+    in the vision tower."""
     return DecoderAdapter(
         name=name,
         model_types=(name,),
@@ -103,11 +107,13 @@ def qwen_vl_adapter(name: str, classes: str, vision_mlp: tuple[str, ...], mmproj
         gguf=GGUFLayout(architecture="qwen2vl", skip=VISION_PARTS, renames=LANGUAGE_RENAMES,
                         extra_metadata=qwen2_vl_metadata, mmproj=mmproj),
         vision=VisionSpec(language="model.language_model", vision="model.visual", projector="model.visual.merger",
-                          vision_attention=("attn.qkv", "attn.proj"), vision_mlp=vision_mlp),
+                          vision_attention=("attn.qkv", "attn.proj"), vision_mlp=vision_mlp, tower=tower),
     )
 
 
 QWEN2_VL = qwen_vl_adapter("qwen2_vl", "Qwen2VL", vision_mlp=("fc1", "fc2"),
                            mmproj=qwen_vl_mmproj("qwen2vl_merger", qwen2_vl_hparams))
 QWEN2_5_VL = qwen_vl_adapter("qwen2_5_vl", "Qwen2_5_VL", vision_mlp=("gate_proj", "up_proj", "down_proj"),
-                             mmproj=qwen_vl_mmproj("qwen2.5vl_merger", qwen2_5_vl_hparams))
+                             mmproj=qwen_vl_mmproj("qwen2.5vl_merger", qwen2_5_vl_hparams),
+                             tower=PatchTable(norms=("Qwen2_5_VLRMSNorm",), attentions=(), mlps=("Qwen2_5_VLMLP",),
+                                              causal_lms=()))

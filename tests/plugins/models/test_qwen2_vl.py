@@ -1,6 +1,7 @@
 """Qwen2-VL / Qwen2.5-VL adapters: with images in the batch, the patched model (language tower on the
-kernel ops, mrope included; the vision tower Hugging Face's) matches the unpatched one in loss,
-every LoRA gradient (vision and language towers) and eval logits."""
+kernel ops, mrope included; Qwen2.5-VL's vision norms and MLPs too, its window attention and all of
+Qwen2-VL's tower Hugging Face's) matches the unpatched one in loss, every LoRA gradient (vision and
+language towers) and eval logits."""
 
 from __future__ import annotations
 
@@ -29,7 +30,12 @@ def test_patched_matches_hf_with_images(family, backend, monkeypatch):
     model_cls, version = MODELS[family]
     targets = adapter(family).vision.target_modules()
     reference, patched, lines = tiny_pair(model_cls, qwen_vl_config(version), family, target_modules=targets)
-    assert lines[0].startswith("rms_norm x5 ->"), lines  # 2 per text layer and the final norm; none in the ViT
+    assert lines[0].startswith("rms_norm x5 ->"), lines  # 2 per text layer and the final norm
+    tower = [line for line in lines if line.startswith("vision tower: ")]
+    if family == "qwen2_5_vl":  # 2 per block and the merger's; the gated MLP of each block
+        assert [line.split(" -> ")[0] for line in tower] == ["vision tower: rms_norm x5", "vision tower: mlp x2"]
+    else:
+        assert not tower, lines
     assert any(line.startswith("causal-LM loss") for line in lines), lines
     assert_fully_fused(family, patched)
     vision_lora = [n for n, _ in patched.named_parameters() if ".visual." in n and "lora_" in n]
