@@ -30,6 +30,7 @@ from ftengine.engine.launch import first_failure
 from ftengine.engine.rundir import CHECKPOINT_MARKER
 from ftengine.engine.rundir import RunDir
 from tests.child_env import child_env
+from tests.plugins.models.moe_helpers import tiny_qwen3_moe_checkpoint
 
 
 def raw_config(base, tmp_path, processes=2, **training):
@@ -142,6 +143,25 @@ if os.environ.get("WORLD_SIZE"):
 
     progress.ProgressCallback.on_log = on_log
 '''
+
+
+def test_ddp_trains_a_mixture_of_experts_with_4_bit_experts_like_one_process(tmp_path):
+    """QLoRA on a Qwen3-MoE over 2 processes: the experts stored NF4 on each rank (not parameters, so never
+    broadcast, and packed alike from the same checkpoint), the loss curve of one process with the same global
+    batch (the router loss weighed once a step: within its nonlinearity in the batch)."""
+    base = tiny_qwen3_moe_checkpoint(tmp_path / "moe")
+    raw = raw_config(base, tmp_path, max_steps=4)
+    raw["quantization"] = {"load_in_4bit": True, "bnb_4bit_compute_dtype": "float32"}
+    code, out, err = launch_cli([str(write_yaml(raw, tmp_path / "config.yaml"))], tmp_path)
+    assert code == 0, err[-3000:]
+    (run,) = (tmp_path / "runs").glob("tiny-*")
+    notes = json.loads((run / "run.json").read_text())["summary"]["notes"]
+    assert any("moe experts x2 stored NF4" in n for n in notes) and any("ddp over 2 processes" in n for n in notes)
+    single = one_process_twin(raw)
+    got, expected = losses(run), single.train.losses
+    assert [s for s, _ in got] == [s for s, _ in expected] == [1, 2, 3, 4]
+    for (_, a), (_, b) in zip(got, expected, strict=True):
+        assert a == pytest.approx(b, abs=5e-4)
 
 
 def injecting(tmp_path, monkeypatch, what):

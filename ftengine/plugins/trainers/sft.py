@@ -30,11 +30,26 @@ class SFTTrainerPlugin:
 
         class ModelLossSFTTrainer(SFTTrainer):
             """Takes the loss from the model's forward when a model adapter fused it
-            (``linear_cross_entropy``); trl would otherwise compute its own from the hidden states."""
+            (``linear_cross_entropy``); trl would otherwise compute its own from the hidden states.
+
+            A mixture-of-experts forward adds ``router_aux_loss_coef * aux_loss`` (the load-balancing loss of
+            its own micro-batch) as transformers' does. With ``num_items_in_batch`` the trainer scales the
+            whole loss by the number of processes and sums it over the accumulated micro-batches, which is
+            right for the token-summed cross-entropy but would weigh the aux term once per process and
+            micro-batch: it is re-weighted here to their mean, as trl weighs it.
+            """
 
             def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
                 inputs["use_cache"] = False
-                return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+                loss, outputs = Trainer.compute_loss(self, model, inputs, True, num_items_in_batch)
+                aux = getattr(outputs, "aux_loss", None)
+                if aux is not None and num_items_in_batch is not None:
+                    coef = self.model.config.get_text_config().router_aux_loss_coef
+                    scaled = self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs
+                    processes = self.accelerator.num_processes if scaled else 1
+                    weighted = coef * aux.to(loss.device)
+                    loss = loss - weighted * processes + weighted / self.current_gradient_accumulation_steps
+                return (loss, outputs) if return_outputs else loss
 
         tokenizer = request.tokenizer
         args = trl_config(SFTConfig, request, dataset_kwargs={"skip_prepare_dataset": True}, packing=False)

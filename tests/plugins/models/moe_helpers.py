@@ -9,6 +9,8 @@ and in the router gradients.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +19,24 @@ from .helpers import adapter
 from .helpers import batch
 from .helpers import rel_err
 from .helpers import tiny_pair
+
+
+def tiny_qwen3_moe_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A saved random-weight Qwen3-MoE (2 layers, 4 experts, top 2) with the demo tokenizer, for whole runs."""
+    from transformers import Qwen3MoeConfig
+    from transformers import Qwen3MoeForCausalLM
+
+    from ftengine.demo import ASSETS
+
+    config = Qwen3MoeConfig(vocab_size=640, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=64,
+                            tie_word_embeddings=False, initializer_range=0.1)
+    torch.manual_seed(seed)
+    Qwen3MoeForCausalLM(config).save_pretrained(str(path))
+    for file in (ASSETS / "tokenizer").iterdir():
+        shutil.copy(file, path / file.name)
+    return path
 
 
 def moe_pair(model_cls: type, config: Any, family: str, router: bool = True) -> tuple[Any, Any, list[str]]:

@@ -28,6 +28,7 @@ from .helpers import assert_equivalent
 from .helpers import copy_dequantized
 from .helpers import rel_err
 from .moe_helpers import assert_experts_fused
+from .moe_helpers import tiny_qwen3_moe_checkpoint
 
 VOCAB = 640  # the demo tokenizer's, for the export
 
@@ -142,15 +143,9 @@ def test_nf4_experts_bf16_on_gpu_as_close_to_fp32_as_hf(monkeypatch):
 def test_qlora_run_stores_the_experts_nf4(make_tiny_run_config, tmp_path):
     """``ftengine run``'s pipeline with ``quantization.load_in_4bit`` on a Qwen3-MoE checkpoint: bitsandbytes
     quantizes the attention, ftengine packs the experts, and the experts' LoRA trains through them."""
-    import shutil
-
     from ftengine.engine import pipeline
 
-    torch.manual_seed(0)
-    model_dir = tmp_path / "qwen3-moe"
-    Qwen3MoeForCausalLM(config()).save_pretrained(str(model_dir))
-    for file in (ASSETS / "tokenizer").iterdir():
-        shutil.copy(file, model_dir / file.name)
+    model_dir = tiny_qwen3_moe_checkpoint(tmp_path / "qwen3-moe")
     run_config = make_tiny_run_config(model_dir, ASSETS / "data.jsonl", tmp_path, max_steps=2)
     run_config.quantization.load_in_4bit = True
     run_config.quantization.bnb_4bit_compute_dtype = "float32"
