@@ -27,6 +27,7 @@ import torch
 
 from ftengine.core.errors import ConfigError
 from ftengine.core.errors import FtengineError
+from ftengine.core.kernels import NF4_EXPERTS_ATTR
 
 ENV_RUN_DIR = "FTENGINE_RUN_DIR"
 """Set by :func:`launch` for its processes: the run directory it created (so all ranks agree on it)."""
@@ -251,7 +252,7 @@ def choose_strategy(config: Any, hf_config: Any, world_size: int, memory: int | 
         on_gpu: whether the processes run on GPUs (default: whether CUDA is available).
 
     Raises:
-        ConfigError: fsdp with an 8-bit base or an offloaded input embedding, or on CPU processes.
+        ConfigError: fsdp with an 8-bit base, 4-bit experts or an offloaded input embedding, or on CPU processes.
     """
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
     requested = config.distributed.strategy
@@ -267,7 +268,7 @@ def choose_strategy(config: Any, hf_config: Any, world_size: int, memory: int | 
     elif requested == "auto":
         fits = plan.replicated_bytes <= 0.6 * memory
         chosen = "ddp" if fits or q.load_in_8bit or config.model.offload_embedding or unshardable_weights(
-            hf_config) else "fsdp"
+            hf_config) or four_bit_experts(config, hf_config) else "fsdp"
         why = "fits one device" if fits else "does not fit one device"
         reason = f"auto: the training state ({plan.replicated_bytes / 2**30:.1f} GiB) {why}"
     else:
@@ -294,6 +295,16 @@ def unshardable_weights(hf_config: Any) -> str | None:
     return None
 
 
+def four_bit_experts(config: Any, hf_config: Any) -> bool:
+    """Whether the run stores a mixture of experts' fused expert weights NF4 itself (``load_in_4bit`` on a model
+    with routed experts): they are held outside the parameters, whose stand-ins FSDP cannot shard."""
+    if hf_config is None or not config.quantization.load_in_4bit:
+        return False
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None)
+    return bool(experts and experts > 1)
+
+
 def check_strategy(strategy: str, config: Any, on_gpu: bool, hf_config: Any = None) -> None:
     """A strategy that cannot serve the request: one line naming the keys.
 
@@ -313,6 +324,9 @@ def check_strategy(strategy: str, config: Any, on_gpu: bool, hf_config: Any = No
     if config.quantization.load_in_8bit:
         raise ConfigError("distributed.strategy: fsdp cannot shard an 8-bit (LLM.int8) base; use ddp, or "
                           "quantization.load_in_4bit")
+    if four_bit_experts(config, hf_config):
+        raise ConfigError("distributed.strategy: fsdp cannot shard the experts of a mixture of experts with "
+                          "quantization.load_in_4bit (ftengine stores them NF4 outside the parameters); use ddp")
     if config.model.offload_embedding:
         raise ConfigError("model.offload_embedding: the input embedding cannot stay in CPU memory while fsdp "
                           "shards it; turn it off or use distributed.strategy: ddp")
@@ -372,6 +386,9 @@ def api_trainer_arguments(strategy: str, model: Any) -> dict[str, Any]:
                           f"{str(model.get_parameter(packed).dtype).removeprefix('torch.')}; call "
                           "ftengine.load_model(..., load_in_4bit=True) under torchrun (it stores the 4-bit weights "
                           "in the compute dtype, which fsdp shards), or train with strategy ddp")
+    if strategy == "fsdp" and any(NF4_EXPERTS_ATTR in module.__dict__ for module in model.modules()):
+        raise ConfigError("train: strategy fsdp cannot shard the experts of a mixture of experts loaded with "
+                          "load_in_4bit (ftengine stores them NF4 outside the parameters); train with strategy ddp")
     return trainer_arguments(strategy, model)
 
 

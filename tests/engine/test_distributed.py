@@ -264,6 +264,33 @@ def test_a_strategy_that_cannot_serve_the_request_is_a_config_error(demo_base, t
         validate_config(raw)
 
 
+def test_fsdp_is_refused_for_4_bit_experts_before_anything_loads(tmp_path, monkeypatch):
+    """FSDP cannot shard the stand-ins of experts stored NF4 (``fully_shard`` refuses their zero strides): an
+    explicit fsdp is one line naming the fix, ``auto`` picks ddp, and the Python API refuses such a model."""
+    from ftengine.core.kernels import get_op
+    from ftengine.engine.pipeline import load_model_config
+    from ftengine.plugins.models import _moe
+
+    base = tiny_qwen3_moe_checkpoint(tmp_path / "moe")
+    hf_config = load_model_config(str(base))
+    raw = raw_config(base, tmp_path)
+    raw["quantization"] = {"load_in_4bit": True}
+    four_bit = validate_config(raw)
+    with pytest.raises(ConfigError, match="fsdp cannot shard the experts of a mixture of experts"):
+        distributed.check_strategy("fsdp", four_bit, on_gpu=True, hf_config=hf_config)
+    assert distributed.choose_strategy(four_bit, hf_config, 2, memory=2**20, on_gpu=True)[0] == "ddp"
+    sixteen_bit = validate_config(raw_config(base, tmp_path))
+    assert distributed.choose_strategy(sixteen_bit, hf_config, 2, memory=2**20, on_gpu=True)[0] == "fsdp"
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    assert _moe.quantize_experts(model, get_op, ("Qwen3MoeSparseMoeBlock",)) == 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match="train: strategy fsdp cannot shard the experts"):
+        distributed.api_trainer_arguments("fsdp", model)
+
+
 def test_strategy_choice(demo_base, tmp_path):
     from ftengine.engine.pipeline import load_model_config
 
