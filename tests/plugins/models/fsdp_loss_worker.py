@@ -1,4 +1,4 @@
-"""Run under torchrun by ``test_patching.py``: a tiny patched Qwen2 with LoRA, FSDP2-sharded over CPU
+"""Run under torchrun by ``test_causal_lm.py``: a tiny patched Qwen2 with LoRA, FSDP2-sharded over CPU
 processes, one training forward and backward; rank 0 prints the loss, the gradients gathered whole, the
 unpatched model's on the same batch, and how often the fused loss op ran.
 

@@ -1,11 +1,6 @@
-"""The patched forwards: decode steps on the modules' own forwards, and the causal-LM loss under FSDP2
-(``_patching.fused_lm_head``) on CPU processes over gloo."""
+"""The patched forwards: decode steps on the modules' own forwards."""
 
 import collections
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +9,6 @@ from transformers import Qwen2ForCausalLM
 
 from ftengine.core import kernels
 from ftengine.plugins.models._patching import DECODE_ROWS
-from tests.child_env import child_env
 from tests.plugins.models.helpers import counting_resolve_op
 from tests.plugins.models.helpers import tiny_pair
 
@@ -48,20 +42,3 @@ def test_few_rows_without_autograd_run_the_modules_own_forwards(op_calls):
     op_calls.clear()
     patched(input_ids=decode).logits.sum().backward()
     assert op_calls["lora_mlp"] == 2 and op_calls["rms_norm"] == 5
-
-
-@pytest.mark.parametrize("layout, fused_calls", [("tail", 1), ("alone", 0)])
-def test_fsdp_sharded_lm_head_gives_the_unpatched_loss_and_gradients(layout, fused_calls):
-    """accelerate's layout (final norm and LM head one unit, gathered after its forward) takes the fused loss;
-    a head sharded alone is called for its logits. Both match the unsharded, unpatched model."""
-    worker = Path(__file__).parent / "fsdp_loss_worker.py"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(worker), layout], env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    row = json.loads(done.stdout.strip().splitlines()[-1])
-    assert row["head"] == "FSDPLinear"
-    assert row["linear_cross_entropy_calls"] == fused_calls
-    assert row["loss"] == pytest.approx(row["reference_loss"], rel=1e-5)
-    assert row["grads"] == 29  # 28 LoRA matrices and the LM head
-    assert row["max_grad_rel_err"] < 1e-4
