@@ -23,8 +23,9 @@ Mixture of experts: ``qwen3-30b-a3b`` (Qwen3-30B-A3B's shapes: 128 experts, 8 a 
 same LoRA on the attention and on every expert (PEFT's ``target_parameters`` on the fused expert
 weights; ftengine runs them through the ``lora_moe`` grouped GEMMs). ``nf4`` quantizes the attention
 with bitsandbytes on both sides; bitsandbytes cannot hold the fused 3-D expert weights, so ``hf``
-keeps them bf16 (58 GB at full depth) while ftengine stores them NF4 at its patch (as a
-``load_in_4bit`` run does) and unpacks them a group of experts at a time.
+keeps them bf16 (58 GB at full depth) while ftengine packs each layer's NF4 as the model is built (the
+adapter's ``quantized_load``, as a ``load_in_4bit`` load packs them: the 16-bit experts are never whole on
+the GPU) and unpacks them a group of experts at a time.
 
 ``ftengine-run`` / ``ftengine-run-unpacked`` (opt-in through ``--frameworks``) run ``ftengine run
 config.yaml`` itself on a chat dataset the script writes, packed or one conversation a row of mixed
@@ -59,6 +60,7 @@ memory peaks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import importlib.metadata
@@ -131,12 +133,17 @@ def synchronize() -> None:
 
 
 def build_model(name: str, quant: str, framework: str, layers: int | None = None):
-    """A random-weight model on the GPU in bf16 (NF4 projections for ``quant == "nf4"``; the fused experts of
-    a mixture-of-experts model stay bf16 here, ftengine stores them NF4 when it patches); ``layers`` overrides
-    the depth."""
+    """A random-weight model on the GPU in bf16 (NF4 projections for ``quant == "nf4"``); ``layers`` overrides
+    the depth. A mixture-of-experts model's fused experts are drawn as they are built; they stay bf16 for ``hf``;
+    for ftengine with
+    ``nf4`` each layer's are packed NF4 as the model is built, under the adapter's
+    ``quantized_load`` as a ``load_in_4bit`` load packs them, so the 16-bit experts are never whole on the GPU."""
     import torch
     from transformers import AutoConfig
     from transformers import AutoModelForCausalLM
+
+    from ftengine.core.kernels import get_op
+    from ftengine.core.plugins import get_registry
 
     spec = dict(MODELS[name])
     if layers:
@@ -147,12 +154,36 @@ def build_model(name: str, quant: str, framework: str, layers: int | None = None
 
         getattr(liger, f"apply_liger_kernel_to_{config.model_type}")()
     torch.manual_seed(0)
-    with torch.device(DEVICE):
+    packing = contextlib.ExitStack()
+    if getattr(config, "num_experts", 0):
+        packing.enter_context(_random_experts(config.initializer_range))  # registered first: runs before the packing
+        if quant == "nf4" and framework.startswith("ftengine"):
+            packing.enter_context(get_registry("models")[config.model_type].quantized_load(get_op))
+    with packing, torch.device(DEVICE):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     model.config.use_cache = False
     if quant == "nf4":
         quantize_projections(model)
     return model
+
+
+@contextlib.contextmanager
+def _random_experts(std: float):
+    """Draws each fused expert weight as the model's init would, the moment it is created (uninitialised), for
+    every framework alike (flagged initialised, so the init after construction draws the rest identically)."""
+    import torch
+
+    def draw(module, name, param):
+        if name in ("gate_up_proj", "down_proj") and param is not None and param.device.type != "meta":
+            with torch.no_grad():
+                param.normal_(0.0, std)
+            param._is_hf_initialized = True
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(draw)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def quantize_projections(model) -> None:

@@ -112,6 +112,9 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=16, help="held-out chunks of 128 tokens")
     parser.add_argument("--tiny", action="store_true", help="q4_k_m and q3_k_s, 5 steps, 2 chunks")
     parser.add_argument("--json", help="append one JSON row per type and imatrix setting")
+    parser.add_argument("--calibration", choices=("training", "apart"), default="training",
+                        help="imatrix text: the training part, or the held-out tokens past the evaluated chunks "
+                             "(text the model never saw and that is not scored)")
     args = parser.parse_args()
     import llama_cpp
 
@@ -122,8 +125,13 @@ def main() -> None:
     started = time.time()
     model = _train(train_ids, len(tokenizer), steps, seed=0)
     chunks = [held_out[i : i + SEQ] for i in range(0, len(held_out) - SEQ + 1, SEQ)][:n_chunks]
-    calibration = [train_ids[i : i + SEQ] for i in range(0, len(train_ids) - SEQ + 1, SEQ)]
-    imatrix = collect(model, calibration, gguf_name_of(model), chunk_size=SEQ, dataset="README.md (training part)")
+    source, label = train_ids, "README.md (training part)"
+    if args.calibration == "apart":
+        source, label = held_out[len(chunks) * SEQ:], "README.md (held out, not evaluated)"
+    calibration = [source[i : i + SEQ] for i in range(0, len(source) - SEQ + 1, SEQ)]
+    if not calibration:
+        parser.error(f"--calibration {args.calibration}: fewer than {SEQ} tokens left for calibration")
+    imatrix = collect(model, calibration, gguf_name_of(model), chunk_size=SEQ, dataset=label)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -146,7 +154,8 @@ def main() -> None:
                       f"top-1 {ours_top1:.3f} / {theirs_top1:.3f}", flush=True)
     device = f"CPU ({platform.processor() or platform.machine()}), torch {torch.__version__}, " \
              f"llama-cpp-python {llama_cpp.__version__}"
-    print(f"\n{device}; {len(chunks) * SEQ} held-out tokens; {time.time() - started:.0f} s\n")
+    print(f"\n{device}; {len(chunks) * SEQ} held-out tokens scored; imatrix from {label}, "
+          f"{len(calibration) * SEQ} tokens; {time.time() - started:.0f} s\n")
     print("| type | imatrix | KL ours | KL llama.cpp | ours / llama.cpp | top-1 ours | top-1 llama.cpp |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
@@ -156,7 +165,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "a", encoding="utf-8") as f:
             for row in rows:
-                f.write(json.dumps({**row, "device": device, "steps": steps,
+                f.write(json.dumps({**row, "device": device, "steps": steps, "calibration": args.calibration,
+                                    "calibration_tokens": len(calibration) * SEQ,
                                     "held_out_tokens": len(chunks) * SEQ}) + "\n")
 
 

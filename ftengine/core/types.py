@@ -19,6 +19,7 @@ import inspect
 import types
 import typing
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
@@ -191,6 +192,10 @@ class ModelAdapter(Protocol):
             projection runs (fused op or peft's path, with the reason), shown in the run summary.
         unpatch: optional; ``unpatch(model) -> int``: undo :meth:`patch`, returning the number of
             modules restored.
+        quantized_load: optional; ``quantized_load(get_op)`` returns a context manager the engine enters
+            around a ``load_in_4bit`` ``from_pretrained``, for weights bitsandbytes leaves 16-bit that the
+            family stores 4-bit itself (fused 3-D expert weights, quantized as they arrive so they are never
+            whole in 16 bits on the GPU).
 
     :class:`ftengine.plugin.DecoderAdapter` builds one from data (the classes to patch, the GGUF
     layout) for decoder-only families.
@@ -205,6 +210,7 @@ class ModelAdapter(Protocol):
     gguf: GGUFSupport | None = None
     routes: Callable[[Any], list[str]] | None = None
     unpatch: Callable[[Any], int] | None = None
+    quantized_load: Callable[[Callable[[str], Callable[..., Any]]], AbstractContextManager[None]] | None = None
 
     def patch(self, model: Any, get_op: Callable[[str], Callable[..., Any]]) -> list[str]:
         """Swap the model's module forwards for kernel ops; return a line per thing patched.

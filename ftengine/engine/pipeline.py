@@ -6,6 +6,7 @@ Python API (``ftengine.load_model`` ...) both call them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -144,12 +145,29 @@ def quantization_config(load_in_4bit: bool, load_in_8bit: bool, quant: Any = Non
     )
 
 
-def load(config: RunConfig, strategy: str = "single") -> LoadedModel:
-    """Stage 1: the model (16-bit, 4-bit NF4 or 8-bit) and its tokenizer; for ``strategy`` fsdp the
-    4-bit weights are stored in the compute dtype so they shard with the rest."""
+def _from_pretrained(source: str, kwargs: dict[str, Any], hf_config: Any, config: RunConfig,
+                     vlm: bool) -> tuple[Any, Any, Any]:
+    """The model, its tokenizer and (vision-language) its processor."""
     from transformers import AutoModelForCausalLM
     from transformers import AutoTokenizer
 
+    m = config.model
+    if vlm:
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+        processor = vision.load_processor(source, hf_config, m.trust_remote_code, m.revision,
+                                          config.data.max_pixels, config.data.min_pixels)
+        return model, processor.tokenizer, processor
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    return model, AutoTokenizer.from_pretrained(source, trust_remote_code=m.trust_remote_code,
+                                                revision=m.revision), None
+
+
+def load(config: RunConfig, strategy: str = "single") -> LoadedModel:
+    """Stage 1: the model (16-bit, 4-bit NF4 or 8-bit) and its tokenizer; for ``strategy`` fsdp the
+    4-bit weights are stored in the compute dtype so they shard with the rest; with 4 bits, the adapter's
+    ``quantized_load`` (if any) wraps the loading."""
     m, q = config.model, config.quantization
     hf_config = load_model_config(m.name_or_path, m.trust_remote_code, m.revision)
     rope_note = apply_rope_scaling(hf_config, m.rope_scaling.model_dump() if m.rope_scaling else None)
@@ -171,19 +189,10 @@ def load(config: RunConfig, strategy: str = "single") -> LoadedModel:
         kwargs["quantization_config"] = bnb
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
-    processor = None
+    loading = getattr(adapter, "quantized_load", None) if q.load_in_4bit else None
     try:
-        if vlm:
-            from transformers import AutoModelForImageTextToText
-
-            model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
-            processor = vision.load_processor(source, hf_config, m.trust_remote_code, m.revision,
-                                              config.data.max_pixels, config.data.min_pixels)
-            tokenizer = processor.tokenizer
-        else:
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=m.trust_remote_code,
-                                                      revision=m.revision)
+        with loading(get_op) if loading is not None else contextlib.nullcontext():
+            model, tokenizer, processor = _from_pretrained(source, kwargs, hf_config, config, vlm)
     except OSError as exc:
         hint = "" if m.allow_pickle else ("; only safetensors weights load unless model.allow_pickle: true (pickle "
                                           "files can run code when loaded)")

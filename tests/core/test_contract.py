@@ -32,7 +32,7 @@ def test_hook_is_typed_with_its_protocol_and_documented(kind):
 def test_protocol_members_split_required_and_optional():
     required, optional = types.protocol_members(types.ModelAdapter)
     assert required == ("name", "model_types", "default_target_modules", "default_chat_template", "patch")
-    assert optional == ("gguf", "routes", "unpatch")
+    assert optional == ("gguf", "routes", "unpatch", "quantized_load")
     assert types.protocol_members(types.GGUFSupport) == (
         ("architecture", "tensor_name", "tensor", "metadata", "extra_tensors"), ("split_tensor", "mmproj"))
 

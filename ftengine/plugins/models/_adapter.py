@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+from contextlib import nullcontext
 from dataclasses import dataclass
 from dataclasses import replace
 from typing import Any
 
+from ftengine.plugins.models import _moe
 from ftengine.plugins.models._gguf import GGUFLayout
 from ftengine.plugins.models._patching import GetOp
 from ftengine.plugins.models._patching import PatchTable
@@ -70,6 +73,11 @@ class DecoderAdapter:
         only_loss = PatchTable(norms=(), attentions=(), mlps=(), causal_lms=self.table.causal_lms,
                                final_softcap=self.table.final_softcap, decoder=self.table.decoder)
         return lines + patch_model(model, get_op, only_loss)
+
+    def quantized_load(self, get_op: GetOp) -> AbstractContextManager[None]:
+        """Entered around a ``load_in_4bit`` load: a mixture-of-experts family stores its fused 3-D experts NF4
+        as each layer's arrive (bitsandbytes leaves them 16-bit); nothing for a dense one."""
+        return _moe.experts_quantized_on_arrival(get_op) if self.table.moes else nullcontext()
 
     def unpatch(self, model: Any) -> int:
         """Undo :meth:`patch`; returns the number of modules restored."""

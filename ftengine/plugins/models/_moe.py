@@ -10,8 +10,10 @@ gets a ``ParamWrapper`` around the experts module, with per-expert factors store
 expert and runs grouped GEMMs with the LoRA kept low-rank.
 
 With a 4-bit base (``load_in_4bit``) bitsandbytes leaves those 3-D parameters in 16 bits;
-:func:`quantize_experts` stores them NF4 (``quantize_nf4``) and ``lora_moe`` unpacks them a group of
-experts at a time inside its grouped GEMMs.
+:func:`experts_quantized_on_arrival` stores each NF4 (``quantize_nf4``) the moment the loader assigns it,
+so the 16-bit experts are never whole on the GPU (a 30B-A3B's are 57 GB), :func:`quantize_experts` does
+the same for a model already loaded, and ``lora_moe`` unpacks them a group of experts at a time inside
+its grouped GEMMs.
 
 The router is called as the module it is (peft's path when it is adapted: a ``(E, H)`` matrix is
 cheap), so transformers' output recorder still collects ``router_logits`` for the auxiliary loss.
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -30,6 +34,8 @@ from ftengine.core.kernels import NF4_EXPERTS_ATTR
 from ftengine.core.kernels import LoRAWeights
 
 GetOp = Callable[[str], Callable[..., Any]]
+
+EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 
 _WARNED: set[str] = set()
 
@@ -129,13 +135,23 @@ def block_forward(get_op: GetOp, activation: str) -> Callable[..., torch.Tensor]
     return forward
 
 
+def _stand_in(param: torch.Tensor) -> nn.Parameter:
+    """A zero-stride parameter of ``param``'s shape, dtype and device: peft sizes its adapters from it and it
+    stores nothing; flagged initialised so that transformers' weight init leaves it alone."""
+    stand_in = nn.Parameter(torch.zeros((), dtype=param.dtype, device=param.device).expand(param.shape),
+                            requires_grad=False)
+    stand_in._is_hf_initialized = True
+    return stand_in
+
+
 def quantize_experts(model: nn.Module, get_op: GetOp, block_classes: tuple[str, ...]) -> int:
-    """Store the fused expert weights of every sparse block NF4; returns how many experts modules.
+    """Store the fused expert weights of every sparse block NF4; returns how many experts modules hold NF4.
 
     Each ``gate_up_proj`` / ``down_proj`` is packed one expert a row (``quantize_nf4``, double-quantized
     absmax) into ``experts.__dict__[NF4_EXPERTS_ATTR]`` and the parameter becomes a zero-stride
     stand-in of its shape and dtype, so the 16-bit weight is freed and peft still sizes its adapters
-    from it. Call it before or after peft wraps the experts.
+    from it. Call it before or after peft wraps the experts; experts stored NF4 while loading
+    (:func:`experts_quantized_on_arrival`) are counted and left as they are.
 
     Args:
         block_classes: class names of the family's sparse blocks (a ``gate`` router and fused ``experts``).
@@ -146,18 +162,46 @@ def quantize_experts(model: nn.Module, get_op: GetOp, block_classes: tuple[str, 
         if type(module).__name__ not in block_classes:
             continue
         experts = base_experts(module.experts)
-        if NF4_EXPERTS_ATTR in experts.__dict__ or not hasattr(experts, "gate_up_proj"):
+        if NF4_EXPERTS_ATTR in experts.__dict__:
+            count += 1
+            continue
+        if not hasattr(experts, "gate_up_proj"):
             continue
         store = {}
-        for name in ("gate_up_proj", "down_proj"):
+        for name in EXPERT_WEIGHTS:
             param = getattr(experts, name)
             store[name] = quantize(param.detach())
-            stand_in = torch.zeros((), dtype=param.dtype, device=param.device).expand(param.shape)
-            setattr(experts, name, nn.Parameter(stand_in, requires_grad=False))
+            setattr(experts, name, _stand_in(param))
             del param
         experts.__dict__[NF4_EXPERTS_ATTR] = store
         count += 1
     return count
+
+
+@contextmanager
+def experts_quantized_on_arrival(get_op: GetOp) -> Iterator[None]:
+    """While the body runs, every fused 3-D expert weight (``gate_up_proj`` / ``down_proj``) registered on a
+    module off the meta device is stored NF4 at once and replaced by its stand-in, as :func:`quantize_experts`
+    stores it.
+
+    Wrap a ``load_in_4bit`` ``from_pretrained`` in it: transformers builds the model on the meta device and
+    then assigns each layer's merged experts in turn, so at most one layer's 16-bit experts exist at a time
+    instead of the whole model's. It works through PyTorch's global parameter-registration hook, which every
+    ``module.name = Parameter(...)`` assignment runs.
+    """
+    quantize = get_op("quantize_nf4")
+
+    def on_register(module: nn.Module, name: str, param: torch.Tensor | None) -> nn.Parameter | None:
+        if name not in EXPERT_WEIGHTS or param is None or param.dim() != 3 or param.device.type == "meta":
+            return None
+        module.__dict__.setdefault(NF4_EXPERTS_ATTR, {})[name] = quantize(param.detach())
+        return _stand_in(param)
+
+    handle = nn.modules.module.register_module_parameter_registration_hook(on_register)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def num_experts(config: Any) -> int:

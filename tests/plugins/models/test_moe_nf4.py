@@ -156,3 +156,59 @@ def test_qlora_run_stores_the_experts_nf4(make_tiny_run_config, tmp_path):
     assert len(experts) == 2
     lora = [p for n, p in result.model.named_parameters() if ".experts." in n and "lora_B" in n]
     assert lora and all(p.abs().sum() > 0 for p in lora), "the experts' LoRA did not train"
+
+
+def test_experts_are_stored_nf4_as_they_load_one_layer_at_a_time(tmp_path):
+    """``quantized_load`` around ``from_pretrained``: each layer's fused experts are packed as they arrive and
+    freed before the next layer's come, and the result is what packing the loaded model afterwards gives."""
+    import weakref
+
+    model_dir = tiny_qwen3_moe_checkpoint(tmp_path / "qwen3-moe")
+    arrived: list[weakref.ref] = []
+    most_alive = 0
+
+    def watch(module, name, param):
+        nonlocal most_alive
+        if name in ("gate_up_proj", "down_proj") and param is not None and param.device.type != "meta":
+            arrived.append(weakref.ref(param))
+            most_alive = max(most_alive, sum(ref() is not None for ref in arrived))
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(watch)  # runs before the packing
+    try:
+        with adapter("qwen3_moe").quantized_load(get_op):
+            loaded = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    finally:
+        handle.remove()
+    assert len(arrived) == 4 and most_alive <= 2, (len(arrived), most_alive)
+
+    plain = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    from ftengine.plugins.models import _moe
+
+    assert _moe.quantize_experts(plain, get_op, ("Qwen3MoeSparseMoeBlock",)) == 2
+    for (name, module), other in zip(loaded.named_modules(), plain.modules(), strict=True):
+        if NF4_EXPERTS_ATTR not in other.__dict__:
+            assert NF4_EXPERTS_ATTR not in module.__dict__, name
+            continue
+        for weight in ("gate_up_proj", "down_proj"):
+            assert getattr(module, weight).stride() == (0, 0, 0), f"{name}.{weight} still holds its 16-bit values"
+            ours, theirs = module.__dict__[NF4_EXPERTS_ATTR][weight], other.__dict__[NF4_EXPERTS_ATTR][weight]
+            assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1].absmax, theirs[1].absmax), name
+    inputs = torch.randint(0, VOCAB, (2, 12))
+    four_bit_experts(loaded)
+    four_bit_experts(plain)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(inputs).logits, plain(inputs).logits, rtol=0, atol=0)
+
+
+def test_a_4_bit_load_through_the_pipeline_packs_the_experts_before_the_patch(make_tiny_run_config, tmp_path):
+    from ftengine.engine import pipeline
+
+    model_dir = tiny_qwen3_moe_checkpoint(tmp_path / "qwen3-moe")
+    run_config = make_tiny_run_config(model_dir, ASSETS / "data.jsonl", tmp_path, max_steps=1)
+    run_config.quantization.load_in_4bit = True
+    run_config.quantization.bnb_4bit_compute_dtype = "float32"
+    loaded = pipeline.load(run_config)
+    experts = [m for m in loaded.model.modules() if NF4_EXPERTS_ATTR in m.__dict__]
+    assert len(experts) == 2 and all(m.gate_up_proj.stride() == (0, 0, 0) for m in experts)
+    lines = loaded.adapter.patch(loaded.model, get_op)
+    assert any("moe experts x2 stored NF4" in line for line in lines), lines
