@@ -5,10 +5,11 @@ The language tower is Qwen2's (biased q/k/v, SwiGLU, RMSNorm). Its rope is "mrop
 has three ids (time, height, width; equal for text tokens) and the rotary frequencies are split in
 ``mrope_section`` parts, each taking its angle from one of the three ids. transformers composes
 those sections inside the rotary embedding, so the attention receives ordinary ``(B, T, D)`` cos and
-sin tables and the ``rope`` op applies them unchanged. Qwen2.5-VL's vision tower shares the language
-tower's RMSNorm class and has a gated SwiGLU MLP (with biases), both patched like the language
-tower's; its window attention, and all of Qwen2-VL's tower (LayerNorms, a plain GELU MLP), run Hugging
-Face's code (LoRA can still reach their ``qkv``/``proj`` and MLP projections).
+sin tables and the ``rope`` op applies them unchanged. In both vision towers the attention runs every
+image (Qwen2-VL) or window (Qwen2.5-VL) in one SDPA call with fused LoRA projections
+(:mod:`~ftengine.plugins.models._vit_attention`); Qwen2.5-VL's tower shares the language tower's RMSNorm
+class and has a gated SwiGLU MLP (with biases), both patched like the language tower's; Qwen2-VL's
+LayerNorms and plain GELU MLP run Hugging Face's code (LoRA can still reach their projections).
 GGUF: llama.cpp's ``qwen2vl`` architecture for the language tower, the mrope sections as
 ``rope.dimension_sections``; the vision tower and merger as an mmproj file (projector
 ``qwen2vl_merger`` / ``qwen2.5vl_merger``): fused qkv split in three, the two-frame Conv3d patch
@@ -30,6 +31,7 @@ from ftengine.plugins.models._mmproj import split_temporal_patch
 from ftengine.plugins.models._mmproj import tower_hparams
 from ftengine.plugins.models._patching import PatchTable
 from ftengine.plugins.models._vision import VisionSpec
+from ftengine.plugins.models._vit_attention import vision_attention_forward
 
 LANGUAGE_RENAMES = (("model.language_model.", "model."),)
 VISION_PARTS = (r"(^|\.)visual\.",)
@@ -112,8 +114,11 @@ def qwen_vl_adapter(name: str, classes: str, vision_mlp: tuple[str, ...], mmproj
 
 
 QWEN2_VL = qwen_vl_adapter("qwen2_vl", "Qwen2VL", vision_mlp=("fc1", "fc2"),
-                           mmproj=qwen_vl_mmproj("qwen2vl_merger", qwen2_vl_hparams))
+                           mmproj=qwen_vl_mmproj("qwen2vl_merger", qwen2_vl_hparams),
+                           tower=PatchTable(norms=(), attentions=(), mlps=(), causal_lms=(),
+                                            custom=(("VisionAttention", vision_attention_forward),)))
 QWEN2_5_VL = qwen_vl_adapter("qwen2_5_vl", "Qwen2_5_VL", vision_mlp=("gate_proj", "up_proj", "down_proj"),
                              mmproj=qwen_vl_mmproj("qwen2.5vl_merger", qwen2_5_vl_hparams),
                              tower=PatchTable(norms=("Qwen2_5_VLRMSNorm",), attentions=(), mlps=("Qwen2_5_VLMLP",),
-                                              causal_lms=()))
+                                              causal_lms=(),
+                                              custom=(("Qwen2_5_VLVisionAttention", vision_attention_forward),)))

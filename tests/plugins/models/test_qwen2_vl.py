@@ -32,10 +32,11 @@ def test_patched_matches_hf_with_images(family, backend, monkeypatch):
     reference, patched, lines = tiny_pair(model_cls, qwen_vl_config(version), family, target_modules=targets)
     assert lines[0].startswith("rms_norm x5 ->"), lines  # 2 per text layer and the final norm
     tower = [line for line in lines if line.startswith("vision tower: ")]
-    if family == "qwen2_5_vl":  # 2 per block and the merger's; the gated MLP of each block
-        assert [line.split(" -> ")[0] for line in tower] == ["vision tower: rms_norm x5", "vision tower: mlp x2"]
+    if family == "qwen2_5_vl":  # 2 per block and the merger's; the gated MLP and the attention of each block
+        assert [line.split(" -> ")[0] for line in tower] == ["vision tower: rms_norm x5", "vision tower: mlp x2",
+                                                            "vision tower: Qwen2_5_VLVisionAttention x2"]
     else:
-        assert not tower, lines
+        assert [line.split(" -> ")[0] for line in tower] == ["vision tower: VisionAttention x2"], lines
     assert any(line.startswith("causal-LM loss") for line in lines), lines
     assert_fully_fused(family, patched)
     vision_lora = [n for n, _ in patched.named_parameters() if ".visual." in n and "lora_" in n]
