@@ -9,7 +9,8 @@ every layer:
 
 - ``hf``: transformers + PEFT as they come (the loss from full logits);
 - ``ftengine``: the ``qwen2_5_vl`` adapter's patch (language tower on the kernel ops, fused LM-head
-  loss), then PEFT, then :func:`ftengine.engine.memory.checkpointing.apply_gradient_checkpointing`.
+  loss; in the vision tower the RMSNorms, gated MLPs and the attention of every window in one call), then
+  PEFT, then :func:`ftengine.engine.memory.checkpointing.apply_gradient_checkpointing`.
 
 QLoRA quantizes the language tower's projections to NF4 (the vision tower and merger stay bf16, as
 ftengine's QLoRA leaves them). Per run: tokens/s (text + image tokens) and seconds a step (median of
