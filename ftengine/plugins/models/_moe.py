@@ -144,6 +144,13 @@ def _stand_in(param: torch.Tensor) -> nn.Parameter:
     return stand_in
 
 
+def _pack(experts: nn.Module, name: str, param: torch.Tensor, quantize: Callable[..., Any]) -> nn.Parameter:
+    """Store ``param`` NF4 as ``experts.__dict__[NF4_EXPERTS_ATTR][name]``; returns the stand-in to hold in its
+    place."""
+    experts.__dict__.setdefault(NF4_EXPERTS_ATTR, {})[name] = quantize(param.detach())
+    return _stand_in(param)
+
+
 def quantize_experts(model: nn.Module, get_op: GetOp, block_classes: tuple[str, ...]) -> int:
     """Store the fused expert weights of every sparse block NF4; returns how many experts modules hold NF4.
 
@@ -167,13 +174,8 @@ def quantize_experts(model: nn.Module, get_op: GetOp, block_classes: tuple[str, 
             continue
         if not hasattr(experts, "gate_up_proj"):
             continue
-        store = {}
         for name in EXPERT_WEIGHTS:
-            param = getattr(experts, name)
-            store[name] = quantize(param.detach())
-            setattr(experts, name, _stand_in(param))
-            del param
-        experts.__dict__[NF4_EXPERTS_ATTR] = store
+            setattr(experts, name, _pack(experts, name, getattr(experts, name), quantize))
         count += 1
     return count
 
@@ -194,8 +196,7 @@ def experts_quantized_on_arrival(get_op: GetOp) -> Iterator[None]:
     def on_register(module: nn.Module, name: str, param: torch.Tensor | None) -> nn.Parameter | None:
         if name not in EXPERT_WEIGHTS or param is None or param.dim() != 3 or param.device.type == "meta":
             return None
-        module.__dict__.setdefault(NF4_EXPERTS_ATTR, {})[name] = quantize(param.detach())
-        return _stand_in(param)
+        return _pack(module, name, param, quantize)
 
     handle = nn.modules.module.register_module_parameter_registration_hook(on_register)
     try:
