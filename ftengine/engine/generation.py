@@ -87,10 +87,16 @@ def _special_ids(tokenizer: Any) -> dict[str, Any]:
 
 
 def generate_batch(model: Any, tokenizer: Any, conversations: list[list[Message]], sampling: Sampling) -> list[str]:
-    """One completion per conversation, generated as one left-padded batch."""
+    """One completion per conversation, generated as one left-padded batch (:mod:`ftengine.engine.static_decode`
+    where it serves the model)."""
+    from transformers import GenerationConfig
+
+    from ftengine.engine import static_decode
+
     inputs = _inputs(model, tokenizer, [render_prompt(tokenizer, c) for c in conversations])
+    config = GenerationConfig(**_special_ids(tokenizer), **sampling.generate_kwargs())
     with _EvalMode(model), torch.no_grad():
-        out = model.generate(**inputs, use_cache=True, **_special_ids(tokenizer), **sampling.generate_kwargs())
+        out = static_decode.generate_or_hand_on(model, model.generate, **inputs, generation_config=config)
     new = out[:, inputs["input_ids"].shape[1]:]
     return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
 

@@ -108,6 +108,10 @@ class GRPOOptions(Options):
                                                                 "out of the loss.")
     generation_batch_size: int | None = Field(None, gt=0, description="Completions generated at once (default: "
                                                                       "micro-batch x gradient accumulation).")
+    generation_backend: Literal["auto", "static", "transformers"] = Field(
+        "auto", description="What samples the completions: static (a preallocated KV cache, each token's forward "
+                            "replayed from a CUDA graph on a GPU), transformers (its generate), or auto (static "
+                            "where the model allows it).")
 
     @field_validator("reward_funcs")
     @classmethod
