@@ -193,7 +193,7 @@ class _Step:
                     self.eager()
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.logits = self.eager()
         except RuntimeError as exc:
             torch.cuda.synchronize()
