@@ -68,11 +68,19 @@ class NonFiniteGuard(TrainerCallback):
         trainer.training_step = checked_training_step
 
     def _problem(self, model: Any, optimizer: Any) -> str | None:
-        if self._bad_loss is not None and bool(self._bad_loss):
-            return "loss"
+        """What is non-finite before this step; the loss flag and the gradient norm are read back together."""
+        flags: dict[str, torch.Tensor] = {}
+        if self._bad_loss is not None:
+            flags["loss"] = self._bad_loss
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if grads and not math.isfinite(float(torch.nn.utils.get_total_norm(grads))):
-            return "gradient norm"
+        if grads:
+            flags["gradient norm"] = ~torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        if flags:
+            device = next(iter(flags.values())).device
+            values = torch.stack([flag.reshape(()).to(device) for flag in flags.values()]).tolist()
+            for what, bad in zip(flags, values, strict=True):
+                if bad:
+                    return what
         if optimizer is not None and any(not math.isfinite(float(group["lr"])) for group in optimizer.param_groups):
             return "learning rate"
         return None

@@ -34,3 +34,22 @@ def test_finite_tensors_are_checked_without_a_read_back_per_tensor(monkeypatch):
     assert first_non_finite(tensors) is None
     assert not calls
     assert first_non_finite(named() + [("meta", torch.empty(3, device="meta"))]) is None
+
+
+@pytest.mark.parametrize("bad", [None, "loss", "gradient norm"])
+def test_before_a_step_loss_and_gradients_cost_one_read_back(bad, monkeypatch):
+    model = torch.nn.Linear(4, 3)
+    model(torch.randn(2, 4)).sum().backward()
+    if bad == "gradient norm":
+        model.weight.grad[0, 0] = float("nan")
+    watcher = guard.NonFiniteGuard()
+    for loss in (torch.tensor(1.0), torch.tensor(float("inf") if bad == "loss" else 2.0)):
+        flag = ~torch.isfinite(loss)
+        watcher._bad_loss = flag if watcher._bad_loss is None else watcher._bad_loss | flag
+    reads = []
+    for method in ("tolist", "item", "__bool__", "__float__"):
+        original = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method,
+                            lambda self, *a, _o=original, _m=method: reads.append(_m) or _o(self, *a))
+    assert watcher._problem(model, None) == bad
+    assert reads == ["tolist"]
