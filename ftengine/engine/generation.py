@@ -86,17 +86,24 @@ def _special_ids(tokenizer: Any) -> dict[str, Any]:
     return {"pad_token_id": pad, "eos_token_id": tokenizer.eos_token_id}
 
 
-def generate_batch(model: Any, tokenizer: Any, conversations: list[list[Message]], sampling: Sampling) -> list[str]:
-    """One completion per conversation, generated as one left-padded batch (:mod:`ftengine.engine.static_decode`
-    where it serves the model)."""
+def _decode(model: Any, inputs: dict[str, torch.Tensor], tokenizer: Any, sampling: Sampling,
+            streamer: Any = None) -> torch.Tensor:
+    """Prompts and completions: :mod:`ftengine.engine.static_decode` where it serves the model, else
+    transformers' ``generate``."""
     from transformers import GenerationConfig
 
     from ftengine.engine import static_decode
 
-    inputs = _inputs(model, tokenizer, [render_prompt(tokenizer, c) for c in conversations])
     config = GenerationConfig(**_special_ids(tokenizer), **sampling.generate_kwargs())
     with _EvalMode(model), torch.no_grad():
-        out = static_decode.generate_or_hand_on(model, model.generate, **inputs, generation_config=config)
+        return static_decode.generate_or_hand_on(model, model.generate, **inputs, generation_config=config,
+                                                 streamer=streamer)
+
+
+def generate_batch(model: Any, tokenizer: Any, conversations: list[list[Message]], sampling: Sampling) -> list[str]:
+    """One completion per conversation, generated as one left-padded batch."""
+    inputs = _inputs(model, tokenizer, [render_prompt(tokenizer, c) for c in conversations])
+    out = _decode(model, inputs, tokenizer, sampling)
     new = out[:, inputs["input_ids"].shape[1]:]
     return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
@@ -111,9 +118,7 @@ def generate_stream(model: Any, tokenizer: Any, messages: list[Message], samplin
 
     def run() -> None:
         try:
-            with _EvalMode(model), torch.no_grad():
-                model.generate(**inputs, use_cache=True, streamer=streamer, **_special_ids(tokenizer),
-                               **sampling.generate_kwargs())
+            _decode(model, inputs, tokenizer, sampling, streamer=streamer)
         except BaseException as exc:  # re-raised in the caller's thread
             errors.append(exc)
             streamer.end()

@@ -219,7 +219,7 @@ class _Step:
 @torch.no_grad()
 def decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *, max_new_tokens: int,
            sampler: Sampler, eos_token_ids: list[int] | tuple[int, ...] = (), pad_token_id: int | None = None,
-           min_new_tokens: int = 0, cuda_graph: bool | None = None) -> torch.Tensor:
+           min_new_tokens: int = 0, cuda_graph: bool | None = None, streamer: Any = None) -> torch.Tensor:
     """Continue each row of a left-padded batch; ``[B, P + n]`` prompt and completion ids, as transformers'
     ``generate`` returns them (rows that ended early padded with ``pad_token_id``; ``n`` up to
     ``max_new_tokens``, less when every row has ended).
@@ -234,6 +234,8 @@ def decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
         pad_token_id: what follows a row's end (defaults to the first EOS id, else 0).
         min_new_tokens: EOS ids are not drawn before this many tokens.
         cuda_graph: record the step in a CUDA graph (default: when the model is on a CUDA device).
+        streamer: a transformers streamer (``put`` / ``end``), given the prompt and then each token as
+            ``generate`` gives them (a read-back a token: for one row shown as it is written).
     """
     batch, prompt_length = input_ids.shape
     device = input_ids.device
@@ -249,6 +251,8 @@ def decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     positions = _positions(attention_mask)
     prompt_index = torch.arange(prompt_length, device=device)
     logits = _forward_logits(model, input_ids, positions, masks.for_queries(prompt_index), cache)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
 
     out = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -264,7 +268,10 @@ def decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
         out[:, i] = token
         generated[i] = ~finished.all()
         finished |= torch.isin(token, eos)
-        if i == max_new_tokens - 1 or (i % EOS_CHECK_EVERY == EOS_CHECK_EVERY - 1 and bool(finished.all())):
+        if streamer is not None:
+            streamer.put(token.cpu())
+        every = 1 if streamer is not None else EOS_CHECK_EVERY
+        if i == max_new_tokens - 1 or (i % every == every - 1 and bool(finished.all())):
             break
         if step is None:
             cache.write_at = torch.full((1,), prompt_length, dtype=torch.long, device=device)
@@ -273,6 +280,8 @@ def decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
                 step.record()
         else:
             step.advance(token)
+    if streamer is not None:
+        streamer.end()
     return torch.cat((input_ids, out[:, :int(generated.sum())]), dim=1)
 
 
@@ -285,7 +294,7 @@ def resolved_config(model: Any, generation_config: Any) -> Any:
 
 
 def generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, generation_config: Any,
-             cuda_graph: bool | None = None) -> torch.Tensor:
+             cuda_graph: bool | None = None, streamer: Any = None) -> torch.Tensor:
     """:func:`decode` with the settings of a transformers ``GenerationConfig`` already resolved
     (:func:`resolved_config`) and accepted (:func:`unsupported`), returning what ``model.generate`` would."""
     eos = generation_config.eos_token_id
@@ -295,7 +304,7 @@ def generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor |
                       min_p=generation_config.min_p)
     return decode(model, input_ids, attention_mask, max_new_tokens=generation_config.max_new_tokens,
                   sampler=sampler, eos_token_ids=eos_ids, pad_token_id=generation_config.pad_token_id,
-                  min_new_tokens=generation_config.min_new_tokens or 0, cuda_graph=cuda_graph)
+                  min_new_tokens=generation_config.min_new_tokens or 0, cuda_graph=cuda_graph, streamer=streamer)
 
 
 _told: set[str] = set()
@@ -303,7 +312,7 @@ _told: set[str] = set()
 
 def generate_or_hand_on(model: Any, fallback: Any, input_ids: torch.Tensor | None = None,
                         attention_mask: torch.Tensor | None = None, generation_config: Any = None,
-                        cuda_graph: bool | None = None, **kwargs: Any) -> Any:
+                        cuda_graph: bool | None = None, streamer: Any = None, **kwargs: Any) -> Any:
     """``model.generate``'s result: from :func:`generate` in eval mode (no dropout while sampling) when
     :func:`unsupported` accepts the call, else from ``fallback`` (the original ``generate``) with the same
     arguments; the first time a reason sends calls there, it is logged."""
@@ -315,11 +324,11 @@ def generate_or_hand_on(model: Any, fallback: Any, input_ids: torch.Tensor | Non
             _told.add(why)
             log.info("generation through transformers' generate: %s", why)
         return fallback(input_ids=input_ids, attention_mask=attention_mask, generation_config=generation_config,
-                        **kwargs)
+                        **({"streamer": streamer} if streamer is not None else {}), **kwargs)
     training = model.training
     model.eval()
     try:
-        return generate(model, input_ids, attention_mask, config, cuda_graph=cuda_graph)
+        return generate(model, input_ids, attention_mask, config, cuda_graph=cuda_graph, streamer=streamer)
     finally:
         model.train(training)
 

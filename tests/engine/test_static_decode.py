@@ -192,3 +192,29 @@ def test_cuda_graph_replay_matches_the_eager_step_and_transformers(family):
                              cuda_graph=cuda_graph) for cuda_graph in (False, True))
     assert torch.equal(graphed, eager)
     assert eager.shape == expected.shape and (eager == expected).float().mean() > 0.95  # fp32 kernels may tie-break
+
+
+def test_a_streamer_gets_the_prompt_then_each_token_as_transformers_gives_them():
+    class Recorder:
+        def __init__(self):
+            self.pieces, self.ended = [], False
+
+        def put(self, value):
+            self.pieces.append(value.tolist())
+
+        def end(self):
+            self.ended = True
+
+    model = tiny("llama")
+    ids = torch.randint(3, SIZES["vocab_size"], (1, 7), generator=torch.Generator().manual_seed(1))
+    eos = int(hf_greedy(model, ids, None)[0, ids.shape[1] + 4])  # the fifth token ends the row
+    recorded = []
+    for run in (lambda s: model.generate(input_ids=ids, max_new_tokens=NEW, do_sample=False, eos_token_id=eos,
+                                         pad_token_id=0, streamer=s),
+                lambda s: decode(model, ids, None, max_new_tokens=NEW, sampler=Sampler(do_sample=False),
+                                 eos_token_ids=[eos], streamer=s)):
+        recorder = Recorder()
+        out = run(recorder)
+        assert recorder.ended and len(recorder.pieces) == 1 + out.shape[1] - ids.shape[1]
+        recorded.append(recorder.pieces)
+    assert recorded[1] == recorded[0]
