@@ -106,6 +106,7 @@ def trainer_for(workload: str, framework: str, model, tokenizer, data, s: dict, 
     from ftengine.core.config import TrainingConfig
     from ftengine.core.plugins import get
     from ftengine.core.types import TrainRequest
+    from ftengine.engine import static_decode
 
     steps = s["steps"] + s["warmup"]
     options = {"dpo": {"beta": 0.1}, "orpo": {"beta": 0.1},
@@ -121,7 +122,8 @@ def trainer_for(workload: str, framework: str, model, tokenizer, data, s: dict, 
         request = TrainRequest(model=model, tokenizer=tokenizer, train_dataset=data, eval_dataset=None,
                                training=training, output_dir=Path(out_dir), callbacks=callbacks,
                                max_seq_length=max_seq_length,
-                               options=plugin.options_schema.model_validate(options))
+                               options=plugin.options_schema.model_validate(options),
+                               route_generate=static_decode.route_for_backend)
         return plugin.create(request)
     return plain_trl(workload, model, tokenizer, data, training, plugin.options_schema.model_validate(options),
                      out_dir, callbacks, max_seq_length)

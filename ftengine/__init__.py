@@ -292,6 +292,7 @@ def make_trainer(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft",
     from ftengine.core import plugins
     from ftengine.core.config import trainer_options
     from ftengine.core.types import TrainRequest
+    from ftengine.engine import static_decode
     from ftengine.engine.attention import attention_for_rows
     from ftengine.engine.settings import settings_of
 
@@ -303,7 +304,7 @@ def make_trainer(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft",
                            callbacks=list(callbacks or []),
                            max_seq_length=max_seq_length or settings_of(model).max_seq_length,
                            attn_implementation=model.config._attn_implementation, options=trainer_options(training),
-                           data_collator=collator)
+                           data_collator=collator, route_generate=static_decode.route_for_backend)
     return plugins.get("trainers", trainer).create(request)
 
 

@@ -261,6 +261,12 @@ class TrainRequest:
             ``options_schema`` (``None`` for a trainer without one).
         data_collator: batches the rows when the engine prepared them for it (conversations with
             images); ``None``: the trainer's own collator.
+        route_generate: for trainers that sample from the model: ``route_generate(model, backend)``
+            makes ``model.generate`` sample through the engine's decoder (a preallocated KV cache,
+            each token's step replayed from a CUDA graph on a GPU) where it serves the call, for
+            ``backend`` ``auto`` or ``static`` (``transformers`` leaves ``generate`` as it is), and
+            returns the run log's line on it; it raises ``ConfigError`` for ``static`` on a model the
+            decoder cannot serve. ``None``: ``generate`` stays transformers'.
 
     .. versionadded:: 0.1
     """
@@ -278,6 +284,7 @@ class TrainRequest:
     trainer_arguments: dict[str, Any] = field(default_factory=dict)
     options: Any = None
     data_collator: Any = None
+    route_generate: Callable[[Any, str], str] | None = None
 
 
 class TrainerPlugin(Protocol):

@@ -337,3 +337,22 @@ def route_generate(model: Any, cuda_graph: bool | None = None) -> None:
     """Make ``model.generate`` (an instance attribute over the class's method) :func:`generate_or_hand_on`,
     for trainers that call ``generate`` themselves (trl's GRPO)."""
     model.generate = functools.partial(generate_or_hand_on, model, model.generate, cuda_graph=cuda_graph)
+
+
+def route_for_backend(model: Any, backend: str) -> str:
+    """``TrainRequest.route_generate``: :func:`route_generate` unless ``backend`` is ``transformers`` or (with
+    ``auto``) the model needs transformers' ``generate``; the run log's line.
+
+    Raises:
+        ConfigError: ``static`` for a model the decoder cannot serve.
+    """
+    from ftengine.core.errors import ConfigError
+
+    why = None if backend == "transformers" else unsupported(model)
+    if backend == "transformers" or (backend == "auto" and why is not None):
+        return "generation: transformers' generate" + (f" ({why})" if why else "")
+    if why is not None:
+        raise ConfigError(f"training.trainer_options.generation_backend: static cannot serve this model: {why}; "
+                          f"use auto or transformers")
+    route_generate(model)
+    return "generation: static KV cache" + (", one CUDA graph a token" if next(model.parameters()).is_cuda else "")

@@ -15,6 +15,7 @@ from ftengine.core.config import trainer_options
 from ftengine.core.errors import NonFiniteError
 from ftengine.core.types import TrainRequest
 from ftengine.engine import distributed
+from ftengine.engine import static_decode
 from ftengine.engine.guard import NonFiniteGuard
 from ftengine.engine.memory import checkpointing
 from ftengine.engine.progress import CheckpointMarkerCallback
@@ -82,7 +83,8 @@ def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, tra
                            callbacks=callbacks, max_seq_length=settings.max_seq_length,
                            attn_implementation=model.config._attn_implementation,
                            trainer_arguments=trainer_arguments or {},
-                           options=trainer_options(training), data_collator=data_collator)
+                           options=trainer_options(training), data_collator=data_collator,
+                           route_generate=static_decode.route_for_backend)
     trainer = trainer_plugin.create(request)
     guard.watch(trainer)
     from transformers.trainer_callback import PrinterCallback

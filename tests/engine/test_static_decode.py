@@ -167,6 +167,21 @@ def test_routed_generate_decodes_supported_calls_and_hands_on_the_rest(monkeypat
     assert len(calls) == 1
 
 
+def test_the_backend_choice_routes_generate_or_names_why_not():
+    from ftengine.core.errors import ConfigError
+
+    model = tiny("llama")
+    assert static_decode.route_for_backend(model, "transformers") == "generation: transformers' generate"
+    assert "generate" not in vars(model)
+    assert static_decode.route_for_backend(model, "auto") == "generation: static KV cache"
+    assert "generate" in vars(model)
+    model = tiny("llama")
+    model.config._attn_implementation = "flex_attention"
+    assert "flex_attention" in static_decode.route_for_backend(model, "auto") and "generate" not in vars(model)
+    with pytest.raises(ConfigError, match="generation_backend: static cannot serve this model: attention"):
+        static_decode.route_for_backend(model, "static")
+
+
 def test_what_needs_transformers_generate_is_named():
     model = tiny("llama")
     assert static_decode.unsupported(model) is None

@@ -1,7 +1,8 @@
 """The ``grpo`` trainer: Group Relative Policy Optimization on trl's GRPOTrainer.
 
 Each prompt row is answered ``num_generations`` times by the model being trained (adapters
-active, sampled at ``temperature`` by :mod:`ftengine.engine.static_decode` or transformers' ``generate``); the reward
+active, sampled at ``temperature`` by the engine's decoder, ``TrainRequest.route_generate``, or transformers'
+``generate``); the reward
 functions score every completion; each completion's advantage is its reward relative to its
 group's; the policy-gradient loss (``loss_type``: grpo, dr_grpo, bnpo, dapo) is clipped at
 ``epsilon``, plus ``beta`` times the KL to the reference (the adapter switched off). Log-
@@ -17,7 +18,6 @@ from typing import Any
 from ftengine.core import plugins
 from ftengine.core.errors import ConfigError
 from ftengine.core.types import TrainRequest
-from ftengine.engine import static_decode
 from ftengine.plugins.trainers.arguments import trainer_inputs
 from ftengine.plugins.trainers.arguments import trl_config
 from ftengine.plugins.trainers.dpo import drop_ref_adapter
@@ -60,23 +60,6 @@ def check_batch(training: Any, options: GRPOOptions) -> None:
                           f"gradient_accumulation_steps, or generation_batch_size)")
 
 
-def choose_generation(model: Any, backend: str) -> str:
-    """Route the trainer's ``generate`` calls through the static decoder unless ``backend`` is transformers or
-    (with auto) the model needs transformers'; the summary line.
-
-    Raises:
-        ConfigError: ``static`` for a model the static decoder cannot serve.
-    """
-    why = None if backend == "transformers" else static_decode.unsupported(model)
-    if backend == "transformers" or (backend == "auto" and why is not None):
-        return "generation: transformers' generate" + (f" ({why})" if why else "")
-    if why is not None:
-        raise ConfigError(f"training.trainer_options.generation_backend: static cannot serve this model: {why}; "
-                          f"use auto or transformers")
-    static_decode.route_generate(model)
-    return "generation: static KV cache" + (", one CUDA graph a token" if next(model.parameters()).is_cuda else "")
-
-
 class GRPOTrainerPlugin:
     name = "grpo"
     sample_kinds = ("prompt",)
@@ -98,5 +81,6 @@ class GRPOTrainerPlugin:
                                                callbacks=[_aliases_callback(), *request.callbacks]))
         drop_ref_adapter(request.model)
         log.info(install_on_trainer(trainer, temperature=options.temperature))
-        log.info(choose_generation(trainer.model, options.generation_backend))
+        if request.route_generate is not None:
+            log.info(request.route_generate(trainer.model, options.generation_backend))
         return trainer

@@ -133,22 +133,6 @@ def test_grpo_demo_learns_the_sums_it_was_not_shown(grpo_base, tmp_path):
     assert f"{before:.0%} before GRPO, {after:.0%} with the trained adapter" in report
 
 
-def test_grpo_generation_backend_choice(demo_base):
-    from transformers import AutoModelForCausalLM
-
-    from ftengine.core.errors import ConfigError
-    from ftengine.plugins.trainers.grpo import choose_generation
-
-    model = AutoModelForCausalLM.from_pretrained(str(demo_base), dtype=torch.float32)
-    assert choose_generation(model, "transformers") == "generation: transformers' generate"
-    assert "generate" not in vars(model)
-    assert choose_generation(model, "auto") == "generation: static KV cache" and "generate" in vars(model)
-    model.config._attn_implementation = "flex_attention"
-    assert "flex_attention" in choose_generation(model, "auto")
-    with pytest.raises(ConfigError, match="generation_backend: static cannot serve this model: attention"):
-        choose_generation(model, "static")
-
-
 def test_grpo_refuses_a_batch_that_splits_a_group(demo_base, tmp_path):
     from ftengine.core.errors import ConfigError
 
