@@ -7,8 +7,9 @@ adapters) with the same trl trainer and the same data:
 - ``trl``: transformers' modules as they come, trl's trainer as it comes (its own chunked LM head
   for DPO / GRPO log-probabilities, full logits for ORPO);
 - ``ftengine``: the model adapter's patch (the Triton ops on a GPU), ftengine's trainer plugin
-  (log-probabilities through the ``token_logprobs`` op, ORPO without full logits) and ftengine's
-  gradient checkpointing of every layer;
+  (log-probabilities through the ``token_logprobs`` op, ORPO without full logits, GRPO's completions
+  sampled through the engine's static KV cache and CUDA-graph step) and ftengine's gradient
+  checkpointing of every layer;
 - ``ftengine-auto`` / ``ftengine-offload``: the same with ftengine's ``auto`` checkpointing (only the
   layers whose activations do not fit in the card's free memory, the training default) or ``offload``.
 
