@@ -15,6 +15,7 @@ import ftengine
 from ftengine.compat._arguments import strict
 from ftengine.compat.saving import attach_saving_methods
 from ftengine.core.errors import ConfigError
+from ftengine.engine import static_decode
 from ftengine.engine.settings import remember_settings
 from ftengine.engine.settings import settings_of
 
@@ -131,9 +132,13 @@ class FastLanguageModel:
     @staticmethod
     @strict
     def for_inference(model: Any) -> Any:
-        """Eval mode with the KV cache on (what :func:`ftengine.generate` uses)."""
+        """Eval mode with the KV cache on, and ``model.generate`` sampling as :func:`ftengine.generate` does
+        (a preallocated KV cache, each token's step replayed from a CUDA graph on a GPU) wherever it can,
+        transformers' ``generate`` otherwise (:mod:`ftengine.engine.static_decode`)."""
         model.eval()
         model.config.use_cache = True
+        if static_decode.unsupported(model) is None:
+            static_decode.route_generate(model)
         return model
 
     @staticmethod

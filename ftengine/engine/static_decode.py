@@ -286,11 +286,12 @@ def decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
 
 
 
-def resolved_config(model: Any, generation_config: Any) -> Any:
-    """The settings ``model.generate(generation_config=...)`` would sample with: the given ones, then the
-    model's ``generation_config``, then transformers' defaults."""
+def resolved_config(model: Any, generation_config: Any, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+    """``(settings, model inputs)`` as ``model.generate(generation_config=..., **kwargs)`` splits them: the
+    generation keywords over the given config, then the model's ``generation_config``, then transformers'
+    defaults; the keywords that are not generation settings come back as the model's inputs."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base._prepare_generation_config(generation_config)[0]
+    return base._prepare_generation_config(generation_config, **kwargs)
 
 
 def generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, generation_config: Any,
@@ -315,9 +316,10 @@ def generate_or_hand_on(model: Any, fallback: Any, input_ids: torch.Tensor | Non
                         cuda_graph: bool | None = None, streamer: Any = None, **kwargs: Any) -> Any:
     """``model.generate``'s result: from :func:`generate` in eval mode (no dropout while sampling) when
     :func:`unsupported` accepts the call, else from ``fallback`` (the original ``generate``) with the same
-    arguments; the first time a reason sends calls there, it is logged."""
-    config = resolved_config(model, generation_config)
-    extra = tuple(sorted(name for name, value in kwargs.items() if value is not None))
+    arguments; the first time a reason sends calls there, it is logged. Generation settings may come as
+    keywords (``max_new_tokens=...``), as ``generate`` takes them."""
+    config, inputs = resolved_config(model, generation_config, **kwargs)
+    extra = tuple(sorted(name for name, value in inputs.items() if value is not None))
     why = "no input_ids" if input_ids is None else unsupported(model, config, extra)
     if why is not None:
         if why not in _told:
@@ -336,6 +338,8 @@ def generate_or_hand_on(model: Any, fallback: Any, input_ids: torch.Tensor | Non
 def route_generate(model: Any, cuda_graph: bool | None = None) -> None:
     """Make ``model.generate`` (an instance attribute over the class's method) :func:`generate_or_hand_on`,
     for trainers that call ``generate`` themselves (trl's GRPO)."""
+    if isinstance(vars(model).get("generate"), functools.partial):
+        return  # routed already
     model.generate = functools.partial(generate_or_hand_on, model, model.generate, cuda_graph=cuda_graph)
 
 

@@ -233,3 +233,23 @@ def test_a_streamer_gets_the_prompt_then_each_token_as_transformers_gives_them()
         assert recorder.ended and len(recorder.pieces) == 1 + out.shape[1] - ids.shape[1]
         recorded.append(recorder.pieces)
     assert recorded[1] == recorded[0]
+
+
+def test_generate_keywords_as_notebooks_pass_them_go_to_the_decoder(monkeypatch):
+    """``model.generate(**inputs, max_new_tokens=..., temperature=..., min_p=...)`` after Unsloth's
+    ``for_inference``: settings given as keywords are resolved as transformers resolves them (no
+    ``do_sample``: greedy), and the call is decoded, not handed on."""
+    from ftengine.compat import FastLanguageModel
+
+    model = tiny("llama").train()
+    ids, mask = left_padded()
+    expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, use_cache=True,
+                              temperature=1.5, min_p=0.1, pad_token_id=0, eos_token_id=None)
+    calls = []
+    real_decode = static_decode.decode
+    monkeypatch.setattr(static_decode, "decode", lambda *a, **k: calls.append(k) or real_decode(*a, **k))
+    FastLanguageModel.for_inference(model)
+    FastLanguageModel.for_inference(model)  # a second call routes once
+    got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, use_cache=True, temperature=1.5,
+                         min_p=0.1, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(got, expected) and len(calls) == 1 and not calls[0]["sampler"].do_sample
