@@ -91,9 +91,13 @@ class StaticKVCache:
         return self.keys[layer_idx], self.values[layer_idx]
 
 
-def _text_config(model: Any) -> Any:
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+SERVED_SETTINGS = {
+    "num_beams": (None, 1), "num_return_sequences": (None, 1), "repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0), "suppress_tokens": (None, []), "bad_words_ids": (None,),
+    "begin_suppress_tokens": (None, []), "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0),
+    "eta_cutoff": (None, 0.0), "forced_eos_token_id": (None,), "forced_bos_token_id": (None,), "stop_strings": (None,),
+}
+"""Generation settings the decoder leaves out, with the values at which leaving them out changes nothing."""
 
 
 def unsupported(model: Any, generation_config: Any = None, extra_inputs: tuple[str, ...] = ()) -> str | None:
@@ -108,12 +112,7 @@ def unsupported(model: Any, generation_config: Any = None, extra_inputs: tuple[s
         return "an encoder-decoder model"
     if generation_config is None:
         return None
-    settings = {"num_beams": (None, 1), "num_return_sequences": (None, 1), "repetition_penalty": (None, 1.0),
-                "no_repeat_ngram_size": (None, 0), "suppress_tokens": (None, []), "bad_words_ids": (None,),
-                "begin_suppress_tokens": (None, []), "typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0),
-                "eta_cutoff": (None, 0.0), "forced_eos_token_id": (None,), "forced_bos_token_id": (None,),
-                "stop_strings": (None,)}
-    for name, allowed in settings.items():
+    for name, allowed in SERVED_SETTINGS.items():
         value = getattr(generation_config, name, None)
         if value not in allowed:
             return f"generation setting {name}={value!r}"
@@ -133,7 +132,7 @@ class _Masks:
     own position (and, in sliding-window layers, only the last ``sliding_window`` of them)."""
 
     def __init__(self, model: Any, real_keys: torch.Tensor, dtype: torch.dtype):
-        text = _text_config(model)
+        text = model.config.get_text_config()
         self.window = getattr(text, "sliding_window", None)
         self.layer_types = set(getattr(text, "layer_types", None) or ())
         self.additive = model.config._attn_implementation == "eager"
@@ -181,10 +180,10 @@ class _Step:
         mask = self.masks.for_queries(self.cache.write_at)
         return _forward_logits(self.model, self.token, self.position, mask, self.cache)
 
-    def record(self) -> bool:
+    def record(self) -> None:
         """Record the step in a CUDA graph (after two warm-up runs on a side stream, which also compile and
         tune the Triton kernels). They write the cache at the current position, which the first replay
-        writes again. False, with a log line, when the forward cannot be recorded."""
+        writes again. A forward that cannot be recorded stays eager, with a log line."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         try:
@@ -194,15 +193,13 @@ class _Step:
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self.logits = self.eager()
+                logits = self.eager()
         except RuntimeError as exc:
             torch.cuda.synchronize()
             log.warning("decoding without a CUDA graph: the model's step could not be recorded (%s)",
                         str(exc).splitlines()[0])
-            self.logits = None
-            return False
-        self.graph = graph
-        return True
+            return
+        self.graph, self.logits = graph, logits
 
     def __call__(self) -> torch.Tensor:
         if self.graph is None:
@@ -259,6 +256,7 @@ def decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     generated = torch.zeros(max_new_tokens, dtype=torch.bool, device=device)  # a column any row was still in
     step: _Step | None = None
     use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+    check_every = 1 if streamer is not None else EOS_CHECK_EVERY  # a streamer reads every token back anyway
     for i in range(max_new_tokens):
         if i:
             logits = step()
@@ -270,8 +268,7 @@ def decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
         finished |= torch.isin(token, eos)
         if streamer is not None:
             streamer.put(token.cpu())
-        every = 1 if streamer is not None else EOS_CHECK_EVERY
-        if i == max_new_tokens - 1 or (i % every == every - 1 and bool(finished.all())):
+        if i == max_new_tokens - 1 or (i % check_every == check_every - 1 and bool(finished.all())):
             break
         if step is None:
             cache.write_at = torch.full((1,), prompt_length, dtype=torch.long, device=device)
@@ -283,7 +280,6 @@ def decode(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | N
     if streamer is not None:
         streamer.end()
     return torch.cat((input_ids, out[:, :int(generated.sum())]), dim=1)
-
 
 
 def resolved_config(model: Any, generation_config: Any, **kwargs: Any) -> tuple[Any, dict[str, Any]]:

@@ -1,13 +1,12 @@
 """The ``grpo`` trainer: Group Relative Policy Optimization on trl's GRPOTrainer.
 
 Each prompt row is answered ``num_generations`` times by the model being trained (adapters
-active, sampled at ``temperature`` by the engine's decoder, ``TrainRequest.route_generate``, or transformers'
-``generate``); the reward
-functions score every completion; each completion's advantage is its reward relative to its
-group's; the policy-gradient loss (``loss_type``: grpo, dr_grpo, bnpo, dapo) is clipped at
-``epsilon``, plus ``beta`` times the KL to the reference (the adapter switched off). Log-
-probabilities of policy and reference come from the ``token_logprobs`` op at the sampling
-temperature, never from full logits.
+active, sampled at ``temperature`` by the engine's decoder through ``TrainRequest.route_generate``,
+or by transformers' ``generate``); the reward functions score every completion; each completion's
+advantage is its reward relative to its group's; the policy-gradient loss (``loss_type``: grpo,
+dr_grpo, bnpo, dapo) is clipped at ``epsilon``, plus ``beta`` times the KL to the reference (the
+adapter switched off). Log-probabilities of policy and reference come from the ``token_logprobs``
+op at the sampling temperature, never from full logits.
 """
 
 from __future__ import annotations
