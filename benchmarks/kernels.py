@@ -386,7 +386,46 @@ def _lora_case(kind: str, nf4: bool) -> None:
                saved=_saved_after_forward(fn, x), graph=False)
 
 
-TUNE_SWEEPS = ("rms_norm", "rope", "dequantize_nf4", "lm_head")
+TUNE_SWEEPS = ("rms_norm", "rope", "dequantize_nf4", "lm_head", "nf4_experts")
+
+
+def _routed_rows(tokens: int, experts: int, top_k: int) -> tuple[torch.Tensor, int]:
+    """The running row counts per expert of ``tokens`` routed to ``top_k`` of ``experts`` at random."""
+    choice = torch.rand(tokens, experts, device=DEV).topk(top_k, dim=-1).indices.reshape(-1)
+    counts = torch.zeros(experts, dtype=torch.int64, device=DEV).scatter_add_(0, choice, torch.ones_like(choice))
+    return counts.cumsum(0).to(torch.int32), tokens * top_k
+
+
+def nf4_expert_case(shape: tuple[int, int, int]) -> tuple:
+    """``(x, packed, state, offsets, dy)`` of one Qwen3-30B-A3B expert projection at micro-batch 1, seq 2048."""
+    offsets, rows = _routed_rows(2048, shape[0], 8)
+    packed, state = reference.quantize_nf4(randn(*shape, scale=0.02))
+    return randn(rows, shape[2], grad=True), packed, state, offsets, randn(rows, shape[1])
+
+
+NF4_EXPERT_SHAPES = {"gate_up 128x1536x2048": (128, 1536, 2048), "down 128x2048x768": (128, 2048, 768)}
+
+
+def bench_nf4_experts() -> None:
+    """Grouped GEMM over NF4 experts (fwd + input gradient): unpacked in the GEMM vs dequantize + grouped GEMM."""
+    from ftengine.plugins.kernels.triton import lora_moe as moe_mod
+    from ftengine.plugins.kernels.triton import nf4_grouped_mm as fused_mod
+
+    for name, shape in NF4_EXPERT_SHAPES.items():
+        x, packed, state, offsets, dy = nf4_expert_case(shape)
+        weight = TRITON.dequantize_nf4(packed, state)
+        providers = {
+            "triton (unpacked in the GEMM)": lambda: fwd_bwd(
+                lambda a: fused_mod.nf4_grouped_gemm(a, packed, state, offsets), [x], dy),  # noqa: B023
+            "dequantize groups + torch._grouped_mm": lambda: fwd_bwd(
+                lambda a: reference.nf4_grouped_linear(a, packed, state, offsets, moe_mod.grouped_linear,  # noqa: B023
+                                                       TRITON.dequantize_nf4), [x], dy),  # noqa: B023
+            "bf16 weights, torch._grouped_mm": lambda: fwd_bwd(
+                lambda a: reference.grouped_linear(a, weight, offsets), [x], dy),  # noqa: B023
+        }
+        for provider, make in providers.items():
+            # the group path reads the row counts back to the host: no graph capture
+            record("nf4 experts (fwd+dx)", name, provider, make, graph=not provider.startswith("dequantize"))
 
 
 def tune(sweeps: list[str]) -> list[str]:
@@ -410,6 +449,8 @@ def tune(sweeps: list[str]) -> list[str]:
         _tune_nf4(emit, nf4_mod)
     if "lm_head" in sweeps:
         _tune_lm_head(emit, lce_mod)
+    if "nf4_experts" in sweeps:
+        _tune_nf4_experts(emit)
     return lines
 
 
@@ -446,6 +487,25 @@ def _tune_nf4(emit, nf4_mod) -> None:
             ms = graph_ms(lambda: TRITON.dequantize_nf4(packed, state), 100)
             emit(f"dequantize_nf4 bytes/program {per_prog} warps {warps}: {ms:.4f} ms")
     nf4_mod.BYTES_PER_PROGRAM, nf4_mod.NUM_WARPS = 1024, 2
+
+
+def _tune_nf4_experts(emit) -> None:
+    from ftengine.plugins.kernels.triton import nf4_grouped_mm as fused_mod
+
+    forward, backward = fused_mod.FORWARD_LAUNCH, fused_mod.BACKWARD_LAUNCH
+    for name, shape in NF4_EXPERT_SHAPES.items():
+        x, packed, state, offsets, dy = nf4_expert_case(shape)
+        xd = x.detach()
+        for block_m in (64, 128):
+            for block in (64, 128):
+                for warps, stages in ((4, 3), (8, 3)):
+                    fused_mod.FORWARD_LAUNCH = (block_m, block, warps, stages)
+                    fwd = graph_ms(lambda: fused_mod._launch(xd, packed, state, offsets, True), 50)  # noqa: B023
+                    fused_mod.BACKWARD_LAUNCH = (block_m, block, warps, stages)
+                    bwd = graph_ms(lambda: fused_mod._launch(dy, packed, state, offsets, False), 50)  # noqa: B023
+                    emit(f"nf4 experts {name} BLOCK_M {block_m} BLOCK_N|K {block} warps {warps} stages {stages}: "
+                         f"fwd {fwd:.4f} ms, dx {bwd:.4f} ms")
+    fused_mod.FORWARD_LAUNCH, fused_mod.BACKWARD_LAUNCH = forward, backward
 
 
 def _tune_lm_head(emit, lce_mod) -> None:
@@ -490,7 +550,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="kernels.md", help="markdown file to write")
     parser.add_argument("--ops", default="rms_norm,swiglu,geglu,rope,linear_cross_entropy,dequantize_nf4,lora_mlp,"
-                        "lora_qkv", help="comma-separated ops to run")
+                        "lora_qkv,nf4_experts", help="comma-separated ops to run")
     parser.add_argument("--tune", nargs="?", const=",".join(TUNE_SWEEPS), default="",
                         help=f"run launch-parameter sweeps first (all, or a comma-separated subset of {TUNE_SWEEPS})")
     args = parser.parse_args()
@@ -520,6 +580,7 @@ def main() -> None:
         "dequantize_nf4": lambda: bench_dequantize_nf4(bw),
         "lora_mlp": lambda: bench_lora("mlp"),
         "lora_qkv": lambda: bench_lora("qkv"),
+        "nf4_experts": bench_nf4_experts,
     }
     for op in ops:
         runners[op]()

@@ -269,6 +269,8 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
 
 GroupedLinear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Dequantize = Callable[[torch.Tensor, Any], torch.Tensor]
+NF4Linear = Callable[[torch.Tensor, torch.Tensor, Any, torch.Tensor], torch.Tensor]
+"""``(x, packed, state, offsets) -> y``: the grouped GEMM of NF4 expert weights, differentiable in ``x``."""
 
 EXPERT_GROUP_BYTES = 256 * 2**20
 """The most dequantized expert weight (bytes) one NF4 grouped GEMM holds at once: its experts are
@@ -324,15 +326,21 @@ def _nf4_group_products(out: torch.Tensor, x: torch.Tensor, packed: torch.Tensor
         del weight
 
 
+def nf4_grouped_linear(x: torch.Tensor, packed: torch.Tensor, state: NF4State, offsets: torch.Tensor,
+                       linear: GroupedLinear = grouped_linear, dequantize: Dequantize | None = None) -> torch.Tensor:
+    """``x_e @ W_e.T`` per expert with ``W`` NF4 (frozen), dequantized a group of experts at a time
+    (:data:`EXPERT_GROUP_BYTES`), in the forward and again in the backward; differentiable in ``x``."""
+    return _NF4GroupedLinear.apply(x, packed, state, offsets, dequantize or dequantize_nf4, linear)
+
+
 def expert_linear(x: torch.Tensor, layer: LoRAWeights, offsets: torch.Tensor, linear: GroupedLinear = grouped_linear,
-                  dequantize: Dequantize | None = None) -> torch.Tensor:
+                  nf4_linear: NF4Linear = nf4_grouped_linear) -> torch.Tensor:
     """``x_e @ W_e.T + scaling * (x_e @ A_e.T) @ B_e.T`` per expert, the LoRA kept low-rank (no ``W + BA``).
 
-    An NF4 ``W`` (``layer.quant_state``, stored by :func:`quantize_nf4`) is dequantized a group of
-    experts at a time (:data:`EXPERT_GROUP_BYTES`), in the forward and again in the backward.
+    An NF4 ``W`` (``layer.quant_state``, stored by :func:`quantize_nf4`) goes through ``nf4_linear``.
     """
     if layer.quant_state is not None:
-        y = _NF4GroupedLinear.apply(x, layer.weight, layer.quant_state, offsets, dequantize or dequantize_nf4, linear)
+        y = nf4_linear(x, layer.weight, layer.quant_state, offsets)
     else:
         y = linear(x, layer.weight, offsets)
     if layer.lora_a is not None and layer.lora_b is not None:
@@ -349,19 +357,20 @@ def lora_moe(
     down: LoRAWeights,
     activation: str = "swiglu",
     linear: GroupedLinear = grouped_linear,
-    dequantize: Dequantize | None = None,
+    nf4_linear: NF4Linear = nf4_grouped_linear,
 ) -> torch.Tensor:
-    """The op; a backend may pass its own grouped GEMM ``linear`` and NF4 unpacking ``dequantize``."""
+    """The op; a backend may pass its own grouped GEMM ``linear`` and NF4 grouped GEMM ``nf4_linear``."""
     n_tokens, top_k = top_k_index.shape
     n_experts = gate_up.weight.shape[0] if gate_up.quant_state is None else gate_up.quant_state.shape[0]
     flat = top_k_index.reshape(-1)  # (S,) with S = N * K, row s is token s // K
     order = torch.argsort(flat, stable=True)
-    offsets = torch.cumsum(torch.bincount(flat, minlength=n_experts), 0).to(torch.int32)
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    offsets = torch.cumsum(counts, 0).to(torch.int32)  # (bincount reads its maximum back to the host)
     rows = x[order // top_k]  # (S, H) sorted by expert
-    gate, up = expert_linear(rows, gate_up, offsets, linear, dequantize).chunk(2, dim=-1)  # (S, I) each
+    gate, up = expert_linear(rows, gate_up, offsets, linear, nf4_linear).chunk(2, dim=-1)  # (S, I) each
     hidden = _gated(gate, up, activation, "MoE")
     acc = torch.promote_types(x.dtype, torch.float32)  # the k-sum in fp32 at least
-    out = expert_linear(hidden, down, offsets, linear, dequantize).to(acc)
+    out = expert_linear(hidden, down, offsets, linear, nf4_linear).to(acc)
     out = out * top_k_weights.reshape(-1)[order].to(acc).unsqueeze(-1)
     unsorted = torch.empty_like(out).index_copy(0, order, out)  # back to (token, k) order: a permutation, no sums
     return unsorted.view(n_tokens, top_k, -1).sum(dim=1).to(x.dtype)  # (N, H)

@@ -4,8 +4,9 @@ Each grouped GEMM runs on ``torch._grouped_mm`` where this torch has it for the 
 reference backend's ``_grouped_mm_ok``: CUDA bf16 on sm80+, CPU fp32/bf16/fp16, 16-byte aligned
 rows), and otherwise on the Triton kernels below: older torch, fp32 or fp16 on a GPU, and the
 low-rank LoRA products whose rank leaves rows unaligned (a rank-4 bf16 factor), which the
-reference can only run one matmul per expert. NF4 expert weights are unpacked by the Triton
-``dequantize_nf4`` a group of experts at a time.
+reference can only run one matmul per expert. NF4 expert weights are unpacked inside their own grouped
+GEMM (``nf4_grouped_mm``) where their blocks fit it, else by the Triton ``dequantize_nf4`` a group of
+experts at a time.
 
 Rows are sorted by expert; ``offsets[e]`` is the running row count after expert ``e``. The forward
 kernel walks tiles of ``BLOCK_M`` rows that never straddle two experts (a tile list built on the
@@ -17,14 +18,18 @@ input gradient). The weight gradient kernel sums each expert's rows: ``dW_e = dy
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
 from ftengine.plugins.kernels import reference
+from ftengine.plugins.kernels.triton._expert_tiles import expert_tiles
 from ftengine.plugins.kernels.triton._utils import interpreting
 from ftengine.plugins.kernels.triton.dequantize_nf4 import dequantize_nf4
+from ftengine.plugins.kernels.triton.nf4_grouped_mm import fusable
+from ftengine.plugins.kernels.triton.nf4_grouped_mm import nf4_grouped_gemm
 
 
 @triton.jit
@@ -95,26 +100,6 @@ def _blocks() -> tuple[int, int, int]:
     return (16, 16, 16) if interpreting() else (64, 64, 32)
 
 
-def _tiles(offsets: torch.Tensor, n_rows: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per tile of ``block_m`` rows of one expert: its expert, first row and end row, on the device.
-
-    The list has its upper-bound length ``ceil(S / block_m) + E`` (nothing read back to the host);
-    the tiles past the real ones are empty (``start == end``).
-    """
-    n_experts = offsets.shape[0]
-    ends = offsets.long()
-    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    per_expert = (ends - starts + block_m - 1) // block_m  # (E,)
-    last_tile = torch.cumsum(per_expert, 0)  # (E,) tiles up to and including expert e
-    tile = torch.arange(triton.cdiv(n_rows, block_m) + n_experts, device=offsets.device)
-    expert = torch.searchsorted(last_tile, tile, right=True)  # (T,) == E for padding tiles
-    valid = expert < n_experts
-    expert = expert.clamp(max=n_experts - 1)
-    start = starts[expert] + (tile - (last_tile[expert] - per_expert[expert])) * block_m
-    end = torch.where(valid, ends[expert], start)
-    return expert.to(torch.int32), start.to(torch.int32), end.to(torch.int32)
-
-
 def _grouped_mm(x: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """``y[rows_e] = x[rows_e] @ b[e]``: x ``(S, K)`` sorted by expert, b ``(E, K, N)`` (any strides)."""
     n_rows, k = x.shape
@@ -123,7 +108,7 @@ def _grouped_mm(x: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torc
     if n_rows == 0 or b.shape[0] == 0:
         return y.zero_()
     block_m, block_n, block_k = _blocks()
-    expert, start, end = _tiles(offsets, n_rows, block_m)
+    expert, start, end = expert_tiles(offsets, n_rows, block_m)
     grid = (expert.shape[0], triton.cdiv(n, block_n))
     _grouped_mm_kernel[grid](
         x, b, y, expert, start, end, k, n, x.stride(0), x.stride(1), b.stride(0), b.stride(1), b.stride(2),
@@ -177,5 +162,13 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     return grouped_gemm(x, weight, offsets)
 
 
-lora_moe = functools.partial(reference.lora_moe, linear=grouped_linear, dequantize=dequantize_nf4)
-"""The ``lora_moe`` op on :func:`grouped_linear` and the Triton NF4 unpacking."""
+def nf4_linear(x: torch.Tensor, packed: torch.Tensor, state: Any, offsets: torch.Tensor) -> torch.Tensor:
+    """NF4 experts unpacked inside the grouped GEMM (:func:`nf4_grouped_gemm`) where the kernel takes them, else
+    the reference's groups of experts dequantized by the Triton ``dequantize_nf4``."""
+    if fusable(x, state):
+        return nf4_grouped_gemm(x, packed, state, offsets)
+    return reference.nf4_grouped_linear(x, packed, state, offsets, grouped_linear, dequantize_nf4)
+
+
+lora_moe = functools.partial(reference.lora_moe, linear=grouped_linear, nf4_linear=nf4_linear)
+"""The ``lora_moe`` op on :func:`grouped_linear` and :func:`nf4_linear`."""
