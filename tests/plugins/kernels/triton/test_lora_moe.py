@@ -91,3 +91,23 @@ def test_lora_moe_without_torch_grouped_mm(monkeypatch, nf4):
     assert len(ours) == len(theirs) == (7 if nf4 else 9)  # the output, then every gradient
     for a, b in zip(ours, theirs, strict=True):
         assert rel_err(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize(("counts", "block_m"), [([5, 0, 17, 3], 4), ([0, 33, 0], 16), ([0, 0], 8), ([64] * 20, 16)])
+def test_expert_tiles_cover_each_experts_rows_once(counts, block_m):
+    """Every row of every expert is in exactly one tile of at most ``block_m`` rows of that expert; the other
+    tiles are empty."""
+    from ftengine.plugins.kernels.triton._expert_tiles import expert_tiles
+
+    offsets = torch.tensor(counts, device=DEVICE).cumsum(0).to(torch.int32)
+    expert, start, end = (t.tolist() for t in expert_tiles(offsets, sum(counts), block_m))
+    assert len(expert) == -(-sum(counts) // block_m) + len(counts)
+    covered = []
+    for e, s, t in zip(expert, start, end, strict=True):
+        if s >= t:
+            continue
+        first = sum(counts[:e])
+        assert first <= s < t <= first + counts[e]
+        covered += [(e, row) for row in range(s, min(t, s + block_m))]
+    truth = [(e, row) for e, n in enumerate(counts) for row in range(sum(counts[:e]), sum(counts[:e]) + n)]
+    assert sorted(covered) == truth
