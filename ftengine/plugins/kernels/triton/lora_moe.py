@@ -48,7 +48,8 @@ def _grouped_mm_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < end
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_stop = tl.where(start < end, K, 0)  # a padding tile reads nothing
+    for k0 in range(0, k_stop, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :] * stride_xk,
                     mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)  # (BM, BK)

@@ -68,14 +68,13 @@ def _nf4_grouped_mm_kernel(
     tile = tl.program_id(0)
     start = tl.load(tile_start_ptr + tile)
     end = tl.load(tile_end_ptr + tile)
-    if start >= end:
-        return
     e = tl.load(tile_expert_ptr + tile).to(tl.int64)
     rows = start + tl.arange(0, BLOCK_M)
     row_ok = rows < end
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_stop = tl.where(start < end, K, 0)  # a padding tile decodes nothing and stores nothing
+    for k0 in range(0, k_stop, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + ks[None, :] * stride_xk,
                     mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)  # (BM, BK)
