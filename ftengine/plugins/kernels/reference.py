@@ -349,6 +349,26 @@ def expert_linear(x: torch.Tensor, layer: LoRAWeights, offsets: torch.Tensor, li
     return y
 
 
+class _DispatchRows(torch.autograd.Function):
+    """``x[order // top_k]``: each token's row once for every expert it goes to, sorted by expert.
+
+    Backward: the rows' gradients put back in (token, k) order (a permutation: no atomics, no sort) and
+    summed over ``k``, where indexing's own backward accumulates through a sort of the indices.
+    """
+
+    @staticmethod
+    def forward(ctx, x, order, top_k):
+        ctx.save_for_backward(order)
+        ctx.top_k = top_k
+        return x.index_select(0, order // top_k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (order,) = ctx.saved_tensors
+        unsorted = torch.empty_like(grad).index_copy_(0, order, grad)
+        return unsorted.view(-1, ctx.top_k, grad.shape[-1]).sum(dim=1), None, None
+
+
 def lora_moe(
     x: torch.Tensor,
     top_k_index: torch.Tensor,
@@ -366,7 +386,7 @@ def lora_moe(
     order = torch.argsort(flat, stable=True)
     counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     offsets = torch.cumsum(counts, 0).to(torch.int32)  # (bincount reads its maximum back to the host)
-    rows = x[order // top_k]  # (S, H) sorted by expert
+    rows = _DispatchRows.apply(x, order, top_k)  # (S, H) sorted by expert
     gate, up = expert_linear(rows, gate_up, offsets, linear, nf4_linear).chunk(2, dim=-1)  # (S, I) each
     hidden = _gated(gate, up, activation, "MoE")
     acc = torch.promote_types(x.dtype, torch.float32)  # the k-sum in fp32 at least
@@ -374,8 +394,6 @@ def lora_moe(
     out = out * top_k_weights.reshape(-1)[order].to(acc).unsqueeze(-1)
     unsorted = torch.empty_like(out).index_copy(0, order, out)  # back to (token, k) order: a permutation, no sums
     return unsorted.view(n_tokens, top_k, -1).sum(dim=1).to(x.dtype)  # (N, H)
-
-
 
 
 _NF4_CODE = (
