@@ -391,7 +391,7 @@ def lora_moe(
     hidden = _gated(gate, up, activation, "MoE")
     acc = torch.promote_types(x.dtype, torch.float32)  # the k-sum in fp32 at least
     out = expert_linear(hidden, down, offsets, linear, nf4_linear).to(acc)
-    out = out * top_k_weights.reshape(-1)[order].to(acc).unsqueeze(-1)
+    out = out * top_k_weights.reshape(-1).gather(0, order).to(acc).unsqueeze(-1)  # backward: one add a slot
     unsorted = torch.empty_like(out).index_copy(0, order, out)  # back to (token, k) order: a permutation, no sums
     return unsorted.view(n_tokens, top_k, -1).sum(dim=1).to(x.dtype)  # (N, H)
 
