@@ -386,7 +386,7 @@ def _lora_case(kind: str, nf4: bool) -> None:
                saved=_saved_after_forward(fn, x), graph=False)
 
 
-TUNE_SWEEPS = ("rms_norm", "rope", "dequantize_nf4", "lm_head", "nf4_experts")
+TUNE_SWEEPS = ("rms_norm", "rope", "dequantize_nf4", "lm_head")
 
 
 def _routed_rows(tokens: int, experts: int, top_k: int) -> tuple[torch.Tensor, int]:
@@ -407,25 +407,22 @@ NF4_EXPERT_SHAPES = {"gate_up 128x1536x2048": (128, 1536, 2048), "down 128x2048x
 
 
 def bench_nf4_experts() -> None:
-    """Grouped GEMM over NF4 experts (fwd + input gradient): unpacked in the GEMM vs dequantize + grouped GEMM."""
+    """Grouped GEMM over NF4 experts (fwd + input gradient): a layer's experts unpacked, then torch's grouped GEMM
+    (the Triton ``lora_moe``'s path), against the same GEMM on bf16 weights."""
     from ftengine.plugins.kernels.triton import lora_moe as moe_mod
-    from ftengine.plugins.kernels.triton import nf4_grouped_mm as fused_mod
 
     for name, shape in NF4_EXPERT_SHAPES.items():
         x, packed, state, offsets, dy = nf4_expert_case(shape)
         weight = TRITON.dequantize_nf4(packed, state)
         providers = {
-            "triton (unpacked in the GEMM)": lambda: fwd_bwd(
-                lambda a: fused_mod.nf4_grouped_gemm(a, packed, state, offsets), [x], dy),  # noqa: B023
-            "dequantize groups + torch._grouped_mm": lambda: fwd_bwd(
+            "triton dequantize_nf4 + torch._grouped_mm": lambda: fwd_bwd(
                 lambda a: reference.nf4_grouped_linear(a, packed, state, offsets, moe_mod.grouped_linear,  # noqa: B023
                                                        TRITON.dequantize_nf4), [x], dy),  # noqa: B023
             "bf16 weights, torch._grouped_mm": lambda: fwd_bwd(
                 lambda a: reference.grouped_linear(a, weight, offsets), [x], dy),  # noqa: B023
         }
         for provider, make in providers.items():
-            # the group path reads the row counts back to the host: no graph capture
-            record("nf4 experts (fwd+dx)", name, provider, make, graph=not provider.startswith("dequantize"))
+            record("nf4 experts (fwd+dx)", name, provider, make)
 
 
 def tune(sweeps: list[str]) -> list[str]:
@@ -449,8 +446,6 @@ def tune(sweeps: list[str]) -> list[str]:
         _tune_nf4(emit, nf4_mod)
     if "lm_head" in sweeps:
         _tune_lm_head(emit, lce_mod)
-    if "nf4_experts" in sweeps:
-        _tune_nf4_experts(emit)
     return lines
 
 
@@ -487,25 +482,6 @@ def _tune_nf4(emit, nf4_mod) -> None:
             ms = graph_ms(lambda: TRITON.dequantize_nf4(packed, state), 100)
             emit(f"dequantize_nf4 bytes/program {per_prog} warps {warps}: {ms:.4f} ms")
     nf4_mod.BYTES_PER_PROGRAM, nf4_mod.NUM_WARPS = 1024, 2
-
-
-def _tune_nf4_experts(emit) -> None:
-    from ftengine.plugins.kernels.triton import nf4_grouped_mm as fused_mod
-
-    forward, backward = fused_mod.FORWARD_LAUNCH, fused_mod.BACKWARD_LAUNCH
-    for name, shape in NF4_EXPERT_SHAPES.items():
-        x, packed, state, offsets, dy = nf4_expert_case(shape)
-        xd = x.detach()
-        for block_m in (64, 128):
-            for block in (64, 128):
-                for warps, stages in ((4, 3), (8, 3)):
-                    fused_mod.FORWARD_LAUNCH = (block_m, block, warps, stages)
-                    fwd = graph_ms(lambda: fused_mod._launch(xd, packed, state, offsets, True), 50)  # noqa: B023
-                    fused_mod.BACKWARD_LAUNCH = (block_m, block, warps, stages)
-                    bwd = graph_ms(lambda: fused_mod._launch(dy, packed, state, offsets, False), 50)  # noqa: B023
-                    emit(f"nf4 experts {name} BLOCK_M {block_m} BLOCK_N|K {block} warps {warps} stages {stages}: "
-                         f"fwd {fwd:.4f} ms, dx {bwd:.4f} ms")
-    fused_mod.FORWARD_LAUNCH, fused_mod.BACKWARD_LAUNCH = forward, backward
 
 
 def _tune_lm_head(emit, lce_mod) -> None:

@@ -41,8 +41,8 @@ Signatures (every backend implements exactly these):
     rows then up rows) and ``(E, H, I)``, ``lora_a`` ``(E, r, in)``, ``lora_b`` ``(E, out, r)``.
     ``y[n] = sum_k w[n,k] * down_e(act(gate_e(x[n]), up_e(x[n])))`` with ``e = top_k_index[n, k]``,
     each expert's LoRA applied low-rank; ``y`` in ``x.dtype`` (the k-sum in fp32).
-    An NF4 expert weight (``quant_state`` from ``quantize_nf4``) is never unpacked a whole layer at once:
-    inside the grouped GEMM where a backend can (Triton), else a group of experts at a time, in the
+    An NF4 expert weight (``quant_state`` from ``quantize_nf4``) is unpacked a layer at a time where it
+    fits the backend's budget (no row counts read back), else a group of experts at a time, in the
     forward and again in the backward.
 ``dequantize_nf4(packed, quant_state) -> W``
     bitsandbytes' NF4 layout (double-quantized absmax included) to ``quant_state.dtype``.

@@ -272,9 +272,11 @@ Dequantize = Callable[[torch.Tensor, Any], torch.Tensor]
 NF4Linear = Callable[[torch.Tensor, torch.Tensor, Any, torch.Tensor], torch.Tensor]
 """``(x, packed, state, offsets) -> y``: the grouped GEMM of NF4 expert weights, differentiable in ``x``."""
 
-EXPERT_GROUP_BYTES = 256 * 2**20
-"""The most dequantized expert weight (bytes) one NF4 grouped GEMM holds at once: its experts are
-unpacked this many bytes' worth at a time, forward and backward, never all of a layer together."""
+EXPERT_GROUP_BYTES = 2**30
+"""The most dequantized expert weight (bytes) one NF4 grouped GEMM holds at once. A layer's experts that fit
+are unpacked together into one grouped GEMM over every row, which needs no row count on the host
+(Qwen3-30B-A3B's ``gate_up`` is 768 MiB); larger ones go a group of experts at a time, each group's rows
+located by the counts read back once a call."""
 
 
 def expert_groups(state: NF4State, dtype: torch.dtype, budget: int | None = None) -> list[tuple[int, int]]:
@@ -286,49 +288,54 @@ def expert_groups(state: NF4State, dtype: torch.dtype, budget: int | None = None
 
 
 class _NF4GroupedLinear(torch.autograd.Function):
-    """``y_e = x_e W_e^T`` per expert with ``W`` NF4 (frozen), unpacked one group of experts at a time.
+    """``y_e = x_e W_e^T`` per expert with ``W`` NF4 (frozen), unpacked a layer or a group of experts at a time.
 
-    Forward: for each group ``[s, t)`` of experts, ``W_s..W_t`` are dequantized, multiply their rows
-    of ``x`` and are freed. Backward: ``dx_e = dy_e W_e``, the groups dequantized again (nothing but
-    the packed weight is kept between the passes); the base weight gets no gradient.
+    Forward: for each group ``[s, t)`` of experts (one group, all of them, where they fit
+    :data:`EXPERT_GROUP_BYTES`), ``W_s..W_t`` are dequantized, multiply their rows of ``x`` and are
+    freed. Backward: ``dx_e = dy_e W_e``, the groups dequantized again (nothing but the packed weight
+    is kept between the passes); the base weight gets no gradient.
     """
 
     @staticmethod
     def forward(ctx, x, packed, state, offsets, dequantize, linear):
-        bounds = [0, *offsets.tolist()]
-        y = x.new_empty(x.shape[0], state.shape[1])  # (S, out)
-        _nf4_group_products(y, x, packed, state, offsets, bounds, dequantize, linear, transpose=False)
+        groups = expert_groups(state, x.dtype)
+        bounds = [0, *offsets.tolist()] if len(groups) > 1 else None
         ctx.save_for_backward(offsets)
-        ctx.packed, ctx.state, ctx.bounds, ctx.dequantize, ctx.linear = packed, state, bounds, dequantize, linear
-        return y
+        ctx.packed, ctx.state, ctx.dequantize, ctx.linear = packed, state, dequantize, linear
+        ctx.groups, ctx.bounds = groups, bounds
+        return _nf4_products(x, packed, state, offsets, groups, bounds, dequantize, linear, transpose=False)
 
     @staticmethod
     def backward(ctx, grad):
         (offsets,) = ctx.saved_tensors
-        dx = grad.new_empty(grad.shape[0], ctx.state.shape[2])  # (S, in)
-        _nf4_group_products(dx, grad, ctx.packed, ctx.state, offsets, ctx.bounds, ctx.dequantize, ctx.linear,
-                            transpose=True)
+        dx = _nf4_products(grad, ctx.packed, ctx.state, offsets, ctx.groups, ctx.bounds, ctx.dequantize, ctx.linear,
+                           transpose=True)
         return dx, None, None, None, None, None
 
 
-def _nf4_group_products(out: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, state: NF4State,
-                        offsets: torch.Tensor, bounds: list[int], dequantize: Dequantize, linear: GroupedLinear,
-                        transpose: bool) -> None:
-    """``out`` rows of each expert = its rows of ``x`` times ``W_e^T`` (``W_e`` when ``transpose``)."""
-    for start, stop in expert_groups(state, x.dtype):
-        lo, hi = bounds[start], bounds[stop]
-        if hi == lo:
-            continue
+def _nf4_products(x: torch.Tensor, packed: torch.Tensor, state: NF4State, offsets: torch.Tensor,
+                  groups: list[tuple[int, int]], bounds: list[int] | None, dequantize: Dequantize,
+                  linear: GroupedLinear, transpose: bool) -> torch.Tensor:
+    """Each expert's rows of ``x`` times ``W_e^T`` (``W_e`` when ``transpose``); ``bounds`` (each expert's first
+    row, then the total) is needed only for more than one group."""
+
+    def unpacked(start: int, stop: int) -> torch.Tensor:
         weight = dequantize(*state.experts(packed, start, stop)).to(x.dtype)  # (G, out, in)
-        if transpose:
-            weight = weight.transpose(-2, -1)
-        out[lo:hi] = linear(x[lo:hi], weight, offsets[start:stop] - lo)
-        del weight
+        return weight.transpose(-2, -1) if transpose else weight
+
+    if bounds is None:
+        return linear(x, unpacked(0, state.shape[0]), offsets)
+    out = x.new_empty(x.shape[0], state.shape[2] if transpose else state.shape[1])
+    for start, stop in groups:
+        lo, hi = bounds[start], bounds[stop]
+        if hi > lo:
+            out[lo:hi] = linear(x[lo:hi], unpacked(start, stop), offsets[start:stop] - lo)
+    return out
 
 
 def nf4_grouped_linear(x: torch.Tensor, packed: torch.Tensor, state: NF4State, offsets: torch.Tensor,
                        linear: GroupedLinear = grouped_linear, dequantize: Dequantize | None = None) -> torch.Tensor:
-    """``x_e @ W_e.T`` per expert with ``W`` NF4 (frozen), dequantized a group of experts at a time
+    """``x_e @ W_e.T`` per expert with ``W`` NF4 (frozen), dequantized a layer or a group of experts at a time
     (:data:`EXPERT_GROUP_BYTES`), in the forward and again in the backward; differentiable in ``x``."""
     return _NF4GroupedLinear.apply(x, packed, state, offsets, dequantize or dequantize_nf4, linear)
 

@@ -12,8 +12,8 @@ expert and runs grouped GEMMs with the LoRA kept low-rank.
 With a 4-bit base (``load_in_4bit``) bitsandbytes leaves those 3-D parameters in 16 bits;
 :func:`experts_quantized_on_arrival` stores each NF4 (``quantize_nf4``) the moment the loader assigns it,
 so the 16-bit experts are never whole on the GPU (a 30B-A3B's are 57 GB), :func:`quantize_experts` does
-the same for a model already loaded, and ``lora_moe`` unpacks them a group of experts at a time inside
-its grouped GEMMs.
+the same for a model already loaded, and ``lora_moe`` unpacks them a layer (or a group of experts) at a time
+for its grouped GEMMs.
 
 The router is called as the module it is (peft's path when it is adapted: a ``(E, H)`` matrix is
 cheap), so transformers' output recorder still collects ``router_logits`` for the auxiliary loss.

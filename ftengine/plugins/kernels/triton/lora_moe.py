@@ -4,9 +4,8 @@ Each grouped GEMM runs on ``torch._grouped_mm`` where this torch has it for the 
 reference backend's ``_grouped_mm_ok``: CUDA bf16 on sm80+, CPU fp32/bf16/fp16, 16-byte aligned
 rows), and otherwise on the Triton kernels below: older torch, fp32 or fp16 on a GPU, and the
 low-rank LoRA products whose rank leaves rows unaligned (a rank-4 bf16 factor), which the
-reference can only run one matmul per expert. NF4 expert weights are unpacked inside their own grouped
-GEMM (``nf4_grouped_mm``) where their blocks fit it, else by the Triton ``dequantize_nf4`` a group of
-experts at a time.
+reference can only run one matmul per expert. NF4 expert weights are unpacked by the Triton
+``dequantize_nf4`` (a whole layer's at once where they fit the reference's ``EXPERT_GROUP_BYTES``).
 
 Rows are sorted by expert; ``offsets[e]`` is the running row count after expert ``e``. The forward
 kernel walks tiles of ``BLOCK_M`` rows that never straddle two experts (a tile list built on the
@@ -18,7 +17,6 @@ input gradient). The weight gradient kernel sums each expert's rows: ``dW_e = dy
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import torch
 import triton
@@ -28,8 +26,6 @@ from ftengine.plugins.kernels import reference
 from ftengine.plugins.kernels.triton._expert_tiles import expert_tiles
 from ftengine.plugins.kernels.triton._utils import interpreting
 from ftengine.plugins.kernels.triton.dequantize_nf4 import dequantize_nf4
-from ftengine.plugins.kernels.triton.nf4_grouped_mm import fusable
-from ftengine.plugins.kernels.triton.nf4_grouped_mm import nf4_grouped_gemm
 
 
 @triton.jit
@@ -163,13 +159,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
     return grouped_gemm(x, weight, offsets)
 
 
-def nf4_linear(x: torch.Tensor, packed: torch.Tensor, state: Any, offsets: torch.Tensor) -> torch.Tensor:
-    """NF4 experts unpacked inside the grouped GEMM (:func:`nf4_grouped_gemm`) where the kernel takes them, else
-    the reference's groups of experts dequantized by the Triton ``dequantize_nf4``."""
-    if fusable(x, state):
-        return nf4_grouped_gemm(x, packed, state, offsets)
-    return reference.nf4_grouped_linear(x, packed, state, offsets, grouped_linear, dequantize_nf4)
-
-
-lora_moe = functools.partial(reference.lora_moe, linear=grouped_linear, nf4_linear=nf4_linear)
-"""The ``lora_moe`` op on :func:`grouped_linear` and :func:`nf4_linear`."""
+lora_moe = functools.partial(
+    reference.lora_moe, linear=grouped_linear,
+    nf4_linear=functools.partial(reference.nf4_grouped_linear, linear=grouped_linear, dequantize=dequantize_nf4))
+"""The ``lora_moe`` op on :func:`grouped_linear`, NF4 experts unpacked by the Triton ``dequantize_nf4``."""

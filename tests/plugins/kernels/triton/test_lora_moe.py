@@ -111,3 +111,38 @@ def test_expert_tiles_cover_each_experts_rows_once(counts, block_m):
         covered += [(e, row) for row in range(s, min(t, s + block_m))]
     truth = [(e, row) for e, n in enumerate(counts) for row in range(sum(counts[:e]), sum(counts[:e]) + n)]
     assert sorted(covered) == truth
+
+
+def _nf4_layer(weight):
+    packed, state = quantize_nf4(weight)
+    return LoRAWeights(weight=packed, quant_state=state)
+
+
+@pytest.mark.gpu
+def test_lora_moe_on_nf4_experts_at_a_real_shape_without_host_syncs():
+    """Qwen3-30B-A3B's expert shapes (128 experts, 8 a token, 256 tokens), bf16: the Triton ``lora_moe`` over NF4
+    experts (a layer's unpacked at once) reads nothing back to the host, forward or backward, and gives the
+    reference's output and input gradient."""
+    from ftengine.plugins.kernels.reference import lora_moe as reference_moe
+
+    g = torch.Generator().manual_seed(0)
+    n, h, ff, e, k = 256, 2048, 768, 128, 8
+    x = torch.randn(n, h, generator=g).to(DEVICE, torch.bfloat16)
+    index = torch.rand(n, e, generator=g).topk(k, dim=-1).indices.to(DEVICE)
+    weights = torch.rand(n, k, generator=g).softmax(-1).to(DEVICE, torch.bfloat16)
+    gate_up = _nf4_layer((torch.randn(e, 2 * ff, h, generator=g) * 0.02).to(DEVICE, torch.bfloat16))
+    down = _nf4_layer((torch.randn(e, h, ff, generator=g) * 0.02).to(DEVICE, torch.bfloat16))
+    results = []
+    for fn in (triton_moe.lora_moe, reference_moe):
+        xl = x.clone().requires_grad_()
+        if fn is triton_moe.lora_moe:
+            fn(xl, index, weights, gate_up, down)  # compiles the kernels first
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = fn(xl, index, weights, gate_up, down)
+            out.backward(torch.ones_like(out))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        results += [out.float(), xl.grad.float()]
+    assert rel_err(results[0], results[2]) <= 1e-2 and rel_err(results[1], results[3]) <= 1e-2
