@@ -469,8 +469,8 @@ def patch_model(model: nn.Module, get_op: GetOp, table: PatchTable) -> list[str]
         if key.startswith("custom:"):
             lines.append(f"{key[7:]} x{n} -> lora_linear projections ({backends['lora_linear']})")
     if quantized:
-        lines.append(f"moe experts x{quantized} stored NF4 ({backends['quantize_nf4']}), unpacked a group of "
-                     "experts at a time in the grouped GEMMs")
+        lines.append(f"moe experts x{quantized} stored NF4 ({backends['quantize_nf4']}), unpacked a layer at a "
+                     "time for the grouped GEMMs")
     if counts["loss"]:
         softcap = " with final logit softcap" if table.final_softcap else ""
         lines.append(f"causal-LM loss -> linear_cross_entropy{softcap} ({backends['linear_cross_entropy']}), "
