@@ -76,10 +76,23 @@ def _model_problems(config: RunConfig, problems: list[str]) -> Any:
         problems.append(str(exc))
         return None
     try:
-        choose_attn_implementation(m.attn_implementation, config.data.packing, hf_config, training=True)
+        attention = choose_attn_implementation(m.attn_implementation, config.data.packing, hf_config, training=True)
     except ConfigError as exc:
         problems.append(str(exc))
+    else:
+        problems += _generation_problems(config, hf_config, attention)
     return hf_config
+
+
+def _generation_problems(config: RunConfig, hf_config: Any, attention: str) -> list[str]:
+    """``trainer_options.generation_backend: static`` for a model the static decoder cannot serve."""
+    from ftengine.engine.static_decode import static_refusal
+    from ftengine.engine.static_decode import unsupported_architecture
+
+    if config.training.trainer_options.get("generation_backend") != "static":
+        return []
+    why = unsupported_architecture(hf_config, attention)
+    return [] if why is None else [static_refusal(why)]
 
 
 def local_model_problems(path: Path, allow_pickle: bool) -> list[str]:

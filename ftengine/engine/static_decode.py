@@ -100,16 +100,32 @@ SERVED_SETTINGS = {
 """Generation settings the decoder leaves out, with the values at which leaving them out changes nothing."""
 
 
+def unsupported_architecture(config: Any, attn_implementation: str) -> str | None:
+    """Why a model of this config, attending with ``attn_implementation``, needs transformers' ``generate``
+    whatever the settings, or ``None``; readable before the model loads."""
+    if getattr(config, "vision_config", None) is not None:
+        return "inputs other than token ids (a vision model)"
+    if attn_implementation not in ("sdpa", "eager"):
+        return f"attention {attn_implementation!r} (sdpa or eager is needed for a prepared mask)"
+    if getattr(config, "is_encoder_decoder", False):
+        return "an encoder-decoder model"
+    return None
+
+
+def static_refusal(why: str) -> str:
+    """The error of ``trainer_options.generation_backend: static`` for a model it cannot serve (``why``)."""
+    return (f"training.trainer_options.generation_backend: static cannot serve this model: {why}; use auto or "
+            f"transformers")
+
+
 def unsupported(model: Any, generation_config: Any = None, extra_inputs: tuple[str, ...] = ()) -> str | None:
     """Why this model and these settings need transformers' ``generate``, or ``None`` when the static decoder
     serves them."""
-    config = model.config
-    if getattr(config, "vision_config", None) is not None or extra_inputs:
-        return f"inputs other than token ids ({', '.join(extra_inputs) or 'a vision model'})"
-    if config._attn_implementation not in ("sdpa", "eager"):
-        return f"attention {config._attn_implementation!r} (sdpa or eager is needed for a prepared mask)"
-    if getattr(config, "is_encoder_decoder", False):
-        return "an encoder-decoder model"
+    if extra_inputs:
+        return f"inputs other than token ids ({', '.join(extra_inputs)})"
+    why = unsupported_architecture(model.config, model.config._attn_implementation)
+    if why is not None:
+        return why
     if generation_config is None:
         return None
     for name, allowed in SERVED_SETTINGS.items():
@@ -352,7 +368,6 @@ def route_for_backend(model: Any, backend: str) -> str:
     if backend == "transformers" or (backend == "auto" and why is not None):
         return "generation: transformers' generate" + (f" ({why})" if why else "")
     if why is not None:
-        raise ConfigError(f"training.trainer_options.generation_backend: static cannot serve this model: {why}; "
-                          f"use auto or transformers")
+        raise ConfigError(static_refusal(why))
     route_generate(model)
     return "generation: static KV cache" + (", one CUDA graph a token" if next(model.parameters()).is_cuda else "")

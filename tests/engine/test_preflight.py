@@ -164,3 +164,17 @@ def test_expert_names_peft_maps_onto_fused_experts_pass(tiny_config, model_copy)
     config.lora.target_modules = ["q_proj", "gate_projj"]
     with pytest.raises(ConfigError, match="'gate_projj' match no module of this qwen3_moe model"):
         preflight.check(config)
+
+
+def test_static_generation_for_a_vision_model_is_refused_before_loading(tiny_config, model_copy):
+    from tests.plugins.models.vision_helpers import qwen_vl_config
+
+    qwen_vl_config().save_pretrained(str(model_copy))  # the architecture is all the preflight reads
+    config = tiny_config()
+    config.model.name_or_path = str(model_copy)
+    config.training.trainer_options = {"generation_backend": "static"}
+    with pytest.raises(ConfigError, match="generation_backend: static cannot serve this model: inputs other than "
+                                          r"token ids \(a vision model\); use auto or transformers"):
+        preflight.check(config)
+    config.training.trainer_options = {"generation_backend": "auto"}  # hands such a model to transformers
+    assert preflight.check(config) == []
