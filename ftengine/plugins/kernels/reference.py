@@ -396,11 +396,18 @@ def lora_moe(
     rows = _DispatchRows.apply(x, order, top_k)  # (S, H) sorted by expert
     gate, up = expert_linear(rows, gate_up, offsets, linear, nf4_linear).chunk(2, dim=-1)  # (S, I) each
     hidden = _gated(gate, up, activation, "MoE")
-    acc = torch.promote_types(x.dtype, torch.float32)  # the k-sum in fp32 at least
-    out = expert_linear(hidden, down, offsets, linear, nf4_linear).to(acc)
-    out = out * top_k_weights.reshape(-1).gather(0, order).to(acc).unsqueeze(-1)  # backward: one add a slot
+    out = expert_linear(hidden, down, offsets, linear, nf4_linear)  # (S, H)
     unsorted = torch.empty_like(out).index_copy(0, order, out)  # back to (token, k) order: a permutation, no sums
-    return unsorted.view(n_tokens, top_k, -1).sum(dim=1).to(x.dtype)  # (N, H)
+    return _weighted_sum(unsorted.view(n_tokens, top_k, -1), top_k_weights).to(x.dtype)  # (N, H)
+
+
+def _weighted_sum(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_k weights[n, k] * rows[n, k]`` in fp32 at least: one batched GEMM (fp32 accumulation inside it) when
+    both share a dtype, else the products and sum in the promoted dtype."""
+    if weights.dtype == rows.dtype:
+        return torch.bmm(weights.unsqueeze(1), rows).squeeze(1)
+    acc = torch.promote_types(torch.promote_types(rows.dtype, weights.dtype), torch.float32)
+    return (rows.to(acc) * weights.to(acc).unsqueeze(-1)).sum(dim=1)
 
 
 _NF4_CODE = (

@@ -141,3 +141,21 @@ def test_expert_groups_cover_every_expert_once():
     _, state = quantize_nf4(torch.zeros(7, 64, 64, dtype=torch.bfloat16))
     assert expert_groups(state, torch.bfloat16, budget=3 * 64 * 64 * 2) == [(0, 3), (3, 6), (6, 7)]
     assert expert_groups(state, torch.bfloat16, budget=1) == [(e, e + 1) for e in range(7)]
+
+
+@pytest.mark.parametrize("weights_dtype", [torch.bfloat16, torch.float32])
+def test_slot_sum_accumulates_in_fp32(weights_dtype):
+    """The k-sum of bf16 expert outputs: one rounding of the fp32 sum, whether the routing weights are bf16 (one
+    batched GEMM) or fp32 (as Mixtral's router gives them)."""
+    from ftengine.plugins.kernels.reference import _weighted_sum
+
+    g = torch.Generator().manual_seed(11)
+    rows = torch.randn(64, 8, 96, generator=g).to(torch.bfloat16)
+    weights = torch.rand(64, 8, generator=g).to(weights_dtype)
+    truth = (rows.double() * weights.double().unsqueeze(-1)).sum(1)
+    ours = _weighted_sum(rows, weights)
+    assert ours.dtype == torch.promote_types(rows.dtype, weights_dtype)
+    # fp32 accumulation (8 terms at 2^-24 each) and, for a bf16 result, one rounding of the sum (within 2^-8)
+    accumulation = 8 * 2.0 ** -24 * (rows.double() * weights.double().unsqueeze(-1)).abs().sum(1)
+    rounding = 2.0 ** -8 * truth.abs() if ours.dtype == torch.bfloat16 else 0.0
+    assert ((ours.double() - truth).abs() <= rounding + accumulation).all()
