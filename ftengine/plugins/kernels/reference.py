@@ -372,7 +372,7 @@ class _DispatchRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (order,) = ctx.saved_tensors
-        unsorted = torch.empty_like(grad).index_copy_(0, order, grad)
+        unsorted = grad.new_empty(grad.shape).index_copy_(0, order, grad)  # contiguous, whatever grad's strides
         return unsorted.view(-1, ctx.top_k, grad.shape[-1]).sum(dim=1), None, None
 
 
@@ -397,7 +397,7 @@ def lora_moe(
     gate, up = expert_linear(rows, gate_up, offsets, linear, nf4_linear).chunk(2, dim=-1)  # (S, I) each
     hidden = _gated(gate, up, activation, "MoE")
     out = expert_linear(hidden, down, offsets, linear, nf4_linear)  # (S, H)
-    unsorted = torch.empty_like(out).index_copy(0, order, out)  # back to (token, k) order: a permutation, no sums
+    unsorted = out.new_empty(out.shape).index_copy_(0, order, out)  # back to (token, k) order: a permutation
     return _weighted_sum(unsorted.view(n_tokens, top_k, -1), top_k_weights).to(x.dtype)  # (N, H)
 
 

@@ -159,3 +159,17 @@ def test_slot_sum_accumulates_in_fp32(weights_dtype):
     accumulation = 8 * 2.0 ** -24 * (rows.double() * weights.double().unsqueeze(-1)).abs().sum(1)
     rounding = 2.0 ** -8 * truth.abs() if ours.dtype == torch.bfloat16 else 0.0
     assert ((ours.double() - truth).abs() <= rounding + accumulation).all()
+
+
+def test_dispatched_rows_gradient_for_any_strides():
+    """The rows' gradient back to the tokens is indexing's own, also for a gradient that is not contiguous."""
+    from ftengine.plugins.kernels.reference import _DispatchRows
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    order = torch.randperm(12, generator=g)
+    grad = torch.randn(8, 12, generator=g, dtype=torch.float64).t()  # (12, 8), transposed strides
+    _DispatchRows.apply(x, order, 2).backward(grad)
+    reference = x.detach().clone().requires_grad_()
+    reference[order // 2].backward(grad)
+    assert torch.allclose(x.grad, reference.grad, rtol=0, atol=1e-12)
