@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from ftengine.core.errors import ConfigError
+
 log = logging.getLogger("ftengine")
 
 EOS_CHECK_EVERY = 16
@@ -362,8 +364,6 @@ def route_for_backend(model: Any, backend: str) -> str:
     Raises:
         ConfigError: ``static`` for a model the decoder cannot serve.
     """
-    from ftengine.core.errors import ConfigError
-
     why = None if backend == "transformers" else unsupported(model)
     if backend == "transformers" or (backend == "auto" and why is not None):
         return "generation: transformers' generate" + (f" ({why})" if why else "")

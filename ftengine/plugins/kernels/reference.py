@@ -372,8 +372,13 @@ class _DispatchRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (order,) = ctx.saved_tensors
-        unsorted = grad.new_empty(grad.shape).index_copy_(0, order, grad)  # contiguous, whatever grad's strides
-        return unsorted.view(-1, ctx.top_k, grad.shape[-1]).sum(dim=1), None, None
+        return _unsorted(grad, order).view(-1, ctx.top_k, grad.shape[-1]).sum(dim=1), None, None
+
+
+def _unsorted(rows: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Expert-sorted rows back in (token, k) order (row ``i`` to ``order[i]``): a permutation, so no atomics and
+    no sort; the result is contiguous whatever the rows' strides."""
+    return rows.new_empty(rows.shape).index_copy_(0, order, rows)
 
 
 def lora_moe(
@@ -397,8 +402,7 @@ def lora_moe(
     gate, up = expert_linear(rows, gate_up, offsets, linear, nf4_linear).chunk(2, dim=-1)  # (S, I) each
     hidden = _gated(gate, up, activation, "MoE")
     out = expert_linear(hidden, down, offsets, linear, nf4_linear)  # (S, H)
-    unsorted = out.new_empty(out.shape).index_copy_(0, order, out)  # back to (token, k) order: a permutation
-    return _weighted_sum(unsorted.view(n_tokens, top_k, -1), top_k_weights).to(x.dtype)  # (N, H)
+    return _weighted_sum(_unsorted(out, order).view(n_tokens, top_k, -1), top_k_weights).to(x.dtype)  # (N, H)
 
 
 def _weighted_sum(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
