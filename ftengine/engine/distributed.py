@@ -300,7 +300,7 @@ def four_bit_experts(config: Any, hf_config: Any) -> bool:
     with routed experts): they are held outside the parameters, whose stand-ins FSDP cannot shard."""
     if hf_config is None or not config.quantization.load_in_4bit:
         return False
-    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    text = hf_config.get_text_config()
     experts = getattr(text, "num_experts", None) or getattr(text, "num_local_experts", None)
     return bool(experts and experts > 1)
 

@@ -64,7 +64,7 @@ def apply_rope_scaling(hf_config: Any, scaling: dict[str, Any] | None) -> str | 
     if not scaling:
         return None
     scaling = {key: value for key, value in scaling.items() if value is not None}
-    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    text = hf_config.get_text_config()
     attribute, current = _current(text)
     nested = "full_attention" in current and isinstance(current["full_attention"], dict)
     active = dict(current["full_attention"]) if nested else current

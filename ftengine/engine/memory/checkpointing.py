@@ -279,7 +279,7 @@ class _AutoPlanner:
 
     def per_token_values(self) -> tuple[int, int]:
         """Activation values one token keeps per layer: without checkpointing, and with it (the input)."""
-        text = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        text = self.config.get_text_config()
         hidden = text.hidden_size
         heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or hidden // heads
