@@ -74,10 +74,10 @@ def chat_rows(seq: int, n_rows: int, packed: bool, seed: int = 0) -> list[dict]:
 def run_config(model: Path, data: Path, out: Path, quant: str, micro_batch: int, seq: int, steps: int,
                packed: bool, on_gpu: bool) -> dict:
     """The run's config: the bare loop's LoRA (``all-linear``: the model adapter's projections, the experts'
-    included), checkpointing and optimizer, the SFT trainer, no export."""
+    included), checkpointing and optimizer, the SFT trainer, no export. Attention is the run's default
+    (``auto``: FlexAttention over packed rows on a GPU, so no attention crosses a sample; sdpa otherwise)."""
     return {
-        "model": {"name_or_path": str(model), "max_seq_length": seq, "dtype": "bfloat16" if on_gpu else "float32",
-                  "attn_implementation": "sdpa"},
+        "model": {"name_or_path": str(model), "max_seq_length": seq, "dtype": "bfloat16" if on_gpu else "float32"},
         "quantization": {"load_in_4bit": quant == "nf4"},
         "lora": {"r": LORA["r"], "lora_alpha": LORA["lora_alpha"], "lora_dropout": LORA["lora_dropout"],
                  "target_modules": "all-linear"},
@@ -127,5 +127,5 @@ def run_cli(name: str, framework: str, micro_batch: int, quant: str, seq: int, s
             raise RuntimeError(f"ftengine run exited {result.returncode}: " + " | ".join(tail))
         records = [json.loads(line) for line in metrics[0].read_text().splitlines() if line.strip()]
         log = (result.stdout + result.stderr).splitlines()
-        notes = [line.strip() for line in log if "patched by" in line or "LoRA r=" in line]
+        notes = [line.strip() for line in log if "patched by" in line or "LoRA r=" in line or "attention:" in line]
     return dict(timed(records, warmup), patched=notes, checkpointing="ftengine run (training.gradient_checkpointing)")
