@@ -175,6 +175,7 @@ def injecting(tmp_path, monkeypatch, what):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_sigterm_to_the_launcher_then_resume_continues_exactly(demo_base, tmp_path, monkeypatch):
     raw = raw_config(demo_base, tmp_path, max_steps=8, save_steps=2)
     proc = launch_cli([str(write_yaml(raw, tmp_path / "config.yaml"))], tmp_path,
