@@ -387,7 +387,7 @@ def generate(model: Any, tokenizer: Any, messages: str | list[Any], stream: bool
             may then hold images (``{"type": "image", "image": path | PIL image}``).
         messages: a prompt string, one conversation (a list of ``{"role", "content"}`` dicts), or a list of
             prompts / conversations generated as one left-padded batch.
-        stream: yield the answer's text piece by piece (one prompt or conversation only; text models).
+        stream: yield the answer's text piece by piece (one prompt or conversation only).
         temperature: 0 for greedy decoding; ``top_p`` and ``min_p`` filter the sampled tokens.
         system: a system message put first where the conversation has none.
 
@@ -396,25 +396,17 @@ def generate(model: Any, tokenizer: Any, messages: str | list[Any], stream: bool
     """
     from ftengine.engine import generation
 
-    if getattr(tokenizer, "image_processor", None) is not None:
-        from ftengine.engine import vision
-
-        if stream:
-            raise ValueError("generate: stream=True is for text models; a processor's answers come whole")
-        sampled = {"temperature": temperature, "top_p": top_p, "min_p": min_p} if temperature > 0 else {}
-        return vision.generate_with_images(model, tokenizer, messages, max_new_tokens=max_new_tokens,
-                                           do_sample=temperature > 0, **sampled)
     sampling = generation.Sampling(max_new_tokens, temperature, top_p, min_p)
+    backend = generation.chat_backend(model, tokenizer)
     batch = isinstance(messages, list) and bool(messages) and not isinstance(messages[0], dict)
     if batch:
         if stream:
             raise ValueError("generate: stream=True takes one prompt or conversation, not a batch")
-        return generation.generate_batch(model, tokenizer, [generation.as_conversation(m, system) for m in messages],
-                                         sampling)
+        return backend.batch([generation.as_conversation(m, system) for m in messages], sampling)
     conversation = generation.as_conversation(messages, system)
     if stream:
-        return generation.generate_stream(model, tokenizer, conversation, sampling)
-    return generation.generate_batch(model, tokenizer, [conversation], sampling)[0]
+        return backend.stream(conversation, sampling)
+    return backend.batch([conversation], sampling)[0]
 
 
 def standardize_sharegpt(data: Any, column: str = "messages") -> Any:

@@ -91,8 +91,8 @@ def interrupted_twice(exc: KeyboardInterrupt) -> None:
 @click.group(cls=FtengineGroup)
 @click.version_option(package_name="ftengine")
 def main() -> None:
-    """ftengine: fine-tune open LLMs with LoRA, QLoRA or in full; SFT and DPO; fast kernels; exports for
-    transformers, vLLM, llama.cpp and Ollama."""
+    """ftengine: fine-tune open LLMs and vision-language models with LoRA, QLoRA or in full; SFT, DPO, ORPO,
+    KTO and GRPO; one GPU or several; fast kernels; exports for transformers, vLLM, llama.cpp and Ollama."""
 
 
 def _gib(value: float) -> str:
@@ -154,8 +154,9 @@ def print_summary(result: Any) -> None:
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
 def run(config: str | None, output_dir: str | None, resume_dir: str | None, demo_kind: str | None,
         gpus: int | None, debug: bool) -> None:
-    """Train as CONFIG says (a YAML run config), or the built-in demo when no CONFIG is given (--demo dpo / grpo:
-    the DPO / GRPO demo). Under torchrun or accelerate launch every process runs it, data-parallel."""
+    """Train as CONFIG says (a YAML run config), or the built-in demo when no CONFIG is given (--demo dpo, grpo or
+    vision: the DPO, GRPO or formula-image demo). Under torchrun or accelerate launch every process runs it,
+    data-parallel."""
     setup_logging(debug)
     quiet_libraries()
     from ftengine.core.config import load_config
@@ -349,12 +350,15 @@ def sampling_options(command: Any) -> Any:
 def chat(source: str, temperature: float, top_p: float, min_p: float, max_new_tokens: int, system: str | None,
          debug: bool) -> None:
     """Talk to SOURCE (a run directory or checkpoint, a model or LoRA directory, or a .gguf file) with its chat
-    template, the answer streamed. /reset starts over, /exit (or end of input) quits."""
+    template, the answer streamed. /image PATH attaches an image to the next message (vision-language models),
+    /reset starts over, /exit (or end of input) quits."""
     setup_logging(debug)
     quiet_libraries()
     from ftengine.engine.generation import Sampling
     from ftengine.engine.generation import as_conversation
+    from ftengine.engine.generation import image_problem
     from ftengine.engine.generation import open_chat
+    from ftengine.engine.generation import user_message
 
     try:
         backend = open_chat(source)
@@ -362,8 +366,10 @@ def chat(source: str, temperature: float, top_p: float, min_p: float, max_new_to
         fail(exc, debug)
         return
     sampling = Sampling(max_new_tokens, temperature, top_p, min_p)
-    click.echo(f"chatting with {backend.description}; /reset starts over, /exit quits", err=True)
+    attach = "/image PATH attaches an image to your next message, " if backend.takes_images else ""
+    click.echo(f"chatting with {backend.description}; {attach}/reset starts over, /exit quits", err=True)
     history: list[dict[str, Any]] = []
+    images: list[str] = []
     stdin = click.get_text_stream("stdin")
     while True:
         click.echo("> ", nl=False, err=True)
@@ -372,12 +378,20 @@ def chat(source: str, temperature: float, top_p: float, min_p: float, max_new_to
             break
         text = line.strip()
         if text == "/reset":
-            history = []
+            history, images = [], []
             click.echo("(conversation reset)", err=True)
             continue
         if not text:
             continue
-        history.append({"role": "user", "content": text})
+        if text.split(maxsplit=1)[0] == "/image":
+            path = text[len("/image"):].strip()
+            problem = image_problem(backend, path, len(images)) if path else "usage: /image PATH"
+            if problem is None:
+                images.append(path)
+            click.echo(f"({problem or f'{path} goes with your next message'})", err=True)
+            continue
+        history.append(user_message(text, images))
+        images = []
         pieces = []
         for piece in backend.stream(as_conversation(history, system), sampling):
             pieces.append(piece)
@@ -389,7 +403,8 @@ def chat(source: str, temperature: float, top_p: float, min_p: float, max_new_to
 @main.command()
 @click.argument("source", type=click.Path(exists=True))
 @click.option("--input", "input_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help='JSONL of {"prompt": ...} or {"messages": [...]} rows.')
+              help='JSONL of {"prompt": ...} or {"messages": [...]} rows (a vision-language model\'s may hold '
+                   '{"type": "image", "image": path} parts, paths relative to the file).')
 @click.option("--output", "output_path", required=True, type=click.Path(dir_okay=False),
               help="JSONL written: each input row with its \"completion\".")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
@@ -401,6 +416,7 @@ def generate(source: str, input_path: str, output_path: str, batch_size: int, te
     quiet_libraries()
     from ftengine.engine.generation import Sampling
     from ftengine.engine.generation import as_conversation
+    from ftengine.engine.generation import check_images_taken
     from ftengine.engine.generation import open_chat
     from ftengine.engine.generation import read_prompts
     from ftengine.engine.rundir import atomic_write_text
@@ -408,6 +424,7 @@ def generate(source: str, input_path: str, output_path: str, batch_size: int, te
     try:
         rows = read_prompts(Path(input_path))
         backend = open_chat(source)
+        check_images_taken(rows, Path(input_path), backend)
     except FtengineError as exc:
         fail(exc, debug)
         return
@@ -415,8 +432,8 @@ def generate(source: str, input_path: str, output_path: str, batch_size: int, te
     lines = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        answers = backend.batch([as_conversation(c, system) for _, c in chunk], sampling)
-        lines += [json.dumps({**row, "completion": answer}) for (row, _), answer in zip(chunk, answers, strict=True)]
+        answers = backend.batch([as_conversation(p.messages, system) for p in chunk], sampling)
+        lines += [json.dumps({**p.row, "completion": answer}) for p, answer in zip(chunk, answers, strict=True)]
         click.echo(f"{min(start + batch_size, len(rows))}/{len(rows)} prompts", err=True)
     atomic_write_text(Path(output_path), "".join(line + "\n" for line in lines))
     click.echo(f"wrote {len(lines)} completions to {output_path}")

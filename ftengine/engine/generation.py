@@ -1,5 +1,7 @@
 """Talking to a model: chat-template prompts, sampling with the KV cache, streaming, left-padded batches;
 and opening what a user points at (a run directory, a model or LoRA directory, a GGUF file) for it.
+A vision-language model (its processor in place of the tokenizer) also takes images: content parts
+``{"type": "image", "image": path}`` in a user message.
 
 The model is the patched model ftengine trains (its forward with the kernel ops), put in eval mode
 for the call and back as it was afterwards.
@@ -9,10 +11,12 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from typing import NamedTuple
 
 import torch
 
@@ -110,15 +114,20 @@ def generate_batch(model: Any, tokenizer: Any, conversations: list[list[Message]
 
 def generate_stream(model: Any, tokenizer: Any, messages: list[Message], sampling: Sampling) -> Iterator[str]:
     """The completion's text piece by piece as it is generated (transformers' ``TextIteratorStreamer``)."""
+    inputs = _inputs(model, tokenizer, [render_prompt(tokenizer, messages)])
+    return _streamed(tokenizer, lambda streamer: _decode(model, inputs, tokenizer, sampling, streamer=streamer))
+
+
+def _streamed(tokenizer: Any, decode: Callable[[Any], Any]) -> Iterator[str]:
+    """The text ``decode(streamer)`` generates, piece by piece: it runs in a thread feeding the streamer."""
     from transformers import TextIteratorStreamer
 
-    inputs = _inputs(model, tokenizer, [render_prompt(tokenizer, messages)])
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            _decode(model, inputs, tokenizer, sampling, streamer=streamer)
+            decode(streamer)
         except BaseException as exc:  # re-raised in the caller's thread
             errors.append(exc)
             streamer.end()
@@ -134,8 +143,16 @@ def generate_stream(model: Any, tokenizer: Any, messages: list[Message], samplin
 # ----------------------------------------------------------------------------- backends
 
 
+def images_in(messages: list[Message]) -> int:
+    """How many image parts the conversation's messages hold."""
+    return sum(1 for m in messages if isinstance(m.get("content"), list)
+               for part in m["content"] if isinstance(part, dict) and part.get("type") == "image")
+
+
 class TransformersChat:
     """A transformers model (ftengine-patched) and its tokenizer."""
+
+    takes_images = False
 
     def __init__(self, model: Any, tokenizer: Any, description: str):
         self.model, self.tokenizer, self.description = model, tokenizer, description
@@ -147,8 +164,60 @@ class TransformersChat:
         return generate_batch(self.model, self.tokenizer, conversations, sampling)
 
 
+class VisionChat(TransformersChat):
+    """A vision-language model (ftengine-patched) and its processor: conversations may hold images."""
+
+    takes_images = True
+
+    def _answer(self, conversations: list[list[Message]], sampling: Sampling, **extra: Any) -> list[str]:
+        from ftengine.engine import vision
+
+        options = sampling.generate_kwargs()
+        max_new_tokens = options.pop("max_new_tokens")
+        if options.get("min_p") is None:
+            options.pop("min_p", None)
+        return vision.generate_with_images(self.model, self.tokenizer, conversations, max_new_tokens=max_new_tokens,
+                                           **options, **extra)
+
+    def stream(self, messages: list[Message], sampling: Sampling) -> Iterator[str]:
+        return _streamed(self.tokenizer.tokenizer, lambda streamer: self._answer([messages], sampling,
+                                                                                 streamer=streamer))
+
+    def batch(self, conversations: list[list[Message]], sampling: Sampling) -> list[str]:
+        return [answer.strip() for answer in self._answer(conversations, sampling)]
+
+
+def image_problem(backend: TransformersChat | LlamaCppChat, path: str, attached: int) -> str | None:
+    """Why the image at ``path`` cannot join a message that already has ``attached`` images (None: it can)."""
+    from ftengine.engine.vision import open_image
+    from ftengine.engine.vision_api import images_per_turn_limit
+
+    if not backend.takes_images:
+        return f"{backend.description} is a text model: it takes no images"
+    limit = images_per_turn_limit(backend.tokenizer)
+    if limit is not None and attached >= limit:
+        return f"this model takes at most {limit} image(s) a message"
+    try:
+        open_image(path)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def user_message(text: str, images: list[str]) -> Message:
+    """A user turn: the text, after the images as content parts when there are any."""
+    if not images:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [*({"type": "image", "image": path} for path in images),
+                                        {"type": "text", "text": text}]}
+
+
 class LlamaCppChat:
-    """A GGUF file run by llama.cpp (``llama_cpp``), with the chat template the file carries."""
+    """A GGUF file run by llama.cpp (``llama_cpp``), with the chat template the file carries.
+
+    Text only: llama.cpp's multimodal side (an ``mmproj`` file) is not driven from here."""
+
+    takes_images = False
 
     def __init__(self, path: Path, n_ctx: int = 4096):
         try:
@@ -174,9 +243,17 @@ class LlamaCppChat:
                 ["content"].strip() for c in conversations]
 
 
+def chat_backend(model: Any, tokenizer: Any, description: str = "the model") -> TransformersChat:
+    """A loaded model with its tokenizer, or with its processor (:class:`VisionChat`: conversations with images)."""
+    from ftengine.engine.vision_api import is_processor
+
+    return (VisionChat if is_processor(tokenizer) else TransformersChat)(model, tokenizer, description)
+
+
 def open_chat(path: str | Path) -> TransformersChat | LlamaCppChat:
     """What ``ftengine chat`` / ``generate`` talk to: a GGUF file (llama.cpp), a run directory or one of
-    its checkpoints (the trained adapter on its base), or a model or LoRA directory.
+    its checkpoints (the trained adapter on its base), or a model or LoRA directory; a vision-language
+    model's (:class:`VisionChat`) takes images.
 
     Raises:
         FtengineError: a path that is none of these.
@@ -192,17 +269,43 @@ def open_chat(path: str | Path) -> TransformersChat | LlamaCppChat:
         from ftengine.engine.export_source import load_for_export
 
         model, tokenizer, _, _ = load_for_export(source, (), None)
-        return TransformersChat(model, tokenizer, f"{source} (latest checkpoint)")
+        return chat_backend(model, tokenizer, f"{source} (latest checkpoint)")
     model, tokenizer = ftengine.load_model(str(source))
-    return TransformersChat(model, tokenizer, str(source))
+    return chat_backend(model, tokenizer, str(source))
 
 
-def read_prompts(path: Path) -> list[tuple[dict[str, Any], list[Message]]]:
-    """``{"prompt": str}`` or ``{"messages": [...]}`` rows of a JSONL file, each with its conversation.
+def _with_image_paths_resolved(messages: list[Message], base_dir: Path) -> list[Message]:
+    """``messages`` with each image part's relative path made relative to ``base_dir`` (the prompts file's)."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            content = [{**part, "image": str(base_dir / part["image"])}
+                       if isinstance(part, dict) and part.get("type") == "image" and isinstance(part.get("image"), str)
+                       and not Path(part["image"]).expanduser().is_absolute() else part for part in content]
+        out.append({**m, "content": content})
+    return out
+
+
+class Prompt(NamedTuple):
+    """One row of a prompts file: its line number, the row as read and its conversation."""
+
+    line: int
+    row: dict[str, Any]
+    messages: list[Message]
+
+
+def read_prompts(path: Path) -> list[Prompt]:
+    """``{"prompt": str}`` or ``{"messages": [...]}`` rows of a JSONL file, each with its conversation; an
+    image part's relative path is taken relative to the file, and every image is opened once here.
 
     Raises:
-        FtengineError: a line that is not such a row (naming file and line).
+        FtengineError: a line that is not such a row, or whose image is missing or unreadable (naming file
+            and line).
     """
+    from ftengine.engine.vision import images_of
+    from ftengine.engine.vision import open_image
+
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -214,5 +317,25 @@ def read_prompts(path: Path) -> list[tuple[dict[str, Any], list[Message]]]:
         prompt = row.get("messages", row.get("prompt")) if isinstance(row, dict) else None
         if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt))):
             raise FtengineError(f"{path}: line {number}: expected a 'prompt' string or a 'messages' list")
-        rows.append((row, as_conversation(prompt)))
+        messages = _with_image_paths_resolved(as_conversation(prompt), path.parent)
+        for image in images_of(messages):
+            try:
+                open_image(image)
+            except ValueError as exc:
+                raise FtengineError(f"{path}: line {number}: {exc}") from None
+        rows.append(Prompt(number, row, messages))
     return rows
+
+
+def check_images_taken(prompts: list[Prompt], path: Path, backend: TransformersChat | LlamaCppChat) -> None:
+    """Refuse prompts with images for a backend that takes none.
+
+    Raises:
+        FtengineError: naming the first such line.
+    """
+    if backend.takes_images:
+        return
+    for prompt in prompts:
+        if images_in(prompt.messages):
+            raise FtengineError(f"{path}: line {prompt.line}: holds an image, and {backend.description} is a text "
+                                "model (images need a vision-language model's directory or run)")
