@@ -205,11 +205,12 @@ def image_problem(backend: TransformersChat | LlamaCppChat, path: str, attached:
 
 
 def user_message(text: str, images: list[str]) -> Message:
-    """A user turn: the text, after the images as content parts when there are any."""
+    """A user turn: the text, then the images as content parts when there are any (the order of the
+    ``vision`` data format's turns: instruction, then image)."""
     if not images:
         return {"role": "user", "content": text}
-    return {"role": "user", "content": [*({"type": "image", "image": path} for path in images),
-                                        {"type": "text", "text": text}]}
+    return {"role": "user", "content": [{"type": "text", "text": text},
+                                        *({"type": "image", "image": path} for path in images)]}
 
 
 class LlamaCppChat:

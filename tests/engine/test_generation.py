@@ -167,8 +167,8 @@ def image_prompts(vision_base, formula_images, tmp_path_factory):
     for i in (0, 2):
         shutil.copy(formula_images / "images" / f"{i}.png", folder / "pictures" / f"{i}.png")
         names.append(f"pictures/{i}.png")
-    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": name},
-                                                       {"type": "text", "text": "Read:"}]}], "id": i}
+    rows = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "Read:"},
+                                                       {"type": "image", "image": name}]}], "id": i}
             for i, name in enumerate(names)]
     path = folder / "prompts.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -190,7 +190,7 @@ def test_generate_command_answers_image_prompts_like_transformers(vision_base, i
 
 def test_chat_command_attaches_images_to_the_next_message(vision_base, image_prompts, tmp_path):
     _, absolute, references = image_prompts
-    first, second = (conversation[0]["content"][0]["image"] for conversation in absolute)
+    first, second = (conversation[0]["content"][1]["image"] for conversation in absolute)
     stdin = f"/image {tmp_path / 'missing.png'}\n/image {second}\nRead:\n/reset\n/image {first}\nRead:\n/exit\n"
     result = CliRunner().invoke(main, ["chat", str(vision_base), "--temperature", "0", "--max-new-tokens", "4"],
                                 input=stdin)
@@ -206,7 +206,7 @@ def test_an_image_past_the_models_limit_a_message_is_refused(mllama_base, image_
     from ftengine.engine.generation import image_problem
 
     _, absolute, _ = image_prompts
-    image = absolute[0][0]["content"][0]["image"]
+    image = absolute[0][0]["content"][1]["image"]
     _, processor = ftengine.load_model(str(mllama_base), max_seq_length=64, dtype="float32")
     chat = VisionChat(None, processor, "tiny mllama")
     assert image_problem(chat, image, 0) is None
