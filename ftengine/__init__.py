@@ -336,12 +336,14 @@ def _prepared_pair(dataset: Any, eval_dataset: Any, tokenizer: Any, trainer: str
 
 
 def _prepared(dataset: Any, tokenizer: Any, trainer: str) -> Any:
-    """``dataset`` as the trainer takes it: rows not yet tokenized (text, messages, ...) go through
-    :func:`load_dataset`; preference rows are always converted (conversational pairs convert to themselves).
-    Tokenized rows without ``labels`` train on every token, as trl's and transformers' language-modelling
-    collators do."""
+    """``dataset`` as the trainer takes it: what :func:`load_dataset` returned (its ``ftengine_report`` set) as it
+    is; rows not yet tokenized (text, messages, ...) go through :func:`load_dataset`; other preference and
+    prompt rows are always converted (conversational pairs convert to themselves). Tokenized rows without
+    ``labels`` train on every token, as trl's and transformers' language-modelling collators do."""
     from ftengine.core import plugins
 
+    if getattr(dataset, "ftengine_report", None) is not None:
+        return dataset
     columns = getattr(dataset, "column_names", None)
     if "preference" not in plugins.get("trainers", trainer).sample_kinds and columns and "input_ids" in columns:
         if "labels" not in columns:

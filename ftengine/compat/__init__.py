@@ -15,11 +15,17 @@ from ftengine.compat.trainers import UnslothVisionDataCollator
 from ftengine.compat.trainers import install
 
 __all__ = ["FastLanguageModel", "FastModel", "FastVisionModel", "UnslothVisionDataCollator", "is_bf16_supported",
-           "PatchDPOTrainer"]
+           "PatchDPOTrainer", "PatchFastRL"]
 
 
 def PatchDPOTrainer() -> None:  # noqa: N802 (Unsloth's name)
     """Route ``trl.DPOTrainer`` through ftengine (already done by importing :mod:`ftengine.compat`)."""
+    install()
+
+
+def PatchFastRL(algorithm: str | None = None, FastLanguageModel: object = None) -> None:  # noqa: N802, N803
+    """Route ``trl.GRPOTrainer`` (and the other trainers) through ftengine, as Unsloth's ``PatchFastRL("GRPO",
+    FastLanguageModel)`` does (already done by importing :mod:`ftengine.compat`; the arguments are Unsloth's)."""
     install()
 
 

@@ -96,3 +96,21 @@ def latex_ocr_file(tiny_qwen25_vl, tmp_path):
         features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}))
     table.to_parquet(str(tmp_path / "latex_ocr.parquet"))
     return tmp_path / "latex_ocr.parquet"
+
+
+@pytest.fixture
+def arithmetic_file(tmp_path):
+    """The GRPO demo's questions as GSM8K-style rows: a question and its answer."""
+    rows = [json.loads(line) for line in (ASSETS / "arithmetic.jsonl").read_text().splitlines() if line.strip()]
+    return write_jsonl(tmp_path / "questions.jsonl", [{"question": r["messages"][-1]["content"], "answer": r["answer"]}
+                                                      for r in rows[:16]])
+
+
+@pytest.fixture
+def kto_file(tmp_path):
+    """The demo's preference pairs as unpaired rows: the chosen answer desirable, the rejected one not."""
+    rows = [json.loads(line) for line in (ASSETS / "preference.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if all(isinstance(r[k], str) for k in ("prompt", "chosen", "rejected"))][:8]
+    unpaired = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+                for r in rows for side in ("chosen", "rejected")]
+    return write_jsonl(tmp_path / "kto.jsonl", unpaired)

@@ -4,11 +4,14 @@ peft, gguf and string computations done here."""
 
 import json
 import math
+import re
 import runpy
 from pathlib import Path
 
 import pytest
 import torch
+
+from ftengine.core.errors import ConfigError
 
 NOTEBOOKS = Path(__file__).parent / "notebooks"
 
@@ -164,3 +167,70 @@ def test_qwen25_vl_latex_ocr_notebook(tiny_qwen25_vl, latex_ocr_file, monkeypatc
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_grpo_notebook(tiny_llama, arithmetic_file, monkeypatch, tmp_path):
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    ns = run_notebook("grpo", monkeypatch, tmp_path, MODEL_NAME=tiny_llama, DATA_FILE=arithmetic_file)
+    trainer, config, seen = ns["trainer"], ns["training_args"], ns["seen"]
+    # trl's own GRPOTrainer class, built by ftengine's grpo trainer with the notebook's GRPOConfig values
+    assert type(trainer) is GRPOTrainer
+    assert (trainer.args.num_generations, trainer.args.max_completion_length, trainer.args.beta) == (4, 8, 0.04)
+    assert trainer.args.loss_type == config.loss_type and trainer.args.learning_rate == 5e-4
+    # The notebook's reward functions (trl's convention: completion[0]["content"], prompts as messages) were
+    # handed each step's group of 4 sampled answers with the row's own answer column.
+    assert len(seen) == 2
+    for call in seen:
+        a, op, b = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", call["question"]).groups()
+        expected = str(int(a) + int(b) if op == "+" else int(a) - int(b))
+        assert call["answer"] == [expected] * 4
+        assert len(call["responses"]) == 4 and all(isinstance(r, str) and r for r in call["responses"])
+    logged = [entry for entry in trainer.state.log_history if "reward" in entry]
+    assert len(logged) == 2
+    for entry, call in zip(logged, seen, strict=True):
+        scores = ns["xmlcount_reward_func"]([[{"role": "assistant", "content": r}] for r in call["responses"]])
+        assert entry["rewards/xmlcount_reward_func/mean"] == pytest.approx(sum(scores) / 4)
+        assert "rewards/correctness_reward_func/mean" in entry and "kl" in entry
+
+
+def test_a_grpo_reward_function_that_raises_names_itself_and_the_row(tiny_llama, arithmetic_file, tmp_path):
+    from datasets import load_dataset
+    from trl import GRPOConfig
+    from trl import GRPOTrainer
+
+    from ftengine.compat import FastLanguageModel
+    from ftengine.compat.chat_templates import get_chat_template
+    from ftengine.core.errors import DataError
+
+    model, tokenizer = FastLanguageModel.from_pretrained(model_name=str(tiny_llama), max_seq_length=128,
+                                                         load_in_4bit=False)
+    model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
+    tokenizer = get_chat_template(tokenizer, chat_template="chatml")
+    data = load_dataset("json", data_files=str(arithmetic_file), split="train")
+    data = data.map(lambda x: {"prompt": [{"role": "user", "content": x["question"]}]})
+
+    def picky(completions, answer, **kwargs):
+        return [float(c[0]["content"] == a) / 0 for c, a in zip(completions, answer, strict=True)]
+
+    args = GRPOConfig(**notebook_args(num_generations=4, max_completion_length=4, max_steps=1,
+                                      output_dir=str(tmp_path / "out")))
+    trainer = GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=picky, args=args, train_dataset=data)
+    with pytest.raises(DataError, match=r"reward function 'picky' failed on data: row \d+ .*ZeroDivisionError"):
+        trainer.train()
+    with pytest.raises(ConfigError, match="use_vllm=True"):
+        vllm = GRPOConfig(**notebook_args(use_vllm=True, num_generations=4, output_dir=str(tmp_path / "out")))
+        GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=picky, train_dataset=data, args=vllm)
+
+
+def test_kto_notebook(tiny_llama, kto_file, monkeypatch, tmp_path):
+    from trl.trainer.kto_trainer import KTOTrainer
+
+    ns = run_notebook("kto", monkeypatch, tmp_path, MODEL_NAME=tiny_llama, DATA_FILE=kto_file)
+    trainer, model = ns["kto_trainer"], ns["model"]
+    assert type(trainer) is KTOTrainer and trainer.ref_model is None  # the adapter disabled is the reference
+    assert (trainer.args.beta, trainer.args.desirable_weight, trainer.args.undesirable_weight) == (0.2, 1.0, 1.5)
+    history = losses(trainer)
+    assert len(history) == 3 and all(math.isfinite(x) for x in history)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().max() > 0 for p in lora_b)  # trained from peft's zero init

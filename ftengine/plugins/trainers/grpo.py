@@ -66,7 +66,7 @@ class GRPOTrainerPlugin:
 
     def create(self, request: TrainRequest) -> Any:
         from trl import GRPOConfig
-        from trl import GRPOTrainer
+        from trl.trainer.grpo_trainer import GRPOTrainer  # the class itself, whoever replaced trl.GRPOTrainer
 
         options = request.options
         if options is None:

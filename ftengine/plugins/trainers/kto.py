@@ -25,7 +25,7 @@ class KTOTrainerPlugin:
 
     def create(self, request: TrainRequest) -> Any:
         from trl import KTOConfig
-        from trl import KTOTrainer
+        from trl.trainer.kto_trainer import KTOTrainer  # the class itself, whoever replaced trl.KTOTrainer
 
         if request.training.per_device_train_batch_size < 2:
             raise ConfigError("training.per_device_train_batch_size: kto needs at least 2 rows per micro-batch "
