@@ -1,7 +1,9 @@
-"""trl's ``GRPOTrainer`` and ``KTOTrainer`` called the notebook way (``GRPOConfig`` / ``KTOConfig``,
-``processing_class=`` or ``tokenizer=``, reward functions written for trl) become the trainers ftengine's
-``grpo`` and ``kto`` plugins build: the engine's decoder for the sampled completions, log-probabilities
-without full logits, the adapter switched off as the reference.
+"""trl's ``GRPOTrainer``, ``KTOTrainer`` and ``ORPOTrainer`` called the notebook way (``GRPOConfig`` /
+``KTOConfig`` / ``ORPOConfig``, ``processing_class=`` or ``tokenizer=``, reward functions written for trl)
+become the trainers ftengine's ``grpo``, ``kto`` and ``orpo`` plugins build: the engine's decoder for the
+sampled completions, log-probabilities without full logits, the adapter switched off as the reference.
+trl keeps ORPO in ``trl.experimental``; the compat import also puts ``ORPOConfig`` and ``ORPOTrainer`` at
+trl's top level, where the notebooks written before that move import them.
 
 Reward functions keep trl's calling convention: for conversational prompts a completion arrives as
 ``[{"role": "assistant", "content": text}]``, as trl hands it (ftengine's own reward functions take the
@@ -16,6 +18,8 @@ from typing import Any
 
 from trl import GRPOTrainer as TrlGRPOTrainer
 from trl import KTOTrainer as TrlKTOTrainer
+from trl.experimental.orpo import ORPOConfig
+from trl.experimental.orpo import ORPOTrainer as TrlORPOTrainer
 
 import ftengine
 from ftengine.compat._arguments import strict
@@ -101,6 +105,18 @@ def _kto(model: Any, ref_model: Any = None, args: Any = None, train_dataset: Any
                                  **_options(args, KTO_FIELDS))
 
 
+@strict
+def _orpo(model: Any, args: Any = None, data_collator: Any = None, train_dataset: Any = None, eval_dataset: Any = None,
+          processing_class: Any = None, tokenizer: Any = None, callbacks: list[Any] | None = None) -> Any:
+    tokenizer = _tokenizer(tokenizer, processing_class, "ORPOTrainer")
+    max_length = getattr(args, "max_length", None) or settings_of(model).max_seq_length
+    beta = getattr(args, "beta", None)
+    return ftengine.make_trainer(model, tokenizer, train_dataset, "orpo", eval_dataset=eval_dataset,
+                                 output_dir=getattr(args, "output_dir", None) or "outputs", callbacks=callbacks,
+                                 max_seq_length=max_length, **training_keys(args),
+                                 **({"beta": beta} if beta is not None else {}))
+
+
 class GRPOTrainer(TrlGRPOTrainer):
     """Called as trl's ``GRPOTrainer`` (``model``, ``reward_funcs``, ``args=GRPOConfig(...)``,
     ``train_dataset``, ``processing_class``); returns the trainer ftengine's ``grpo`` trainer builds.
@@ -117,3 +133,16 @@ class KTOTrainer(TrlKTOTrainer):
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         return _kto(*args, **kwargs)
+
+
+class ORPOTrainer(TrlORPOTrainer):
+    """Called as trl's ``ORPOTrainer`` (``args=ORPOConfig(beta=, max_length=, ...)``, ``tokenizer=``); returns the
+    trainer ftengine's ``orpo`` trainer builds (the odds-ratio term from token log-probabilities, no full
+    logits); ``data_collator`` is replaced by ftengine's and ``max_prompt_length`` / ``max_completion_length``
+    give way to ``max_length``."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        return _orpo(*args, **kwargs)
+
+
+__all__ = ["GRPOTrainer", "KTOTrainer", "ORPOConfig", "ORPOTrainer", "trl_reward"]

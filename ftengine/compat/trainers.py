@@ -1,6 +1,6 @@
-"""trl's ``SFTTrainer`` and ``DPOTrainer`` (``GRPOTrainer`` and ``KTOTrainer``: :mod:`.rl_trainers`) called the
-notebook way (``tokenizer=``, ``max_seq_length=``, ``dataset_text_field=``, ``TrainingArguments``) become the
-trainers :func:`ftengine.make_trainer` builds:
+"""trl's ``SFTTrainer`` and ``DPOTrainer`` (``GRPOTrainer``, ``KTOTrainer``, ``ORPOTrainer``: :mod:`.rl_trainers`)
+called the notebook way (``tokenizer=``, ``max_seq_length=``, ``dataset_text_field=``, ``TrainingArguments``)
+become the trainers :func:`ftengine.make_trainer` builds:
 the model's fused-loss forward, ftengine's checkpointing (as ``get_peft_model`` set it; the trainer does
 not switch it on again), its precision for the model's dtype and its padding collator.
 
@@ -209,6 +209,8 @@ def install() -> None:
     """Put the compat trainers in ``trl``'s namespace (idempotent)."""
     from ftengine.compat.rl_trainers import GRPOTrainer
     from ftengine.compat.rl_trainers import KTOTrainer
+    from ftengine.compat.rl_trainers import ORPOConfig
+    from ftengine.compat.rl_trainers import ORPOTrainer
 
     for module in (trl, getattr(trl, "trainer", None)):
         if module is not None:
@@ -216,6 +218,8 @@ def install() -> None:
             module.DPOTrainer = DPOTrainer
             module.GRPOTrainer = GRPOTrainer
             module.KTOTrainer = KTOTrainer
+            module.ORPOTrainer = ORPOTrainer
+            module.ORPOConfig = ORPOConfig
 
 
 def segments(text: str, instruction_part: str, response_part: str) -> list[dict[str, Any]]:

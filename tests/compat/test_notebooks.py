@@ -234,3 +234,16 @@ def test_kto_notebook(tiny_llama, kto_file, monkeypatch, tmp_path):
     assert len(history) == 3 and all(math.isfinite(x) for x in history)
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().max() > 0 for p in lora_b)  # trained from peft's zero init
+
+
+def test_orpo_notebook(tiny_llama, preference_file, monkeypatch, tmp_path):
+    from trl.experimental.orpo import ORPOTrainer
+
+    ns = run_notebook("orpo", monkeypatch, tmp_path, MODEL_NAME=tiny_llama, DATA_FILE=preference_file)
+    trainer, model = ns["orpo_trainer"], ns["model"]
+    assert isinstance(trainer, ORPOTrainer) and trainer.args.beta == 0.1 and trainer.args.max_length == 128
+    history = losses(trainer)
+    assert len(history) == 3 and all(math.isfinite(x) for x in history)
+    assert any("log_odds_ratio" in entry for entry in trainer.state.log_history)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().max() > 0 for p in lora_b)  # trained from peft's zero init
