@@ -143,12 +143,6 @@ def _streamed(tokenizer: Any, decode: Callable[[Any], Any]) -> Iterator[str]:
 # ----------------------------------------------------------------------------- backends
 
 
-def images_in(messages: list[Message]) -> int:
-    """How many image parts the conversation's messages hold."""
-    return sum(1 for m in messages if isinstance(m.get("content"), list)
-               for part in m["content"] if isinstance(part, dict) and part.get("type") == "image")
-
-
 class TransformersChat:
     """A transformers model (ftengine-patched) and its tokenizer."""
 
@@ -318,6 +312,10 @@ def read_prompts(path: Path) -> list[Prompt]:
         prompt = row.get("messages", row.get("prompt")) if isinstance(row, dict) else None
         if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt))):
             raise FtengineError(f"{path}: line {number}: expected a 'prompt' string or a 'messages' list")
+        contents = [m["content"] for m in prompt if isinstance(m.get("content"), list)] if isinstance(prompt, list) else []
+        if not all(isinstance(part, dict) for content in contents for part in content):
+            raise FtengineError(f'{path}: line {number}: content parts must be objects ({{"type": "text", "text": '
+                                f'...}} or {{"type": "image", "image": path}})')
         messages = _with_image_paths_resolved(as_conversation(prompt), path.parent)
         for image in images_of(messages):
             try:
@@ -334,9 +332,11 @@ def check_images_taken(prompts: list[Prompt], path: Path, backend: TransformersC
     Raises:
         FtengineError: naming the first such line.
     """
+    from ftengine.engine.vision import images_of
+
     if backend.takes_images:
         return
     for prompt in prompts:
-        if images_in(prompt.messages):
+        if images_of(prompt.messages):
             raise FtengineError(f"{path}: line {prompt.line}: holds an image, and {backend.description} is a text "
                                 "model (images need a vision-language model's directory or run)")

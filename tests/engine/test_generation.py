@@ -224,6 +224,9 @@ def test_images_for_a_text_model_or_missing_files_are_refused_naming_the_line(lo
         {"messages": [{"role": "user", "content": [{"type": "image", "image": "nowhere.png"}]}]}) + "\n")
     result = CliRunner().invoke(main, ["generate", str(lora_dir), "--input", str(broken), "--output", str(out)])
     assert result.exit_code == 1 and "broken.jsonl: line 2: image file" in result.output
+    broken.write_text(json.dumps({"messages": [{"role": "user", "content": ["hi"]}]}) + "\n")
+    result = CliRunner().invoke(main, ["generate", str(lora_dir), "--input", str(broken), "--output", str(out)])
+    assert result.exit_code == 1 and "broken.jsonl: line 1: content parts must be objects" in result.output
     result = CliRunner().invoke(main, ["chat", str(lora_dir)], input=f"/image {path}\n/exit\n")
     assert result.exit_code == 0 and "is a text model: it takes no images" in result.stderr
 
