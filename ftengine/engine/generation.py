@@ -312,8 +312,8 @@ def read_prompts(path: Path) -> list[Prompt]:
         prompt = row.get("messages", row.get("prompt")) if isinstance(row, dict) else None
         if not (isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt))):
             raise FtengineError(f"{path}: line {number}: expected a 'prompt' string or a 'messages' list")
-        messages = prompt if isinstance(prompt, list) else []
-        contents = [m["content"] for m in messages if isinstance(m.get("content"), list)]
+        turns = prompt if isinstance(prompt, list) else []
+        contents = [m["content"] for m in turns if isinstance(m.get("content"), list)]
         if not all(isinstance(part, dict) for content in contents for part in content):
             raise FtengineError(f'{path}: line {number}: content parts must be objects ({{"type": "text", "text": '
                                 f'...}} or {{"type": "image", "image": path}})')
