@@ -63,8 +63,9 @@ class FastLanguageModel:
                         load_in_8bit: bool = False, full_finetuning: bool = False, token: str | None = None,
                         device_map: Any = "sequential", rope_scaling: dict[str, Any] | None = None,
                         trust_remote_code: bool = False, fix_tokenizer: bool = True,
-                        attn_implementation: str = "auto", use_gradient_checkpointing: bool | str = "unsloth"
-                        ) -> tuple[Any, Any]:
+                        attn_implementation: str = "auto", use_gradient_checkpointing: bool | str = "unsloth",
+                        fast_inference: bool = False, max_lora_rank: int | None = None,
+                        gpu_memory_utilization: float | None = None) -> tuple[Any, Any]:
         """:func:`ftengine.load_model` (patched with the kernel ops), the QLoRA default included; a
         vision-language model comes with its processor in the tokenizer's place.
 
@@ -78,6 +79,9 @@ class FastLanguageModel:
                 as :func:`ftengine.load_model` takes it.
             fix_tokenizer: a pad token is always set (the EOS when the tokenizer has none).
             use_gradient_checkpointing: checked here; :meth:`get_peft_model`'s argument sets the mode.
+            fast_inference: Unsloth's switch for a colocated vLLM engine (GRPO notebooks set it, with
+                ``max_lora_rank`` and ``gpu_memory_utilization`` sizing that engine): ftengine samples with its
+                own static-cache decoder either way, so the three are accepted and change nothing.
 
         Raises:
             ConfigError: an unknown argument (with a did-you-mean), or a value ftengine does not support.

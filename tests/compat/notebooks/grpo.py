@@ -10,7 +10,8 @@ PatchFastRL("GRPO", FastLanguageModel)
 from ftengine.compat.chat_templates import get_chat_template
 
 model, tokenizer = FastLanguageModel.from_pretrained(model_name=MODEL_NAME, max_seq_length=512,  # noqa: F821
-                                                     load_in_4bit=False)
+                                                     load_in_4bit=False, fast_inference=True, max_lora_rank=8,
+                                                     gpu_memory_utilization=0.6)
 model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, lora_dropout=0, bias="none",
                                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                          "up_proj", "down_proj"],
