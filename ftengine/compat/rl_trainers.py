@@ -23,9 +23,12 @@ from trl.experimental.orpo import ORPOTrainer as TrlORPOTrainer
 
 import ftengine
 from ftengine.compat._arguments import strict
+from ftengine.compat.trainers import notebook_tokenizer
 from ftengine.compat.trainers import training_keys
 from ftengine.core.errors import ConfigError
 from ftengine.engine.settings import settings_of
+
+__all__ = ["GRPOTrainer", "KTOTrainer", "ORPOConfig", "ORPOTrainer", "trl_reward"]
 
 GRPO_FIELDS = ("num_generations", "max_completion_length", "temperature", "top_p", "top_k", "beta", "epsilon",
                "epsilon_high", "loss_type", "scale_rewards", "num_iterations", "mask_truncated_completions",
@@ -57,13 +60,6 @@ def _options(args: Any, fields: tuple[str, ...]) -> dict[str, Any]:
     return values
 
 
-def _tokenizer(tokenizer: Any, processing_class: Any, trainer: str) -> Any:
-    chosen = tokenizer if tokenizer is not None else processing_class
-    if chosen is None:
-        raise ConfigError(f"{trainer}: pass processing_class= (or tokenizer=)")
-    return chosen
-
-
 def _rows(dataset: Any, tokenizer: Any, format: str, trainer: str, max_length: int) -> Any:
     """trl's dataset for ``trainer`` read in ftengine's ``format`` (the one trl's columns mean; detection
     could also match a format of another plugin on the same keys)."""
@@ -75,7 +71,7 @@ def _rows(dataset: Any, tokenizer: Any, format: str, trainer: str, max_length: i
 @strict
 def _grpo(model: Any, reward_funcs: Any, args: Any = None, train_dataset: Any = None, eval_dataset: Any = None,
           processing_class: Any = None, tokenizer: Any = None, callbacks: list[Any] | None = None) -> Any:
-    tokenizer = _tokenizer(tokenizer, processing_class, "GRPOTrainer")
+    tokenizer = notebook_tokenizer(tokenizer, processing_class, "GRPOTrainer")
     functions = reward_funcs if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
     if not functions or not all(callable(f) or isinstance(f, str) for f in functions):
         raise ConfigError("GRPOTrainer: reward_funcs: expected a reward function or a list of them")
@@ -95,7 +91,7 @@ def _grpo(model: Any, reward_funcs: Any, args: Any = None, train_dataset: Any = 
 def _kto(model: Any, ref_model: Any = None, args: Any = None, train_dataset: Any = None, eval_dataset: Any = None,
          processing_class: Any = None, tokenizer: Any = None, data_collator: Any = None,
          callbacks: list[Any] | None = None) -> Any:
-    tokenizer = _tokenizer(tokenizer, processing_class, "KTOTrainer")
+    tokenizer = notebook_tokenizer(tokenizer, processing_class, "KTOTrainer")
     max_length = getattr(args, "max_length", None) or settings_of(model).max_seq_length
     train, evaluation = (_rows(d, tokenizer, "unpaired_preference", "kto", max_length)
                          for d in (train_dataset, eval_dataset))
@@ -108,7 +104,7 @@ def _kto(model: Any, ref_model: Any = None, args: Any = None, train_dataset: Any
 @strict
 def _orpo(model: Any, args: Any = None, data_collator: Any = None, train_dataset: Any = None, eval_dataset: Any = None,
           processing_class: Any = None, tokenizer: Any = None, callbacks: list[Any] | None = None) -> Any:
-    tokenizer = _tokenizer(tokenizer, processing_class, "ORPOTrainer")
+    tokenizer = notebook_tokenizer(tokenizer, processing_class, "ORPOTrainer")
     max_length = getattr(args, "max_length", None) or settings_of(model).max_seq_length
     beta = getattr(args, "beta", None)
     return ftengine.make_trainer(model, tokenizer, train_dataset, "orpo", eval_dataset=eval_dataset,
@@ -144,5 +140,3 @@ class ORPOTrainer(TrlORPOTrainer):
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         return _orpo(*args, **kwargs)
 
-
-__all__ = ["GRPOTrainer", "KTOTrainer", "ORPOConfig", "ORPOTrainer", "trl_reward"]

@@ -55,6 +55,18 @@ def training_keys(args: Any) -> dict[str, Any]:
     return values
 
 
+def notebook_tokenizer(tokenizer: Any, processing_class: Any, trainer: str) -> Any:
+    """The tokenizer a notebook passed, as ``tokenizer=`` (older trl) or ``processing_class=``.
+
+    Raises:
+        ConfigError: neither was given.
+    """
+    chosen = tokenizer if tokenizer is not None else processing_class
+    if chosen is None:
+        raise ConfigError(f"{trainer}: pass tokenizer= (or processing_class=)")
+    return chosen
+
+
 def _rows(dataset: Any) -> list[dict[str, Any]]:
     return dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
 
@@ -139,9 +151,7 @@ def _sft(model: Any, args: Any = None, data_collator: Any = None, train_dataset:
     if isinstance(data_collator, UnslothVisionDataCollator):
         return _vision_sft(model, args, data_collator, train_dataset, eval_dataset, callbacks,
                            max_seq_length or getattr(args, "max_length", None))
-    tokenizer = tokenizer if tokenizer is not None else processing_class
-    if tokenizer is None:
-        raise ConfigError("SFTTrainer: pass tokenizer= (or processing_class=)")
+    tokenizer = notebook_tokenizer(tokenizer, processing_class, "SFTTrainer")
     text_field = dataset_text_field or getattr(args, "dataset_text_field", None) or "text"
     max_length = max_seq_length or getattr(args, "max_length", None) or settings_of(model).max_seq_length
     packing = bool(packing if packing is not None else getattr(args, "packing", False))
@@ -173,9 +183,7 @@ def _dpo(model: Any, ref_model: Any = None, args: Any = None, data_collator: Any
          eval_dataset: Any = None, processing_class: Any = None, tokenizer: Any = None,
          callbacks: list[Any] | None = None, beta: float | None = None, max_length: int | None = None,
          max_prompt_length: int | None = None, loss_type: str | None = None) -> Any:
-    tokenizer = tokenizer if tokenizer is not None else processing_class
-    if tokenizer is None:
-        raise ConfigError("DPOTrainer: pass tokenizer= (or processing_class=)")
+    tokenizer = notebook_tokenizer(tokenizer, processing_class, "DPOTrainer")
     max_length = max_length or getattr(args, "max_length", None) or settings_of(model).max_seq_length
     keys = training_keys(args)
     keys["beta"] = beta if beta is not None else getattr(args, "beta", 0.1)
