@@ -53,14 +53,11 @@ def trl_reward(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _options(args: Any, fields: tuple[str, ...]) -> dict[str, Any]:
-    """The config's values of ``fields`` that it holds (an older trl lacks some)."""
-    values = {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
-    if isinstance(values.get("scale_rewards"), bool):  # trl before 0.22: a flag
-        values["scale_rewards"] = "group" if values["scale_rewards"] else "none"
-    return values
+    """The config's values of ``fields`` that are set."""
+    return {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
 
 
-def _rows(dataset: Any, tokenizer: Any, format: str, trainer: str, max_length: int) -> Any:
+def _loaded(dataset: Any, tokenizer: Any, format: str, trainer: str, max_length: int) -> Any:
     """trl's dataset for ``trainer`` read in ftengine's ``format`` (the one trl's columns mean; detection
     could also match a format of another plugin on the same keys)."""
     if dataset is None:
@@ -81,7 +78,7 @@ def _grpo(model: Any, reward_funcs: Any, args: Any = None, train_dataset: Any = 
     options = _options(args, GRPO_FIELDS)
     options["reward_funcs"] = [trl_reward(f) if callable(f) else f for f in functions]
     max_length = settings_of(model).max_seq_length
-    train, evaluation = (_rows(d, tokenizer, "prompt", "grpo", max_length) for d in (train_dataset, eval_dataset))
+    train, evaluation = (_loaded(d, tokenizer, "prompt", "grpo", max_length) for d in (train_dataset, eval_dataset))
     return ftengine.make_trainer(model, tokenizer, train, "grpo", eval_dataset=evaluation,
                                  output_dir=getattr(args, "output_dir", None) or "outputs", callbacks=callbacks,
                                  max_seq_length=max_length, **training_keys(args), **options)
@@ -93,7 +90,7 @@ def _kto(model: Any, ref_model: Any = None, args: Any = None, train_dataset: Any
          callbacks: list[Any] | None = None) -> Any:
     tokenizer = notebook_tokenizer(tokenizer, processing_class, "KTOTrainer")
     max_length = getattr(args, "max_length", None) or settings_of(model).max_seq_length
-    train, evaluation = (_rows(d, tokenizer, "unpaired_preference", "kto", max_length)
+    train, evaluation = (_loaded(d, tokenizer, "unpaired_preference", "kto", max_length)
                          for d in (train_dataset, eval_dataset))
     return ftengine.make_trainer(model, tokenizer, train, "kto", eval_dataset=evaluation,
                                  output_dir=getattr(args, "output_dir", None) or "outputs", callbacks=callbacks,
@@ -106,11 +103,9 @@ def _orpo(model: Any, args: Any = None, data_collator: Any = None, train_dataset
           processing_class: Any = None, tokenizer: Any = None, callbacks: list[Any] | None = None) -> Any:
     tokenizer = notebook_tokenizer(tokenizer, processing_class, "ORPOTrainer")
     max_length = getattr(args, "max_length", None) or settings_of(model).max_seq_length
-    beta = getattr(args, "beta", None)
     return ftengine.make_trainer(model, tokenizer, train_dataset, "orpo", eval_dataset=eval_dataset,
                                  output_dir=getattr(args, "output_dir", None) or "outputs", callbacks=callbacks,
-                                 max_seq_length=max_length, **training_keys(args),
-                                 **({"beta": beta} if beta is not None else {}))
+                                 max_seq_length=max_length, **training_keys(args), **_options(args, ("beta",)))
 
 
 class GRPOTrainer(TrlGRPOTrainer):

@@ -168,8 +168,6 @@ class VisionChat(TransformersChat):
 
         options = sampling.generate_kwargs()
         max_new_tokens = options.pop("max_new_tokens")
-        if options.get("min_p") is None:
-            options.pop("min_p", None)
         return vision.generate_with_images(self.model, self.tokenizer, conversations, max_new_tokens=max_new_tokens,
                                            **options, **extra)
 
