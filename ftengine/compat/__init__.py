@@ -7,6 +7,7 @@
 Every name calls ftengine's Python API; nothing here trains, formats or exports on its own.
 """
 
+from ftengine.compat.fast_inference import SamplingParams
 from ftengine.compat.models import FastLanguageModel
 from ftengine.compat.models import FastModel
 from ftengine.compat.models import FastVisionModel
@@ -14,8 +15,8 @@ from ftengine.compat.models import is_bf16_supported
 from ftengine.compat.trainers import UnslothVisionDataCollator
 from ftengine.compat.trainers import install
 
-__all__ = ["FastLanguageModel", "FastModel", "FastVisionModel", "UnslothVisionDataCollator", "is_bf16_supported",
-           "PatchDPOTrainer", "PatchFastRL"]
+__all__ = ["FastLanguageModel", "FastModel", "FastVisionModel", "SamplingParams", "UnslothVisionDataCollator",
+           "is_bf16_supported", "PatchDPOTrainer", "PatchFastRL"]
 
 
 def PatchDPOTrainer() -> None:  # noqa: N802 (Unsloth's name)

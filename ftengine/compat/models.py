@@ -13,6 +13,8 @@ import torch
 
 import ftengine
 from ftengine.compat._arguments import strict
+from ftengine.compat.fast_inference import TOKENIZER_ATTR
+from ftengine.compat.fast_inference import attach_inference_methods
 from ftengine.compat.saving import attach_saving_methods
 from ftengine.core.errors import ConfigError
 from ftengine.engine import static_decode
@@ -55,7 +57,8 @@ def _checkpointing(mode: Any, where: str) -> None:
 class FastLanguageModel:
     """Unsloth's ``FastLanguageModel``: ``from_pretrained``, ``get_peft_model``, ``for_inference`` and
     ``for_training``, each a call of ftengine's Python API; the models it returns carry
-    ``save_pretrained_merged``, ``save_pretrained_gguf``, ``push_to_hub_merged`` and ``push_to_hub_gguf``."""
+    ``save_pretrained_merged``, ``save_pretrained_gguf``, ``push_to_hub_merged`` and ``push_to_hub_gguf``, and
+    the GRPO notebooks' ``save_lora``, ``load_lora`` and ``fast_generate`` (:mod:`ftengine.compat.fast_inference`)."""
 
     @staticmethod
     @strict
@@ -81,7 +84,8 @@ class FastLanguageModel:
             use_gradient_checkpointing: checked here; :meth:`get_peft_model`'s argument sets the mode.
             fast_inference: Unsloth's switch for a colocated vLLM engine (GRPO notebooks set it, with
                 ``max_lora_rank`` and ``gpu_memory_utilization`` sizing that engine): ftengine samples with its
-                own static-cache decoder either way, so the three are accepted and change nothing.
+                own static-cache decoder either way (``model.fast_generate`` included), so the three are
+                accepted and change nothing.
 
         Raises:
             ConfigError: an unknown argument (with a did-you-mean), or a value ftengine does not support.
@@ -98,6 +102,7 @@ class FastLanguageModel:
                 load_in_8bit=load_in_8bit, full_finetuning=full_finetuning, trust_remote_code=trust_remote_code,
                 attn_implementation=attn_implementation, rope_scaling=rope_scaling)
         attach_saving_methods(model)
+        attach_inference_methods(model, tokenizer)
         return model, tokenizer
 
     @staticmethod
@@ -131,6 +136,7 @@ class FastLanguageModel:
             finetune_language_layers=finetune_language_layers, finetune_attention_modules=finetune_attention_modules,
             finetune_mlp_modules=finetune_mlp_modules)
         attach_saving_methods(peft_model)
+        attach_inference_methods(peft_model, getattr(model, TOKENIZER_ATTR, None))
         return peft_model
 
     @staticmethod

@@ -27,18 +27,21 @@ from ftengine.core.types import Message
 
 @dataclass
 class Sampling:
-    """How tokens are drawn; ``temperature`` 0 is greedy."""
+    """How tokens are drawn; ``temperature`` 0 is greedy; ``top_k`` 0 keeps every token, ``None`` leaves
+    the model's generation config to decide."""
 
     max_new_tokens: int = 256
     temperature: float = 0.7
     top_p: float = 1.0
     min_p: float = 0.0
+    top_k: int | None = None
 
     def generate_kwargs(self) -> dict[str, Any]:
         if self.temperature <= 0:
             return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
+        top_k = {} if self.top_k is None else {"top_k": self.top_k}
         return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p,
-                "min_p": self.min_p or None, "max_new_tokens": self.max_new_tokens}
+                "min_p": self.min_p or None, "max_new_tokens": self.max_new_tokens, **top_k}
 
 
 def as_conversation(prompt: str | list[Message], system: str | None = None) -> list[Message]:
@@ -104,11 +107,16 @@ def _decode(model: Any, inputs: dict[str, torch.Tensor], tokenizer: Any, samplin
                                                  streamer=streamer)
 
 
+def completion_ids(model: Any, tokenizer: Any, prompts: list[str], sampling: Sampling) -> torch.Tensor:
+    """The new tokens after each prompt text, generated as one left-padded batch (``[prompts, new]``;
+    a row that ended early is padded on the right)."""
+    inputs = _inputs(model, tokenizer, prompts)
+    return _decode(model, inputs, tokenizer, sampling)[:, inputs["input_ids"].shape[1]:]
+
+
 def generate_batch(model: Any, tokenizer: Any, conversations: list[list[Message]], sampling: Sampling) -> list[str]:
     """One completion per conversation, generated as one left-padded batch."""
-    inputs = _inputs(model, tokenizer, [render_prompt(tokenizer, c) for c in conversations])
-    out = _decode(model, inputs, tokenizer, sampling)
-    new = out[:, inputs["input_ids"].shape[1]:]
+    new = completion_ids(model, tokenizer, [render_prompt(tokenizer, c) for c in conversations], sampling)
     return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 

@@ -119,6 +119,33 @@ def test_save_methods_and_pushes_fail_clearly(tiny_llama, monkeypatch, tmp_path)
     assert written["load_in_4bit"] and written["bnb_4bit_quant_type"] == "nf4"
 
 
+def test_fast_inference_fails_clearly(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from ftengine.compat import SamplingParams
+
+    model, tokenizer = FastLanguageModel.from_pretrained(model_name=str(tiny_llama), max_seq_length=32,
+                                                         load_in_4bit=False)
+    with pytest.raises(ConfigError, match="holds no adapter_config.json; save the adapter with model.save_lora"):
+        model.load_lora(str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="save_lora: the model has no LoRA adapters"):
+        model.save_lora(str(tmp_path / "full"))
+    assert not (tmp_path / "full").exists()
+    peft_model, _ = FastLanguageModel.from_pretrained(model_name=str(tiny_llama), max_seq_length=32,
+                                                      load_in_4bit=False)
+    peft_model = FastLanguageModel.get_peft_model(peft_model, r=4, use_gradient_checkpointing=False)
+    peft_model.save_lora(str(tmp_path / "adapter"))
+    with pytest.raises(ConfigError, match="lora_request needs a LoRA model"):
+        model.fast_generate("Hi", lora_request=peft_model.load_lora(str(tmp_path / "adapter")))
+    with pytest.raises(ConfigError, match="load the model with FastLanguageModel.from_pretrained"):
+        from ftengine.compat.fast_inference import fast_generate
+        fast_generate(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), "Hi")
+    with pytest.raises(ConfigError, match="n and max_tokens must be at least 1"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ConfigError, match="max_new_tokens: unknown argument; did you mean max_tokens"):
+        peft_model.fast_generate("Hi", sampling_params={"max_new_tokens": 4})
+
+
 def test_vision_model_switches_and_collator(tiny_qwen25_vl, latex_ocr_file):
     import datasets
     import torch

@@ -192,6 +192,61 @@ def test_grpo_notebook(tiny_llama, arithmetic_file, monkeypatch, tmp_path):
         scores = ns["xmlcount_reward_func"]([[{"role": "assistant", "content": r}] for r in call["responses"]])
         assert entry["rewards/xmlcount_reward_func/mean"] == pytest.approx(sum(scores) / 4)
         assert "rewards/correctness_reward_func/mean" in entry and "kl" in entry
+    check_fast_generate(ns, tiny_llama, tmp_path)
+
+
+def greedy_reference(model, tokenizer, text, max_new_tokens):
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+                             pad_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    return new[:new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
+
+
+def check_fast_generate(ns, base_dir, tmp_path):
+    """The notebook's ending: the saved adapter is the trained one, and ``fast_generate`` answers as unpatched
+    transformers does with the base model (no lora_request) and with the saved adapter (peft on the base)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ftengine.compat import SamplingParams
+
+    model, tokenizer, text = ns["model"], ns["tokenizer"], ns["text"]
+    assert isinstance(ns["output"], str)
+    saved = tmp_path / "grpo_saved_lora"
+    assert (saved / "adapter_config.json").is_file() and not (saved / "tokenizer_config.json").exists()
+    # two CPU steps barely move the adapter: a larger one, so the base and the adapter answer differently
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.2, generator=torch.Generator().manual_seed(0))
+    model.save_lora(str(saved))
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    model.eval()
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(base, str(saved)), ids), logits(model, ids),
+                               atol=1e-4, rtol=1e-4)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    greedy = SamplingParams(temperature=0, max_tokens=12)
+    [untrained] = model.fast_generate([text], sampling_params=greedy, lora_request=None)
+    [trained] = model.fast_generate(text, sampling_params=greedy, lora_request=model.load_lora(str(saved)))
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+    assert untrained.outputs[0].token_ids != trained.outputs[0].token_ids
+    assert untrained.outputs[0].token_ids == greedy_reference(base, tokenizer, text, 12)
+    with_adapter = PeftModel.from_pretrained(base, str(saved)).eval()
+    assert trained.outputs[0].token_ids == greedy_reference(with_adapter, tokenizer, text, 12)
+    assert trained.outputs[0].text == tokenizer.decode(trained.outputs[0].token_ids, skip_special_tokens=True)
+    # the loaded adapter is gone afterwards: the trained one is active and trains as before
+    assert list(model.peft_config) == ["default"] and model.active_adapter == "default"
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    # n completions per prompt, cut before a stop string as vLLM cuts them
+    answer = trained.outputs[0].text
+    stop = answer[len(answer) // 2:][:3]
+    [cut] = model.fast_generate(text, sampling_params={"temperature": 0, "max_tokens": 12, "n": 3, "stop": [stop]},
+                                lora_request=model.load_lora(str(saved)))
+    assert [o.index for o in cut.outputs] == [0, 1, 2]
+    assert all(o.text == answer[:answer.index(stop)] and o.finish_reason == "stop" for o in cut.outputs)
 
 
 def test_a_grpo_reward_function_that_raises_names_itself_and_the_row(tiny_llama, arithmetic_file, tmp_path):

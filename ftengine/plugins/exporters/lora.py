@@ -42,7 +42,8 @@ class LoRAExporter:
         if init.startswith(REWRITING_INITS):
             raise ExportError(rewritten_base(init))
         model.save_pretrained(str(out_dir), safe_serialization=True)
-        tokenizer.save_pretrained(str(out_dir))
+        if tokenizer is not None:  # the adapter alone (the compat layer's ``save_lora``)
+            tokenizer.save_pretrained(str(out_dir))
         adapter = model.peft_config[model.active_adapter]
         targets = adapter.target_modules
         targets = f"modules matching {targets}" if isinstance(targets, str) else ", ".join(sorted(targets))

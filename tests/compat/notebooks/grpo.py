@@ -1,7 +1,9 @@
 # ruff: noqa: E402, E501, I001, B905, F821  (kept as the notebooks are written: imports where they are used)
 # The GRPO notebook (Qwen2.5 on GSM8K, Unsloth's shape): a system prompt asking for <reasoning>/<answer>
 # tags, trl's GRPOTrainer with reward functions written for trl (completions as message lists); the
-# import changed to ftengine.compat, the data a file of arithmetic questions with their answers.
+# import changed to ftengine.compat, the data a file of arithmetic questions with their answers. It ends as
+# the notebook does: an answer of the base model, the adapter saved, an answer with it (vLLM's
+# SamplingParams imported from ftengine.compat, max_tokens at CPU size).
 # notebook_args (given by the test) holds the training arguments the notebooks share, at CPU size.
 from ftengine.compat import FastLanguageModel, PatchFastRL
 
@@ -96,3 +98,33 @@ trainer = GRPOTrainer(
     train_dataset=dataset,
 )
 trainer.train()
+
+text = tokenizer.apply_chat_template([
+    {"role": "user", "content": "What is 2 + 3?"},
+], tokenize=False, add_generation_prompt=True)
+
+from ftengine.compat import SamplingParams
+
+sampling_params = SamplingParams(
+    temperature=0.8,
+    top_p=0.95,
+    max_tokens=16,
+)
+output = model.fast_generate(
+    [text],
+    sampling_params=sampling_params,
+    lora_request=None,
+)[0].outputs[0].text
+
+model.save_lora("grpo_saved_lora")
+
+text = tokenizer.apply_chat_template([
+    {"role": "system", "content": SYSTEM_PROMPT},
+    {"role": "user", "content": "What is 2 + 3?"},
+], tokenize=False, add_generation_prompt=True)
+
+output = model.fast_generate(
+    text,
+    sampling_params=sampling_params,
+    lora_request=model.load_lora("grpo_saved_lora"),
+)[0].outputs[0].text
