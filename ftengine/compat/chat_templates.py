@@ -1,5 +1,6 @@
 """``unsloth.chat_templates``' names: :func:`get_chat_template`, :func:`standardize_sharegpt`,
-:func:`to_sharegpt` and :func:`train_on_responses_only`, over ftengine's Python API."""
+:func:`standardize_data_formats`, :func:`to_sharegpt` and :func:`train_on_responses_only`, over ftengine's
+Python API."""
 
 from __future__ import annotations
 
@@ -91,6 +92,47 @@ def get_chat_template(tokenizer: Any, chat_template: str | tuple[str, str] = "ch
 def standardize_sharegpt(dataset: Any) -> Any:
     """ShareGPT ``from``/``value`` turns rewritten as ``role``/``content`` in the same ``conversations`` column."""
     return ftengine.standardize_sharegpt(dataset, column="conversations")
+
+
+def _renamed_roles(turns: Any, roles: dict[str, str]) -> Any:
+    """The turns with each alias (``from`` or ``role``) replaced by its role; anything else as it was."""
+    if not isinstance(turns, list):
+        return turns
+    out = []
+    for turn in turns:
+        key = "from" if isinstance(turn, dict) and "from" in turn else "role"
+        speaker = turn.get(key) if isinstance(turn, dict) else None
+        mapped = roles.get(speaker.lower()) if isinstance(speaker, str) else None
+        out.append({**turn, key: mapped} if mapped else turn)
+    return out
+
+
+@strict
+def standardize_data_formats(dataset: Any, tokenizer: Any = None,
+                             aliases_for_system: tuple[str, ...] | list[str] = ("system",),
+                             aliases_for_user: tuple[str, ...] | list[str] = ("user", "human", "input"),
+                             aliases_for_assistant: tuple[str, ...] | list[str] = ("gpt", "assistant", "output"),
+                             ) -> Any:
+    """Conversations in whatever turn keys and speaker names (``from``/``value`` or ``role``/``content``;
+    the aliases named here, then ShareGPT's own) rewritten as ``role``/``content`` turns, in the column they
+    came in (``conversations``, else ``messages``). ``tokenizer`` is taken for compatibility.
+
+    Raises:
+        ConfigError: the rows have neither a ``conversations`` nor a ``messages`` column.
+        RowError: a turn that is not a conversation turn, named by row and turn.
+    """
+    first = dataset[0] if len(dataset) else {}
+    column = next((c for c in ("conversations", "messages") if c in first), None)
+    if column is None:
+        raise ConfigError(f"standardize_data_formats: the rows need a 'conversations' or 'messages' column, got "
+                          f"{', '.join(map(str, first)) or 'no rows'}")
+    roles = {**{a.lower(): "system" for a in aliases_for_system}, **{a.lower(): "user" for a in aliases_for_user},
+             **{a.lower(): "assistant" for a in aliases_for_assistant}}
+    if isinstance(dataset, list):
+        renamed = [{**row, column: _renamed_roles(row.get(column), roles)} for row in dataset]
+    else:
+        renamed = dataset.map(lambda row: {column: _renamed_roles(row[column], roles)})
+    return ftengine.standardize_sharegpt(renamed, column=column)
 
 
 @strict

@@ -86,6 +86,30 @@ def test_standardize_sharegpt_keeps_the_column():
     assert out[0]["conversations"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
 
 
+def test_standardize_data_formats_reads_each_kind_of_conversation():
+    from datasets import Dataset
+
+    from ftengine.compat.chat_templates import standardize_data_formats
+    from ftengine.core.types import RowError
+
+    want = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Yo"}]
+    sharegpt = Dataset.from_list([{"conversations": [{"from": "system", "value": "Be brief."},
+                                                     {"from": "input", "value": "Hi"},
+                                                     {"from": "output", "value": "Yo"}], "id": 7}])
+    out = standardize_data_formats(sharegpt)
+    assert out.column_names == ["id", "conversations"] and out[0] == {"id": 7, "conversations": want}
+    standard = [{"messages": want}]
+    assert standardize_data_formats(standard) == standard
+    custom = [{"conversations": [{"role": "instruction", "content": "Hi"}, {"role": "reply", "content": "Yo"}]}]
+    assert standardize_data_formats(custom, aliases_for_user=["instruction"], aliases_for_assistant=["reply"]) == [
+        {"conversations": want[1:]}]
+    with pytest.raises(RowError, match=r"row 1: conversations\[0\] has unknown role 'instruction'"):
+        standardize_data_formats([{"conversations": want[1:]}, *custom])
+    with pytest.raises(ConfigError, match="need a 'conversations' or 'messages' column, got instruction, output"):
+        standardize_data_formats([{"instruction": "Hi", "output": "Yo"}])
+
+
 def test_to_sharegpt_merges_columns_and_drops_empty_optional_parts():
     rows = [{"instruction": "Add", "input": "2 and 3", "output": "5"}, {"instruction": "Say hi", "input": "",
                                                                        "output": "hi"}]
