@@ -1,4 +1,4 @@
-"""Fixtures of the compat tests: a tiny Llama-3.1-style model and the notebooks' datasets."""
+"""Fixtures of the compat tests: tiny Llama-3.1-style and Qwen3-style models and the notebooks' datasets."""
 
 import json
 
@@ -35,6 +35,35 @@ def tiny_llama(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory):
+    """A random 2-layer Qwen3 (q/k norms, hidden 64) with the demo's BPE plus Qwen's special tokens and
+    Qwen3's own chat template (thinking blocks, ``enable_thinking``), as a Qwen3 checkpoint carries it."""
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+    from transformers import Qwen3Config
+    from transformers import Qwen3ForCausalLM
+
+    from ftengine.plugins.datasets.templates import jinja
+
+    bpe = Tokenizer.from_file(str(ASSETS / "tokenizer" / "tokenizer.json"))
+    bpe.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    bpe.add_tokens(["<think>", "</think>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = jinja("qwen3")
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny-qwen3")
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
 def demo_conversations():
     rows = [json.loads(line) for line in (ASSETS / "data.jsonl").read_text().splitlines() if line.strip()]
     return [r["messages"] for r in rows]
@@ -51,6 +80,17 @@ def sharegpt_file(tmp_path):
     rows = [{"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in c]}
             for c in demo_conversations()[:24]]
     return write_jsonl(tmp_path / "sharegpt.jsonl", rows)
+
+
+@pytest.fixture
+def reasoning_file(tmp_path):
+    """Rows shaped as OpenMathReasoning's: a problem and a solution that thinks first."""
+    rows = []
+    for convo in demo_conversations()[:12]:
+        user = next(m["content"] for m in convo if m["role"] == "user")
+        answer = next(m["content"] for m in convo if m["role"] == "assistant")
+        rows.append({"problem": user, "generated_solution": f"<think>\nThe user asks: {user}\n</think>\n\n{answer}"})
+    return write_jsonl(tmp_path / "reasoning.jsonl", rows)
 
 
 @pytest.fixture

@@ -79,6 +79,34 @@ def test_llama31_conversational_notebook(tiny_llama, sharegpt_file, monkeypatch,
     assert torch.allclose(logits(reloaded, ids), logits(model.eval(), ids), atol=1e-4)
 
 
+def test_qwen3_reasoning_notebook(tiny_qwen3, reasoning_file, sharegpt_file, monkeypatch, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ns = run_notebook("qwen3_reasoning", monkeypatch, tmp_path, MODEL_NAME=tiny_qwen3, REASONING_FILE=reasoning_file,
+                      CHAT_FILE=sharegpt_file)
+    trainer, model, tokenizer = ns["trainer"], ns["model"], ns["tokenizer"]
+    texts = ns["combined_dataset"]["text"]
+    assert len(texts) == 12 + 4  # the reasoning rows and a quarter of chat rows
+    first = json.loads(reasoning_file.read_text().splitlines()[0])
+    answer = first["generated_solution"].split("</think>\n\n")[1]
+    # Qwen3's template keeps the thinking block on the answer to the last question
+    assert (f"<|im_start|>user\n{first['problem']}<|im_end|>\n<|im_start|>assistant\n<think>\nThe user asks: "
+            f"{first['problem']}\n</think>\n\n{answer}<|im_end|>\n") in texts
+    # every text trained whole, with the EOS appended as trl appends it to a text field not ending in it
+    assert sorted(tokenizer.decode(row["input_ids"]) for row in trainer.train_dataset) == sorted(
+        text + tokenizer.eos_token for text in texts)
+    history = losses(trainer)
+    assert len(history) == 4 and all(math.isfinite(x) for x in history) and history[-1] < history[0]
+    # thinking switched off: the prompt ends with an empty think block; the streamed answer follows it
+    assert ns["text"].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert capsys.readouterr().out.strip()
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_qwen3), dtype=torch.float32)
+    reloaded = PeftModel.from_pretrained(base, str(tmp_path / "lora_model")).eval()
+    ids = torch.tensor([tokenizer.encode(ns["text"])])
+    torch.testing.assert_close(logits(reloaded, ids), logits(model.eval(), ids), atol=1e-4, rtol=1e-4)
+
+
 def test_alpaca_notebook_saves_lora_and_merged(tiny_llama, alpaca_file, monkeypatch, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
