@@ -10,10 +10,19 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|
                    "<|end_of_text|>", "<|finetune_right_pad_id|>"]
 
 
+def saved(model_class, config, tokenizer, path):
+    """A model of ``model_class`` with seeded random weights and ``tokenizer``, written into ``path``."""
+    import torch
+
+    torch.manual_seed(0)
+    model_class(config).save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     """A random 2-layer Llama (hidden 64) with the demo's BPE plus Llama 3's special tokens."""
-    import torch
     from tokenizers import Tokenizer
     from transformers import LlamaConfig
     from transformers import LlamaForCausalLM
@@ -27,19 +36,13 @@ def tiny_llama(tmp_path_factory):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return path
+    return saved(LlamaForCausalLM, config, tokenizer, tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen3(tmp_path_factory):
     """A random 2-layer Qwen3 (q/k norms, hidden 64) with the demo's BPE plus Qwen's special tokens and
     Qwen3's own chat template (thinking blocks, ``enable_thinking``), as a Qwen3 checkpoint carries it."""
-    import torch
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
     from transformers import Qwen3Config
@@ -56,12 +59,7 @@ def tiny_qwen3(tmp_path_factory):
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(config)
-    path = tmp_path_factory.mktemp("tiny-qwen3")
-    model.save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return path
+    return saved(Qwen3ForCausalLM, config, tokenizer, tmp_path_factory.mktemp("tiny-qwen3"))
 
 
 def demo_conversations():
