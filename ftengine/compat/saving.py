@@ -11,6 +11,7 @@ from typing import Any
 
 import ftengine
 from ftengine.compat._arguments import strict
+from ftengine.compat.fast_inference import TOKENIZER_ATTR
 from ftengine.core.errors import ConfigError
 from ftengine.engine import hub
 
@@ -38,9 +39,12 @@ def _quantizations(quantization_method: str | list[str]) -> list[str]:
     return [GGUF_ALIASES.get(m.lower(), m.lower()) for m in methods]
 
 
-def _need_tokenizer(tokenizer: Any, method: str) -> None:
+def _tokenizer(model: Any, tokenizer: Any, method: str) -> Any:
+    """``tokenizer``, else the one the loader left on the model (as Unsloth keeps it for these calls)."""
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, TOKENIZER_ATTR, None)
     if tokenizer is None:
         raise ConfigError(f"{method}: pass tokenizer= (the export writes the tokenizer and its chat template)")
+    return tokenizer
 
 
 def _base_model(model: Any) -> str | None:
@@ -90,8 +94,9 @@ def save_pretrained_merged(self: Any, save_directory: str, tokenizer: Any = None
                            push_to_hub: bool = False, token: str | None = None, private: bool | None = None,
                            max_shard_size: str = "5GB") -> Path | str:
     """``save_method="lora"`` (the adapter), ``"merged_16bit"`` or ``"merged_4bit"`` (the merged model);
-    with ``push_to_hub`` the directory name is the Hub repository id."""
-    _need_tokenizer(tokenizer, "save_pretrained_merged")
+    with ``push_to_hub`` the directory name is the Hub repository id. Without ``tokenizer``, the one the
+    model was loaded with (its chat template as :func:`get_chat_template` left it)."""
+    tokenizer = _tokenizer(self, tokenizer, "save_pretrained_merged")
     if push_to_hub:
         return push_to_hub_merged(self, save_directory, tokenizer, save_method, token, private, max_shard_size)
     return write_merged(self, save_directory, tokenizer, save_method, max_shard_size)
@@ -101,7 +106,7 @@ def save_pretrained_merged(self: Any, save_directory: str, tokenizer: Any = None
 def push_to_hub_merged(self: Any, repo_id: str, tokenizer: Any = None, save_method: str = "merged_16bit",
                        token: str | None = None, private: bool | None = None, max_shard_size: str = "5GB") -> str:
     """:func:`save_pretrained_merged` into a temporary directory, uploaded to ``repo_id`` with a model card."""
-    _need_tokenizer(tokenizer, "push_to_hub_merged")
+    tokenizer = _tokenizer(self, tokenizer, "push_to_hub_merged")
     name, _ = _export_options(save_method)
     return _push(self, repo_id, token, private, name, {"save_method": save_method},
                  lambda folder: write_merged(self, folder, tokenizer, save_method, max_shard_size))
@@ -110,10 +115,13 @@ def push_to_hub_merged(self: Any, repo_id: str, tokenizer: Any = None, save_meth
 @strict
 def save_pretrained_gguf(self: Any, save_directory: str, tokenizer: Any = None,
                          quantization_method: str | list[str] = "fast_quantized", push_to_hub: bool = False,
-                         token: str | None = None, private: bool | None = None) -> list[Path] | str:
+                         token: str | None = None, private: bool | None = None,
+                         quantization_type: str | list[str] | None = None) -> list[Path] | str:
     """One GGUF file per quantization (``"q4_k_m"``, a list, or ``not_quantized`` / ``fast_quantized`` /
-    ``quantized``) and an Ollama Modelfile."""
-    _need_tokenizer(tokenizer, "save_pretrained_gguf")
+    ``quantized``; ``quantization_type="Q8_0"`` is ``FastModel``'s name for it) and an Ollama Modelfile.
+    Without ``tokenizer``, the one the model was loaded with."""
+    tokenizer = _tokenizer(self, tokenizer, "save_pretrained_gguf")
+    quantization_method = quantization_type or quantization_method
     if push_to_hub:
         return push_to_hub_gguf(self, save_directory, tokenizer, quantization_method, token, private)
     return write_gguf(self, save_directory, tokenizer, quantization_method)
@@ -122,9 +130,10 @@ def save_pretrained_gguf(self: Any, save_directory: str, tokenizer: Any = None,
 @strict
 def push_to_hub_gguf(self: Any, repo_id: str, tokenizer: Any = None,
                      quantization_method: str | list[str] = "fast_quantized", token: str | None = None,
-                     private: bool | None = None) -> str:
+                     private: bool | None = None, quantization_type: str | list[str] | None = None) -> str:
     """:func:`save_pretrained_gguf` into a temporary directory, uploaded to ``repo_id`` with a model card."""
-    _need_tokenizer(tokenizer, "push_to_hub_gguf")
+    tokenizer = _tokenizer(self, tokenizer, "push_to_hub_gguf")
+    quantization_method = quantization_type or quantization_method
     details = {"quantization": ", ".join(_quantizations(quantization_method))}
     return _push(self, repo_id, token, private, "gguf", details,
                  lambda folder: write_gguf(self, folder, tokenizer, quantization_method))

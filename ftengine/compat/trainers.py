@@ -21,8 +21,10 @@ from trl.trainer.sft_trainer import SFTTrainer as TrlSFTTrainer
 import ftengine
 from ftengine.compat._arguments import strict
 from ftengine.core.errors import ConfigError
+from ftengine.core.types import Sample
 from ftengine.engine import vision
 from ftengine.engine import vision_api
+from ftengine.engine.data import sample_text_and_spans
 from ftengine.engine.settings import settings_of
 
 TRAINING_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "max_steps",
@@ -253,7 +255,10 @@ def retrain_on_responses(trainer: Any, instruction_part: str, response_part: str
         raise ConfigError("train_on_responses_only: the trainer was not built from texts through ftengine.compat's "
                           "SFTTrainer (import ftengine.compat before trl; pass dataset_text_field rows)")
     texts, max_length = _TEXTS[trainer]
-    rows = [{"segments": segments(t, instruction_part, response_part)} for t in texts]
+    tokenizer = trainer.processing_class
+    # each text as the trainer trains it (the tokenizer's BOS first, the EOS last), then split into spans
+    framed = [sample_text_and_spans(Sample(text=t), tokenizer, "all")[0] for t in texts]
+    rows = [{"segments": segments(t, instruction_part, response_part)} for t in framed]
     trainer.train_dataset = ftengine.load_dataset(rows, trainer.processing_class, format="segments",
                                                   max_seq_length=max_length, on_bad_rows="skip")
     if len(trainer.train_dataset) == 0:

@@ -337,6 +337,18 @@ def conversation_spans(tokenizer: Any, messages: list[dict[str, Any]], train_on:
     return text, spans
 
 
+def bos_prefix(tokenizer: Any, text: str) -> str:
+    """The BOS token's text where the tokenizer puts one before what it encodes (Llama, Gemma, Mistral do;
+    Qwen does not) and ``text`` does not start with it already: raw text trains as the tokenizer encodes
+    it for inference (and as trl and transformers' language-modeling scripts train it). Chat templates
+    write their own BOS."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if not bos or text.startswith(bos):
+        return ""
+    ids = tokenizer("a")["input_ids"]
+    return bos if ids and ids[0] == tokenizer.bos_token_id else ""
+
+
 def sample_text_and_spans(sample: Sample, tokenizer: Any, train_on: str) -> tuple[str, list[tuple[int, int]]]:
     """The text a sample trains on, and which character spans carry loss."""
     eos = tokenizer.eos_token or ""
@@ -344,9 +356,11 @@ def sample_text_and_spans(sample: Sample, tokenizer: Any, train_on: str) -> tupl
         return conversation_spans(tokenizer, sample.messages, train_on)
     if sample.kind == "text":
         text = sample.text if eos and sample.text.endswith(eos) else sample.text + eos
+        text = bos_prefix(tokenizer, text) + text
         return text, [(0, len(text))]
     if sample.kind == "completion":
         prompt = sample.prompt if isinstance(sample.prompt, str) else render(tokenizer, sample.prompt, True)
+        prompt = bos_prefix(tokenizer, prompt) + prompt if isinstance(sample.prompt, str) else prompt
         text = prompt + sample.completion + eos
         return text, [(0, len(text))] if train_on == "all" else [(len(prompt), len(text))]
     if sample.kind == "segments":

@@ -62,6 +62,29 @@ def tiny_qwen3(tmp_path_factory):
     return saved(Qwen3ForCausalLM, config, tokenizer, tmp_path_factory.mktemp("tiny-qwen3"))
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory):
+    """A random 2-layer Gemma 3 text model (sliding and global layers) with the demo's BPE plus Gemma's
+    special tokens; the tokenizer puts ``<bos>`` first, as Gemma's does."""
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import Gemma3ForCausalLM
+    from transformers import Gemma3TextConfig
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer.from_file(str(ASSETS / "tokenizer" / "tokenizer.json"))
+    bpe.add_special_tokens(["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"])
+    bpe.post_processor = TemplateProcessing(single="<bos> $A", pair="<bos> $A $B",
+                                            special_tokens=[("<bos>", bpe.token_to_id("<bos>"))])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                              sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+    return saved(Gemma3ForCausalLM, config, tokenizer, tmp_path_factory.mktemp("tiny-gemma3"))
+
+
 def demo_conversations():
     rows = [json.loads(line) for line in (ASSETS / "data.jsonl").read_text().splitlines() if line.strip()]
     return [r["messages"] for r in rows]

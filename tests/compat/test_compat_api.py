@@ -124,6 +124,10 @@ def test_to_sharegpt_merges_columns_and_drops_empty_optional_parts():
 
 
 def test_save_methods_and_pushes_fail_clearly(tiny_llama, monkeypatch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from ftengine.compat.saving import save_pretrained_gguf
+
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no saved login
     model, tokenizer = FastLanguageModel.from_pretrained(model_name=str(tiny_llama), max_seq_length=32,
@@ -131,8 +135,8 @@ def test_save_methods_and_pushes_fail_clearly(tiny_llama, monkeypatch, tmp_path)
     model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
     with pytest.raises(ConfigError, match="save_method must be one of lora, merged_16bit, merged_4bit"):
         model.save_pretrained_merged(str(tmp_path / "out"), tokenizer, save_method="merged_8bit")
-    with pytest.raises(ConfigError, match="pass tokenizer="):
-        model.save_pretrained_gguf(str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match="pass tokenizer="):  # a model the compat loader did not load
+        save_pretrained_gguf(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), str(tmp_path / "out"))
     with pytest.raises(ConfigError, match="needs a Hugging Face token"):
         model.push_to_hub_merged("someone/model", tokenizer)
     with pytest.raises(ConfigError, match="'owner/name'"):

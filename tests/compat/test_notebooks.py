@@ -107,6 +107,43 @@ def test_qwen3_reasoning_notebook(tiny_qwen3, reasoning_file, sharegpt_file, mon
     torch.testing.assert_close(logits(reloaded, ids), logits(model.eval(), ids), atol=1e-4, rtol=1e-4)
 
 
+def test_gemma3_notebook(tiny_gemma3, sharegpt_file, monkeypatch, tmp_path):
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    ns = run_notebook("gemma3_conversational", monkeypatch, tmp_path, MODEL_NAME=tiny_gemma3, DATA_FILE=sharegpt_file)
+    trainer, model, tokenizer = ns["trainer"], ns["model"], ns["tokenizer"]
+    rows = [json.loads(line)["conversations"] for line in sharegpt_file.read_text().splitlines()]
+    assert len(trainer.train_dataset) == len(rows)
+    for row, convo in zip(trainer.train_dataset, rows, strict=True):
+        # one <bos>: the template's was removed from the text, the tokenizer put its own
+        assert row["input_ids"][0] == tokenizer.bos_token_id and tokenizer.bos_token_id not in row["input_ids"][1:]
+        # each answer through the next user turn, and the EOS trl appends to a text not ending in it
+        expected = "".join(t["value"].strip() + "<end_of_turn>\n" for t in convo if t["from"] == "gpt")
+        assert trained_text(tokenizer, row) == expected + tokenizer.eos_token
+    history = losses(trainer)
+    assert len(history) == 4 and all(math.isfinite(x) for x in history) and history[-1] < history[0]
+    prompt = "<start_of_turn>user\nContinue the sequence: 1, 1, 2, 3, 5, 8,<end_of_turn>\n<start_of_turn>model\n"
+    assert prompt in ns["answer"][0] and not ns["answer"][0].endswith(prompt)
+    # the merged model (16-bit: each adapted weight is W + scaling * B @ A, computed in float64 here, in
+    # bfloat16) and the GGUF (written with the tokenizer the model was loaded with, whose template the
+    # notebook set) beside it
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "gemma-3-finetune"), dtype=torch.float32)
+    weights = merged.state_dict()
+    adapted = [(name, m) for name, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    assert len(adapted) == 2 * 7
+    for name, module in adapted:
+        delta = module.lora_B["default"].weight.double() @ module.lora_A["default"].weight.double()
+        expected = (module.base_layer.weight.double() + module.scaling["default"] * delta).to(torch.bfloat16)
+        torch.testing.assert_close(weights[name.removeprefix("base_model.model.") + ".weight"], expected.float(),
+                                   rtol=2 ** -8, atol=0)
+    [gguf_file] = (tmp_path / "gemma-3-finetune").glob("*.gguf")
+    reader = GGUFReader(str(gguf_file))
+    field = reader.fields["tokenizer.chat_template"]
+    assert bytes(field.parts[field.data[0]]).decode() == tokenizer.chat_template
+    assert {t.tensor_type.name for t in reader.tensors if t.name.endswith("attn_q.weight")} == {"Q8_0"}
+
+
 def test_alpaca_notebook_saves_lora_and_merged(tiny_llama, alpaca_file, monkeypatch, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -140,7 +177,7 @@ def test_qwen25_sharegpt_notebook_and_gguf(tiny_llama, alpaca_file, monkeypatch,
     assert all(len(c) == 4 for c in dataset["conversations"])
     for row, convo in zip(trainer.train_dataset, dataset["conversations"], strict=True):
         expected = "".join(t["value"] + "<|im_end|>\n" for t in convo if t["from"] == "gpt")
-        assert trained_text(tokenizer, row) == expected
+        assert trained_text(tokenizer, row) == expected + tokenizer.eos_token  # as trl appends it to the text
     first = dataset["conversations"][0][0]["value"]
     source = json.loads(alpaca_file.read_text().splitlines()[0])
     assert first == source["instruction"] + (f"\nYour input is:\n{source['input']}" if source["input"] else "")

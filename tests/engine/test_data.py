@@ -124,6 +124,25 @@ def test_completion_and_text_samples(bpe):
     assert trained_substrings(text) == [text.text[len(first):]]
 
 
+def test_raw_text_starts_with_the_bos_the_tokenizer_puts_first(bpe):
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    bpe.post_processor = TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[
+        ("<|begin_of_text|>", bpe.token_to_id("<|begin_of_text|>"))])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                        pad_token="<|finetune_right_pad_id|>")
+    # the ids the tokenizer itself gives the text (as at inference), the EOS after
+    text = encode_sample(Sample(text="The sky is blue."), tokenizer, "assistant")
+    assert text.input_ids == tokenizer("The sky is blue.<|eot_id|>")["input_ids"]
+    assert text.input_ids[0] == tokenizer.bos_token_id
+    already = encode_sample(Sample(text="<|begin_of_text|>The sky is blue."), tokenizer, "assistant")
+    assert already.input_ids == text.input_ids
+    completion = encode_sample(Sample(prompt="The capital of France is", completion=" Paris."), tokenizer, "assistant")
+    assert completion.input_ids == tokenizer("The capital of France is Paris.<|eot_id|>")["input_ids"]
+    assert trained_substrings(completion) == [" Paris.<|eot_id|>"]
+
+
 def test_truncation_is_counted(bpe):
     tokenizer = tokenizer_with(bpe, "chatml")
     samples = [("a.jsonl: row 1", Sample(messages=MULTI)), ("a.jsonl: row 2", Sample(messages=SINGLE))]
