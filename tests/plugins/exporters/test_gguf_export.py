@@ -166,14 +166,26 @@ def test_unknown_quantization_and_short_disk_fail_before_writing(tmp_path, monke
     assert list(tmp_path.iterdir()) == []
 
 
-class _LittleMemory:
-    available = 1000
+def test_large_outputs_wait_in_a_scratch_file_unless_the_disk_lacks_the_room(tmp_path, monkeypatch):
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    memory = collections.namedtuple("memory", "available")
+    large = 4 * writer_module.IN_MEMORY_BYTES
+    monkeypatch.setattr(writer_module.psutil, "virtual_memory", lambda: memory(64 * large))
+    assert writer_module.keeps_in_memory(writer_module.IN_MEMORY_BYTES, {tmp_path: large})
+    monkeypatch.setattr(writer_module.shutil, "disk_usage", lambda path: usage(0, 0, 2 * large))
+    assert not writer_module.keeps_in_memory(large, {tmp_path: large})  # the disk takes the file twice
+    monkeypatch.setattr(writer_module.shutil, "disk_usage", lambda path: usage(0, 0, large + 1))
+    assert writer_module.keeps_in_memory(large, {tmp_path: large})  # only once: memory holds them
+    monkeypatch.setattr(writer_module.psutil, "virtual_memory", lambda: memory(large))
+    assert not writer_module.keeps_in_memory(large, {tmp_path: large})  # neither: the disk check says so
 
 
 def test_scratch_file_gives_the_same_file_as_memory(tmp_path, monkeypatch):
     model, tokenizer = _llama(hidden=256), _byte_level()
     writer_module.write_gguf(model, tokenizer, tmp_path / "memory.gguf", "q4_k_m")
-    monkeypatch.setattr(writer_module.psutil, "virtual_memory", lambda: _LittleMemory())
+    monkeypatch.setattr(writer_module, "IN_MEMORY_BYTES", 0)
     writer_module.write_gguf(model, tokenizer, tmp_path / "scratch.gguf", "q4_k_m")
     assert (tmp_path / "memory.gguf").read_bytes() == (tmp_path / "scratch.gguf").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.gguf", "scratch.gguf"]
@@ -192,7 +204,7 @@ def test_interrupted_export_leaves_no_file(tmp_path, monkeypatch, scratch_file):
 
     monkeypatch.setattr(writer_module.quants, "quantize", interrupted)
     if scratch_file:
-        monkeypatch.setattr(writer_module.psutil, "virtual_memory", lambda: _LittleMemory())
+        monkeypatch.setattr(writer_module, "IN_MEMORY_BYTES", 0)
     with pytest.raises(KeyboardInterrupt):
         writer_module.write_gguf(_llama(), _byte_level(), tmp_path / "m.gguf", "q8_0")
     assert list(tmp_path.iterdir()) == []

@@ -3,9 +3,11 @@
 Tensors stream from :func:`ftengine.plugins.exporters.merged_tensors.iter_merged_tensors` (LoRA merged,
 Hugging Face names), are renamed and reshaped by the architecture's adapter and quantized. GGUF
 puts every tensor's name, shape and offset before the data, so the quantized tensors wait until
-all are done: in memory when the file is small next to the free memory, else in a scratch file
-beside the output. Then the header and the data are written to ``<name>.partial`` and renamed
-into place, so a file under the final name is always complete.
+all are done: in memory when they are small (:data:`IN_MEMORY_BYTES`), else in a scratch file beside
+the output, so the export holds about one tensor's work beyond the model whatever the file's size
+(memory takes them only when the disk lacks the room for the scratch file). Then the header and the
+data are written to ``<name>.partial`` and renamed into place, so a file under the final name is always
+complete.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ from ftengine.plugins.exporters.merged_tensors import iter_merged_tensors
 
 QUANTIZATION_VERSION = 2
 """``general.quantization_version`` of the current ggml block formats."""
+IN_MEMORY_BYTES = 1 << 30
+"""Quantized outputs up to this size wait for the header in memory; larger ones in a scratch file (the
+operating system's page cache, not the process, then holds what the disk has not taken yet)."""
 
 
 @dataclass
@@ -135,6 +140,16 @@ def check_disk_space(directory: Path, needed: int) -> None:
             f"not enough disk space in {directory}: the GGUF export needs about {needed / 2**30:.1f} GiB, "
             f"{free / 2**30:.1f} GiB are free"
         )
+
+
+def keeps_in_memory(total: int, needed: dict[Path, int]) -> bool:
+    """Whether ``total`` bytes of quantized tensors wait in memory rather than in scratch files: small
+    outputs do; large ones only when some output directory lacks the room for its file twice (the scratch
+    file and the output) and a quarter of the free memory holds them."""
+    if total <= IN_MEMORY_BYTES:
+        return True
+    roomy = all(shutil.disk_usage(directory).free >= 2 * size for directory, size in needed.items())
+    return not roomy and total < psutil.virtual_memory().available // 4
 
 
 def add_value(writer: GGUFWriter, key: str, value: Any) -> None:
@@ -250,12 +265,13 @@ def write_ggufs(
     text = getattr(config, "text_config", None) or config
     vocab = build_vocab(tokenizer, int(text.vocab_size))
     estimates = {q: estimate_bytes(model, q) for q in chosen}
-    in_memory = sum(estimates.values()) < psutil.virtual_memory().available // 4
     for path in chosen.values():
         path.parent.mkdir(parents=True, exist_ok=True)
-    for directory in {p.parent for p in chosen.values()}:
-        needed = sum(estimates[q] for q, p in chosen.items() if p.parent == directory)
-        check_disk_space(directory, needed if in_memory else 2 * needed)  # a scratch file needs the room twice
+    directories = {p.parent for p in chosen.values()}
+    needed = {d: sum(estimates[q] for q, p in chosen.items() if p.parent == d) for d in directories}
+    in_memory = keeps_in_memory(sum(estimates.values()), needed)
+    for directory, size in needed.items():
+        check_disk_space(directory, size if in_memory else 2 * size)  # a scratch file needs the room twice
 
     # A QLoRA run reads the base weights from the original 16-bit checkpoint rather than dequantize them.
     _, original, source = base_source(model)
