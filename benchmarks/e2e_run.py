@@ -55,7 +55,9 @@ def model_dir(name: str, layers: int | None, cache: Path, build: Any) -> Path:
 
 
 def chat_rows(seq: int, n_rows: int, packed: bool, seed: int = 0) -> list[dict]:
-    """``messages`` rows of random words: about ``seq / 4`` tokens each when ``packed``, else ``seq / 8`` to ``seq``."""
+    """``messages`` rows of random words: a little under ``seq / 4`` tokens each when ``packed`` (four fill a
+    row; at ``seq / 4`` the template's tokens made them one too long, and three a row left a quarter empty),
+    else ``seq / 8`` to ``seq``."""
     from transformers import AutoTokenizer
 
     from ftengine.demo import ASSETS
@@ -64,7 +66,7 @@ def chat_rows(seq: int, n_rows: int, packed: bool, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     rows = []
     for _ in range(n_rows):
-        total = seq // 4 if packed else rng.randint(seq // 8, seq - 16)  # room for the template's tokens
+        total = seq // 4 - 16 if packed else rng.randint(seq // 8, seq - 16)  # room for the template's tokens
         prompt = max(1, total // 8)
         rows.append({"messages": [{"role": "user", "content": random_text(tokenizer, prompt, rng)},
                                   {"role": "assistant", "content": random_text(tokenizer, total - prompt - 12, rng)}]})

@@ -175,20 +175,27 @@ def test_large_outputs_wait_in_a_scratch_file_unless_the_disk_lacks_the_room(tmp
     monkeypatch.setattr(writer_module.psutil, "virtual_memory", lambda: memory(64 * large))
     assert writer_module.keeps_in_memory(writer_module.IN_MEMORY_BYTES, {tmp_path: large})
     monkeypatch.setattr(writer_module.shutil, "disk_usage", lambda path: usage(0, 0, 2 * large))
-    assert not writer_module.keeps_in_memory(large, {tmp_path: large})  # the disk takes the file twice
-    monkeypatch.setattr(writer_module.shutil, "disk_usage", lambda path: usage(0, 0, large + 1))
-    assert writer_module.keeps_in_memory(large, {tmp_path: large})  # only once: memory holds them
+    assert not writer_module.keeps_in_memory(large, {tmp_path: 2 * large})  # room for the scratch file too
+    monkeypatch.setattr(writer_module.shutil, "disk_usage", lambda path: usage(0, 0, 2 * large - 1))
+    assert writer_module.keeps_in_memory(large, {tmp_path: 2 * large})  # not: memory holds them
     monkeypatch.setattr(writer_module.psutil, "virtual_memory", lambda: memory(large))
-    assert not writer_module.keeps_in_memory(large, {tmp_path: large})  # neither: the disk check says so
+    assert not writer_module.keeps_in_memory(large, {tmp_path: 2 * large})  # neither: the disk check says so
 
 
 def test_scratch_file_gives_the_same_file_as_memory(tmp_path, monkeypatch):
     model, tokenizer = _llama(hidden=256), _byte_level()
     writer_module.write_gguf(model, tokenizer, tmp_path / "memory.gguf", "q4_k_m")
+    writer_module.write_gguf(model, tokenizer, tmp_path / "memory-q8.gguf", "q8_0")
     monkeypatch.setattr(writer_module, "IN_MEMORY_BYTES", 0)
     writer_module.write_gguf(model, tokenizer, tmp_path / "scratch.gguf", "q4_k_m")
     assert (tmp_path / "memory.gguf").read_bytes() == (tmp_path / "scratch.gguf").read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.gguf", "scratch.gguf"]
+    # several files of one pass, each written from its own scratch file
+    out = tmp_path / "together"
+    writer_module.write_ggufs(model, tokenizer, {"q4_k_m": out / "a.gguf", "q8_0": out / "b.gguf"})
+    assert (out / "a.gguf").read_bytes() == (tmp_path / "memory.gguf").read_bytes()
+    assert (out / "b.gguf").read_bytes() == (tmp_path / "memory-q8.gguf").read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == ["a.gguf", "b.gguf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory-q8.gguf", "memory.gguf", "scratch.gguf", "together"]
 
 
 @pytest.mark.parametrize("scratch_file", [False, True])

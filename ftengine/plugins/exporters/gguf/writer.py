@@ -142,13 +142,13 @@ def check_disk_space(directory: Path, needed: int) -> None:
         )
 
 
-def keeps_in_memory(total: int, needed: dict[Path, int]) -> bool:
+def keeps_in_memory(total: int, scratch_room: dict[Path, int]) -> bool:
     """Whether ``total`` bytes of quantized tensors wait in memory rather than in scratch files: small
-    outputs do; large ones only when some output directory lacks the room for its file twice (the scratch
-    file and the output) and a quarter of the free memory holds them."""
+    outputs do; large ones only when some output directory has less free than ``scratch_room`` asks (its
+    scratch files and the largest output written beside them) and a quarter of the free memory holds them."""
     if total <= IN_MEMORY_BYTES:
         return True
-    roomy = all(shutil.disk_usage(directory).free >= 2 * size for directory, size in needed.items())
+    roomy = all(shutil.disk_usage(directory).free >= room for directory, room in scratch_room.items())
     return not roomy and total < psutil.virtual_memory().available // 4
 
 
@@ -269,9 +269,11 @@ def write_ggufs(
         path.parent.mkdir(parents=True, exist_ok=True)
     directories = {p.parent for p in chosen.values()}
     needed = {d: sum(estimates[q] for q, p in chosen.items() if p.parent == d) for d in directories}
-    in_memory = keeps_in_memory(sum(estimates.values()), needed)
-    for directory, size in needed.items():
-        check_disk_space(directory, size if in_memory else 2 * size)  # a scratch file needs the room twice
+    # each output replaces its scratch file as it is written: the scratch files and the largest output at once
+    scratch_room = {d: needed[d] + max(estimates[q] for q, p in chosen.items() if p.parent == d) for d in directories}
+    in_memory = keeps_in_memory(sum(estimates.values()), scratch_room)
+    for directory in directories:
+        check_disk_space(directory, needed[directory] if in_memory else scratch_room[directory])
 
     # A QLoRA run reads the base weights from the original 16-bit checkpoint rather than dequantize them.
     _, original, source = base_source(model)
@@ -302,6 +304,7 @@ def write_ggufs(
         writer_args = {"config": config, "layout": layout, "vocab": vocab, "name": name}
         for target in files:
             _write_file(target, writer_args)
+            target.scratch.discard()
     finally:
         for target in files:
             target.scratch.discard()
