@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import types
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,11 +122,15 @@ def load_lora(self: Any, save_directory: str, load_tensors: bool = False) -> LoR
         ConfigError: the directory holds no peft adapter.
     """
     path = Path(save_directory)
-    if not (path / "adapter_config.json").is_file():
+    config = path / "adapter_config.json"
+    if not config.is_file():
         raise ConfigError(f"load_lora: {path} holds no adapter_config.json; save the adapter with "
                           f"model.save_lora({str(path)!r}) first")
-    json.loads((path / "adapter_config.json").read_text())
-    number = abs(hash(str(path.resolve()))) % 2**31
+    try:
+        json.loads(config.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"load_lora: {config} is not a peft adapter config ({exc})") from None
+    number = zlib.crc32(str(path.resolve()).encode()) % 2**31
     return LoRARequest(str(number), number, str(path))
 
 
@@ -180,6 +185,7 @@ def fast_generate(self: Any, prompts: str | list[str], sampling_params: Any = No
             texts with), or a ``lora_request`` for a model without adapters.
     """
     tokenizer = getattr(self, TOKENIZER_ATTR, None)
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a vision model's processor: texts need its tokenizer
     if tokenizer is None:
         raise ConfigError("fast_generate: load the model with FastLanguageModel.from_pretrained (it keeps the "
                           "tokenizer the prompts are read with)")

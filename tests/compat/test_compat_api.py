@@ -156,6 +156,10 @@ def test_fast_inference_fails_clearly(tiny_llama, tmp_path):
                                                          load_in_4bit=False)
     with pytest.raises(ConfigError, match="holds no adapter_config.json; save the adapter with model.save_lora"):
         model.load_lora(str(tmp_path / "missing"))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_text("{")
+    with pytest.raises(ConfigError, match="adapter_config.json is not a peft adapter config"):
+        model.load_lora(str(tmp_path / "broken"))
     with pytest.raises(ConfigError, match="save_lora: the model has no LoRA adapters"):
         model.save_lora(str(tmp_path / "full"))
     assert not (tmp_path / "full").exists()
