@@ -42,7 +42,8 @@ Qwen3-30B-A3B QLoRA in the least memory (LoRA on the attention only: the per-exp
 weights, gradients and AdamW state alone are ~16 GB): ``python benchmarks/e2e.py --out e2e-moe-attn.jsonl
 --only qwen3-30b-a3b:1:nf4 --frameworks ftengine --steps 3 --warmup 1 --targets q_proj,k_proj,v_proj,o_proj``;
 ``python benchmarks/e2e.py --out e2e-cli.jsonl --only qwen3-8b:1:nf4,qwen3-8b:4:nf4 --frameworks
-ftengine,ftengine-run,ftengine-run-unpacked --steps 4 --warmup 2``.
+ftengine,ftengine-run,ftengine-run-unpacked --steps 4 --warmup 2`` (``--run-attention sdpa`` trains the run's
+packed rows with SDPA and a block-diagonal mask instead of its default FlexAttention).
 CPU, every kind of row end to end at tiny shapes (no figures worth reporting): ``python benchmarks/e2e.py
 --device cpu --out /tmp/e2e.jsonl --only qwen3-moe-tiny:1:nf4,qwen3-tiny:2:nf4 --seq 64 --steps 2 --warmup 1
 --frameworks hf,ftengine,ftengine-run,ftengine-run-unpacked``.
@@ -360,7 +361,7 @@ def run_through_cli(name: str, framework: str, micro_batch: int, quant: str, arg
     with torch.device("meta"):
         n_matmul = matmul_params(AutoModelForCausalLM.from_config(config))
     figures = run_cli(name, framework, micro_batch, quant, args.seq, args.steps, args.warmup, args.layers,
-                      args.model_cache, build_model, DEVICE == "cuda")
+                      args.model_cache, build_model, DEVICE == "cuda", args.run_attention)
     flops_per_token = 6 * n_matmul + 12 * config.num_hidden_layers * config.hidden_size * args.seq
     device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_BF16.items() if k in device), 989e12)
@@ -558,6 +559,8 @@ def main() -> None:
                         help="qwen3: Qwen3-8B LoRA/QLoRA and Qwen3-30B-A3B QLoRA at micro-batch 1 and 4")
     parser.add_argument("--targets", default=",".join(TARGETS),
                         help="LoRA targets of the bare-loop rows, e.g. q_proj,k_proj,v_proj,o_proj (attention only)")
+    parser.add_argument("--run-attention", choices=("auto", "sdpa", "flex_attention"), default="auto",
+                        help="ftengine-run rows: model.attn_implementation (auto: the run's default)")
     parser.add_argument("--model-cache", type=Path, default=CLI_CACHE,
                         help="ftengine-run rows: where the random-weight checkpoints are written (once each)")
     parser.add_argument("--seq", type=int, default=2048)
@@ -621,7 +624,8 @@ def main() -> None:
                    "--device", args.device]
         command += ["--profile"] if args.profile else []
         command += ["--layers", str(args.layers)] if args.layers else []
-        command += ["--model-cache", str(args.model_cache), "--targets", args.targets]
+        command += ["--model-cache", str(args.model_cache), "--targets", args.targets,
+                    "--run-attention", args.run_attention]
         subprocess.run(command, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 

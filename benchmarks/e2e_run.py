@@ -66,7 +66,7 @@ def chat_rows(seq: int, n_rows: int, packed: bool, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     rows = []
     for _ in range(n_rows):
-        total = seq // 4 - 16 if packed else rng.randint(seq // 8, seq - 16)  # room for the template's tokens
+        total = max(seq // 4 - 16, 16) if packed else rng.randint(seq // 8, seq - 16)  # room for the template's tokens
         prompt = max(1, total // 8)
         rows.append({"messages": [{"role": "user", "content": random_text(tokenizer, prompt, rng)},
                                   {"role": "assistant", "content": random_text(tokenizer, total - prompt - 12, rng)}]})
@@ -74,12 +74,14 @@ def chat_rows(seq: int, n_rows: int, packed: bool, seed: int = 0) -> list[dict]:
 
 
 def run_config(model: Path, data: Path, out: Path, quant: str, micro_batch: int, seq: int, steps: int,
-               packed: bool, on_gpu: bool) -> dict:
+               packed: bool, on_gpu: bool, attention: str = "auto") -> dict:
     """The run's config: the bare loop's LoRA (``all-linear``: the model adapter's projections, the experts'
     included), checkpointing and optimizer, the SFT trainer, no export. Attention is the run's default
-    (``auto``: FlexAttention over packed rows on a GPU, so no attention crosses a sample; sdpa otherwise)."""
+    (``auto``: FlexAttention over packed rows on a GPU, so no attention crosses a sample; sdpa otherwise) unless
+    ``attention`` names one."""
     return {
-        "model": {"name_or_path": str(model), "max_seq_length": seq, "dtype": "bfloat16" if on_gpu else "float32"},
+        "model": {"name_or_path": str(model), "max_seq_length": seq, "dtype": "bfloat16" if on_gpu else "float32",
+                  "attn_implementation": attention},
         "quantization": {"load_in_4bit": quant == "nf4"},
         "lora": {"r": LORA["r"], "lora_alpha": LORA["lora_alpha"], "lora_dropout": LORA["lora_dropout"],
                  "target_modules": "all-linear"},
@@ -107,7 +109,7 @@ def timed(records: list[dict], warmup: int) -> dict:
 
 
 def run_cli(name: str, framework: str, micro_batch: int, quant: str, seq: int, steps: int, warmup: int,
-            layers: int | None, cache: Path, build: Any, on_gpu: bool) -> dict:
+            layers: int | None, cache: Path, build: Any, on_gpu: bool, attention: str = "auto") -> dict:
     """One ``ftengine run`` of ``warmup + steps`` steps; the row's figures from its metrics."""
     packed = framework == "ftengine-run"
     model = model_dir(name, layers, cache, build)
@@ -118,7 +120,7 @@ def run_cli(name: str, framework: str, micro_batch: int, quant: str, seq: int, s
         data = out / "chat.jsonl"
         data.write_text("".join(json.dumps(row) + "\n" for row in rows))
         config = out / "config.yaml"
-        settings = run_config(model, data, out, quant, micro_batch, seq, total, packed, on_gpu)
+        settings = run_config(model, data, out, quant, micro_batch, seq, total, packed, on_gpu, attention)
         config.write_text(json.dumps(settings, indent=1))  # JSON is YAML
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         result = subprocess.run([sys.executable, "-m", "ftengine", "run", str(config)], env=env, capture_output=True,
