@@ -295,6 +295,7 @@ def make_trainer(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft",
     from ftengine.engine import static_decode
     from ftengine.engine.attention import attention_for_rows
     from ftengine.engine.settings import settings_of
+    from ftengine.engine.training import count_parameters_once
 
     training = _training_section(trainer, training_kwargs, "make_trainer")
     dataset, eval_dataset, tokenizer, collator = _prepared_pair(dataset, eval_dataset, tokenizer, trainer)
@@ -305,7 +306,7 @@ def make_trainer(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft",
                            max_seq_length=max_seq_length or settings_of(model).max_seq_length,
                            attn_implementation=model.config._attn_implementation, options=trainer_options(training),
                            data_collator=collator, route_generate=static_decode.route_for_backend)
-    return plugins.get("trainers", trainer).create(request)
+    return count_parameters_once(plugins.get("trainers", trainer).create(request))
 
 
 def _training_section(trainer: str, kwargs: dict[str, Any], where: str) -> Any:

@@ -58,6 +58,25 @@ def reward_curves(metrics: list[dict[str, Any]]) -> dict[str, list[tuple[int, fl
     return curves
 
 
+def count_parameters_once(trainer: Any) -> Any:
+    """``trainer.floating_point_ops`` (the ``total_flos`` it logs) with the parameter count taken once:
+    transformers' own walks every parameter of the model again at each step (``num_parameters``), host
+    time the GPU waits for at every step boundary. The estimate is transformers' own: 6 x tokens x
+    parameters (embeddings excluded)."""
+    model = trainer.model
+    if not hasattr(model, "num_parameters"):
+        return trainer
+    parameters = model.num_parameters(exclude_embeddings=True)
+    main_input = getattr(model, "main_input_name", "input_ids")
+
+    def floating_point_ops(inputs: dict[str, Any]) -> int:
+        tokens = inputs.get(main_input)
+        return 6 * (tokens.numel() if tokens is not None else 0) * parameters
+
+    trainer.floating_point_ops = floating_point_ops
+    return trainer
+
+
 def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, training: TrainingConfig,
           run_dir: RunDir, resume_from: Path | None = None, ref_model: Any = None,
           settings: ModelSettings | None = None, strategy: str = "single",
@@ -85,7 +104,7 @@ def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, tra
                            trainer_arguments=trainer_arguments or {},
                            options=trainer_options(training), data_collator=data_collator,
                            route_generate=static_decode.route_for_backend)
-    trainer = trainer_plugin.create(request)
+    trainer = count_parameters_once(trainer_plugin.create(request))
     guard.watch(trainer)
     from transformers.trainer_callback import PrinterCallback
 

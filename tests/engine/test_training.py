@@ -1,0 +1,26 @@
+"""The training stage's trainer setup."""
+
+import ftengine
+from ftengine.demo import ASSETS
+
+
+def test_flops_are_transformers_estimate_with_the_parameters_counted_once(demo_base, tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    model, tokenizer = ftengine.load_model(str(demo_base), dtype="float32", load_in_4bit=False)
+    model = ftengine.add_lora(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    dataset = ftengine.load_dataset(str(ASSETS / "data.jsonl"), tokenizer, max_seq_length=64, max_rows=8)
+    trainer = ftengine.make_trainer(model, tokenizer, dataset, max_steps=2, per_device_train_batch_size=4,
+                                    gradient_accumulation_steps=1,
+                                    output_dir=str(tmp_path / "run"), save_steps=100)
+    batches = list(trainer.get_train_dataloader())
+    expected = [Trainer.floating_point_ops(trainer, batch) for batch in batches]  # transformers' own estimate
+    assert all(flops > 0 for flops in expected)
+    counted = []
+    count = type(model.get_base_model()).num_parameters
+    monkeypatch.setattr(type(model.get_base_model()), "num_parameters",
+                        lambda self, *a, **k: counted.append(1) or count(self, *a, **k))
+    assert [trainer.floating_point_ops(batch) for batch in batches * 3] == expected * 3
+    assert counted == []  # counted when the trainer was made, not per step
+    trainer.train()
+    assert trainer.state.total_flos == sum(expected) and counted == []
