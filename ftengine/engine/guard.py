@@ -54,6 +54,14 @@ class NonFiniteGuard(TrainerCallback):
         self.failure: str | None = None
         self.skipped: list[int] = []
         self._bad_loss: torch.Tensor | None = None
+        self._trainable: list[tuple[str, torch.nn.Parameter]] | None = None
+
+    def trainable(self, model: Any) -> list[tuple[str, torch.nn.Parameter]]:
+        """The model's trainable parameters, listed once: walking every module at each step is host time
+        the GPU waits for (the set does not change while training)."""
+        if self._trainable is None:
+            self._trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        return self._trainable
 
     def watch(self, trainer: Any) -> None:
         """Record every micro-batch loss ``trainer.training_step`` returns (a flag on the device)."""
@@ -72,7 +80,7 @@ class NonFiniteGuard(TrainerCallback):
         flags: dict[str, torch.Tensor] = {}
         if self._bad_loss is not None:
             flags["loss"] = self._bad_loss
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        grads = [p.grad for _, p in self.trainable(model) if p.grad is not None]
         if grads:
             flags["gradient norm"] = ~torch.isfinite(torch.nn.utils.get_total_norm(grads))
         if flags:
@@ -91,7 +99,7 @@ class NonFiniteGuard(TrainerCallback):
         if what is None:
             return control
         step = state.global_step + 1
-        for param in model.parameters():  # the optimizer skips parameters without a gradient
+        for _, param in self.trainable(model):  # the optimizer skips parameters without a gradient
             param.grad = None
         self.skipped.append(step)
         log.warning("non-finite %s at step %d: step skipped, weights unchanged", what, step)
@@ -104,8 +112,7 @@ class NonFiniteGuard(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         if self.failure is None:
-            trainable = ((n, p) for n, p in model.named_parameters() if p.requires_grad)
-            name = first_non_finite(trainable)
+            name = first_non_finite(self.trainable(model))
             if name is not None:
                 self.failure = f"non-finite weight {name} after step {state.global_step + 1}"
         return self._stop_if_failed(control)
