@@ -4,10 +4,13 @@ non-finite-guard callbacks."""
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ftengine.core import plugins
 from ftengine.core.config import TrainingConfig
@@ -69,9 +72,9 @@ def count_parameters_once(trainer: Any) -> Any:
     parameters = model.num_parameters(exclude_embeddings=True)
     main_input = getattr(model, "main_input_name", "input_ids")
 
-    def floating_point_ops(inputs: dict[str, Any]) -> int:
-        tokens = inputs.get(main_input)
-        return 6 * (tokens.numel() if tokens is not None else 0) * parameters
+    def floating_point_ops(inputs: Any) -> int:
+        tokens = inputs.get(main_input) if isinstance(inputs, Mapping) else None  # GRPO's are a list of rows
+        return 6 * tokens.numel() * parameters if isinstance(tokens, torch.Tensor) else 0
 
     trainer.floating_point_ops = floating_point_ops
     return trainer

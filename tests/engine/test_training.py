@@ -22,5 +22,6 @@ def test_flops_are_transformers_estimate_with_the_parameters_counted_once(demo_b
                         lambda self, *a, **k: counted.append(1) or count(self, *a, **k))
     assert [trainer.floating_point_ops(batch) for batch in batches * 3] == expected * 3
     assert counted == []  # counted when the trainer was made, not per step
+    assert trainer.floating_point_ops([{"prompt": "rows, as GRPO passes them"}]) == 0  # as transformers: no ids
     trainer.train()
     assert trainer.state.total_flos == sum(expected) and counted == []
