@@ -279,7 +279,9 @@ def make_trainer(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft",
                  output_dir: str = "outputs", callbacks: list[Any] | None = None, ref_model: Any = None,
                  max_seq_length: int | None = None, **training_kwargs: Any) -> Any:
     """The registered trainer's object (trl's ``SFTTrainer``, ``DPOTrainer``, ...) set up as :func:`train` sets
-    it up (fused loss, ftengine's checkpointing and precision), for a caller that runs ``.train()`` itself.
+    it up (fused loss, ftengine's checkpointing and precision, the non-finite guard: ``.train()`` raises
+    ``NonFiniteError`` on a NaN / inf loss, gradient or weight, per ``on_nonfinite``), for a caller that runs
+    ``.train()`` itself.
 
     Args:
         dataset: rows from :func:`load_dataset`, or untokenized rows (tokenized here).
@@ -294,6 +296,7 @@ def make_trainer(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft",
     from ftengine.core.types import TrainRequest
     from ftengine.engine import static_decode
     from ftengine.engine.attention import attention_for_rows
+    from ftengine.engine.guard import guard_trainer
     from ftengine.engine.settings import settings_of
     from ftengine.engine.training import count_parameters_once
 
@@ -306,7 +309,9 @@ def make_trainer(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft",
                            max_seq_length=max_seq_length or settings_of(model).max_seq_length,
                            attn_implementation=model.config._attn_implementation, options=trainer_options(training),
                            data_collator=collator, route_generate=static_decode.route_for_backend)
-    return count_parameters_once(plugins.get("trainers", trainer).create(request))
+    made = count_parameters_once(plugins.get("trainers", trainer).create(request))
+    guard_trainer(made, training.on_nonfinite, training.max_nonfinite_steps)
+    return made
 
 
 def _training_section(trainer: str, kwargs: dict[str, Any], where: str) -> Any:

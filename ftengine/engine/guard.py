@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from ftengine.core.errors import NonFiniteError
+
 log = logging.getLogger("ftengine")
 
 
@@ -132,3 +134,22 @@ class NonFiniteGuard(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         return self._stop_if_failed(control)
+
+
+def guard_trainer(trainer: Any, on_nonfinite: str = "stop", max_nonfinite_steps: int = 10) -> NonFiniteGuard:
+    """Guard a trainer its caller runs itself (``ftengine.make_trainer``, the compat trainers) as a run's is:
+    a :class:`NonFiniteGuard` as its last callback, and ``trainer.train()`` raising :class:`NonFiniteError`
+    when the guard stopped it, rather than returning as if training had completed."""
+    guard = NonFiniteGuard(on_nonfinite, max_nonfinite_steps)
+    trainer.add_callback(guard)
+    guard.watch(trainer)
+    train = trainer.train
+
+    def guarded_train(*args: Any, **kwargs: Any) -> Any:
+        result = train(*args, **kwargs)
+        if guard.failure is not None:
+            raise NonFiniteError(f"{guard.failure}; training stopped, nothing of that step was saved")
+        return result
+
+    trainer.train = guarded_train
+    return guard
