@@ -160,13 +160,13 @@ def _adapter(model: Any, request: LoRARequest | None) -> Iterator[None]:
         model.delete_adapter(name)
 
 
-def _finished(text: str, ids: list[int], ended: bool, params: SamplingParams) -> tuple[str, list[int], str]:
-    """``(text, token_ids, finish_reason)``: cut before the first stop string, if any."""
+def _finished(text: str, ended: bool, params: SamplingParams) -> tuple[str, str]:
+    """``(text, finish_reason)``: cut before the first stop string, if any."""
     stops = [params.stop] if isinstance(params.stop, str) else list(params.stop or [])
     cuts = [text.index(s) for s in stops if s and s in text]
     if cuts:
-        return text[:min(cuts)], ids, "stop"
-    return text, ids, "stop" if ended else "length"
+        return text[:min(cuts)], "stop"
+    return text, "stop" if ended else "length"
 
 
 def fast_generate(self: Any, prompts: str | list[str], sampling_params: Any = None,
@@ -204,8 +204,8 @@ def fast_generate(self: Any, prompts: str | list[str], sampling_params: Any = No
         for j, ids in enumerate(new[i * params.n:(i + 1) * params.n].tolist()):
             ended = next((k for k, token in enumerate(ids) if token in ends), None)
             ids = ids if ended is None else ids[:ended]
-            answer = tokenizer.decode(ids, skip_special_tokens=True)
-            completions.append(CompletionOutput(j, *_finished(answer, ids, ended is not None, params)))
+            answer, reason = _finished(tokenizer.decode(ids, skip_special_tokens=True), ended is not None, params)
+            completions.append(CompletionOutput(j, answer, ids, reason))
         results.append(RequestOutput(text, completions))
     return results
 

@@ -15,6 +15,7 @@ import glob
 import json
 import random
 import re
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from dataclasses import field
@@ -337,6 +338,10 @@ def conversation_spans(tokenizer: Any, messages: list[dict[str, Any]], train_on:
     return text, spans
 
 
+_PUTS_BOS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Tokenizer -> whether it puts a BOS before what it encodes."""
+
+
 def bos_prefix(tokenizer: Any, text: str) -> str:
     """The BOS token's text where the tokenizer puts one before what it encodes (Llama, Gemma, Mistral do;
     Qwen does not) and ``text`` does not start with it already: raw text trains as the tokenizer encodes
@@ -345,8 +350,10 @@ def bos_prefix(tokenizer: Any, text: str) -> str:
     bos = getattr(tokenizer, "bos_token", None)
     if not bos or text.startswith(bos):
         return ""
-    ids = tokenizer("a")["input_ids"]
-    return bos if ids and ids[0] == tokenizer.bos_token_id else ""
+    if tokenizer not in _PUTS_BOS:  # asked once per tokenizer, not once per row
+        ids = tokenizer("a")["input_ids"]
+        _PUTS_BOS[tokenizer] = bool(ids) and ids[0] == tokenizer.bos_token_id
+    return bos if _PUTS_BOS[tokenizer] else ""
 
 
 def sample_text_and_spans(sample: Sample, tokenizer: Any, train_on: str) -> tuple[str, list[tuple[int, int]]]:
