@@ -298,7 +298,7 @@ def make_trainer(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft",
     from ftengine.engine.attention import attention_for_rows
     from ftengine.engine.guard import guard_trainer
     from ftengine.engine.settings import settings_of
-    from ftengine.engine.training import count_parameters_once
+    from ftengine.engine.training import light_steps
 
     training = _training_section(trainer, training_kwargs, "make_trainer")
     dataset, eval_dataset, tokenizer, collator = _prepared_pair(dataset, eval_dataset, tokenizer, trainer)
@@ -309,7 +309,7 @@ def make_trainer(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft",
                            max_seq_length=max_seq_length or settings_of(model).max_seq_length,
                            attn_implementation=model.config._attn_implementation, options=trainer_options(training),
                            data_collator=collator, route_generate=static_decode.route_for_backend)
-    made = count_parameters_once(plugins.get("trainers", trainer).create(request))
+    made = light_steps(plugins.get("trainers", trainer).create(request))
     guard_trainer(made, training.on_nonfinite, training.max_nonfinite_steps)
     return made
 

@@ -21,6 +21,7 @@ from ftengine.engine import distributed
 from ftengine.engine import static_decode
 from ftengine.engine.guard import NonFiniteGuard
 from ftengine.engine.memory import checkpointing
+from ftengine.engine.module_tree import add_module_tree_cache
 from ftengine.engine.progress import CheckpointMarkerCallback
 from ftengine.engine.progress import InterruptCallback
 from ftengine.engine.progress import ProgressCallback
@@ -80,6 +81,14 @@ def count_parameters_once(trainer: Any) -> Any:
     return trainer
 
 
+def light_steps(trainer: Any) -> Any:
+    """``trainer`` with the host work it would repeat at every step done once: the flops estimate's parameter
+    count (:func:`count_parameters_once`) and the walks of the module tree
+    (:mod:`ftengine.engine.module_tree`)."""
+    add_module_tree_cache(trainer)
+    return count_parameters_once(trainer)
+
+
 def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, training: TrainingConfig,
           run_dir: RunDir, resume_from: Path | None = None, ref_model: Any = None,
           settings: ModelSettings | None = None, strategy: str = "single",
@@ -107,7 +116,7 @@ def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, tra
                            trainer_arguments=trainer_arguments or {},
                            options=trainer_options(training), data_collator=data_collator,
                            route_generate=static_decode.route_for_backend)
-    trainer = count_parameters_once(trainer_plugin.create(request))
+    trainer = light_steps(trainer_plugin.create(request))
     guard.watch(trainer)
     from transformers.trainer_callback import PrinterCallback
 
