@@ -291,25 +291,17 @@ def make_trainer(model: Any, tokenizer: Any, dataset: Any, trainer: str = "sft",
         max_seq_length: the trainer's longest row (default: :func:`load_model`'s).
         **training_kwargs: ``training:`` config keys.
     """
-    from ftengine.core import plugins
-    from ftengine.core.config import trainer_options
-    from ftengine.core.types import TrainRequest
-    from ftengine.engine import static_decode
     from ftengine.engine.attention import attention_for_rows
     from ftengine.engine.guard import guard_trainer
     from ftengine.engine.settings import settings_of
-    from ftengine.engine.training import light_steps
+    from ftengine.engine.training import create_trainer
 
     training = _training_section(trainer, training_kwargs, "make_trainer")
     dataset, eval_dataset, tokenizer, collator = _prepared_pair(dataset, eval_dataset, tokenizer, trainer)
     attention_for_rows(model, "position_ids" in getattr(dataset, "column_names", ()))
-    request = TrainRequest(model=model, tokenizer=tokenizer, train_dataset=dataset, eval_dataset=eval_dataset,
-                           training=training, output_dir=Path(output_dir), ref_model=ref_model,
-                           callbacks=list(callbacks or []),
-                           max_seq_length=max_seq_length or settings_of(model).max_seq_length,
-                           attn_implementation=model.config._attn_implementation, options=trainer_options(training),
-                           data_collator=collator, route_generate=static_decode.route_for_backend)
-    made = light_steps(plugins.get("trainers", trainer).create(request))
+    made = create_trainer(model, tokenizer, dataset, eval_dataset, training, Path(output_dir), list(callbacks or []),
+                          ref_model=ref_model, max_seq_length=max_seq_length or settings_of(model).max_seq_length,
+                          data_collator=collator)
     guard_trainer(made, training.on_nonfinite, training.max_nonfinite_steps)
     return made
 

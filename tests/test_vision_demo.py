@@ -4,20 +4,18 @@ merged export, reads the formula images closer to their LaTeX than the untrained
 import os
 
 import pytest
-import torch
 
 from ftengine.engine import pipeline
 
 
 @pytest.mark.slow
-def test_vision_demo_learns_to_read_formulas(tmp_path_factory):
+def test_vision_demo_learns_to_read_formulas(tmp_path_factory, one_thread):
     os.environ.setdefault("FTENGINE_CACHE", str(tmp_path_factory.mktemp("ftengine-cache")))
     from ftengine.demo.vision import base_model_dir
     from ftengine.demo.vision import read_formulas
     from ftengine.demo.vision import similarity
     from ftengine.demo.vision import vision_demo_config
 
-    torch.set_num_threads(1)
     config = vision_demo_config(max_steps=60)
     config.output.dir = str(tmp_path_factory.mktemp("runs"))
     result = pipeline.run(config)

@@ -89,6 +89,21 @@ def light_steps(trainer: Any) -> Any:
     return count_parameters_once(trainer)
 
 
+def create_trainer(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, training: TrainingConfig,
+                   output_dir: Path, callbacks: list[Any], *, max_seq_length: int, ref_model: Any = None,
+                   trainer_arguments: dict[str, Any] | None = None, data_collator: Any = None) -> Any:
+    """The ``training.trainer`` plugin's trainer, made as every training path makes it (:func:`train`,
+    ``ftengine.make_trainer``): the plugin's :class:`~ftengine.core.types.TrainRequest` (the trainer's options
+    from ``training``, the model's attention implementation, generation routed to the static-cache decoder
+    where the backend allows) and :func:`light_steps`."""
+    request = TrainRequest(model=model, tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                           training=training, output_dir=output_dir, ref_model=ref_model, callbacks=callbacks,
+                           max_seq_length=max_seq_length, attn_implementation=model.config._attn_implementation,
+                           trainer_arguments=trainer_arguments or {}, options=trainer_options(training),
+                           data_collator=data_collator, route_generate=static_decode.route_for_backend)
+    return light_steps(plugins.get("trainers", training.trainer).create(request))
+
+
 def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, training: TrainingConfig,
           run_dir: RunDir, resume_from: Path | None = None, ref_model: Any = None,
           settings: ModelSettings | None = None, strategy: str = "single",
@@ -98,7 +113,6 @@ def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, tra
     ``settings`` default to those :func:`ftengine.engine.pipeline.load` left on the model; ``strategy`` and
     ``trainer_arguments``: see :mod:`ftengine.engine.distributed`."""
     settings = settings or settings_of(model)
-    trainer_plugin = plugins.get("trainers", training.trainer)
     progress = ProgressCallback(run_dir.metrics_path, main=run_dir.writer)
     interrupt = InterruptCallback()
     markers = CheckpointMarkerCallback(distributed.rank_info().world_size, strategy)
@@ -109,14 +123,9 @@ def train(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any, tra
 
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=training.early_stopping_patience))
     callbacks.append(guard)  # last: it vetoes the saves the others ask for once a step went non-finite
-    request = TrainRequest(model=model, tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                           training=training, output_dir=run_dir.checkpoints, ref_model=ref_model,
-                           callbacks=callbacks, max_seq_length=settings.max_seq_length,
-                           attn_implementation=model.config._attn_implementation,
-                           trainer_arguments=trainer_arguments or {},
-                           options=trainer_options(training), data_collator=data_collator,
-                           route_generate=static_decode.route_for_backend)
-    trainer = light_steps(trainer_plugin.create(request))
+    trainer = create_trainer(model, tokenizer, train_dataset, eval_dataset, training, run_dir.checkpoints, callbacks,
+                             ref_model=ref_model, max_seq_length=settings.max_seq_length,
+                             trainer_arguments=trainer_arguments, data_collator=data_collator)
     guard.watch(trainer)
     from transformers.trainer_callback import PrinterCallback
 

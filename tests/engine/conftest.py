@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 from tests import mllama_checkpoint
 
@@ -25,10 +24,3 @@ def formula_images(tmp_path_factory):
     return data_dir()
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread for the run, then the process's setting back."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
