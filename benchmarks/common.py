@@ -49,3 +49,15 @@ def random_text(tokenizer: Any, n_tokens: int, rng: random.Random) -> str:
                   for _ in range(max(1, n_tokens // 4))]
     ids = tokenizer(" ".join(words), add_special_tokens=False)["input_ids"][:n_tokens]
     return tokenizer.decode(ids)
+
+
+def kernel_times(prof: Any) -> dict[str, tuple[float, int]]:
+    """``{kernel name: (GPU seconds, launches)}`` of a finished ``torch.profiler`` run: the kernels themselves, not
+    the CPU ops that launched them nor the GPU-side spans of annotated ranges (``Optimizer.step#AdamW.step``
+    spans the optimizer's kernels, and the wait before them)."""
+    times: dict[str, tuple[float, int]] = {}
+    for event in prof.events():
+        if str(event.device_type).endswith("CUDA") and not getattr(event, "is_user_annotation", False):
+            seconds, count = times.get(event.name, (0.0, 0))
+            times[event.name] = (seconds + event.time_range.elapsed_us() / 1e6, count + 1)
+    return times

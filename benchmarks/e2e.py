@@ -77,6 +77,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from common import attach_lora  # noqa: E402
+from common import kernel_times  # noqa: E402
 
 MODELS = {
     "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -268,12 +269,9 @@ def profile_step(model, optimizer, ids) -> dict:
         wall_s = time.perf_counter() - start
     kinds: dict[str, float] = {}
     kernels: list[tuple[str, float, int]] = []
-    for event in prof.key_averages():
-        ms = event.self_device_time_total / 1e3
-        if ms <= 0:
-            continue
-        kinds[kernel_kind(event.key)] = kinds.get(kernel_kind(event.key), 0.0) + ms
-        kernels.append((event.key[:90], ms, event.count))
+    for name, (seconds, count) in kernel_times(prof).items():
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + seconds * 1e3
+        kernels.append((name[:90], seconds * 1e3, count))
     kernels.sort(key=lambda k: -k[1])
     return dict(wall_ms=1e3 * wall_s, forward_ms=1e3 * forward_s, gpu_busy_ms=sum(kinds.values()),
                 by_kind={k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},

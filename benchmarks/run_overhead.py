@@ -24,7 +24,6 @@ script end to end.
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import json
 import statistics
@@ -39,6 +38,7 @@ from typing import Any
 import e2e
 import torch
 from common import LORA
+from common import kernel_times
 from e2e_run import chat_rows
 from e2e_run import model_dir
 from transformers import TrainerCallback
@@ -75,17 +75,11 @@ class Profiled:
             return {}
         self.profiler.__exit__(None, None, None)
         timed = self.steps - self.warmup
-        seconds: dict[str, float] = collections.defaultdict(float)
-        counts: dict[str, int] = collections.Counter()
-        for event in self.profiler.events():
-            # the kernels themselves: not the ops that launched them, nor the GPU-side spans of annotated ranges
-            # (``Optimizer.step#AdamW.step`` spans the optimizer's kernels and the wait before them)
-            if str(event.device_type).endswith("CUDA") and not getattr(event, "is_user_annotation", False):
-                seconds[event.name] += event.time_range.elapsed_us() / 1e6
-                counts[event.name] += 1
-        top = sorted(seconds, key=lambda name: -seconds[name])[:12]
-        return {"gpu_busy_s": round(sum(seconds.values()) / timed, 4),
-                "top_kernels": [[name[:80], round(seconds[name] / timed, 4), counts[name] // timed] for name in top]}
+        times = kernel_times(self.profiler)
+        top = sorted(times, key=lambda name: -times[name][0])[:12]
+        return {"gpu_busy_s": round(sum(seconds for seconds, _ in times.values()) / timed, 4),
+                "top_kernels": [[name[:80], round(times[name][0] / timed, 4), times[name][1] // timed]
+                                for name in top]}
 
 
 class StepClock(TrainerCallback):
