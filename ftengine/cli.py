@@ -208,9 +208,6 @@ def run(config: str | None, output_dir: str | None, resume_dir: str | None, demo
         if os.environ.get(distributed.ENV_RUN_DIR) and not resume_dir:
             run_dir = RunDir(Path(os.environ[distributed.ENV_RUN_DIR]))
         result = pipeline.run(cfg, run_dir=run_dir, output_dir=output_dir, resume=resume_dir is not None)
-        # Every rank waits for rank 0's exports: a rank tearing the process group down while another still
-        # holds its connections can abort that one (gloo: "terminate called without an active exception").
-        distributed.barrier()
     except KeyboardInterrupt as exc:
         interrupted_twice(exc)
         return

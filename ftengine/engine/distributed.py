@@ -113,6 +113,16 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def leave_together() -> None:
+    """Every rank leaves the process group at once, once all are done with it: a rank tearing it down while
+    another still holds its connections can abort that one (gloo: "terminate called without an active
+    exception"). A run calls it after training and before rank 0's exports, which need no other rank:
+    waiting for those instead could outlast the collectives' timeout."""
+    if _initialized():
+        barrier()
+        shutdown()
+
+
 def _initialized() -> bool:
     import torch.distributed as dist
 

@@ -503,6 +503,7 @@ def _run_locked(config: RunConfig, run_dir: RunDir, resume: bool, rank: Any) -> 
         full = disk_full(exc, run_dir.path, directory_bytes(run_dir.latest_checkpoint() or run_dir.path))
         run_dir.set_status("failed", error=str(full))
         raise full from None
+    distributed.leave_together()  # the ranks are done with each other; rank 0 alone exports
     summary = {"steps": result.steps, "first_loss": result.first_loss, "last_loss": result.last_loss,
                "last_eval_loss": result.eval_losses[-1][1] if result.eval_losses else None,
                "wall_seconds": round(result.wall_seconds, 2), "memory": memory, "notes": notes,
