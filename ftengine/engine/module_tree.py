@@ -9,8 +9,9 @@ idle after the trainer's per-step read-backs. The tree does not change while the
 loaded a checkpoint to resume from and prepared the model), and answers those three calls from the lists until
 training ends.
 
-Only a model trained by one process is served so: under DDP or FSDP the trainer steps a wrapper whose own
-walks do not call the model's methods, and FSDP replaces the parameters as it prepares the model.
+Only a model trained by one process on at most one device is served so: under DDP or ``DataParallel`` the
+trainer steps a wrapper whose own walks do not call the model's methods (nothing to gain), and the multi-process
+paths stay exactly as transformers and accelerate run them.
 """
 
 from __future__ import annotations
