@@ -25,6 +25,28 @@ from transformers import TrainerCallback
 _CACHED = ("train", "parameters")
 
 
+class CachedWalks:
+    """The lists :func:`cache_walks` answers from, and the two methods it puts on the model.
+
+    Bound methods of this object (not closures) so that a copy of the model made while they are on it
+    (``copy.deepcopy``, as a reference model or an average of the weights is made) gets lists of its own
+    modules and parameters, not the original's.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.modules = list(model.modules())
+        self.params = list(model.parameters())
+
+    def train(self, mode: bool = True) -> torch.nn.Module:
+        if all(module.training is mode for module in self.modules):
+            return self.model
+        return torch.nn.Module.train(self.model, mode)
+
+    def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]:
+        return iter(self.params) if recurse else torch.nn.Module.parameters(self.model, recurse=False)
+
+
 def cache_walks(model: torch.nn.Module) -> None:
     """Answer ``model.train()`` / ``.eval()``, ``model.parameters()`` and ``model.zero_grad()`` from lists of the
     modules and parameters taken now. Undone by :func:`uncache_walks`.
@@ -34,19 +56,9 @@ def cache_walks(model: torch.nn.Module) -> None:
     modules with a ``train()`` of their own (transformers' models, peft's DoRA layers, a module keeping its
     batch norms in eval mode) still act on it.
     """
-    modules = list(model.modules())
-    params = list(model.parameters())
-
-    def train(mode: bool = True) -> torch.nn.Module:
-        if all(module.training is mode for module in modules):
-            return model
-        return torch.nn.Module.train(model, mode)
-
-    def parameters(recurse: bool = True) -> Iterator[torch.nn.Parameter]:
-        return iter(params) if recurse else torch.nn.Module.parameters(model, recurse=False)
-
-    model.train = train
-    model.parameters = parameters  # Module.zero_grad walks self.parameters()
+    walks = CachedWalks(model)
+    model.train = walks.train
+    model.parameters = walks.parameters  # Module.zero_grad walks self.parameters()
 
 
 def uncache_walks(model: torch.nn.Module) -> None:

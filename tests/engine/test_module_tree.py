@@ -1,6 +1,7 @@
 """The module tree walked once a run: the cached walks answer as torch's own, training gives the same weights
 with the cache as without it, and the cache never outlives ``trainer.train()``."""
 
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -52,6 +53,17 @@ def test_cached_walks_answer_as_torch_walks(demo_base):
     finally:
         uncache_walks(model)
     assert "train" not in model.__dict__ and "parameters" not in model.__dict__
+
+
+def test_a_copy_made_while_cached_walks_its_own_tree():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    cache_walks(model)
+    copied = copy.deepcopy(model)
+    uncache_walks(model)
+    assert [id(p) for p in copied.parameters()] == [id(p) for p in torch.nn.Module.parameters(copied)]
+    assert not {id(p) for p in copied.parameters()} & {id(p) for p in model.parameters()}
+    copied.eval()
+    assert not any(m.training for m in copied.modules()) and all(m.training for m in model.modules())
 
 
 def test_a_change_of_mode_reaches_modules_with_a_train_of_their_own():
