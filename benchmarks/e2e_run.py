@@ -8,7 +8,7 @@ template, gradient checkpointing and no export. ``ftengine-run`` packs the rows 
 sequences (about four conversations each); ``ftengine-run-unpacked`` trains one conversation a row,
 of mixed lengths between an eighth of the sequence and all of it (padding up to the longest row of
 the micro-batch). Step time and tokens/s come from the run's ``metrics.jsonl`` (the trainer's own
-token count, padding included) over the steps after the warm-up; the peak is the process's peak
+count of the tokens that are not padding): medians over the steps after the warm-up; the peak is the process's peak
 allocated GPU memory, loading included.
 """
 
@@ -18,6 +18,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -95,15 +96,18 @@ def run_config(model: Path, data: Path, out: Path, quant: str, micro_batch: int,
 
 
 def timed(records: list[dict], warmup: int) -> dict:
-    """Step time, tokens/s, peak and losses from ``metrics.jsonl`` records (one per step), after ``warmup`` steps."""
+    """Step time, tokens/s, peak and losses from ``metrics.jsonl`` records (one per step), after ``warmup`` steps:
+    medians over the timed steps, as the bare rows' (a step that compiles a kernel for a new length, say, moves
+    a mean but not the median)."""
     steps = [r for r in records if "loss" in r and "elapsed_seconds" in r]
-    first, last = steps[max(warmup - 1, 0)], steps[-1]
-    n = last["step"] - first["step"]
-    if n <= 0:
+    timed_steps = list(zip(steps[max(warmup - 1, 0):], steps[max(warmup, 1):], strict=False))
+    if not timed_steps:
         raise ValueError(f"{len(steps)} logged steps: none after the {warmup} warm-up step(s)")
-    seconds = last["elapsed_seconds"] - first["elapsed_seconds"]
-    return dict(step_s=seconds / n, tokens_per_s=(last["tokens_seen"] - first["tokens_seen"]) / seconds,
-                tokens_per_step=(last["tokens_seen"] - first["tokens_seen"]) / n,
+    seconds = [(b["elapsed_seconds"] - a["elapsed_seconds"]) / (b["step"] - a["step"]) for a, b in timed_steps]
+    tokens = [(b["tokens_seen"] - a["tokens_seen"]) / (b["step"] - a["step"]) for a, b in timed_steps]
+    return dict(step_s=statistics.median(seconds),
+                tokens_per_s=statistics.median(t / s for t, s in zip(tokens, seconds, strict=True)),
+                tokens_per_step=statistics.mean(tokens),
                 peak_alloc_gib=max(float(r["peak_memory_gib"]) for r in steps),
                 losses=[round(r["loss"], 4) for r in steps if r["loss"] is not None])
 
