@@ -47,11 +47,6 @@ VARIANTS = ("bare", "bare-causal", "train", "train-walks", "train-autocast", "tr
             "train-tokens")
 
 
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 class Profiled:
     """With ``enabled``, the steps after the warm-up under the PyTorch profiler: the GPU's busy time a step (the
     kernels' own time) and the kernels that took most of it, to tell GPU work from the GPU waiting on the host."""
@@ -90,7 +85,7 @@ class StepClock(TrainerCallback):
         self.profiled = profiled
 
     def on_step_end(self, args, state, control, **kwargs):
-        synchronize()
+        e2e.synchronize()
         self.ends.append(time.perf_counter())
         self.profiled.step_ended()
 
@@ -195,7 +190,7 @@ def bare_loop(model: Any, batches: list[dict], causal: bool, profiled: Profiled)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         float(loss)
-        synchronize()
+        e2e.synchronize()
         ends.append(time.perf_counter())
         profiled.step_ended()
     return ends
@@ -225,7 +220,7 @@ def main() -> None:
 
     import ftengine
 
-    on_gpu = torch.cuda.is_available()
+    on_gpu = args.device == "cuda"
     path = model_dir(args.model, args.layers, args.model_cache, e2e.build_model)
     model, tokenizer = ftengine.load_model(str(path), max_seq_length=args.seq,
                                            dtype="bfloat16" if on_gpu else "float32",
